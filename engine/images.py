@@ -1,0 +1,64 @@
+"""Image input for both paths: one implementation, so reference and runtime see identical pixels.
+
+Pillow + numpy only. Resize the shorter side to the model's size (bicubic), centre-crop, scale to
+[-1, 1], channels first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from diffscore.engine.manifest import EngineError
+
+ImageInput = Union[str, Path, Image.Image, np.ndarray]
+
+
+def to_pil(image: ImageInput) -> Image.Image:
+    """Accept a path, a PIL image or a uint8 array (H,W) / (H,W,C); refuse anything else clearly."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise EngineError(f"image file {path} does not exist")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return im.copy()
+        except (UnidentifiedImageError, OSError) as e:
+            raise EngineError(f"cannot read image {path}: {e}") from None
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise EngineError(
+                f"array images must be uint8 (H,W) or (H,W,C), got {image.dtype}{list(image.shape)}; "
+                "convert with (x * 255).round().astype(np.uint8)"
+            )
+        return Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
+    raise EngineError(f"unsupported image type {type(image).__name__}: give a path, a PIL image or a uint8 array")
+
+
+def preprocess(image: ImageInput, size: int, channels: int) -> np.ndarray:
+    """(channels, size, size) float32 in [-1, 1]: resize shorter side (bicubic), centre crop."""
+    im = to_pil(image).convert("L" if channels == 1 else "RGB")
+    w, h = im.size
+    if (w, h) != (size, size):
+        scale = size / min(w, h)
+        im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+        w, h = im.size
+        left, top = (w - size) // 2, (h - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    x = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return x[None] if channels == 1 else x.transpose(2, 0, 1).copy()
+
+
+def preprocess_batch(images, size: int, channels: int) -> np.ndarray:
+    """(N, C, size, size) float32 from a list (or tuple) of image inputs, or from a single one."""
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    if len(images) == 0:
+        raise EngineError("no images given")
+    return np.stack([preprocess(im, size, channels) for im in images])

@@ -1,0 +1,18 @@
+"""Numeric building blocks shared by the runtime and the checks: numpy only, no torch."""
+
+from diffscore.kernels.noise import add_noise, shared_noise
+from diffscore.kernels.reductions import LOSSES, denoising_error
+from diffscore.kernels.timesteps import dsd_timesteps, stage_timesteps
+from diffscore.kernels.pruning import StagedPruning
+from diffscore.kernels.ranking import class_ranking
+
+__all__ = [
+    "LOSSES",
+    "StagedPruning",
+    "class_ranking",
+    "add_noise",
+    "denoising_error",
+    "dsd_timesteps",
+    "shared_noise",
+    "stage_timesteps",
+]

@@ -1,0 +1,78 @@
+"""The Diffusion Classifier in torch: the truth the compiled runtime is checked against.
+
+Algorithm (DESIGN.md §3): shared seeded noise per timestep, staged timestep grid, staged pruning,
+error = mean over C,H,W of loss(ε, ε̂). The pruning driver and the noise come from kernels/ (numpy),
+the ε-prediction, noising and error reduction are torch, so the runtime's numpy versions are
+checked independently.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from diffscore.engine.images import preprocess_batch
+from diffscore.engine.results import Classification
+from diffscore.kernels import StagedPruning, class_ranking, shared_noise
+from diffscore.reference.loading import Components, encode_images, encode_prompts
+
+
+def torch_error(eps: torch.Tensor, eps_hat: torch.Tensor, loss: str) -> torch.Tensor:
+    """(B,) mean over C,H,W of the chosen loss."""
+    fn = {"l2": F.mse_loss, "l1": F.l1_loss, "huber": F.huber_loss}.get(loss)
+    if fn is None:
+        raise ValueError(f"loss must be one of l2, l1, huber, got {loss!r}")
+    return fn(eps_hat.float(), eps.float(), reduction="none").flatten(1).mean(1)
+
+
+@torch.no_grad()
+def classify_reference(
+    components: Components,
+    images,
+    labels: list[str],
+    templates: list[str] = ("{}",),
+    stages: list[tuple[int, int]] = ((50, 5), (500, 1)),
+    loss: str = "l2",
+    seed: int = 0,
+    batch_size: int = 256,
+    progress=None,
+) -> list[Classification]:
+    """Classify images among `labels`; each (label, template) prompt is one candidate."""
+    prompts = [tmpl.format(label) for label in labels for tmpl in templates]
+    candidate_class = np.repeat(np.arange(len(labels)), len(templates))
+    embeddings = encode_prompts(components, prompts)  # (P, L, D), once per label set
+    pixels = preprocess_batch(images, components.image_size, components.image_channels)
+    x0s = encode_images(components, torch.from_numpy(pixels))
+    abar = components.alphas_cumprod
+    results = []
+    for x0 in x0s:
+        run = StagedPruning(len(prompts), list(stages), components.num_train_timesteps)
+        eps = torch.from_numpy(shared_noise(seed, len(run.timesteps), tuple(x0.shape)))
+        t_all = torch.from_numpy(run.timesteps)
+        while (req := run.request()) is not None:
+            cand, pos = req
+            a = abar[t_all[pos]].sqrt().float().view(-1, 1, 1, 1)
+            s = (1 - abar[t_all[pos]]).sqrt().float().view(-1, 1, 1, 1)
+            x_t = a * x0[None] + s * eps[pos]  # (K, C, H, W): once per timestep, shared by candidates
+            # pairs in (candidate, timestep) order
+            ci = torch.from_numpy(np.repeat(cand, len(pos)))
+            ki = torch.arange(len(pos)).repeat(len(cand))
+            errors = torch.empty(len(ci))
+            for lo in range(0, len(ci), batch_size):
+                c, k = ci[lo : lo + batch_size], ki[lo : lo + batch_size]
+                eps_hat = components.unet(x_t[k], t_all[pos][k], encoder_hidden_states=embeddings[c]).sample
+                errors[lo : lo + batch_size] = torch_error(eps[pos][k], eps_hat, loss)
+            run.submit(errors.view(len(cand), len(pos)).double().numpy())
+        ranking = class_ranking(run, candidate_class)
+        results.append(
+            Classification(
+                label=labels[ranking[0][0]],
+                ranking=[(labels[c], m) for c, m, _ in ranking],
+                passes=run.passes,
+                evaluated={labels[c]: n for c, _, n in ranking},
+            )
+        )
+        if progress is not None:
+            progress(1)
+    return results

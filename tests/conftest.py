@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny diffusers model folders built in the test (SD 1.x-style, SD 2.x-style,
+pixel space) and the shipped demo model. Tiny means seconds, not minutes, on 2 CPU cores."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_MODEL = REPO / "models" / "demo"
+KINDS = ("sd1", "sd2", "pixel")
+
+
+def build_tiny_model(path: Path, kind: str, seed: int = 0) -> Path:
+    """A random-weight model folder in the diffusers layout; `kind` picks the UNet flavour."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    common = dict(
+        sample_size=8, block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=16, norm_num_groups=8
+    )
+    if kind == "sd1":
+        unet = UNet2DConditionModel(
+            in_channels=4, out_channels=4, attention_head_dim=2,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), **common,
+        )
+    elif kind == "sd2":  # linear projections, per-block head dims, upcast attention
+        unet = UNet2DConditionModel(
+            in_channels=4, out_channels=4, attention_head_dim=(2, 4), use_linear_projection=True,
+            upcast_attention=True,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), **common,
+        )
+    elif kind == "pixel":
+        unet = UNet2DConditionModel(
+            in_channels=1, out_channels=1, attention_head_dim=4,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), **common,
+        )
+    else:
+        raise ValueError(kind)
+    unet.save_pretrained(path / "unet")
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=16, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    ))
+    text.save_pretrained(path / "text_encoder")
+    shutil.copytree(DEMO_MODEL / "tokenizer", path / "tokenizer")
+    if kind == "pixel":
+        DDPMScheduler(num_train_timesteps=1000).save_pretrained(path / "scheduler")
+    else:
+        PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(path / "scheduler")
+        AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=8,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+        ).save_pretrained(path / "vae")
+    (path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {kind: build_tiny_model(root / kind, kind) for kind in KINDS}
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    if not (DEMO_MODEL / "unet").is_dir():
+        pytest.fail(f"the shipped demo model is missing at {DEMO_MODEL}")
+    return DEMO_MODEL
