@@ -32,11 +32,15 @@ class TensorSpec:
 class GraphSpec:
     file: str
     sha256: str
-    size: int  # bytes of the .onnx file (+ external data, if any, listed in data_files)
+    size: int  # bytes of the .onnx file plus its external-data files
     precision: str  # "fp32" | "fp16" | "int8"
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
-    data_files: list[str] = field(default_factory=list)  # external-data files beside the graph
+    data_files: list[str] = field(default_factory=list)  # external-data files beside the graph (> 2 GB)
+
+    @property
+    def files(self) -> list[str]:
+        return [self.file, *self.data_files]
 
     def __post_init__(self):
         self.inputs = [t if isinstance(t, TensorSpec) else TensorSpec(**t) for t in self.inputs]
@@ -119,35 +123,41 @@ class Manifest:
         except TypeError as e:
             raise EngineError(f"{path} does not match engine format {FORMAT_VERSION} ({e}); re-export it") from None
         for name, graph in manifest.graphs.items():
-            _check_file(engine_dir / graph.file, graph.size if not graph.data_files else None, name)
-            for data in graph.data_files:
-                _check_file(engine_dir / data, None, name)
-        _check_file(engine_dir / manifest.tokenizer, None, "tokenizer")
+            for file in graph.files:
+                _check_file(engine_dir / file, name)
+            size = sum((engine_dir / f).stat().st_size for f in graph.files)
+            if size != graph.size:
+                raise EngineError(
+                    f"graph {name} ({', '.join(graph.files)}) is {size} bytes, the manifest says {graph.size}: "
+                    "the engine directory is damaged or from another export; re-export it"
+                )
+        _check_file(engine_dir / manifest.tokenizer, "tokenizer")
         return manifest
 
     def verify(self, engine_dir: Path | str) -> list[str]:
         """Full sha256 check of every graph and plan; returns the names that do not match."""
         engine_dir = Path(engine_dir)
-        entries = list(self.graphs.items()) + list(self.plans.items())
-        return [name for name, spec in entries if sha256_file(engine_dir / spec.file) != spec.sha256]
+        bad = [n for n, g in self.graphs.items() if sha256_files([engine_dir / f for f in g.files]) != g.sha256]
+        return bad + [n for n, p in self.plans.items() if sha256_files([engine_dir / p.file]) != p.sha256]
 
 
-def _check_file(path: Path, size: int | None, what: str) -> None:
+def _check_file(path: Path, what: str) -> None:
     if not path.is_file():
         raise EngineError(f"engine file {path.name} ({what}) is missing from {path.parent}; re-export the engine")
-    if size is not None and path.stat().st_size != size:
-        raise EngineError(
-            f"engine file {path.name} ({what}) is {path.stat().st_size} bytes, the manifest says {size}; "
-            "the engine directory is damaged, re-export it"
-        )
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_files(paths: list[Path], chunk: int = 1 << 20) -> str:
+    """One digest over the files' bytes in order (a graph and its external data hash as one)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    return sha256_files([path])
 
 
 def _version() -> str:

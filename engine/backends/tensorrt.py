@@ -1,0 +1,192 @@
+"""TensorRT backend: runs a prebuilt plan with numpy in and out (no torch, no pycuda).
+
+A plan only loads on the GPU model and TensorRT version that built it, so the runner checks both
+first and says how to fix a mismatch. `tensorrt` and cuda-python are imported inside the functions
+that need them: the rest of the runtime works on machines without them.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from diffscore.engine.backends.base import check_feed
+from diffscore.engine.manifest import EngineError, GraphSpec, Manifest, PlanSpec
+
+PIP_HINT = "pip install 'diffscore[tensorrt]' on a machine with an NVIDIA GPU (TensorRT 10 or 11)"
+INSTALL_HINT = f"TensorRT is not installed: {PIP_HINT}"
+BATCH = "batch"  # the symbolic axis name in the manifest's tensor shapes
+
+
+def import_tensorrt():
+    """The `tensorrt` and CUDA runtime modules, or an EngineError that says what to install."""
+    try:
+        import tensorrt as trt
+    except (ImportError, OSError):  # OSError: the wheel is there but libnvinfer is not loadable
+        raise EngineError(INSTALL_HINT) from None
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # older cuda-python
+        except ImportError:
+            raise EngineError(f"cuda-python is not installed: {PIP_HINT}") from None
+    if int(trt.__version__.split(".")[0]) < 10:
+        raise EngineError(f"TensorRT {trt.__version__} is too old, diffscore needs 10 or 11: {PIP_HINT}")
+    return trt, cudart
+
+
+def cuda_call(result: tuple, what: str):
+    """Unpack cuda-python's (error, *values) tuple; an error becomes one EngineError line."""
+    error, *values = result
+    if getattr(error, "value", error) != 0:  # cudaSuccess
+        name = getattr(error, "name", error)
+        raise EngineError(f"CUDA {what} failed with {name}; is an NVIDIA GPU visible (nvidia-smi)?")
+    return values[0] if len(values) == 1 else values
+
+
+def gpu_slug(cudart) -> str:
+    """The current GPU's model as a file-name slug, e.g. "nvidia-h100-80gb-hbm3"."""
+    device = cuda_call(cudart.cudaGetDevice(), "cudaGetDevice")
+    name = cuda_call(cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties").name
+    if isinstance(name, bytes):
+        name = name.split(b"\0")[0].decode(errors="replace")
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def tensorrt_version(trt) -> str:
+    """major.minor.patch: plans are tied to it (the build number does not matter)."""
+    return ".".join(trt.__version__.split(".")[:3])
+
+
+def matching_plan(manifest: Manifest, graph: str) -> PlanSpec | None:
+    """The plan of `graph` built for this machine's GPU and TensorRT version. None when there is none,
+    or when TensorRT or a GPU is missing here, so that callers can fall back to ONNX Runtime."""
+    try:
+        trt, cudart = import_tensorrt()
+        gpu = gpu_slug(cudart)
+    except (EngineError, RuntimeError, OSError):
+        return None
+    return find_plan(manifest.plans, graph, gpu, tensorrt_version(trt))
+
+
+def find_plan(plans: dict[str, PlanSpec], graph: str, gpu: str, version: str) -> PlanSpec | None:
+    """The plan of manifest graph `graph` built for this GPU and TensorRT version, if there is one."""
+    return next((p for p in plans.values() if (p.graph, p.gpu, p.tensorrt_version) == (graph, gpu, version)), None)
+
+
+def shape_at(shape: list, batch: int) -> tuple[int, ...]:
+    """A manifest shape with its symbolic batch axis set to `batch`."""
+    return tuple(batch if dim == BATCH else dim for dim in shape)
+
+
+class TensorRTRunner:
+    """One TensorRT plan behind the runner contract. Device buffers are sized for the plan's
+    max_batch and allocated once; the engine's caller chunks larger batches by `max_batch`."""
+
+    def __init__(self, plan_path: Path | str, spec: PlanSpec, graph_spec: GraphSpec):
+        self._device: dict[str, int] = {}  # tensor name -> device pointer
+        self._stream = None
+        trt, self._cudart = import_tensorrt()
+        plan_path = Path(plan_path)
+        self.name = "tensorrt"
+        self.graph = spec.graph
+        self.inputs, self.outputs = graph_spec.inputs, graph_spec.outputs
+        self.max_batch = spec.max_batch
+
+        here = (gpu_slug(self._cudart), tensorrt_version(trt))
+        if (spec.gpu, spec.tensorrt_version) != here:
+            raise EngineError(
+                f"{plan_path.name} was built for {spec.gpu} with TensorRT {spec.tensorrt_version}, this machine has "
+                f"{here[0]} with TensorRT {here[1]}; build plans here with `diffscore build-trt {plan_path.parent}`"
+            )
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._engine = trt.Runtime(self._logger).deserialize_cuda_engine(plan_path.read_bytes())
+        if self._engine is None:
+            raise EngineError(
+                f"TensorRT {here[1]} could not load {plan_path.name} (see its log above); "
+                f"rebuild it with `diffscore build-trt {plan_path.parent}`"
+            )
+        self._context = self._engine.create_execution_context()
+        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
+        engine_inputs = {n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT}
+        if engine_inputs != {t.name for t in self.inputs}:
+            raise EngineError(
+                f"{plan_path.name} takes inputs {sorted(engine_inputs)}, the manifest's {self.graph} takes "
+                f"{sorted(t.name for t in self.inputs)}; rebuild it with `diffscore build-trt {plan_path.parent}`"
+            )
+        self._output_names = [n for n in names if n not in engine_inputs]
+        self._dtypes = {n: np.dtype(trt.nptype(self._engine.get_tensor_dtype(n))) for n in names}
+        self._batch_axis = {t.name: t.shape.index(BATCH) for t in self.inputs}
+
+        # Size each buffer for the largest batch: set the max input shapes, read the output shapes back.
+        self._stream = cuda_call(self._cudart.cudaStreamCreate(), "cudaStreamCreate")
+        for t in self.inputs:
+            self._set_input_shape(t.name, shape_at(t.shape, self.max_batch))
+        for n in names:
+            nbytes = int(np.prod(tuple(self._context.get_tensor_shape(n)))) * self._dtypes[n].itemsize
+            self._device[n] = cuda_call(self._cudart.cudaMalloc(max(nbytes, 1)), f"cudaMalloc({nbytes} bytes) for {n}")
+            self._context.set_tensor_address(n, int(self._device[n]))
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Copy the feed to the GPU, run the plan on one stream, copy the outputs back."""
+        check_feed(feed, self.inputs, self.graph)
+        batches = {name: feed[name].shape[axis] for name, axis in self._batch_axis.items()}
+        if len(set(batches.values())) != 1:
+            raise EngineError(f"{self.graph}: the inputs disagree on the batch size: {batches}")
+        batch = next(iter(batches.values()))
+        if batch > self.max_batch:
+            raise EngineError(
+                f"{self.graph}: batch {batch} is above the TensorRT plan's max_batch {self.max_batch}; "
+                "split the feed, or build the plans again with a larger max_batch"
+            )
+        cudart, kind = self._cudart, self._cudart.cudaMemcpyKind
+        staged = []  # keep the contiguous copies alive until the stream is synchronized
+        for t in self.inputs:
+            array = np.ascontiguousarray(feed[t.name], dtype=self._dtypes[t.name])
+            staged.append(array)
+            self._set_input_shape(t.name, array.shape)
+            cuda_call(
+                cudart.cudaMemcpyAsync(
+                    self._device[t.name], array.ctypes.data, array.nbytes, kind.cudaMemcpyHostToDevice, self._stream
+                ),
+                f"copy of {t.name} to the GPU",
+            )
+        if not self._context.execute_async_v3(int(self._stream)):
+            raise EngineError(f"{self.graph}: TensorRT execution failed (see its log above)")
+        outputs = {}
+        for name in self._output_names:
+            out = np.empty(tuple(self._context.get_tensor_shape(name)), self._dtypes[name])
+            cuda_call(
+                cudart.cudaMemcpyAsync(
+                    out.ctypes.data, self._device[name], out.nbytes, kind.cudaMemcpyDeviceToHost, self._stream
+                ),
+                f"copy of {name} from the GPU",
+            )
+            outputs[name] = out
+        cuda_call(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+        return outputs
+
+    def close(self) -> None:
+        """Free the device buffers and the stream (also done when the runner is garbage-collected)."""
+        for pointer in self._device.values():
+            self._cudart.cudaFree(pointer)
+        self._device = {}
+        if self._stream is not None:
+            self._cudart.cudaStreamDestroy(self._stream)
+            self._stream = None
+
+    def __enter__(self) -> "TensorRTRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+    def _set_input_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        if not self._context.set_input_shape(name, shape):
+            raise EngineError(f"{self.graph}: TensorRT rejected shape {list(shape)} for input {name}")

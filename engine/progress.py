@@ -1,0 +1,22 @@
+"""One progress bar for long work (export, classification, calibration): rich, on stderr."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+_console = Console(stderr=True)
+
+
+@contextmanager
+def progress_bar(description: str, total: int | None, enabled: bool = True):
+    """Yields ``advance(n=1)``; a no-op bar when disabled (library calls, tests)."""
+    if not enabled:
+        yield lambda n=1: None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=_console, transient=False) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n=1: bar.advance(task, n)

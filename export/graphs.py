@@ -1,0 +1,74 @@
+"""Each exported graph's input/output contract, written once: it feeds export, the manifest and
+every runtime backend (names, dtypes, shapes with the symbolic batch axis)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from diffscore.engine.manifest import TensorSpec
+from diffscore.reference.loading import Components
+from diffscore.reference.scoring_unet import ScoringUNet
+
+BATCH = "batch"
+
+
+class TextEncoderGraph(nn.Module):
+    """input_ids (B, L) int64 -> last_hidden_state (B, L, D); no attention mask (DESIGN §3)."""
+
+    def __init__(self, text_encoder: nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        return self.text_encoder(input_ids, return_dict=False)[0]
+
+
+class VaeEncoderGraph(nn.Module):
+    """image (B, 3, H, W) in [-1, 1] -> x0 = posterior mean * scaling factor (deterministic)."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae, self.scaling = vae, float(vae.config.scaling_factor)
+
+    def forward(self, image):
+        return self.vae.encode(image).latent_dist.mean * self.scaling
+
+
+def graph_contracts(comp: Components, scoring_unet: ScoringUNet) -> dict:
+    """{graph name: (module, sample inputs, input specs, output specs)} for the model's graphs."""
+    L = int(comp.tokenizer.model_max_length)
+    D = int(comp.text_encoder.config.hidden_size)
+    size, ch = comp.image_size, comp.image_channels
+    C, S = int(comp.unet.config.in_channels), int(comp.unet.config.sample_size)
+    B = 2
+    graphs = {
+        "text_encoder": (
+            TextEncoderGraph(comp.text_encoder),
+            (torch.zeros(B, L, dtype=torch.int64),),
+            [TensorSpec("input_ids", "int64", [BATCH, L])],
+            [TensorSpec("last_hidden_state", "float32", [BATCH, L, D])],
+        )
+    }
+    if comp.vae is not None:
+        latent_c = int(comp.vae.config.latent_channels)
+        graphs["vae_encoder"] = (
+            VaeEncoderGraph(comp.vae),
+            (torch.zeros(B, ch, size, size),),
+            [TensorSpec("image", "float32", [BATCH, ch, size, size])],
+            [TensorSpec("latent", "float32", [BATCH, latent_c, S, S])],
+        )
+    sample = (torch.randn(B, C, S, S), torch.tensor([10.0, 500.0]), torch.randn(B, L, D))
+    with torch.no_grad():
+        outputs = scoring_unet(*sample)
+    graphs["unet"] = (
+        scoring_unet,
+        sample,
+        [
+            TensorSpec("sample", "float32", [BATCH, C, S, S]),
+            TensorSpec("timestep", "float32", [BATCH]),  # float: exact for integers, TensorRT-friendly
+            TensorSpec("encoder_hidden_states", "float32", [BATCH, L, D]),
+        ],
+        [TensorSpec(n, "float32", [BATCH, *o.shape[1:]]) for n, o in zip(scoring_unet.output_names, outputs)],
+    )
+    return graphs
