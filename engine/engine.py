@@ -65,8 +65,9 @@ def resolve_backend(manifest: Manifest, backend: str, unet: str) -> str:
 def make_runner(engine_dir: Path, manifest: Manifest, graph: str, backend: str, device: int, threads) -> Runner:
     spec = manifest.graphs[graph]
     if backend == "tensorrt":
-        from diffscore.engine.backends.tensorrt import TensorRTRunner, matching_plan
+        from diffscore.engine.backends.tensorrt import TensorRTRunner, import_tensorrt, matching_plan
 
+        import_tensorrt()  # the install message first, when TensorRT itself is missing
         plan = matching_plan(manifest, graph)
         if plan is None:
             raise EngineError(f"{engine_dir} has no TensorRT plan of {graph} for this GPU and TensorRT; run `diffscore build-trt {engine_dir}`")

@@ -1,0 +1,239 @@
+"""`diffscore` command line. Every user mistake is one line on stderr and a non-zero exit.
+
+Runtime commands (classify, match, info, demo on an exported engine) need no torch; export, parity,
+calibrate and training need the `torch` extra and say so when it is missing.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from diffscore.engine.manifest import EngineError
+
+app = typer.Typer(
+    help="diffscore: diffusion models as compiled zero-shot classifiers and image-text matchers.",
+    add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+)
+out = Console()
+err = Console(stderr=True)
+
+Backend = typer.Option("auto", "--backend", "-b", help="auto | ort-cpu | ort-cuda | ort-trt | tensorrt")
+Precision = typer.Option("fp32", "--precision", "-p", help="UNet precision: fp32 | fp16 | int8")
+Format = typer.Option("table", "--format", "-f", help="table | json | csv")
+Seed = typer.Option(0, help="seed of the shared noise: same seed, same scores")
+
+
+def require_torch(command: str) -> None:
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("diffusers") is None:
+        raise EngineError(f"`diffscore {command}` needs the torch extra: pip install 'diffscore[torch]'")
+
+
+def parse_stages(text: str | None) -> list[tuple[int, int]] | None:
+    """'50:5,500:1' -> [(50, 5), (500, 1)]."""
+    if not text:
+        return None
+    try:
+        return [tuple(int(v) for v in part.split(":")) for part in text.split(",")]  # type: ignore[misc]
+    except ValueError:
+        raise EngineError(f"--stages {text!r} is not like '50:5,500:1' (n_samples:keep, comma separated)") from None
+
+
+def read_labels(labels: str | None, labels_file: Path | None) -> list[str]:
+    if (labels is None) == (labels_file is None):
+        raise EngineError("give exactly one of --labels a,b,c or --labels-file FILE")
+    if labels_file is not None:
+        if not labels_file.is_file():
+            raise EngineError(f"labels file {labels_file} does not exist")
+        return [line.strip() for line in labels_file.read_text().splitlines() if line.strip()]
+    return [x.strip() for x in labels.split(",") if x.strip()]
+
+
+def emit(rows: list[dict], fmt: str, title: str = "") -> None:
+    if fmt == "json":
+        out.print_json(json.dumps(rows))
+    elif fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        sys.stdout.write(buf.getvalue())
+    elif fmt == "table":
+        table = Table(title=title or None)
+        for key in rows[0]:
+            table.add_column(key, justify="right" if isinstance(rows[0][key], (int, float)) else "left")
+        for row in rows:
+            table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
+        out.print(table)
+    else:
+        raise EngineError(f"unknown --format {fmt!r}; choose table, json or csv")
+
+
+@app.command()
+def classify(
+    engine: Path = typer.Argument(..., help="engine directory made by `diffscore export`"),
+    images: List[Path] = typer.Argument(..., help="image files"),
+    labels: Optional[str] = typer.Option(None, help="class names, comma separated"),
+    labels_file: Optional[Path] = typer.Option(None, help="class names, one per line"),
+    template: Optional[str] = typer.Option(None, help="prompt template, e.g. 'a photo of a {}' (default: the engine's)"),
+    stages: Optional[str] = typer.Option(None, help="pruning stages n_samples:keep, e.g. 50:5,500:1"),
+    loss: Optional[str] = typer.Option(None, help="l2 | l1 | huber (default: the engine's)"),
+    seed: int = Seed, batch_size: Optional[int] = typer.Option(None, help="UNet batch (default: automatic)"),
+    backend: str = Backend, precision: str = Precision, fmt: str = Format,
+):
+    """Zero-shot Diffusion Classifier: the label whose prompt best predicts the added noise."""
+    import diffscore
+
+    label_list = read_labels(labels, labels_file)
+    eng = diffscore.load(engine, backend=backend, precision=precision)
+    results = eng.classify([str(p) for p in images], label_list, template=template, stages=parse_stages(stages),
+                           loss=loss, seed=seed, batch_size=batch_size, progress=True)
+    rows = [{"image": str(p), "label": r.label, "error": r.ranking[0][1],
+             "runner_up": r.ranking[1][0] if len(r.ranking) > 1 else "", "passes": r.passes}
+            for p, r in zip(images, results)]
+    if fmt == "json":
+        rows = [{**row, "ranking": r.ranking} for row, r in zip(rows, results)]
+    emit(rows, fmt, "Diffusion Classifier (lower error = better)")
+
+
+@app.command()
+def match(
+    engine: Path = typer.Argument(..., help="engine directory"),
+    images: List[Path] = typer.Option(..., "--images", "-i", help="image files (repeat the option)"),
+    texts: List[str] = typer.Option(..., "--texts", "-t", help="captions (repeat the option)"),
+    steps: Optional[int] = typer.Option(None, help="timesteps per pair (default: the engine's)"),
+    bias_weight: float = typer.Option(0.0, help="λ of the denoising bias (needs one extra pass per timestep)"),
+    seed: int = Seed, batch_size: Optional[int] = typer.Option(None, help="UNet batch (default: automatic)"),
+    backend: str = Backend, precision: str = Precision, fmt: str = Format,
+):
+    """DSD image-text matching: an images x texts matrix of scores (higher = better match)."""
+    import diffscore
+
+    eng = diffscore.load(engine, backend=backend, precision=precision)
+    scores = eng.match([str(p) for p in images], list(texts), steps=steps, bias_weight=bias_weight, seed=seed,
+                       batch_size=batch_size, progress=True)
+    rows = [{"image": str(p), **{t: float(s) for t, s in zip(texts, row)}, "best": texts[int(row.argmax())]}
+            for p, row in zip(images, scores)]
+    emit(rows, fmt, "DSD scores (higher = better match)")
+
+
+@app.command()
+def info(engine: Path = typer.Argument(..., help="engine directory"),
+         verify: bool = typer.Option(False, "--verify", help="also check every file's sha256 (slow for big graphs)")):
+    """What an engine directory holds: graphs, precisions, plans, captured layers, defaults."""
+    from diffscore.engine.manifest import Manifest
+
+    m = Manifest.load(engine)
+    out.print(f"[bold]{engine}[/] (format {m.format_version}, diffscore {m.diffscore_version})")
+    out.print(f"source {m.source_path} sha256 {m.source_sha256[:12]}; "
+              f"{'pixel space' if m.pixel_space else f'latent space (scaling {m.latent_scaling})'}; "
+              f"image {m.image_size}px x{m.image_channels}; sample {m.sample_shape}; T={len(m.alphas_cumprod)}")
+    rows = [{"graph": k, "file": g.file, "precision": g.precision, "MB": g.size / 1e6} for k, g in m.graphs.items()]
+    rows += [{"graph": k, "file": p.file, "precision": p.precision, "MB": p.size / 1e6} for k, p in m.plans.items()]
+    emit(rows, "table")
+    out.print(f"attention layers: {', '.join(m.attention_layers) or '-'}")
+    out.print(f"feature blocks: {', '.join(m.feature_blocks) or '-'}; heads: {', '.join(m.heads) or '-'}")
+    out.print(f"defaults: {json.dumps(m.defaults)}")
+    if verify:
+        bad = m.verify(engine)
+        if bad:
+            raise EngineError(f"sha256 mismatch in {', '.join(bad)}: the engine directory is damaged; re-export it")
+        out.print("[green]all sha256 match[/]")
+
+
+@app.command()
+def export(
+    model: Path = typer.Argument(..., help="local diffusers model folder"),
+    out_dir: Path = typer.Argument(..., help="engine directory to create"),
+    precision: List[str] = typer.Option(["fp32"], "--precision", "-p", help="fp32 and/or fp16 (repeat)"),
+    attention_layers: Optional[str] = typer.Option(None, help="cross-attention modules to score, comma separated (default: last of each block)"),
+    feature_blocks: Optional[str] = typer.Option(None, help="UNet blocks whose outputs the graph returns, e.g. mid_block,up_blocks.1"),
+    overwrite: bool = typer.Option(False, help="replace an existing engine directory"),
+):
+    """Export a diffusers model to an engine directory (ONNX graphs + manifest), atomically."""
+    require_torch("export")
+    from diffscore.export.onnx_export import export_engine
+
+    precisions = tuple(dict.fromkeys(["fp32", *precision]))
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None
+    path = export_engine(model, out_dir, precisions=precisions, attention_layers=split(attention_layers),
+                         feature_blocks=split(feature_blocks) or [], overwrite=overwrite)
+    out.print(f"[green]wrote[/] {path}")
+
+
+@app.command("build-trt")
+def build_trt(
+    engine: Path = typer.Argument(..., help="engine directory"),
+    precision: str = typer.Option("fp16", help="which UNet graph to build: fp32 | fp16 | int8"),
+    min_batch: int = typer.Option(1), opt_batch: int = typer.Option(8), max_batch: int = typer.Option(32),
+):
+    """Build TensorRT plans (strongly typed; precision comes from the ONNX) for this GPU."""
+    from diffscore.export.tensorrt_build import build_plans
+
+    for plan in build_plans(engine, precision=precision, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch):
+        out.print(f"[green]plan[/] {plan.file} ({plan.size / 1e6:.1f} MB)")
+
+
+@app.command()
+def parity(
+    engine: Path = typer.Argument(..., help="engine directory"),
+    model: Optional[Path] = typer.Option(None, help="source model folder (default: the one recorded in the manifest)"),
+    images: int = typer.Option(100, help="held-out demo images for the decision check (demo engines only)"),
+):
+    """Torch vs every available backend and precision: tensor errors and decision agreement."""
+    require_torch("parity")
+    from diffscore.export.parity import run_parity
+
+    if not run_parity(engine, model, n_images=images):
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    limit: Optional[int] = typer.Option(None, help="classify only the first N held-out images"),
+    backend: str = Backend, precision: str = Precision,
+    stages: Optional[str] = typer.Option(None, help="override the demo's stages, e.g. 10:3,40:1"),
+):
+    """The main job: zero-shot classification of held-out handwritten digits on the demo model."""
+    import diffscore
+    from diffscore.engine.demo import demo_engine_dir, logistic_baseline, run_demo
+
+    engine_dir = demo_engine_dir(precisions=("fp32", precision) if precision == "fp16" else ("fp32",))
+    eng = diffscore.load(engine_dir, backend=backend, precision=precision)
+    res = run_demo(eng, limit=limit, stages=parse_stages(stages))
+    from diffscore.engine.digits import load_digits_split
+
+    baseline = logistic_baseline(load_digits_split())
+    rows = [
+        {"method": f"Diffusion Classifier, zero-shot ({eng.backend}, {precision})", "accuracy": res["accuracy"],
+         "UNet passes/image": res["passes_per_image"], "images/s": res["images_per_s"]},
+        {"method": "logistic regression on pixels (trained)", "accuracy": baseline, "UNet passes/image": 0.0,
+         "images/s": float("nan")},
+    ]
+    emit(rows, "table", f"held-out digits: {res['images']} images, wall {res['seconds']:.1f} s")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app(standalone_mode=False)
+    except EngineError as e:
+        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)

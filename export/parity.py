@@ -1,0 +1,183 @@
+"""The parity suite (DESIGN.md §4): the same feed through torch and every available backend and
+precision; tensor errors per output, then top-1 agreement of Diffusion Classifier decisions.
+
+One greppable line per verdict (Polygraphy style), then a summary. Relative error is
+max|a − b| / max|b| per output (elementwise ratios are meaningless where the reference is ~0).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffscore.engine.engine import load, make_runner
+from diffscore.engine.manifest import EngineError, Manifest
+from diffscore.export.graphs import TextEncoderGraph, VaeEncoderGraph
+from diffscore.reference.loading import load_components
+from diffscore.reference.scoring_unet import ScoringUNet
+
+log = logging.getLogger("diffscore")
+RTOL = {"fp32": 1e-4, "fp16": 2e-2}  # int8 is judged by decisions, not tensors
+MAX_FLIPS = 0.01  # a compiled variant that flips more than 1% of decisions fails
+
+
+@dataclass
+class Verdict:
+    name: str  # "ort-cpu fp32 unet:eps"
+    max_abs: float
+    max_rel: float
+    nonfinite: int
+    rtol: float | None
+
+    @property
+    def passed(self) -> bool:
+        return self.nonfinite == 0 and (self.rtol is None or self.max_rel <= self.rtol)
+
+    def __str__(self) -> str:
+        bound = f"rtol={self.rtol:g}" if self.rtol is not None else "decisions only"
+        return (f"{'PASSED' if self.passed else 'FAILED'} | {self.name} | max_abs={self.max_abs:.3g} "
+                f"max_rel={self.max_rel:.3g} nonfinite={self.nonfinite} ({bound})")
+
+
+def compare(name: str, got: np.ndarray, want: np.ndarray, rtol: float | None) -> Verdict:
+    diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+    max_abs = float(diff.max()) if diff.size else 0.0
+    return Verdict(name, max_abs, max_abs / max(float(np.abs(want).max()), 1e-12) if diff.size else 0.0,
+                   int((~np.isfinite(got)).sum()), rtol)
+
+
+def available_backends(manifest: Manifest) -> list[str]:
+    from diffscore.engine.backends.onnxruntime import available_providers
+    from diffscore.engine.backends.tensorrt import matching_plan
+
+    providers = available_providers()
+    found = ["ort-cpu"]
+    found += [b for b, p in (("ort-cuda", "CUDAExecutionProvider"), ("ort-trt", "TensorrtExecutionProvider")) if p in providers]
+    if any(matching_plan(manifest, g) for g in manifest.graphs):
+        found.append("tensorrt")
+    return found
+
+
+def torch_modules(comp, manifest: Manifest) -> dict[str, torch.nn.Module]:
+    modules = {"text_encoder": TextEncoderGraph(comp.text_encoder),
+               "unet": ScoringUNet(comp.unet, manifest.attention_layers, manifest.feature_blocks)}
+    if comp.vae is not None:
+        modules["vae_encoder"] = VaeEncoderGraph(comp.vae)
+    return modules
+
+
+def feeds(manifest: Manifest, comp, engine_dir: Path, seed: int = 0, batch: int = 6) -> dict[str, dict]:
+    """Per graph: fresh random inputs, and real ones (tokenized prompts, encoded images, x_t at real t)."""
+    from diffscore.engine.engine import Engine
+
+    rng = np.random.default_rng(seed)
+    spec = {k: {t.name: [batch if d == "batch" else d for d in t.shape] for t in g.inputs} for k, g in manifest.graphs.items()}
+    random = {
+        "text_encoder": {"input_ids": rng.integers(0, 49406, spec["text_encoder"]["input_ids"]).astype(np.int64)},
+        "unet": {"sample": rng.standard_normal(spec["unet"]["sample"], dtype=np.float32),
+                 "timestep": rng.integers(0, len(manifest.alphas_cumprod), batch).astype(np.float32),
+                 "encoder_hidden_states": rng.standard_normal(spec["unet"]["encoder_hidden_states"], dtype=np.float32)},
+    }
+    if "vae_encoder" in manifest.graphs:
+        random["vae_encoder"] = {"image": rng.uniform(-1, 1, spec["vae_encoder"]["image"]).astype(np.float32)}
+    # real inputs, made by the runtime's own preprocessing on the CPU backend
+    eng = load(engine_dir, backend="ort-cpu")
+    images = real_images(manifest, batch, rng)
+    prompts = [f"a photo of a {w}" for w in ("cat", "dog", "seven", "three", "car", "tree")][:batch]
+    ids = np.array([e.ids for e in eng.tokenizer.encode_batch(prompts)], dtype=np.int64)
+    x0 = eng.encode_images(images)
+    ts = rng.integers(0, len(manifest.alphas_cumprod), batch)
+    from diffscore.kernels import add_noise
+
+    eps = rng.standard_normal(x0.shape, dtype=np.float32)
+    x_t = np.stack([add_noise(x0[i], eps[i : i + 1], eng.alphas_cumprod, ts[i : i + 1])[0] for i in range(batch)])
+    real = {"text_encoder": {"input_ids": ids},
+            "unet": {"sample": x_t, "timestep": ts.astype(np.float32), "encoder_hidden_states": eng.encode_text(prompts)}}
+    if "vae_encoder" in manifest.graphs:
+        from diffscore.engine.images import preprocess_batch
+
+        real["vae_encoder"] = {"image": preprocess_batch(images, manifest.image_size, manifest.image_channels)}
+    return {"random": random, "real": real}
+
+
+def real_images(manifest: Manifest, n: int, rng) -> list:
+    """Held-out demo digits for greyscale 8px engines; otherwise smooth random images."""
+    if manifest.image_channels == 1 and manifest.image_size == 8:
+        from diffscore.engine.digits import load_digits_split
+
+        return list(load_digits_split().test_images[:n])
+    size = manifest.image_size
+    base = rng.integers(0, 256, (n, 4, 4, manifest.image_channels), dtype=np.uint8)
+    from PIL import Image
+
+    return [np.asarray(Image.fromarray(b.squeeze(-1) if b.shape[-1] == 1 else b).resize((size, size), Image.BICUBIC)) for b in base]
+
+
+def tensor_parity(engine_dir: Path, manifest: Manifest, comp) -> list[Verdict]:
+    modules = torch_modules(comp, manifest)
+    verdicts = []
+    for kind, per_graph in feeds(manifest, comp, engine_dir).items():
+        for graph, feed in per_graph.items():
+            with torch.no_grad():
+                want = modules[graph](*(torch.from_numpy(v) for v in feed.values()))
+            want = [want] if isinstance(want, torch.Tensor) else list(want)
+            variants = [g for g in manifest.graphs if g == graph or g.startswith(f"{graph}.")]
+            for backend in available_backends(manifest):
+                for variant in variants:
+                    precision = manifest.graphs[variant].precision
+                    try:
+                        runner = make_runner(engine_dir, manifest, variant, backend, 0, None)
+                    except EngineError as e:
+                        log.warning("skip %s on %s: %s", variant, backend, e)
+                        continue
+                    got = runner.infer(feed)
+                    for spec, w in zip(manifest.graphs[variant].outputs, want):
+                        verdicts.append(compare(f"{backend} {precision} {graph}:{spec.name} ({kind})",
+                                                got[spec.name], w.numpy(), RTOL.get(precision)))
+    return verdicts
+
+
+def decision_parity(engine_dir: Path, manifest: Manifest, comp, n_images: int, seed: int = 0) -> list[tuple[str, float, bool]]:
+    """Top-1 agreement of each backend/precision with the fp32 torch reference on held-out demo digits."""
+    from diffscore.engine.digits import CLASS_NAMES, load_digits_split
+    from diffscore.reference.classifier import classify_reference
+
+    images = list(load_digits_split().test_images[:n_images])
+    opts = dict(templates=[manifest.defaults["template"]], stages=[tuple(s) for s in manifest.defaults["stages"]],
+                loss=manifest.defaults["loss"], seed=seed)
+    want = [r.label for r in classify_reference(comp, images, list(CLASS_NAMES), **opts)]
+    rows = []
+    for backend in available_backends(manifest):
+        for precision in ("fp32", "fp16", "int8"):
+            if ("unet" if precision == "fp32" else f"unet.{precision}") not in manifest.graphs:
+                continue
+            eng = load(engine_dir, backend=backend, precision=precision)
+            got = [r.label for r in eng.classify(images, list(CLASS_NAMES), template=opts["templates"][0],
+                                                 stages=opts["stages"], loss=opts["loss"], seed=seed)]
+            agree = float(np.mean([a == b for a, b in zip(got, want)]))
+            rows.append((f"{backend} {precision}", agree, agree >= 1 - MAX_FLIPS))
+    return rows
+
+
+def run_parity(engine_dir: str | Path, model_dir: str | Path | None = None, n_images: int = 100, echo=print) -> bool:
+    """Print every verdict and a summary; True when every bound of DESIGN.md §4 holds."""
+    engine_dir = Path(engine_dir)
+    manifest = Manifest.load(engine_dir)
+    comp = load_components(model_dir or manifest.source_path)
+    verdicts = tensor_parity(engine_dir, manifest, comp)
+    for v in verdicts:
+        echo(str(v))
+    decisions = []
+    if manifest.image_channels == 1 and manifest.image_size == 8 and n_images > 0:  # the demo digits
+        decisions = decision_parity(engine_dir, manifest, comp, n_images)
+        for name, agree, ok in decisions:
+            echo(f"{'PASSED' if ok else 'FAILED'} | {name} decisions | top-1 agreement with torch fp32 = "
+                 f"{agree:.2%} on {n_images} held-out digits (≥ {1 - MAX_FLIPS:.0%})")
+    failed = sum(not v.passed for v in verdicts) + sum(not ok for *_, ok in decisions)
+    total = len(verdicts) + len(decisions)
+    echo(f"{'PASSED' if not failed else 'FAILED'} | {total - failed}/{total} checks passed")
+    return failed == 0

@@ -1,0 +1,43 @@
+"""DSD image-text matching in torch: the reference for `Engine.match` (DESIGN.md §3).
+
+Per pair (image, text), conditional pass only: attention score a_k = mean over selected layers of
+logsumexp_tokens(scale·QKᵀ) averaged over heads and pixels; optional denoising bias
+b_k = ||ε − ε̂(∅)||₂ − ||ε − ε̂(text)||₂; score = mean_k (a_k + λ b_k). Higher = better match.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from diffscore.engine.images import preprocess_batch
+from diffscore.kernels import dsd_timesteps, shared_noise
+from diffscore.reference.loading import Components, encode_images, encode_prompts
+from diffscore.reference.scoring_unet import ScoringUNet
+
+
+@torch.no_grad()
+def match_reference(comp: Components, scoring_unet: ScoringUNet, images, texts: list[str], steps: int = 10,
+                    bias_weight: float = 0.0, seed: int = 0) -> np.ndarray:
+    """(images, texts) scores, one image-text pair at a time over its K timesteps."""
+    ts = torch.tensor(dsd_timesteps(steps, comp.num_train_timesteps))
+    pixels = preprocess_batch(images, comp.image_size, comp.image_channels)
+    x0s = encode_images(comp, torch.from_numpy(pixels))
+    noise = torch.from_numpy(shared_noise(seed, len(ts), tuple(x0s.shape[1:])))
+    emb = encode_prompts(comp, list(texts) + [""])
+    abar = comp.alphas_cumprod[ts]
+    a = abar.sqrt().float().view(-1, 1, 1, 1)
+    s = (1 - abar).sqrt().float().view(-1, 1, 1, 1)
+    K = len(ts)
+    scores = np.zeros((len(x0s), len(texts)))
+    for i, x0 in enumerate(x0s):
+        x_t = a * x0[None] + s * noise  # (K, C, H, W)
+        def run(j):
+            eps_hat, attn, *_ = scoring_unet(x_t, ts.float(), emb[j : j + 1].expand(K, -1, -1))
+            return attn.mean(dim=1).double(), (noise - eps_hat).flatten(1).double().norm(dim=1)
+        _, null_norm = run(len(texts)) if bias_weight else (None, None)
+        for j in range(len(texts)):
+            attn, norm = run(j)
+            bias = (null_norm - norm) if bias_weight else 0.0
+            scores[i, j] = float((attn + bias_weight * bias).mean())
+    return scores
