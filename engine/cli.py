@@ -237,3 +237,7 @@ def main() -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Export: engine directory contents, fp32/fp16 parity with torch for every UNet kind, TensorRT op
+support of every exported graph, atomicity, and the tokenizer.json round trip."""
+
+import json
+
+import numpy as np
+import pytest
+
+from diffscore.engine.manifest import EngineError, Manifest
+from diffscore.export.onnx_export import export_engine
+from diffscore.export.parity import run_parity, tensor_parity
+from diffscore.export.tensorrt_ops import unsupported_ops
+from diffscore.reference.loading import load_components
+
+KINDS = ["sd1", "sd2", "pixel"]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("engines")
+    return {
+        kind: export_engine(tiny_models[kind], root / kind, precisions=("fp32", "fp16"),
+                            feature_blocks=["mid_block", "up_blocks.0"], show_progress=False)
+        for kind in KINDS
+    }
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_engine_directory(engines, kind):
+    m = Manifest.load(engines[kind])
+    expected = {"text_encoder", "unet", "unet.fp16"} | ({"vae_encoder"} if kind != "pixel" else set())
+    assert set(m.graphs) == expected
+    assert m.verify(engines[kind]) == []
+    unet = m.graphs["unet"]
+    assert [t.name for t in unet.inputs] == ["sample", "timestep", "encoder_hidden_states"]
+    assert [t.name for t in unet.outputs] == ["eps", "attn_scores", "features.mid_block", "features.up_blocks.0"]
+    assert unet.outputs[1].shape == ["batch", len(m.attention_layers)]
+    assert m.graphs["unet.fp16"].precision == "fp16"
+    assert not list(engines[kind].parent.glob(f".{kind}.partial-*"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fp32_and_fp16_parity_with_torch(engines, tiny_models, kind):
+    m = Manifest.load(engines[kind])
+    verdicts = tensor_parity(engines[kind], m, load_components(tiny_models[kind]))
+    failed = [str(v) for v in verdicts if not v.passed]
+    assert not failed, failed
+    fp32 = [v for v in verdicts if " fp32 unet:" in v.name]
+    fp16 = [v for v in verdicts if " fp16 unet:" in v.name]
+    assert len(fp32) == len(fp16) == 8  # 4 outputs x (random, real)
+    assert max(v.max_rel for v in fp32) <= 1e-4 and max(v.max_rel for v in fp16) <= 2e-2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_exported_op_is_supported_by_tensorrt(engines, kind):
+    m = Manifest.load(engines[kind])
+    for name, graph in m.graphs.items():
+        assert unsupported_ops(engines[kind] / graph.file) == {}, name
+
+
+def test_failed_export_leaves_nothing(tiny_models, tmp_path, monkeypatch):
+    import diffscore.export.onnx_export as ex
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ex, "write_tokenizer", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_engine(tiny_models["pixel"], tmp_path / "eng", show_progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_overwrite(engines, tiny_models):
+    with pytest.raises(EngineError, match="already exists"):
+        export_engine(tiny_models["pixel"], engines["pixel"], show_progress=False)
+
+
+def test_tokenizer_json_matches_transformers(engines, tiny_models):
+    from tokenizers import Tokenizer
+
+    tok = load_components(tiny_models["pixel"]).tokenizer
+    fast = Tokenizer.from_file(str(engines["pixel"] / "tokenizer.json"))
+    prompts = ["a handwritten digit seven", "The NUMBER 7!", "", "a very long prompt " * 10, "naïve café"]
+    want = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
+    assert [e.ids for e in fast.encode_batch(prompts)] == want
+
+
+def test_damaged_engine_is_refused(engines, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(engines["pixel"], tmp_path / "e")
+    with open(copy / "unet.onnx", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(EngineError, match="damaged"):
+        Manifest.load(copy)
+    raw = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**raw, "format_version": 99}))
+    with pytest.raises(EngineError, match="format 99"):
+        Manifest.load(copy)
+
+
+def test_parity_command_reports_and_passes(engines, capsys):
+    assert run_parity(engines["sd2"], n_images=0)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith("PASSED |") and all(l.startswith(("PASSED", "FAILED")) for l in lines)
