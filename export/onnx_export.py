@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import onnx
@@ -107,7 +108,11 @@ def export_graph(module, sample, inputs, outputs, out_dir: Path, name: str) -> G
     scratch = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=out_dir))
     try:
         axes = {t.name: {i: BATCH for i, d in enumerate(t.shape) if d == BATCH} for t in inputs + outputs}
-        with torch.no_grad():
+        # diffusers' trace-time branches (a .contiguous() for batch >= 64, a > 2**31-element guard)
+        # do not change the math for real shapes: their TracerWarnings are noise to a user.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(
                 module, sample, str(scratch / "graph.onnx"), dynamo=False, opset_version=OPSET,
                 input_names=[t.name for t in inputs], output_names=[t.name for t in outputs],
