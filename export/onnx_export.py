@@ -113,6 +113,7 @@ def export_graph(module, sample, inputs, outputs, out_dir: Path, name: str) -> G
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", UserWarning)  # "Constant folding not applied" for strided Slice
             torch.onnx.export(
                 module, sample, str(scratch / "graph.onnx"), dynamo=False, opset_version=OPSET,
                 input_names=[t.name for t in inputs], output_names=[t.name for t in outputs],
@@ -126,7 +127,8 @@ def export_graph(module, sample, inputs, outputs, out_dir: Path, name: str) -> G
 
 def save_graph(model: onnx.ModelProto, out_dir: Path, file: str, inputs, outputs, precision: str) -> GraphSpec:
     """Save (external data above 2 GB, in one `<file>.data`) and describe the graph for the manifest."""
-    large = model.ByteSize() > PROTOBUF_LIMIT
+    # ModelProto.ByteSize() itself fails past 2 GB, so size the weights one tensor at a time
+    large = sum(t.ByteSize() for t in model.graph.initializer) > PROTOBUF_LIMIT - (64 << 20)
     data_files = [f"{file}.data"] if large else []
     onnx.save_model(model, str(out_dir / file), save_as_external_data=large, all_tensors_to_one_file=True,
                     location=data_files[0] if large else None)

@@ -21,9 +21,9 @@ def naive_classifier(comp, image_pixels, prompts, stages, loss, seed):
         new = [t for t in grid[len(grid) // n // 2 :: len(grid) // n][:n] if t not in order]
         order += new
         per_stage.append(new)
-    g = np.random.default_rng(seed)
-    noise = torch.from_numpy(g.standard_normal((len(order), *image_pixels.shape), dtype=np.float32))
     x0 = image_pixels if comp.vae is None else comp.vae.encode(image_pixels[None]).latent_dist.mean[0] * comp.vae.config.scaling_factor
+    g = np.random.default_rng(seed)
+    noise = torch.from_numpy(g.standard_normal((len(order), *x0.shape), dtype=np.float32))
     abar = comp.scheduler.alphas_cumprod.double()
     ids = comp.tokenizer(prompts, padding="max_length", max_length=comp.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
     emb = comp.text_encoder(ids)[0]
