@@ -134,10 +134,11 @@ class Engine:
     def encode_text(self, prompts: list[str]) -> np.ndarray:
         """(P, L, D) text embeddings; each distinct prompt is encoded once and cached."""
         missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
-        if missing:
-            ids = np.array([e.ids for e in self.tokenizer.encode_batch(missing)], dtype=np.int64)
-            out = self.runners["text_encoder"].infer({"input_ids": ids})["last_hidden_state"]
-            self._text_cache.update(zip(missing, out))
+        step = self.default_batch_size()  # a TensorRT plan takes at most its max_batch
+        for lo in range(0, len(missing), step):
+            chunk = missing[lo : lo + step]
+            ids = np.array([e.ids for e in self.tokenizer.encode_batch(chunk)], dtype=np.int64)
+            self._text_cache.update(zip(chunk, self.runners["text_encoder"].infer({"input_ids": ids})["last_hidden_state"]))
         return np.stack([self._text_cache[p] for p in prompts])
 
     def encode_images(self, images) -> np.ndarray:
@@ -146,8 +147,8 @@ class Engine:
         pixels = preprocess_batch(images, m.image_size, m.image_channels)
         if m.pixel_space:
             return pixels
-        vae = self.runners["vae_encoder"]
-        return np.concatenate([vae.infer({"image": pixels[i : i + 8]})["latent"] for i in range(0, len(pixels), 8)])
+        vae, step = self.runners["vae_encoder"], min(8, self.default_batch_size())
+        return np.concatenate([vae.infer({"image": pixels[i : i + step]})["latent"] for i in range(0, len(pixels), step)])
 
     # --- the UNet over many pairs -------------------------------------------------------------
     def _run_pairs(self, pairs: _Pairs, emb: np.ndarray, noise: np.ndarray, loss: str, batch_size: int):

@@ -105,6 +105,7 @@ def test_cli_match(demo_engine, digit_files):
     (["classify", "{engine}", "{image}", "--labels", "a,b", "--stages", "ten"], "not like '50:5,500:1'"),
     (["info", "{old}"], "engine format 0"),
     (["info", "/nonexistent"], "does not exist"),
+    (["build-trt", "{engine}"], "TensorRT is not installed"),
 ])
 def test_cli_user_mistakes_are_one_line(demo_engine, digit_files, tmp_path, args, message):
     import shutil

@@ -79,6 +79,18 @@ def test_text_embeddings_are_cached(engines):
     assert calls == [2, 1]
 
 
+def test_text_is_encoded_in_backend_sized_chunks(engines):
+    """A TensorRT plan takes at most max_batch prompts: encoding chunks by the backend's batch."""
+    prompts = [f"prompt {i}" for i in range(5)]
+    whole = diffscore.load(engines["pixel"], backend="ort-cpu").encode_text(prompts)
+    eng = diffscore.load(engines["pixel"], backend="ort-cpu")
+    eng.default_batch_size = lambda: 2
+    calls, original = [], eng.runners["text_encoder"].infer
+    eng.runners["text_encoder"].infer = lambda feed: calls.append(len(feed["input_ids"])) or original(feed)
+    np.testing.assert_allclose(eng.encode_text(prompts), whole, rtol=1e-6)
+    assert calls == [2, 2, 1]
+
+
 def test_preprocessing_matches_an_independent_torch_path(tmp_path):
     """Resize (bicubic) + centre crop + [-1, 1]: Pillow path vs torch on an image needing no resize,
     and shape/range checks on one needing both resize and crop."""

@@ -1,0 +1,37 @@
+"""The parity suite on the demo engine (fp32 + fp16), for the README: every tensor verdict and the
+top-1 decision agreement with the fp32 torch reference on the held-out digits.
+
+    .venv/bin/python bench/parity.py [--images 450] [--update-readme]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, machine_line, update_readme, write_result  # noqa: E402
+
+from diffscore.engine.demo import demo_engine_dir  # noqa: E402
+from diffscore.export.parity import run_parity  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=450, help="held-out digits for the decision check")
+    parser.add_argument("--update-readme", action="store_true")
+    args = parser.parse_args()
+    lines: list[str] = []
+    ok = run_parity(demo_engine_dir(precisions=("fp32", "fp16")), n_images=args.images, echo=lines.append)
+    path = write_result("parity", {"passed": ok, "images": args.images, "lines": lines})
+    print("\n".join(lines))
+    print(f"wrote {path}")
+    if args.update_readme:
+        block = "```\n" + "\n".join(lines) + "\n```\n" + f"Measured on {machine_line(machine())} by `bench/parity.py`."
+        update_readme("parity", block)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
