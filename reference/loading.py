@@ -59,7 +59,11 @@ class Components:
 def load_components(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> Components:
     """UNet, text encoder, tokenizer, scheduler and (optional) VAE from a local diffusers folder."""
     import diffusers
+    import transformers
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    diffusers.utils.logging.disable_progress_bar()  # our own progress bars say what is happening
+    transformers.utils.logging.disable_progress_bar()
 
     path = Path(model_dir)
     if not path.is_dir():
