@@ -50,6 +50,19 @@ def parse_stages(text: str | None) -> list[tuple[int, int]] | None:
         raise EngineError(f"--stages {text!r} is not like '50:5,500:1' (n_samples:keep, comma separated)") from None
 
 
+def split(text: str | None) -> list[str] | None:
+    """'a, b,c' -> ['a', 'b', 'c']; None or '' -> None."""
+    return [x.strip() for x in text.split(",") if x.strip()] if text else None
+
+
+def parse_steps(text: str) -> list[int]:
+    """'50,200' -> [50, 200]."""
+    try:
+        return [int(x) for x in split(text) or []]
+    except ValueError:
+        raise EngineError(f"--steps {text!r} is not like '50,200' (noise steps, comma separated integers)") from None
+
+
 def read_labels(labels: str | None, labels_file: Path | None) -> list[str]:
     if (labels is None) == (labels_file is None):
         raise EngineError("give exactly one of --labels a,b,c or --labels-file FILE")
@@ -84,27 +97,35 @@ def emit(rows: list[dict], fmt: str, title: str = "") -> None:
 def classify(
     engine: Path = typer.Argument(..., help="engine directory made by `diffscore export`"),
     images: List[Path] = typer.Argument(..., help="image files"),
-    labels: Optional[str] = typer.Option(None, help="class names, comma separated"),
+    labels: Optional[str] = typer.Option(None, help="class names, comma separated (method head: the head's own)"),
     labels_file: Optional[Path] = typer.Option(None, help="class names, one per line"),
+    method: str = typer.Option("dc", help="dc: zero-shot Diffusion Classifier | head: a trained head, one UNet pass per step"),
+    head: Optional[str] = typer.Option(None, help="which head (method head), when the engine has several"),
     template: Optional[str] = typer.Option(None, help="prompt template, e.g. 'a photo of a {}' (default: the engine's)"),
     stages: Optional[str] = typer.Option(None, help="pruning stages n_samples:keep, e.g. 50:5,500:1"),
     loss: Optional[str] = typer.Option(None, help="l2 | l1 | huber (default: the engine's)"),
     seed: int = Seed, batch_size: Optional[int] = typer.Option(None, help="UNet batch (default: automatic)"),
     backend: str = Backend, precision: str = Precision, fmt: str = Format,
 ):
-    """Zero-shot Diffusion Classifier: the label whose prompt best predicts the added noise."""
+    """Classify images: the zero-shot Diffusion Classifier (default) or a trained head (--method head)."""
     import diffscore
 
-    label_list = read_labels(labels, labels_file)
+    if method == "head":
+        label_list = read_labels(labels, labels_file) if labels is not None or labels_file is not None else None
+    else:
+        label_list = read_labels(labels, labels_file)
     eng = diffscore.load(engine, backend=backend, precision=precision)
-    results = eng.classify([str(p) for p in images], label_list, template=template, stages=parse_stages(stages),
-                           loss=loss, seed=seed, batch_size=batch_size, progress=True)
-    rows = [{"image": str(p), "label": r.label, "error": r.ranking[0][1],
+    results = eng.classify([str(p) for p in images], label_list, method=method, head=head, template=template,
+                           stages=parse_stages(stages), loss=loss, seed=seed, batch_size=batch_size, progress=True)
+    score = "probability" if method == "head" else "error"
+    rows = [{"image": str(p), "label": r.label, score: r.ranking[0][1],
              "runner_up": r.ranking[1][0] if len(r.ranking) > 1 else "", "passes": r.passes}
             for p, r in zip(images, results)]
     if fmt == "json":
         rows = [{**row, "ranking": r.ranking} for row, r in zip(rows, results)]
-    emit(rows, fmt, "Diffusion Classifier (lower error = better)")
+    title = f"head {eng.head_name(head)} (higher probability = better)" if method == "head" else \
+        "Diffusion Classifier (lower error = better)"
+    emit(rows, fmt, title)
 
 
 @app.command()
@@ -159,6 +180,7 @@ def export(
     precision: List[str] = typer.Option(["fp32"], "--precision", "-p", help="fp32 and/or fp16 (repeat)"),
     attention_layers: Optional[str] = typer.Option(None, help="cross-attention modules to score, comma separated (default: last of each block)"),
     feature_blocks: Optional[str] = typer.Option(None, help="UNet blocks whose outputs the graph returns, e.g. mid_block,up_blocks.1"),
+    head: List[Path] = typer.Option([], "--head", help="a head folder from `diffscore train-head` to ship (repeat)"),
     overwrite: bool = typer.Option(False, help="replace an existing engine directory"),
 ):
     """Export a diffusers model to an engine directory (ONNX graphs + manifest), atomically."""
@@ -166,10 +188,53 @@ def export(
     from diffscore.export.onnx_export import export_engine
 
     precisions = tuple(dict.fromkeys(["fp32", *precision]))
-    split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None
     path = export_engine(model, out_dir, precisions=precisions, attention_layers=split(attention_layers),
-                         feature_blocks=split(feature_blocks) or [], overwrite=overwrite)
+                         feature_blocks=split(feature_blocks) or [], heads=head, overwrite=overwrite)
     out.print(f"[green]wrote[/] {path}")
+
+
+@app.command("train-head")
+def train_head_command(
+    model: Path = typer.Argument(..., help="local diffusers model folder"),
+    data: Optional[Path] = typer.Option(None, "--data", help="image folder with one subfolder per class (folder name = label)"),
+    demo: bool = typer.Option(False, "--demo", help="the demo digits' training split (1,347 images) instead of --data"),
+    head: str = typer.Option("difformer", "--head", help="linear | attention | difformer"),
+    blocks: str = typer.Option("mid_block,up_blocks.0", help="UNet blocks to read (diffusers module names), comma separated"),
+    steps: str = typer.Option("50,200", help="noise steps, comma separated: one UNet pass each per image"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="head folder to write (default: head-<kind>); its name names the head in an engine"),
+    prompt: str = typer.Option("", help="conditioning of the feature passes (default: the empty prompt)"),
+    seed: int = typer.Option(0, help="seed of the fixed noise, the initialisation, the validation split and shuffling"),
+    epochs: int = typer.Option(100, help="at most; training stops early on a 10% validation split"),
+    overwrite: bool = typer.Option(False, help="replace an existing head folder"),
+):
+    """Train a one-pass head on UNet block features (extracted once, cached); then `export --head`."""
+    require_torch("train-head")
+    from diffscore.engine.demo import cache_root
+    from diffscore.reference.heads import FeatureSpec, TrainOptions, save_head, train_head_on_images
+
+    out_dir = out_dir or Path(f"head-{head}")
+    if out_dir.exists() and not overwrite:
+        raise EngineError(f"{out_dir} already exists; pass --overwrite to replace it")
+    if demo == (data is not None):
+        raise EngineError("give exactly one of --data FOLDER or --demo")
+    if demo:
+        from diffscore.engine.digits import CLASS_NAMES, load_digits_split
+
+        digits = load_digits_split()
+        images, labels, classes = list(digits.train_images), digits.train_labels, list(CLASS_NAMES)
+    else:
+        from diffscore.engine.images import image_folder
+
+        images, labels, classes = image_folder(data)
+    spec = FeatureSpec(blocks=split(blocks) or [], steps=parse_steps(steps), seed=seed, prompt=prompt)
+    trained, config = train_head_on_images(model, images, labels, classes, head, spec,
+                                           TrainOptions(epochs=epochs, seed=seed), cache_root() / "features", progress=True)
+    save_head(trained, config, out_dir)
+    t = config.training
+    val = f"validation accuracy {t['val_accuracy']:.2%} on {t['val_images']} images" if t["val_images"] else "no validation split"
+    out.print(f"[green]wrote[/] {out_dir}: {head} head on {', '.join(spec.blocks)} at steps {spec.steps}, "
+              f"{len(classes)} classes, {t['images']} training images, {val}, best epoch {t['best_epoch']} of {t['epochs']}")
+    out.print(f"next: diffscore export {model} ENGINE_DIR --head {out_dir}")
 
 
 @app.command("build-trt")

@@ -54,7 +54,7 @@ def load(engine_dir: str | Path, backend: str = "auto", device: int = 0, precisi
         name.split(".")[0]: make_runner(engine_dir, manifest, name, backend, device, 1 if workers > 1 else threads)
         for name in names
     }
-    return Engine(engine_dir, manifest, runners, backend, precision, workers)
+    return Engine(engine_dir, manifest, runners, backend, precision, workers, device, 1 if workers > 1 else threads)
 
 
 def resolve_backend(manifest: Manifest, backend: str, unet: str) -> str:
@@ -101,12 +101,13 @@ class _Pairs:
 
 
 class Engine:
-    """A loaded engine directory: `classify` (Diffusion Classifier) and `match` (DSD scores)."""
+    """A loaded engine directory: `classify` (Diffusion Classifier or a trained head) and `match` (DSD scores)."""
 
     def __init__(self, engine_dir: Path, manifest: Manifest, runners: dict[str, Runner], backend: str, precision: str,
-                 workers: int = 1):
+                 workers: int = 1, device: int = 0, threads: int | None = None):
         self.engine_dir, self.manifest, self.runners = engine_dir, manifest, runners
         self.backend, self.precision = backend, precision
+        self._device, self._threads = device, threads  # for head graphs, opened on first use
         self._pool = ThreadPoolExecutor(workers) if workers > 1 else None  # concurrent UNet runs (CPU)
         from tokenizers import Tokenizer
 
@@ -172,10 +173,23 @@ class Engine:
         return errors, scores
 
     # --- Diffusion Classifier -----------------------------------------------------------------
-    def classify(self, images, labels: list[str], *, template: str | None = None, templates: list[str] | None = None,
+    def classify(self, images, labels: list[str] | None = None, *, method: str = "dc", head: str | None = None,
+                 template: str | None = None, templates: list[str] | None = None,
                  stages: list[tuple[int, int]] | None = None, loss: str | None = None, seed: int = 0,
                  batch_size: int | None = None, progress: bool = False) -> list[Classification]:
-        """Zero-shot classification (DESIGN §3): one result per image, ranking best first."""
+        """One result per image, ranking best first.
+
+        method="dc": the zero-shot Diffusion Classifier (DESIGN §3) among `labels`; ranking = mean
+        denoising error, lower is better. method="head": a trained head (`head`: its name, needed when
+        the engine has several), one UNet pass per noise step; labels are the head's (if given, they
+        must be the same set); ranking = softmax probability, higher is better.
+        """
+        if method == "head":
+            return self._classify_head(images, labels, head, batch_size, progress)
+        if method != "dc":
+            raise EngineError(f"unknown method {method!r}; choose dc (Diffusion Classifier) or head (a trained head)")
+        if labels is None:
+            raise EngineError("the Diffusion Classifier needs labels: the class names to choose from")
         labels = check_labels(labels)
         templates = list(templates or [template or self.defaults.get("template", "{}")])
         stages = [tuple(s) for s in (stages or self.defaults["stages"])]
@@ -228,6 +242,80 @@ class Engine:
         eps_row = np.concatenate(eps_row)
         return _Pairs(np.concatenate(blocks), np.concatenate(xt_row), ts[eps_row].astype(np.float32),
                       np.concatenate(emb_row), eps_row)
+
+    # --- trained heads: one UNet pass per noise step -------------------------------------------
+    def head_logits(self, images, head: str | None = None, *, batch_size: int | None = None,
+                    progress: bool = False) -> np.ndarray:
+        """(N, classes) logits of a trained head, classes in `manifest.heads[head]["labels"]` order.
+
+        Each image is noised at the head's steps with its fixed ε (seeded, shared by all images), the UNet
+        runs once per step on the head's prompt (empty unless set), and the head graph reads the block
+        features: the UNet's (N·steps, C, h, w) outputs, viewed as (N, steps, C, h, w).
+        """
+        name = self.head_name(head)
+        spec = self.manifest.heads[name]
+        steps = np.asarray(spec["steps"], dtype=np.int64)
+        S = len(steps)
+        x0 = self.encode_images(images)
+        noise = shared_noise(spec["seed"], S, tuple(x0.shape[1:]))
+        emb = self.encode_text([spec["prompt"]])  # (1, L, D)
+        unet, runner = self.runners["unet"], self._head_runner(spec["graph"])
+        per_call = max(1, (batch_size or self.default_batch_size()) // S)  # images per UNet call
+        logits = np.empty((len(x0), len(spec["labels"])), dtype=np.float32)
+
+        def run(lo: int) -> int:
+            x = x0[lo : lo + per_call]
+            xt = np.concatenate([add_noise(xi, noise, self.alphas_cumprod, steps) for xi in x])  # (n·S, C, H, W)
+            out = unet.infer({"sample": xt, "timestep": np.tile(steps, len(x)).astype(np.float32),
+                              "encoder_hidden_states": np.repeat(emb, len(xt), axis=0)})
+            feed = {}
+            for block in spec["blocks"]:
+                f = out[f"features.{block}"]
+                feed[f"features.{block}"] = f.reshape(len(x), S, *f.shape[1:])
+            logits[lo : lo + len(x)] = runner.infer(feed)["logits"]
+            return len(x)
+
+        starts = range(0, len(x0), per_call)
+        with progress_bar(f"head {name}", len(x0), progress) as advance:
+            for n in self._pool.map(run, starts) if self._pool else map(run, starts):
+                advance(n)
+        return logits
+
+    def head_name(self, head: str | None = None) -> str:
+        heads = self.manifest.heads
+        if not heads:
+            raise EngineError(f"{self.engine_dir} has no trained head; train one with `diffscore train-head` and "
+                              "export it with `diffscore export MODEL OUT --head HEAD_DIR`")
+        if head is None:
+            if len(heads) > 1:
+                raise EngineError(f"{self.engine_dir} has several heads ({', '.join(heads)}); choose one (--head NAME)")
+            return next(iter(heads))
+        if head not in heads:
+            raise EngineError(f"{self.engine_dir} has no head {head!r}; it has {', '.join(heads)}")
+        return head
+
+    def _head_runner(self, graph: str) -> Runner:
+        """Head graphs are small and fp32: ONNX Runtime (CPU under the native TensorRT backend)."""
+        if graph not in self.runners:
+            backend = "ort-cpu" if self.backend == "tensorrt" else self.backend
+            self.runners[graph] = make_runner(self.engine_dir, self.manifest, graph, backend, self._device, self._threads)
+        return self.runners[graph]
+
+    def _classify_head(self, images, labels, head, batch_size, progress) -> list[Classification]:
+        name = self.head_name(head)
+        spec = self.manifest.heads[name]
+        classes = spec["labels"]
+        if labels is not None and set(check_labels(labels)) != set(classes):
+            raise EngineError(f"head {name} was trained on the labels {classes}, not {labels}; leave labels out to use its own")
+        logits = self.head_logits(images, name, batch_size=batch_size, progress=progress).astype(np.float64)
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        results = []
+        for row in p:
+            order = np.argsort(-row, kind="stable")
+            results.append(Classification(label=classes[order[0]], ranking=[(classes[c], float(row[c])) for c in order],
+                                          passes=len(spec["steps"])))
+        return results
 
     # --- DSD matching -------------------------------------------------------------------------
     def match(self, images, texts: list[str], *, steps: int | None = None, bias_weight: float = 0.0, seed: int = 0,

@@ -62,3 +62,26 @@ def preprocess_batch(images, size: int, channels: int) -> np.ndarray:
     if len(images) == 0:
         raise EngineError("no images given")
     return np.stack([preprocess(im, size, channels) for im in images])
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def image_folder(folder: str | Path) -> tuple[list[Path], list[int], list[str]]:
+    """(image paths, label indices, class names) of a folder with one subfolder per class (name = label)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EngineError(f"data folder {folder} does not exist")
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise EngineError(f"data folder {folder} has no class subfolders; put each class's images in {folder}/<label>/")
+    paths, labels = [], []
+    for i, name in enumerate(classes):
+        files = sorted(p for p in (folder / name).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise EngineError(f"class folder {folder / name} has no images ({' '.join(IMAGE_SUFFIXES)})")
+        paths += files
+        labels += [i] * len(files)
+    if len(classes) < 2:
+        raise EngineError(f"data folder {folder} has one class ({classes[0]}); a classifier needs at least two")
+    return paths, labels, classes

@@ -80,6 +80,7 @@ class Manifest:
     feature_blocks: list[str]  # diffusers module names whose outputs the UNet graph returns
     graphs: dict[str, GraphSpec]  # "text_encoder", "vae_encoder", "unet", "unet.fp16", ...
     plans: dict[str, PlanSpec] = field(default_factory=dict)
+    # trained heads: name -> {graph, kind, labels, blocks, steps, seed (of the fixed ε), prompt, weights, config}
     heads: dict = field(default_factory=dict)
     defaults: dict = field(default_factory=dict)  # scoring defaults: template, stages, loss, ...
     format_version: int = FORMAT_VERSION
@@ -153,6 +154,15 @@ def sha256_files(paths: list[Path], chunk: int = 1 << 20) -> str:
         with open(path, "rb") as f:
             while block := f.read(chunk):
                 digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_sha256(folder: Path) -> str:
+    """Content hash of a model folder: every file's relative path and bytes, in sorted order."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode())
+        digest.update(sha256_files([path]).encode())
     return digest.hexdigest()
 
 

@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 @dataclass
 class Classification:
     label: str  # the predicted class
-    ranking: list[tuple[str, float]]  # (class, mean denoising error of its best prompt), best first
-    passes: int  # UNet evaluations used for this image
+    # best first: (class, mean denoising error of its best prompt) for the Diffusion Classifier,
+    # (class, softmax probability) for a trained head
+    ranking: list[tuple[str, float]]
+    passes: int  # UNet evaluations used for this image (a head: one per noise step)
     evaluated: dict[str, int] = field(default_factory=dict)  # class -> timesteps its best prompt saw
 
     @property

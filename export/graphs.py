@@ -72,3 +72,16 @@ def graph_contracts(comp: Components, scoring_unet: ScoringUNet) -> dict:
         [TensorSpec(n, "float32", [BATCH, *o.shape[1:]]) for n, o in zip(scoring_unet.output_names, outputs)],
     )
     return graphs
+
+
+def head_contract(head: nn.Module, config) -> tuple:
+    """A trained head's graph: features.<block> (B, steps, C, h, w) per block -> logits (B, classes).
+
+    The inputs are named like the UNet's feature outputs, so the runtime reshapes (B·steps, ...) UNet
+    outputs to (B, steps, ...) and feeds them through unchanged.
+    """
+    S, B = len(config.features.steps), 2
+    inputs = [TensorSpec(f"features.{b}", "float32", [BATCH, S, *shape])
+              for b, shape in zip(config.features.blocks, config.shapes)]
+    sample = tuple(torch.randn(B, S, *shape) for shape in config.shapes)
+    return head.eval(), sample, inputs, [TensorSpec("logits", "float32", [BATCH, len(config.labels)])]

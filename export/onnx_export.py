@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -20,9 +21,10 @@ import onnx
 import torch
 
 from diffscore import __version__
-from diffscore.engine.manifest import EngineError, GraphSpec, Manifest, sha256_files
+from diffscore.engine.manifest import EngineError, GraphSpec, Manifest, folder_sha256, sha256_files  # noqa: F401
 from diffscore.engine.progress import progress_bar
-from diffscore.export.graphs import BATCH, graph_contracts
+from diffscore.export.graphs import BATCH, graph_contracts, head_contract
+from diffscore.reference.heads import CONFIG as HEAD_CONFIG, WEIGHTS as HEAD_WEIGHTS
 from diffscore.reference.loading import Components, load_components
 from diffscore.reference.scoring_unet import ScoringUNet
 
@@ -39,20 +41,31 @@ def export_engine(
     precisions: tuple[str, ...] = ("fp32",),
     attention_layers: list[str] | None = None,
     feature_blocks: list[str] = (),
+    heads: list[str | Path] = (),
     defaults: dict | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
 ) -> Path:
-    """Write an engine directory; nothing is left half-written if anything fails."""
+    """Write an engine directory; nothing is left half-written if anything fails.
+
+    heads: folders made by `diffscore train-head` on this model; each ships as its own graph
+    `head.<folder name>.onnx` (+ its weights and config) and the UNet graph returns the blocks it reads.
+    """
     out_dir = Path(out_dir)
     unknown = set(precisions) - {"fp32", "fp16"}
     if unknown:
         raise EngineError(f"unknown precision {sorted(unknown)}; choose from fp32, fp16 (int8: `diffscore calibrate`)")
     if out_dir.exists() and not overwrite:
         raise EngineError(f"{out_dir} already exists; pass --overwrite to replace it")
+    source_sha256 = folder_sha256(Path(model_dir))
+    trained = load_trained_heads(heads, source_sha256)
+    feature_blocks = list(dict.fromkeys([*feature_blocks, *(b for _, c, _ in trained.values() for b in c.features.blocks)]))
     comp = load_components(model_dir)
-    scoring_unet = ScoringUNet(comp.unet, attention_layers, list(feature_blocks)).eval()
+    scoring_unet = ScoringUNet(comp.unet, attention_layers, feature_blocks).eval()
     contracts = graph_contracts(comp, scoring_unet)
+    for name, (head, config, _) in trained.items():
+        contracts[f"head.{name}"] = head_contract(head, config)
+        check_head_inputs(name, contracts[f"head.{name}"][2], contracts["unet"][3])
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
@@ -68,11 +81,14 @@ def export_engine(
                 graphs["unet.fp16"] = convert_unet_fp16(tmp, graphs["unet"])
                 advance()
             write_tokenizer(comp, tmp / "tokenizer.json")
+            for name, (_, config, head_dir) in trained.items():  # weights + config: parity rebuilds the torch head
+                shutil.copyfile(head_dir / HEAD_WEIGHTS, tmp / f"head.{name}.safetensors")
+                shutil.copyfile(head_dir / HEAD_CONFIG, tmp / f"head.{name}.json")
             advance()
             manifest = Manifest(
                 diffscore_version=__version__,
                 source_path=str(Path(model_dir).resolve()),
-                source_sha256=folder_sha256(Path(model_dir)),
+                source_sha256=source_sha256,
                 image_size=comp.image_size,
                 image_channels=comp.image_channels,
                 latent_scaling=comp.latent_scaling,
@@ -84,6 +100,7 @@ def export_engine(
                 attention_layers=scoring_unet.attention_layers,
                 feature_blocks=scoring_unet.feature_blocks,
                 graphs=graphs,
+                heads={name: head_entry(name, config) for name, (_, config, _) in trained.items()},
                 defaults={**DEFAULT_SCORING, **(defaults or {})},
             )
             manifest.save(tmp)
@@ -101,6 +118,40 @@ def export_engine(
         raise
     log.info("exported %s -> %s (%s)", model_dir, out_dir, ", ".join(graphs))
     return out_dir
+
+
+def load_trained_heads(head_dirs, source_sha256: str) -> dict:
+    """{name: (module, HeadConfig, folder)}; a head is named after its folder and must fit this model."""
+    from diffscore.reference.heads import load_head
+
+    trained = {}
+    for head_dir in map(Path, head_dirs):
+        name = head_dir.name
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise EngineError(f"head folder name {name!r} is used as the head's name: use letters, digits, - and _")
+        if name in trained:
+            raise EngineError(f"two heads are named {name!r}; give their folders different names")
+        head, config = load_head(head_dir)
+        if config.source_sha256 and config.source_sha256 != source_sha256:
+            raise EngineError(f"head {head_dir} was trained on another model (sha256 {config.source_sha256[:12]}, "
+                              f"this one {source_sha256[:12]}); retrain it with `diffscore train-head`")
+        trained[name] = (head, config, head_dir)
+    return trained
+
+
+def check_head_inputs(name: str, head_inputs, unet_outputs) -> None:
+    unet = {t.name: t.shape[1:] for t in unet_outputs}
+    for t in head_inputs:
+        if unet.get(t.name) != t.shape[2:]:
+            raise EngineError(f"head {name} expects {t.name} of shape {t.shape[2:]}, the UNet gives {unet.get(t.name)}")
+
+
+def head_entry(name: str, config) -> dict:
+    """What the runtime needs to run a head, for manifest.heads."""
+    f = config.features
+    return {"graph": f"head.{name}", "kind": config.kind, "labels": list(config.labels), "blocks": list(f.blocks),
+            "steps": list(f.steps), "seed": f.seed, "prompt": f.prompt, "weights": f"head.{name}.safetensors",
+            "config": f"head.{name}.json"}
 
 
 def export_graph(module, sample, inputs, outputs, out_dir: Path, name: str) -> GraphSpec:
@@ -148,14 +199,3 @@ def write_tokenizer(comp: Components, path: Path) -> None:
     backend.enable_truncation(max_length=L)
     backend.enable_padding(length=L, pad_id=int(tok.pad_token_id), pad_token=str(tok.pad_token))
     backend.save(str(path))
-
-
-def folder_sha256(folder: Path) -> str:
-    """Content hash of a model folder: every file's relative path and bytes, in sorted order."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode())
-        digest.update(sha256_files([path]).encode())
-    return digest.hexdigest()

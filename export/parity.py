@@ -141,6 +141,67 @@ def tensor_parity(engine_dir: Path, manifest: Manifest, comp) -> list[Verdict]:
     return verdicts
 
 
+def torch_head(engine_dir: Path, manifest: Manifest, name: str):
+    """The torch head rebuilt from the weights and config the engine ships beside its graph."""
+    from diffscore.reference.heads import load_head
+
+    spec = manifest.heads[name]
+    return load_head(engine_dir, weights=spec["weights"], config=spec["config"])
+
+
+def precisions_of(manifest: Manifest) -> list[str]:
+    return [p for p in ("fp32", "fp16", "int8") if ("unet" if p == "fp32" else f"unet.{p}") in manifest.graphs]
+
+
+def head_parity(engine_dir: Path, manifest: Manifest, comp, seed: int = 0, batch: int = 6) -> list[Verdict]:
+    """Per head: its graph alone on random features, and the whole head path (images -> logits) per
+    backend and UNet precision against torch (features through torch, then the torch head)."""
+    rng = np.random.default_rng(seed)
+    images = real_images(manifest, batch, rng)
+    verdicts = []
+    for name, spec in manifest.heads.items():
+        head, config = torch_head(engine_dir, manifest, name)
+        graph = manifest.graphs[spec["graph"]]
+        feed = {t.name: rng.standard_normal([batch if d == "batch" else d for d in t.shape], dtype=np.float32)
+                for t in graph.inputs}
+        with torch.no_grad():
+            want = head(*(torch.from_numpy(v) for v in feed.values())).numpy()
+        from diffscore.reference.heads import head_logits_reference
+
+        want_real = head_logits_reference(comp, head, config, images).numpy()
+        for backend in available_backends(manifest):
+            if backend != "tensorrt":  # heads run on ONNX Runtime; under native TensorRT, on its CPU provider
+                got = make_runner(engine_dir, manifest, spec["graph"], backend, 0, None).infer(feed)["logits"]
+                verdicts.append(compare(f"{backend} fp32 {spec['graph']}:logits (random)", got, want, RTOL["fp32"]))
+            for precision in precisions_of(manifest):
+                try:
+                    eng = load(engine_dir, backend=backend, precision=precision)
+                except EngineError as e:
+                    log.warning("skip head %s on %s %s: %s", name, backend, precision, e)
+                    continue
+                verdicts.append(compare(f"{backend} {precision} unet+{spec['graph']}:logits (real)",
+                                        eng.head_logits(images, name), want_real, RTOL.get(precision)))
+    return verdicts
+
+
+def head_decision_parity(engine_dir: Path, manifest: Manifest, comp, n_images: int) -> list[tuple[str, float, bool]]:
+    """Top-1 agreement of each head on each backend/precision with the torch head, on held-out demo digits."""
+    from diffscore.engine.digits import load_digits_split
+    from diffscore.reference.heads import head_logits_reference
+
+    images = list(load_digits_split().test_images[:n_images])
+    rows = []
+    for name in manifest.heads:
+        head, config = torch_head(engine_dir, manifest, name)
+        want = head_logits_reference(comp, head, config, images).numpy().argmax(1)
+        for backend in available_backends(manifest):
+            for precision in precisions_of(manifest):
+                got = load(engine_dir, backend=backend, precision=precision).head_logits(images, name).argmax(1)
+                agree = float(np.mean(got == want))
+                rows.append((f"{backend} {precision} head {name}", agree, agree >= 1 - MAX_FLIPS))
+    return rows
+
+
 def decision_parity(engine_dir: Path, manifest: Manifest, comp, n_images: int, seed: int = 0) -> list[tuple[str, float, bool]]:
     """Top-1 agreement of each backend/precision with the fp32 torch reference on held-out demo digits."""
     from diffscore.engine.digits import CLASS_NAMES, load_digits_split
@@ -168,12 +229,13 @@ def run_parity(engine_dir: str | Path, model_dir: str | Path | None = None, n_im
     engine_dir = Path(engine_dir)
     manifest = Manifest.load(engine_dir)
     comp = load_components(model_dir or manifest.source_path)
-    verdicts = tensor_parity(engine_dir, manifest, comp)
+    verdicts = tensor_parity(engine_dir, manifest, comp) + head_parity(engine_dir, manifest, comp)
     for v in verdicts:
         echo(str(v))
     decisions = []
     if manifest.image_channels == 1 and manifest.image_size == 8 and n_images > 0:  # the demo digits
         decisions = decision_parity(engine_dir, manifest, comp, n_images)
+        decisions += head_decision_parity(engine_dir, manifest, comp, n_images)
         for name, agree, ok in decisions:
             echo(f"{'PASSED' if ok else 'FAILED'} | {name} decisions | top-1 agreement with torch fp32 = "
                  f"{agree:.2%} on {n_images} held-out digits (≥ {1 - MAX_FLIPS:.0%})")

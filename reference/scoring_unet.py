@@ -96,8 +96,13 @@ class ScoringUNet(nn.Module):
         self._features: dict[str, torch.Tensor] = {}
         for name in self.attention_layers:
             modules[name].set_processor(ScoreCapturingProcessor(self._scores, name))
-        for name in self.feature_blocks:
-            modules[name].register_forward_hook(self._feature_hook(name))
+        self._hooks = [modules[name].register_forward_hook(self._feature_hook(name)) for name in self.feature_blocks]
+
+    def remove_hooks(self) -> None:
+        """Detach the feature taps from the UNet (it may be wrapped again with other blocks)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     def _feature_hook(self, name):
         def hook(module, args, output):
