@@ -291,7 +291,7 @@ class TrainOptions:
     epochs: int = 100  # at most; early stopping on the validation loss usually ends sooner
     patience: int = 10  # epochs without a lower validation loss before stopping
     batch_size: int = 64
-    lr: float = 1e-3  # AdamW
+    lr: float | None = None  # AdamW; None: 1e-2 for the linear probe, 1e-3 for the transformer heads
     weight_decay: float = 0.05
     val_fraction: float = 0.1  # stratified and seeded; 0 trains every epoch, no early stopping
     seed: int = 0  # head initialisation, split and shuffling
@@ -323,7 +323,8 @@ def train_head(features: dict[str, torch.Tensor], labels, config: HeadConfig, op
     head = config.build()
     if isinstance(head, LinearProbe):
         head.fit_inputs(*(x[tr] for x in inputs))
-    opt = torch.optim.AdamW(head.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+    lr = options.lr or (1e-2 if config.kind == "linear" else 1e-3)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=options.weight_decay)
     gen = torch.Generator().manual_seed(options.seed)
     best = (math.inf, 0, None, float("nan"))  # (val loss, epoch, state, val accuracy)
     epoch = 0
@@ -352,7 +353,7 @@ def train_head(features: dict[str, torch.Tensor], labels, config: HeadConfig, op
     head.eval()
     config.training = {"images": len(tr), "val_images": len(va), "epochs": epoch, "best_epoch": best[1] or epoch,
                        "val_loss": best[0] if len(va) else None, "val_accuracy": best[3] if len(va) else None,
-                       **{k: v for k, v in asdict(options).items() if k != "epochs"}, "max_epochs": options.epochs}
+                       **{k: v for k, v in asdict(options).items() if k != "epochs"}, "lr": lr, "max_epochs": options.epochs}
     log.info("trained %s head: %s", config.kind, config.training)
     return head
 
