@@ -1,0 +1,168 @@
+"""Trained heads on the shipped demo model, end to end: export records them, the engine's head path
+equals torch (tensors and decisions, fp32 and fp16), Engine.classify(method="head") and the CLI
+(`train-head`, `classify --method head`) work, and user mistakes are one line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import diffscore
+from diffscore.engine.digits import CLASS_NAMES, load_digits_split
+from diffscore.engine.manifest import EngineError, Manifest
+from diffscore.export.onnx_export import export_engine
+from diffscore.export.parity import head_decision_parity, head_parity
+from diffscore.reference.heads import FeatureSpec, TrainOptions, head_logits_reference, load_head, save_head, train_head_on_images
+from diffscore.reference.loading import load_components
+
+N_TRAIN, N_TEST = 300, 60  # a slice of the demo's training split; the first held-out digits
+SPEC = FeatureSpec(["mid_block", "up_blocks.1"], [50, 200])
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_split()
+
+
+@pytest.fixture(scope="module")
+def heads(demo_model, digits, tmp_path_factory):
+    root = tmp_path_factory.mktemp("heads")
+    images, labels = list(digits.train_images[:N_TRAIN]), digits.train_labels[:N_TRAIN]
+    for name, kind, epochs in (("probe", "linear", 30), ("fusion", "difformer", 2)):
+        head, config = train_head_on_images(demo_model, images, labels, list(CLASS_NAMES), kind, SPEC,
+                                            TrainOptions(epochs=epochs), cache_dir=root / "cache", dim=16, heads=2)
+        save_head(head, config, root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def engine_dir(demo_model, heads, tmp_path_factory):
+    return export_engine(demo_model, tmp_path_factory.mktemp("eng") / "engine", precisions=("fp32", "fp16"),
+                         heads=[heads / "probe", heads / "fusion"], show_progress=False)
+
+
+def test_features_are_cached(heads):
+    assert len(list((heads / "cache").glob("*.safetensors"))) == 1  # extracted once for both heads
+
+
+def test_export_records_heads(engine_dir):
+    m = Manifest.load(engine_dir)
+    assert set(m.heads) == {"probe", "fusion"}
+    probe = m.heads["probe"]
+    assert probe["labels"] == list(CLASS_NAMES) and probe["steps"] == [50, 200] and probe["kind"] == "linear"
+    assert m.feature_blocks == ["mid_block", "up_blocks.1"]
+    graph = m.graphs["head.probe"]
+    assert [t.name for t in graph.inputs] == ["features.mid_block", "features.up_blocks.1"]
+    assert graph.inputs[0].shape == ["batch", 2, 64, 4, 4] and graph.outputs[0].shape == ["batch", 10]
+    assert {t.name for t in m.graphs["unet"].outputs} >= {"features.mid_block", "features.up_blocks.1"}
+    assert (engine_dir / "head.probe.safetensors").is_file() and m.verify(engine_dir) == []
+
+
+def test_head_parity_fp32_and_fp16(engine_dir, demo_model):
+    m = Manifest.load(engine_dir)
+    comp = load_components(demo_model)
+    verdicts = head_parity(engine_dir, m, comp)
+    assert verdicts and all(v.passed for v in verdicts), [str(v) for v in verdicts if not v.passed]
+    assert len(verdicts) == 2 * 3  # per head: graph alone (fp32), end to end fp32 and fp16
+    decisions = head_decision_parity(engine_dir, m, comp, N_TEST)
+    assert [agree for _, agree, _ in decisions] == [1.0] * 4, decisions
+
+
+def test_classify_with_a_head(engine_dir, demo_model, digits, heads):
+    eng = diffscore.load(engine_dir, backend="ort-cpu")
+    images, truth = list(digits.test_images[:N_TEST]), digits.test_labels[:N_TEST]
+    got = eng.classify(images, method="head", head="probe")
+    head, config = load_head(heads / "probe")
+    want = head_logits_reference(load_components(demo_model), head, config, images).numpy()
+    assert [r.label for r in got] == [CLASS_NAMES[i] for i in want.argmax(1)]
+    assert all(r.passes == 2 and len(r.ranking) == 10 for r in got)
+    assert all(abs(sum(p for _, p in r.ranking) - 1) < 1e-6 and r.ranking[0][1] >= r.ranking[1][1] for r in got)
+    assert np.mean([CLASS_NAMES.index(r.label) == t for r, t in zip(got, truth)]) >= 0.9
+    same = eng.classify(images[:3], list(reversed(CLASS_NAMES)), method="head", head="probe")  # same set: fine
+    assert [r.label for r in same] == [r.label for r in got[:3]]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(method="head"), "several heads"),
+    (dict(method="head", head="nope"), "no head 'nope'"),
+    (dict(method="head", head="probe", labels=["cat", "dog"]), "was trained on the labels"),
+    (dict(method="knn"), "unknown method"),
+    (dict(), "needs labels"),
+])
+def test_head_mistakes(engine_dir, digits, kwargs, message):
+    eng = diffscore.load(engine_dir, backend="ort-cpu")
+    with pytest.raises(EngineError, match=message):
+        eng.classify(list(digits.test_images[:1]), **kwargs)
+
+
+def test_engine_without_heads_says_how_to_make_one(demo_model, tmp_path, digits):
+    eng = diffscore.load(export_engine(demo_model, tmp_path / "plain", show_progress=False), backend="ort-cpu")
+    with pytest.raises(EngineError, match="train-head"):
+        eng.classify(list(digits.test_images[:1]), method="head")
+
+
+def test_export_refuses_a_head_of_another_model(demo_model, heads, tmp_path):
+    import shutil
+
+    other = shutil.copytree(heads / "probe", tmp_path / "other")
+    raw = json.loads((other / "head.json").read_text())
+    (other / "head.json").write_text(json.dumps({**raw, "source_sha256": "0" * 64}))
+    with pytest.raises(EngineError, match="trained on another model"):
+        export_engine(demo_model, tmp_path / "e", heads=[other], show_progress=False)
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "diffscore.engine.cli", *map(str, args)], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def digit_folder(tmp_path_factory, digits):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("folder")
+    for i, (img, label) in enumerate(zip(digits.train_images[:40], digits.train_labels[:40])):
+        (root / CLASS_NAMES[label]).mkdir(exist_ok=True)
+        Image.fromarray(img).save(root / CLASS_NAMES[label] / f"{i}.png")
+    return root
+
+
+def test_cli_train_head_and_classify(demo_model, digit_folder, engine_dir, tmp_path):
+    proc = run_cli("train-head", demo_model, "--data", digit_folder, "--head", "linear", "--blocks", "mid_block",
+                   "--steps", "100", "--epochs", "3", "--out", tmp_path / "h", env={"DIFFSCORE_CACHE": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((tmp_path / "h" / "head.json").read_text())
+    assert config["labels"] == sorted(CLASS_NAMES) and config["features"]["steps"] == [100]
+    assert (tmp_path / "h" / "head.safetensors").is_file() and list((tmp_path / "features").glob("*.safetensors"))
+    files = sorted(digit_folder.rglob("*.png"))[:2]
+    proc = run_cli("classify", engine_dir, *files, "--method", "head", "--head", "probe", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert [r["passes"] for r in rows] == [2, 2] and all(r["label"] in CLASS_NAMES and "probability" in r for r in rows)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "{empty}"], "no class subfolders"),
+    (["--data", "{folder}", "--blocks", "middle"], "unknown block 'middle'"),
+    (["--data", "{folder}", "--steps", "fifty"], "not like '50,200'"),
+    (["--data", "{folder}", "--steps", "5000"], "outside [0, 1000)"),
+    (["--data", "{folder}", "--head", "knn"], "unknown head 'knn'"),
+    (["--data", "{folder}", "--head", "attention", "--blocks", "mid_block,up_blocks.1", "--steps", "50"], "one block at one step"),
+    ([], "exactly one of --data FOLDER or --demo"),
+])
+def test_cli_train_head_mistakes_are_one_line(demo_model, digit_folder, tmp_path, monkeypatch, capsys, args, message):
+    from diffscore.engine.cli import main  # in-process: these fail before any real work, imports dominate
+
+    (tmp_path / "empty").mkdir()
+    argv = ["train-head", demo_model, *[a.format(empty=tmp_path / "empty", folder=digit_folder) for a in args],
+            "--out", tmp_path / "h"]
+    monkeypatch.setenv("DIFFSCORE_CACHE", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["diffscore", *map(str, argv)])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    stderr = capsys.readouterr().err
+    assert exit_.value.code == 1 and "Traceback" not in stderr
+    assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr
