@@ -199,7 +199,7 @@ def train_head_command(
     data: Optional[Path] = typer.Option(None, "--data", help="image folder with one subfolder per class (folder name = label)"),
     demo: bool = typer.Option(False, "--demo", help="the demo digits' training split (1,347 images) instead of --data"),
     head: str = typer.Option("difformer", "--head", help="linear | attention | difformer"),
-    blocks: str = typer.Option("mid_block,up_blocks.0", help="UNet blocks to read (diffusers module names), comma separated"),
+    blocks: str = typer.Option("down_blocks.1,mid_block", help="UNet blocks to read (diffusers module names), comma separated"),
     steps: str = typer.Option("50,200", help="noise steps, comma separated: one UNet pass each per image"),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="head folder to write (default: head-<kind>); its name names the head in an engine"),
     prompt: str = typer.Option("", help="conditioning of the feature passes (default: the empty prompt)"),
