@@ -42,8 +42,12 @@ def export_engine(
     defaults: dict | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
+    adapters: str | Path | None = None,
 ) -> Path:
-    """Write an engine directory; nothing is left half-written if anything fails."""
+    """Write an engine directory; nothing is left half-written if anything fails.
+
+    ``adapters``: a `diffscore train-prompts` run directory whose LoRA is merged into the UNet weights
+    right after loading, so the exported graph is a plain UNet and the runtime needs no change."""
     out_dir = Path(out_dir)
     unknown = set(precisions) - {"fp32", "fp16"}
     if unknown:
@@ -51,6 +55,14 @@ def export_engine(
     if out_dir.exists() and not overwrite:
         raise EngineError(f"{out_dir} already exists; pass --overwrite to replace it")
     comp = load_components(model_dir)
+    heads = {}
+    if adapters is not None:
+        from diffscore.reference.prompt_learning import apply_adapters
+
+        run = apply_adapters(comp, adapters)
+        heads["prompt_learning"] = {"adapters": str(Path(adapters).resolve()), "lora_rank": run["lora"]["rank"],
+                                    "merged": True, **{k: run[k] for k in ("adapter_sha256", "config") if k in run}}
+        attention_layers = attention_layers or run["config"]["attention_layers"]  # the layers it was trained on
     scoring_unet = ScoringUNet(comp.unet, attention_layers, list(feature_blocks)).eval()
     contracts = graph_contracts(comp, scoring_unet)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -85,6 +97,7 @@ def export_engine(
                 feature_blocks=scoring_unet.feature_blocks,
                 graphs=graphs,
                 defaults={**DEFAULT_SCORING, **(defaults or {})},
+                heads=heads,
             )
             manifest.save(tmp)
             tmp.chmod(0o755)  # mkdtemp makes it private; an engine directory is shared like any folder
