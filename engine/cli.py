@@ -143,7 +143,8 @@ def info(engine: Path = typer.Argument(..., help="engine directory"),
     rows += [{"graph": k, "file": p.file, "precision": p.precision, "MB": p.size / 1e6} for k, p in m.plans.items()]
     emit(rows, "table")
     out.print(f"attention layers: {', '.join(m.attention_layers) or '-'}")
-    out.print(f"feature blocks: {', '.join(m.feature_blocks) or '-'}; heads: {', '.join(m.heads) or '-'}")
+    out.print(f"feature blocks: {', '.join(m.feature_blocks) or '-'}; heads: {', '.join(m.heads) or '-'}; "
+              f"merged adapters: {', '.join(m.adapters) or '-'}")
     out.print(f"defaults: {json.dumps(m.defaults)}")
     if verify:
         bad = m.verify(engine)

@@ -81,6 +81,8 @@ class Manifest:
     graphs: dict[str, GraphSpec]  # "text_encoder", "vae_encoder", "unet", "unet.fp16", ...
     plans: dict[str, PlanSpec] = field(default_factory=dict)
     heads: dict = field(default_factory=dict)
+    # LoRA runs merged into the UNet weights at export: name -> {adapters (run dir), adapter_sha256, lora_rank, config}
+    adapters: dict = field(default_factory=dict)
     defaults: dict = field(default_factory=dict)  # scoring defaults: template, stages, loss, ...
     format_version: int = FORMAT_VERSION
 

@@ -55,12 +55,12 @@ def export_engine(
     if out_dir.exists() and not overwrite:
         raise EngineError(f"{out_dir} already exists; pass --overwrite to replace it")
     comp = load_components(model_dir)
-    heads = {}
+    merged = {}
     if adapters is not None:
         from diffscore.reference.prompt_learning import apply_adapters
 
         run = apply_adapters(comp, adapters)
-        heads["prompt_learning"] = {"adapters": str(Path(adapters).resolve()), "lora_rank": run["lora"]["rank"],
+        merged["prompt_learning"] = {"adapters": str(Path(adapters).resolve()), "lora_rank": run["lora"]["rank"],
                                     "merged": True, **{k: run[k] for k in ("adapter_sha256", "config") if k in run}}
         attention_layers = attention_layers or run["config"]["attention_layers"]  # the layers it was trained on
     scoring_unet = ScoringUNet(comp.unet, attention_layers, list(feature_blocks)).eval()
@@ -97,7 +97,7 @@ def export_engine(
                 feature_blocks=scoring_unet.feature_blocks,
                 graphs=graphs,
                 defaults={**DEFAULT_SCORING, **(defaults or {})},
-                heads=heads,
+                adapters=merged,
             )
             manifest.save(tmp)
             tmp.chmod(0o755)  # mkdtemp makes it private; an engine directory is shared like any folder

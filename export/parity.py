@@ -166,7 +166,7 @@ def decision_parity(engine_dir: Path, manifest: Manifest, comp, n_images: int, s
 def reference_components(manifest: Manifest, model_dir: str | Path | None = None):
     """The torch model the engine was exported from, with any trained prompt-learning LoRA merged the same way."""
     comp = load_components(model_dir or manifest.source_path)
-    trained = manifest.heads.get("prompt_learning")
+    trained = manifest.adapters.get("prompt_learning")
     if trained:
         from diffscore.reference.prompt_learning import apply_adapters
 

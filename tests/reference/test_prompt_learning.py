@@ -131,7 +131,7 @@ def test_export_with_adapters_matches_reference(monkeypatch, tiny_models, traine
                                       "--adapters", str(trained_run)])
     cli.main()
     eng = diffscore.load(tmp_path / "eng", backend="ort-cpu")
-    head = eng.manifest.heads["prompt_learning"]
+    head = eng.manifest.adapters["prompt_learning"]
     assert head["lora_rank"] == 4 and head["merged"] and head["adapters"] == str(trained_run.resolve())
     images = random_pairs(seed=5).images[:3]
     got = eng.match(images, CAPTIONS, steps=3, seed=2)
@@ -182,6 +182,6 @@ def test_parity_suite_compares_with_the_adapted_reference(tiny_models, trained_r
     lines = []
     assert run_parity(engine_dir, n_images=0, echo=lines.append), lines
     manifest = Manifest.load(engine_dir)
-    manifest.heads.pop("prompt_learning")  # forget the adapter: the plain reference no longer matches
+    manifest.adapters.pop("prompt_learning")  # forget the adapter: the plain reference no longer matches
     manifest.save(engine_dir)
     assert not run_parity(engine_dir, n_images=0, echo=lambda line: None)
