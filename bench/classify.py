@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, machine_line, update_readme, write_result  # noqa: E402
+from common import machine, machine_line, publish  # noqa: E402
 
 import diffscore  # noqa: E402
 from diffscore.engine.demo import DEMO_LOSS, DEMO_MODEL, DEMO_STAGES, demo_engine_dir  # noqa: E402
@@ -71,7 +71,6 @@ def main() -> None:
         "top1_agreement": float(np.mean([a.label == b.label for a, b in zip(got, ref)])),
         "rows": rows,
     }
-    path = write_result("classify", result)
     table = ["| path | images/s | accuracy | passes/image |", "|---|---:|---:|---:|"]
     for name, row in rows.items():
         table.append(f"| {name} | {row['images_per_s']:.2f} | {row['accuracy']:.2%} | {result['passes_per_image']:.0f} |")
@@ -80,10 +79,7 @@ def main() -> None:
                  f"stages {DEMO_STAGES}, paths interleaved every {CHUNK} images, top-1 agreement "
                  f"{result['top1_agreement']:.2%}, load average {result['load_average_1min_at_end']:.1f} at the end); "
                  f"measured on {machine_line(machine())} by `bench/classify.py`.")
-    print("\n".join(table))
-    print(f"wrote {path}")
-    if args.update_readme:
-        update_readme("classify", "\n".join(table))
+    publish("classify", result, table, args.update_readme)
 
 
 if __name__ == "__main__":

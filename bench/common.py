@@ -13,16 +13,24 @@ RESULTS = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+# The instruction sets that decide fp32/fp16/int8 kernel speed (VNNI and AMX are what make INT8 pay on CPU).
+SIMD_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+
+
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
+    cpu, flags = platform.processor() or platform.machine(), set()
     try:
-        cpu = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text()).group(1).strip()
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        cpu = re.search(r"model name\s*:\s*(.+)", cpuinfo).group(1).strip()
+        flags = set(re.search(r"flags\s*:\s*(.+)", cpuinfo).group(1).split())
     except (OSError, AttributeError):
         pass
     import numpy
     import onnxruntime
 
-    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+    info = {"cpu": cpu, "cores": os.cpu_count(), "simd": [f for f in SIMD_FLAGS if f in flags],
+            "load_average_1min": round(os.getloadavg()[0], 2),  # above `cores`: other jobs shared the machine
+            "python": platform.python_version(),
             "numpy": numpy.__version__, "onnxruntime": onnxruntime.__version__}
     try:
         import torch
@@ -54,4 +62,16 @@ def update_readme(section: str, markdown: str) -> None:
 
 
 def machine_line(info: dict) -> str:
-    return f"{info['cpu']}, {info['cores']} cores, onnxruntime {info['onnxruntime']}, torch {info.get('torch', '-')}"
+    simd = "/".join(info.get("simd", [])) or "-"
+    return (f"{info['cpu']} ({simd}), {info['cores']} cores, load average {info.get('load_average_1min', '?')}, "
+            f"onnxruntime {info['onnxruntime']}, torch {info.get('torch', '-')}")
+
+
+def publish(name: str, result: dict, table: list[str], readme: bool) -> Path:
+    """Write bench/results/<name>.json, print the markdown table and, if asked, put it in README."""
+    path = write_result(name, result)
+    print("\n".join(table))
+    print(f"wrote {path}")
+    if readme:
+        update_readme(name, "\n".join(table))
+    return path

@@ -27,7 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch threads sleep, not 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, machine_line, update_readme, write_result  # noqa: E402
+from common import machine, machine_line, publish  # noqa: E402
 
 import diffscore  # noqa: E402
 from diffscore.engine.demo import DEMO_LOSS, DEMO_MODEL, DEMO_STAGES, cache_root  # noqa: E402
@@ -233,12 +233,7 @@ def main() -> None:
                              "int8 / TensorRT variants) stays shared with the DC and DSD paths instead of being copied per head"},
         "load_average_1min": {"start": load_start, "timed_start": load_timed, "end": load_end},
     }
-    path = write_result("heads", result)
-    markdown = readme_block(result, machine())
-    print(markdown)
-    print(f"wrote {path}")
-    if args.update_readme:
-        update_readme("heads", markdown)
+    publish("heads", result, readme_block(result, machine()).splitlines(), args.update_readme)
 
 
 def readme_block(r: dict, info: dict) -> str:

@@ -164,7 +164,7 @@ def info(engine: Path = typer.Argument(..., help="engine directory"),
     rows += [{"graph": k, "file": p.file, "precision": p.precision, "MB": p.size / 1e6} for k, p in m.plans.items()]
     emit(rows, "table")
     out.print(f"attention layers: {', '.join(m.attention_layers) or '-'}")
-    out.print(f"feature blocks: {', '.join(m.feature_blocks) or '-'}")
+    out.print(f"feature blocks: {', '.join(m.feature_blocks) or '-'}; merged adapters: {', '.join(m.adapters) or '-'}")
     for name, h in m.heads.items():
         out.print(f"head {name}: {h['kind']} on {', '.join(h['blocks'])} at steps {h['steps']}, "
                   f"{len(h['labels'])} labels ({', '.join(h['labels'][:5])}{', …' if len(h['labels']) > 5 else ''})")
@@ -185,6 +185,7 @@ def export(
     feature_blocks: Optional[str] = typer.Option(None, help="UNet blocks whose outputs the graph returns, e.g. mid_block,up_blocks.1"),
     head: List[Path] = typer.Option([], "--head", help="a head folder from `diffscore train-head` to ship (repeat)"),
     overwrite: bool = typer.Option(False, help="replace an existing engine directory"),
+    adapters: Optional[Path] = typer.Option(None, help="a `diffscore train-prompts` run directory: its LoRA is merged into the UNet"),
 ):
     """Export a diffusers model to an engine directory (ONNX graphs + manifest), atomically."""
     require_torch("export")
@@ -192,7 +193,7 @@ def export(
 
     precisions = tuple(dict.fromkeys(["fp32", *precision]))
     path = export_engine(model, out_dir, precisions=precisions, attention_layers=split(attention_layers),
-                         feature_blocks=split(feature_blocks) or [], heads=head, overwrite=overwrite)
+                         feature_blocks=split(feature_blocks) or [], heads=head, overwrite=overwrite, adapters=adapters)
     out.print(f"[green]wrote[/] {path}")
 
 
@@ -290,6 +291,74 @@ def demo(
          "images/s": float("nan")},
     ]
     emit(rows, "table", f"held-out digits: {res['images']} images, wall {res['seconds']:.1f} s")
+
+
+@app.command()
+def calibrate(
+    engine: Path = typer.Argument(..., help="engine directory made by `diffscore export`"),
+    images: Optional[Path] = typer.Option(None, help="folder of images like the ones you will score"),
+    demo: bool = typer.Option(False, "--demo", help="calibrate on the demo's training digits (never the held-out ones)"),
+    labels: Optional[str] = typer.Option(None, help="class names / texts the engine will score, comma separated"),
+    labels_file: Optional[Path] = typer.Option(None, help="class names, one per line"),
+    samples: int = typer.Option(256, help="UNet inputs in the calibration set"),
+    method: str = typer.Option("minmax", help="activation ranges: minmax | entropy | percentile"),
+    seed: int = typer.Option(0, help="seed of the image split, the sampling and the shared noise"),
+    report: bool = typer.Option(False, "--report", help="per-layer sensitivity: score error and flipped decisions"),
+    auto: bool = typer.Option(False, "--auto", help="keep the most sensitive layers in float until the decision gate holds"),
+    validation: int = typer.Option(100, help="images held out of calibration for the decision gate (0: no gate)"),
+    keep_float: Optional[str] = typer.Option(None, help="layers to keep in float, name substrings comma separated "
+                                             "(default: time_embedding,conv_in,conv_out,conv_shortcut; 'none')"),
+):
+    """INT8 UNet: calibrate on real scoring inputs, quantize (Q/DQ), gate on decisions, record in the engine."""
+    from diffscore.calibration.pipeline import calibrate as run_calibration
+
+    label_list = read_labels(labels, labels_file) if labels is not None or labels_file is not None else None
+    patterns = None if keep_float is None else [p.strip() for p in keep_float.split(",") if p.strip() and p.strip() != "none"]
+    res = run_calibration(engine, images=images, demo=demo, labels=label_list, samples=samples, method=method, seed=seed,
+                          report=report, auto=auto, validation=validation, keep_float=patterns, progress=True)
+    if res.sensitivity:
+        table = Table(title="INT8 sensitivity: each layer quantized alone, most sensitive first")
+        table.add_column("layer", overflow="fold")
+        for name in ("score error / margin", "flipped", "kept float"):
+            table.add_column(name, justify="right")
+        for r in res.sensitivity:
+            table.add_row(r.layer, f"{r.score_error:.4f}", f"{r.flips:.0%}", "yes" if r.layer in res.float_layers else "")
+        if res.total is not None:
+            table.add_row("[bold]the INT8 UNet written[/]", f"{res.total.score_error:.4f}", f"{res.total.flips:.0%}", "")
+        out.print(table)
+    for kept, gate in res.auto_steps[1:]:
+        out.print(f"auto: {kept} layers float -> {gate}")
+    if res.gate is not None:
+        out.print(str(res.gate))
+    out.print(f"float layers ({len(res.float_layers)}): {', '.join(res.float_layers) or '-'}")
+    out.print(f"[green]wrote[/] {res.graph.file} ({len(res.quantized)} int8 layers, {res.record['method']}, "
+              f"{res.record['samples']} samples) and {res.record['file']} in {engine}")
+
+
+@app.command("train-prompts")
+def train_prompts(
+    model: Path = typer.Argument(..., help="local diffusers model folder"),
+    data: str = typer.Option(..., "--data", help='JSONL of {"image": path, "caption": str} lines, or `demo` (the demo digits\' training split)'),
+    shots: int = typer.Option(..., "--shots", "-k", help="training pairs per class (a class = a distinct caption)"),
+    out_dir: Path = typer.Option(..., "--out", help="run directory: adapter.safetensors + training_log.json"),
+    steps: int = typer.Option(200, help="optimiser steps, one random timestep each"),
+    lr: float = typer.Option(1e-4, help="AdamW learning rate (DESIGN's 1e-4; on the demo 3e-3 learns in ~300 steps)"),
+    batch_size: int = typer.Option(16, help="images per step"),
+    seed: int = typer.Option(0, help="seed of the shots, timesteps, noise and LoRA init"),
+    overwrite: bool = typer.Option(False, help="replace an existing run directory's adapter"),
+):
+    """Few-shot prompt learning for DSD matching: a rank-4 LoRA on the attention projections (export with --adapters)."""
+    require_torch("train-prompts")
+    from diffscore.reference.prompt_learning import PromptLearningConfig, demo_pairs, read_pairs
+    from diffscore.reference.prompt_learning import train_prompts as run_training
+
+    if shots < 1:
+        raise EngineError(f"--shots must be ≥ 1, got {shots}")
+    pairs = demo_pairs() if data == "demo" else read_pairs(Path(data))
+    cfg = PromptLearningConfig(shots=shots, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+    run = run_training(model, pairs, out_dir, cfg, overwrite=overwrite)
+    out.print(f"[green]wrote[/] {out_dir} ({run['pairs']} pairs, {len(run['captions'])} captions, {steps} steps, "
+              f"loss {run['loss'][0]:.4f} -> {run['final_loss_mean20']:.4f} (mean of last 20), {run['wall_time_s']:.0f} s)")
 
 
 def main() -> None:

@@ -12,11 +12,16 @@ _console = Console(stderr=True)
 
 @contextmanager
 def progress_bar(description: str, total: int | None, enabled: bool = True):
-    """Yields ``advance(n=1)``; a no-op bar when disabled (library calls, tests)."""
+    """Yields ``advance(n=1, note=None)``; `note` (e.g. the running loss) follows the description.
+    A no-op bar when disabled (library calls, tests)."""
     if not enabled:
-        yield lambda n=1: None
+        yield lambda n=1, note=None: None
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=_console, transient=False) as bar:
         task = bar.add_task(description, total=total)
-        yield lambda n=1: bar.advance(task, n)
+
+        def advance(n=1, note=None):
+            bar.update(task, advance=n, **({"description": f"{description} {note}"} if note else {}))
+
+        yield advance

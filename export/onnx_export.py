@@ -45,11 +45,14 @@ def export_engine(
     defaults: dict | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
+    adapters: str | Path | None = None,
 ) -> Path:
     """Write an engine directory; nothing is left half-written if anything fails.
 
     heads: folders made by `diffscore train-head` on this model; each ships as its own graph
     `head.<folder name>.onnx` (+ its weights and config) and the UNet graph returns the blocks it reads.
+    ``adapters``: a `diffscore train-prompts` run directory whose LoRA is merged into the UNet weights
+    right after loading, so the exported graph is a plain UNet and the runtime needs no change.
     """
     out_dir = Path(out_dir)
     unknown = set(precisions) - {"fp32", "fp16"}
@@ -57,10 +60,21 @@ def export_engine(
         raise EngineError(f"unknown precision {sorted(unknown)}; choose from fp32, fp16 (int8: `diffscore calibrate`)")
     if out_dir.exists() and not overwrite:
         raise EngineError(f"{out_dir} already exists; pass --overwrite to replace it")
+    if heads and adapters is not None:  # a LoRA changes the block features a head was trained on
+        raise EngineError("heads are trained on the plain model's features: export them without --adapters "
+                          "(or into a separate engine)")
     source_sha256 = folder_sha256(Path(model_dir))
     trained = load_trained_heads(heads, source_sha256)
     feature_blocks = list(dict.fromkeys([*feature_blocks, *(b for _, c, _ in trained.values() for b in c.features.blocks)]))
     comp = load_components(model_dir)
+    merged = {}
+    if adapters is not None:
+        from diffscore.reference.prompt_learning import apply_adapters
+
+        run = apply_adapters(comp, adapters)
+        merged["prompt_learning"] = {"adapters": str(Path(adapters).resolve()), "lora_rank": run["lora"]["rank"],
+                                    "merged": True, **{k: run[k] for k in ("adapter_sha256", "config") if k in run}}
+        attention_layers = attention_layers or run["config"]["attention_layers"]  # the layers it was trained on
     scoring_unet = ScoringUNet(comp.unet, attention_layers, feature_blocks).eval()
     contracts = graph_contracts(comp, scoring_unet)
     for name, (head, config, _) in trained.items():
@@ -102,6 +116,7 @@ def export_engine(
                 graphs=graphs,
                 heads={name: head_entry(name, config) for name, (_, config, _) in trained.items()},
                 defaults={**DEFAULT_SCORING, **(defaults or {})},
+                adapters=merged,
             )
             manifest.save(tmp)
             tmp.chmod(0o755)  # mkdtemp makes it private; an engine directory is shared like any folder

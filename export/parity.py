@@ -224,11 +224,25 @@ def decision_parity(engine_dir: Path, manifest: Manifest, comp, n_images: int, s
     return rows
 
 
+def reference_components(manifest: Manifest, model_dir: str | Path | None = None):
+    """The torch model the engine was exported from, with any trained prompt-learning LoRA merged the same way."""
+    comp = load_components(model_dir or manifest.source_path)
+    trained = manifest.adapters.get("prompt_learning")
+    if trained:
+        from diffscore.reference.prompt_learning import apply_adapters
+
+        run = apply_adapters(comp, trained["adapters"])
+        if run["adapter_sha256"] != trained.get("adapter_sha256", run["adapter_sha256"]):
+            raise EngineError(f"{trained['adapters']} changed since the engine was exported (sha256 differs); "
+                              "re-export with --adapters to compare like with like")
+    return comp
+
+
 def run_parity(engine_dir: str | Path, model_dir: str | Path | None = None, n_images: int = 100, echo=print) -> bool:
     """Print every verdict and a summary; True when every bound of DESIGN.md §4 holds."""
     engine_dir = Path(engine_dir)
     manifest = Manifest.load(engine_dir)
-    comp = load_components(model_dir or manifest.source_path)
+    comp = reference_components(manifest, model_dir)
     verdicts = tensor_parity(engine_dir, manifest, comp) + head_parity(engine_dir, manifest, comp)
     for v in verdicts:
         echo(str(v))

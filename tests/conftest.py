@@ -4,6 +4,7 @@ pixel space) and the shipped demo model. Tiny means seconds, not minutes, on 2 C
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,18 @@ def demo_model() -> Path:
     if not (DEMO_MODEL / "unet").is_dir():
         pytest.fail(f"the shipped demo model is missing at {DEMO_MODEL}")
     return DEMO_MODEL
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """Run `diffscore ARGS...` in this process; returns (exit code, stderr) for the one-line-error checks."""
+
+    def run(*args) -> tuple[int, str]:
+        from diffscore.engine import cli
+
+        monkeypatch.setattr(sys, "argv", ["diffscore", *map(str, args)])
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+        return exit_info.value.code, capsys.readouterr().err
+
+    return run

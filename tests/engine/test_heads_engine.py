@@ -114,7 +114,12 @@ def test_export_refuses_a_head_of_another_model(demo_model, heads, tmp_path):
         export_engine(demo_model, tmp_path / "e", heads=[other], show_progress=False)
 
 
-def run_cli(*args, env=None):
+def test_export_refuses_heads_with_adapters(demo_model, heads, tmp_path):
+    with pytest.raises(EngineError, match="without --adapters"):
+        export_engine(demo_model, tmp_path / "e", heads=[heads / "probe"], adapters=tmp_path, show_progress=False)
+
+
+def run_cli_process(*args, env=None):
     return subprocess.run([sys.executable, "-m", "diffscore.engine.cli", *map(str, args)], capture_output=True,
                           text=True, env={**os.environ, **(env or {})})
 
@@ -131,14 +136,14 @@ def digit_folder(tmp_path_factory, digits):
 
 
 def test_cli_train_head_and_classify(demo_model, digit_folder, engine_dir, tmp_path):
-    proc = run_cli("train-head", demo_model, "--data", digit_folder, "--head", "linear", "--blocks", "mid_block",
+    proc = run_cli_process("train-head", demo_model, "--data", digit_folder, "--head", "linear", "--blocks", "mid_block",
                    "--steps", "100", "--epochs", "3", "--out", tmp_path / "h", env={"DIFFSCORE_CACHE": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     config = json.loads((tmp_path / "h" / "head.json").read_text())
     assert config["labels"] == sorted(CLASS_NAMES) and config["features"]["steps"] == [100]
     assert (tmp_path / "h" / "head.safetensors").is_file() and list((tmp_path / "features").glob("*.safetensors"))
     files = sorted(digit_folder.rglob("*.png"))[:2]
-    proc = run_cli("classify", engine_dir, *files, "--method", "head", "--head", "probe", "--format", "json")
+    proc = run_cli_process("classify", engine_dir, *files, "--method", "head", "--head", "probe", "--format", "json")
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
     assert [r["passes"] for r in rows] == [2, 2] and all(r["label"] in CLASS_NAMES and "probability" in r for r in rows)
@@ -153,16 +158,10 @@ def test_cli_train_head_and_classify(demo_model, digit_folder, engine_dir, tmp_p
     (["--data", "{folder}", "--head", "attention", "--blocks", "mid_block,up_blocks.1", "--steps", "50"], "one block at one step"),
     ([], "exactly one of --data FOLDER or --demo"),
 ])
-def test_cli_train_head_mistakes_are_one_line(demo_model, digit_folder, tmp_path, monkeypatch, capsys, args, message):
-    from diffscore.engine.cli import main  # in-process: these fail before any real work, imports dominate
-
+def test_cli_train_head_mistakes_are_one_line(demo_model, digit_folder, tmp_path, monkeypatch, run_cli, args, message):
     (tmp_path / "empty").mkdir()
-    argv = ["train-head", demo_model, *[a.format(empty=tmp_path / "empty", folder=digit_folder) for a in args],
-            "--out", tmp_path / "h"]
     monkeypatch.setenv("DIFFSCORE_CACHE", str(tmp_path))
-    monkeypatch.setattr(sys, "argv", ["diffscore", *map(str, argv)])
-    with pytest.raises(SystemExit) as exit_:
-        main()
-    stderr = capsys.readouterr().err
-    assert exit_.value.code == 1 and "Traceback" not in stderr
+    code, stderr = run_cli("train-head", demo_model, *[a.format(empty=tmp_path / "empty", folder=digit_folder) for a in args],
+                           "--out", tmp_path / "h")
+    assert code == 1 and "Traceback" not in stderr
     assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr

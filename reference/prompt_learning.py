@@ -1,0 +1,257 @@
+"""Attention-based prompt learning for DSD matching (DESIGN.md §3): a rank-4 LoRA on the q, k, v and
+out projections of the UNet's attention modules, trained so that the DSD attention score of an image
+with its own caption beats the score with its hardest wrong caption by a margin.
+
+Why LoRA and why these modules: the DSD score is ``logsumexp_tokens(scale·QKᵀ)`` of the cross-attention
+layers, so q and k shape it directly and v/out shape the features the later layers see. Everything
+else stays frozen, which keeps a few-shot run from forgetting the diffusion model. The adapter merges
+into the UNet weights (``merge_lora``), so an exported engine is a plain UNet and the runtime needs no
+change (``export_engine(..., adapters=RUN_DIR)``).
+
+A run directory holds ``adapter.safetensors`` (the LoRA weights, peft key names) and
+``training_log.json`` (settings, per-step loss, wall time).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffscore.engine.images import preprocess_batch
+from diffscore.engine.manifest import EngineError, sha256_files
+from diffscore.engine.progress import progress_bar
+from diffscore.reference.loading import Components, encode_images, encode_prompts, load_components
+from diffscore.reference.scoring_unet import ScoringUNet
+
+log = logging.getLogger("diffscore")
+
+TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+ADAPTER_FILE = "adapter.safetensors"
+LOG_FILE = "training_log.json"
+
+
+@dataclass
+class PromptLearningConfig:
+    shots: int = 5  # training images per class (a class = a distinct caption)
+    steps: int = 200  # optimiser steps, one random timestep each
+    lr: float = 1e-4  # AdamW, as DESIGN §3 fixes it
+    weight_decay: float = 0.01  # AdamW's default
+    rank: int = 4
+    margin: float = 0.1  # hinge margin on the hardest negative
+    batch_size: int = 16  # images per step; each is scored against its caption and every negative
+    max_negatives: int = 15  # cap on negatives per image when there are many captions (random subset)
+    seed: int = 0
+    attention_layers: list[str] | None = None  # scored layers; None = DESIGN §3 default
+
+
+# --- the pieces -----------------------------------------------------------------------------------
+def hinge_loss(positive: torch.Tensor, negatives: torch.Tensor, margin: float = 0.1) -> torch.Tensor:
+    """mean_b max(0, margin − s(x_b, true) + max_n s(x_b, neg_n)); positive (B,), negatives (B, N)."""
+    assert negatives.ndim == 2 and negatives.shape[0] == positive.shape[0], (
+        f"negatives must be (B, N) with B={positive.shape[0]}, got {tuple(negatives.shape)}")
+    return torch.relu(margin - positive + negatives.max(dim=1).values).mean()
+
+
+def add_lora(unet: torch.nn.Module, rank: int = 4) -> list[torch.nn.Parameter]:
+    """Inject a LoRA (B = 0, so the UNet is unchanged until trained); freeze everything else.
+
+    Seed torch before calling: the A matrices are drawn from torch's global generator."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise EngineError("prompt learning needs peft: pip install 'peft>=0.17'") from None
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=list(TARGET_MODULES)))
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    assert params, "no attention projections matched the LoRA target modules"
+    return params
+
+
+def merge_lora(unet: torch.nn.Module) -> torch.nn.Module:
+    """Fold the LoRA into the base weights (W += B·A·alpha/r) and drop the adapter layers: a plain UNet."""
+    unet.fuse_lora()
+    unet.unload_lora()
+    return unet
+
+
+def save_adapters(unet: torch.nn.Module, run_dir: Path, training_log: dict) -> None:
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    # Written beside, then renamed: an interrupted save never leaves a run that looks complete.
+    save_file(state, str(run_dir / f".{ADAPTER_FILE}.tmp"), metadata={"lora_rank": str(training_log["config"]["rank"])})
+    (run_dir / f".{LOG_FILE}.tmp").write_text(json.dumps(training_log, indent=1))
+    (run_dir / f".{LOG_FILE}.tmp").replace(run_dir / LOG_FILE)
+    (run_dir / f".{ADAPTER_FILE}.tmp").replace(run_dir / ADAPTER_FILE)  # last: its presence marks a finished run
+
+
+def load_adapters(unet: torch.nn.Module, run_dir: str | Path) -> dict:
+    """Add the run's LoRA to ``unet`` (unmerged); returns the run's training log."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    if not (run_dir / ADAPTER_FILE).is_file() or not (run_dir / LOG_FILE).is_file():
+        raise EngineError(f"{run_dir} is not a prompt-learning run: expected {ADAPTER_FILE} and {LOG_FILE} "
+                          "made by `diffscore train-prompts`")
+    training_log = json.loads((run_dir / LOG_FILE).read_text())
+    add_lora(unet, training_log["config"]["rank"])
+    result = set_peft_model_state_dict(unet, load_file(str(run_dir / ADAPTER_FILE)))
+    if getattr(result, "unexpected_keys", None):
+        raise EngineError(f"{run_dir / ADAPTER_FILE} does not fit this UNet: unexpected {result.unexpected_keys[:3]}")
+    unet.requires_grad_(False)
+    return training_log
+
+
+def apply_adapters(comp: Components, run_dir: str | Path) -> dict:
+    """Load a run's LoRA into the components' UNet and merge it: what export does right after loading."""
+    training_log = load_adapters(comp.unet, run_dir)
+    merge_lora(comp.unet)
+    comp.unet.eval()
+    return {**training_log, "adapter_sha256": sha256_files([Path(run_dir) / ADAPTER_FILE])}
+
+
+# --- data ------------------------------------------------------------------------------------------
+@dataclass
+class Pairs:
+    images: list  # paths or uint8 arrays, anything engine.images accepts
+    captions: list[str]
+
+
+def read_pairs(path: str | Path) -> Pairs:
+    """A JSONL file of {"image": path, "caption": str} lines; relative paths are relative to the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise EngineError(f"pairs file {path} does not exist; give a JSONL of {{\"image\": ..., \"caption\": ...}} "
+                          "lines, or `demo`")
+    images, captions = [], []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            image, text = Path(row["image"]), str(row["caption"]).strip()
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise EngineError(f"{path}:{n} is not a JSON object with \"image\" and \"caption\"") from None
+        if not text:
+            raise EngineError(f"{path}:{n} has an empty caption")
+        images.append(image if image.is_absolute() else path.parent / image)
+        captions.append(text)
+    if len(set(captions)) < 2:
+        raise EngineError(f"{path} has {len(set(captions))} distinct caption(s); prompt learning needs at least 2 "
+                          "(the other captions are the negatives)")
+    return Pairs(images, captions)
+
+
+def demo_pairs(template: str | None = None) -> Pairs:
+    """The demo digits' TRAINING split, captioned with the default template (never the held-out split)."""
+    from diffscore.engine.digits import DEFAULT_TEMPLATE, caption, load_digits_split
+
+    split = load_digits_split()
+    return Pairs(list(split.train_images), [caption(int(y), template or DEFAULT_TEMPLATE) for y in split.train_labels])
+
+
+def select_shots(captions: list[str], shots: int, seed: int = 0) -> np.ndarray:
+    """Indices of `shots` random pairs per distinct caption (all of a caption's pairs if it has fewer)."""
+    if shots < 1:
+        raise EngineError(f"--shots must be ≥ 1, got {shots}")
+    rng = np.random.default_rng(seed)
+    captions = np.asarray(captions)
+    picked = [rng.permutation(np.flatnonzero(captions == c))[:shots] for c in dict.fromkeys(captions.tolist())]
+    return np.sort(np.concatenate(picked))
+
+
+# --- training --------------------------------------------------------------------------------------
+def attention_score(scoring_unet: ScoringUNet, x_t: torch.Tensor, t: int, emb: torch.Tensor) -> torch.Tensor:
+    """(B,) DSD attention score: mean over the captured layers (each already mean over heads and pixels)."""
+    _, scores, *_ = scoring_unet(x_t, torch.full((len(x_t),), float(t)), emb)
+    return scores.mean(dim=1)
+
+
+def train_prompts(model_dir: str | Path, pairs: Pairs, out_dir: str | Path, config: PromptLearningConfig | None = None,
+                  progress: bool = True, comp: Components | None = None, overwrite: bool = False) -> dict:
+    """Few-shot prompt learning; writes adapter.safetensors + training_log.json into out_dir, returns the log.
+
+    Each step draws a batch of shot images and one timestep t; each image has a fixed ε (drawn once
+    from the seed, shared by its true and negative captions so the comparison is fair, as in scoring)
+    and is scored against its own caption and the other captions; the loss is the hinge on the
+    hardest negative. `comp` (already loaded) is modified: its UNet gets the LoRA.
+    """
+    cfg = config or PromptLearningConfig()
+    if cfg.steps < 1:
+        raise EngineError(f"--steps must be ≥ 1, got {cfg.steps}")
+    if not cfg.lr > 0:
+        raise EngineError(f"--lr must be > 0, got {cfg.lr}")
+    out_dir = Path(out_dir)
+    if (out_dir / ADAPTER_FILE).exists() and not overwrite:
+        raise EngineError(f"{out_dir} already holds a trained adapter; pass --overwrite to replace it")
+    index = select_shots(pairs.captions, cfg.shots, cfg.seed)
+    comp = comp or load_components(model_dir)
+    captions = [pairs.captions[i] for i in index]
+    vocab = list(dict.fromkeys(captions))  # the distinct captions: positives and negatives
+    target = torch.tensor([vocab.index(c) for c in captions])
+    emb = encode_prompts(comp, vocab)  # (P, L, D), frozen text encoder: computed once
+    x0 = encode_images(comp, torch.from_numpy(preprocess_batch([pairs.images[i] for i in index], comp.image_size,
+                                                               comp.image_channels)))
+    torch.manual_seed(cfg.seed)
+    params = add_lora(comp.unet, cfg.rank)
+    scoring_unet = ScoringUNet(comp.unet, cfg.attention_layers).eval()  # no dropout: the no-grad pass = the grad pass
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(cfg.seed))  # one fixed ε per image
+    abar = comp.alphas_cumprod.float()
+    optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng(cfg.seed)
+    B, P = min(cfg.batch_size, len(x0)), len(vocab)
+    N = min(P - 1, cfg.max_negatives)
+    losses = []
+    start = time.perf_counter()
+    with progress_bar("train-prompts", cfg.steps, enabled=progress) as advance:
+        for _ in range(cfg.steps):
+            batch = torch.from_numpy(rng.choice(len(x0), B, replace=False))
+            t = int(rng.integers(0, comp.num_train_timesteps))
+            x_t = abar[t].sqrt() * x0[batch] + (1 - abar[t]).sqrt() * noise[batch]  # (B, C, H, W)
+            negatives = torch.stack([_negatives(rng, int(target[b]), P, N) for b in batch])  # (B, N) caption ids
+            # The hinge's (sub)gradient flows only through the positive and the hardest negative, so find
+            # that negative without a graph, then backpropagate through 2B passes instead of B(N+1).
+            with torch.no_grad():
+                neg = attention_score(scoring_unet, x_t.repeat_interleave(N, dim=0), t, emb[negatives.flatten()])
+            hardest = negatives[torch.arange(B), neg.view(B, N).argmax(dim=1)]  # (B,)
+            scores = attention_score(scoring_unet, torch.cat([x_t, x_t]), t, emb[torch.cat([target[batch], hardest])])
+            loss = hinge_loss(scores[:B], scores[B:, None], cfg.margin)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            losses.append(loss.item())
+            advance(note=f"loss {np.mean(losses[-20:]):.4f}")
+    seconds = time.perf_counter() - start
+    comp.unet.eval()
+    training_log = {
+        "model": str(Path(model_dir).resolve()),
+        "config": {**asdict(cfg), "attention_layers": scoring_unet.attention_layers},
+        "lora": {"rank": cfg.rank, "alpha": cfg.rank, "target_modules": list(TARGET_MODULES),
+                 "trainable_params": sum(p.numel() for p in params)},
+        "pairs": len(index), "captions": vocab, "shot_indices": index.tolist(),
+        "timestep_sampling": f"uniform integer in [0, {comp.num_train_timesteps}) per step",
+        "noise": "one fixed ε per training image from torch.Generator(seed), shared by its captions",
+        "loss": losses, "final_loss_mean20": float(np.mean(losses[-20:])),
+        "wall_time_s": round(seconds, 2), "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+    }
+    save_adapters(comp.unet, out_dir, training_log)
+    log.info("trained prompts on %d pairs (%d captions) for %d steps in %.1f s -> %s", len(index), P, cfg.steps,
+             seconds, out_dir)
+    return training_log
+
+
+def _negatives(rng: np.random.Generator, true: int, P: int, N: int) -> torch.Tensor:
+    others = np.array([p for p in range(P) if p != true])
+    return torch.from_numpy(others if N == len(others) else rng.choice(others, N, replace=False))
