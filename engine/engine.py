@@ -108,6 +108,7 @@ class Engine:
         self.engine_dir, self.manifest, self.runners = engine_dir, manifest, runners
         self.backend, self.precision = backend, precision
         self._device, self._threads = device, threads  # for head graphs, opened on first use
+        self.workers = workers
         self._pool = ThreadPoolExecutor(workers) if workers > 1 else None  # concurrent UNet runs (CPU)
         from tokenizers import Tokenizer
 
@@ -248,31 +249,24 @@ class Engine:
                     progress: bool = False) -> np.ndarray:
         """(N, classes) logits of a trained head, classes in `manifest.heads[head]["labels"]` order.
 
-        Each image is noised at the head's steps with its fixed ε (seeded, shared by all images), the UNet
-        runs once per step on the head's prompt (empty unless set), and the head graph reads the block
-        features: the UNet's (N·steps, C, h, w) outputs, viewed as (N, steps, C, h, w).
+        Each image is noised at the head's steps with its fixed ε (seeded, shared by all images); the head
+        graph holds the UNet layers it reads (on its prompt, empty unless set) and the head: one UNet
+        pass per step.
         """
         name = self.head_name(head)
         spec = self.manifest.heads[name]
         steps = np.asarray(spec["steps"], dtype=np.int64)
-        S = len(steps)
         x0 = self.encode_images(images)
-        noise = shared_noise(spec["seed"], S, tuple(x0.shape[1:]))
-        emb = self.encode_text([spec["prompt"]])  # (1, L, D)
-        unet, runner = self.runners["unet"], self._head_runner(spec["graph"])
-        per_call = max(1, (batch_size or self.default_batch_size()) // S)  # images per UNet call
+        noise = shared_noise(spec["seed"], len(steps), tuple(x0.shape[1:]))
+        runner = self._head_runner(spec["graph"])
+        per_call = max(1, (batch_size or self.default_batch_size()) // len(steps))  # images per call
+        per_call = min(per_call, -(-len(x0) // self.workers))  # a few images still keep every worker busy
         logits = np.empty((len(x0), len(spec["labels"])), dtype=np.float32)
 
         def run(lo: int) -> int:
             x = x0[lo : lo + per_call]
-            xt = np.concatenate([add_noise(xi, noise, self.alphas_cumprod, steps) for xi in x])  # (n·S, C, H, W)
-            out = unet.infer({"sample": xt, "timestep": np.tile(steps, len(x)).astype(np.float32),
-                              "encoder_hidden_states": np.repeat(emb, len(xt), axis=0)})
-            feed = {}
-            for block in spec["blocks"]:
-                f = out[f"features.{block}"]
-                feed[f"features.{block}"] = f.reshape(len(x), S, *f.shape[1:])
-            logits[lo : lo + len(x)] = runner.infer(feed)["logits"]
+            xt = np.stack([add_noise(xi, noise, self.alphas_cumprod, steps) for xi in x])  # (n, steps, C, H, W)
+            logits[lo : lo + len(x)] = runner.infer({"sample": xt})["logits"]
             return len(x)
 
         starts = range(0, len(x0), per_call)
@@ -295,9 +289,14 @@ class Engine:
         return head
 
     def _head_runner(self, graph: str) -> Runner:
-        """Head graphs are small and fp32: ONNX Runtime (CPU under the native TensorRT backend)."""
+        """Head graphs are fp32 ONNX (whatever the UNet precision), on ONNX Runtime; under the native
+        TensorRT backend on its CUDA provider when there is one."""
         if graph not in self.runners:
-            backend = "ort-cpu" if self.backend == "tensorrt" else self.backend
+            backend = self.backend
+            if backend == "tensorrt":
+                from diffscore.engine.backends.onnxruntime import available_providers
+
+                backend = "ort-cuda" if "CUDAExecutionProvider" in available_providers() else "ort-cpu"
             self.runners[graph] = make_runner(self.engine_dir, self.manifest, graph, backend, self._device, self._threads)
         return self.runners[graph]
 

@@ -49,8 +49,8 @@ def export_engine(
 ) -> Path:
     """Write an engine directory; nothing is left half-written if anything fails.
 
-    heads: folders made by `diffscore train-head` on this model; each ships as its own graph
-    `head.<folder name>.onnx` (+ its weights and config) and the UNet graph returns the blocks it reads.
+    heads: folders made by `diffscore train-head` on this model; each ships as one graph
+    `head.<folder name>.onnx` holding the UNet layers it reads and the head (+ its weights and config).
     ``adapters``: a `diffscore train-prompts` run directory whose LoRA is merged into the UNet weights
     right after loading, so the exported graph is a plain UNet and the runtime needs no change.
     """
@@ -65,7 +65,6 @@ def export_engine(
                           "(or into a separate engine)")
     source_sha256 = folder_sha256(Path(model_dir))
     trained = load_trained_heads(heads, source_sha256)
-    feature_blocks = list(dict.fromkeys([*feature_blocks, *(b for _, c, _ in trained.values() for b in c.features.blocks)]))
     comp = load_components(model_dir)
     merged = {}
     if adapters is not None:
@@ -75,11 +74,10 @@ def export_engine(
         merged["prompt_learning"] = {"adapters": str(Path(adapters).resolve()), "lora_rank": run["lora"]["rank"],
                                     "merged": True, **{k: run[k] for k in ("adapter_sha256", "config") if k in run}}
         attention_layers = attention_layers or run["config"]["attention_layers"]  # the layers it was trained on
-    scoring_unet = ScoringUNet(comp.unet, attention_layers, feature_blocks).eval()
+    scoring_unet = ScoringUNet(comp.unet, attention_layers, list(feature_blocks)).eval()
     contracts = graph_contracts(comp, scoring_unet)
     for name, (head, config, _) in trained.items():
-        contracts[f"head.{name}"] = head_contract(head, config)
-        check_head_inputs(name, contracts[f"head.{name}"][2], contracts["unet"][3])
+        contracts[f"head.{name}"] = head_contract(comp, head, config)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
@@ -152,13 +150,6 @@ def load_trained_heads(head_dirs, source_sha256: str) -> dict:
                               f"this one {source_sha256[:12]}); retrain it with `diffscore train-head`")
         trained[name] = (head, config, head_dir)
     return trained
-
-
-def check_head_inputs(name: str, head_inputs, unet_outputs) -> None:
-    unet = {t.name: t.shape[1:] for t in unet_outputs}
-    for t in head_inputs:
-        if unet.get(t.name) != t.shape[2:]:
-            raise EngineError(f"head {name} expects {t.name} of shape {t.shape[2:]}, the UNet gives {unet.get(t.name)}")
 
 
 def head_entry(name: str, config) -> dict:

@@ -149,43 +149,36 @@ def torch_head(engine_dir: Path, manifest: Manifest, name: str):
     return load_head(engine_dir, weights=spec["weights"], config=spec["config"])
 
 
-def precisions_of(manifest: Manifest) -> list[str]:
-    return [p for p in ("fp32", "fp16", "int8") if ("unet" if p == "fp32" else f"unet.{p}") in manifest.graphs]
-
-
 def head_parity(engine_dir: Path, manifest: Manifest, comp, seed: int = 0, batch: int = 6) -> list[Verdict]:
-    """Per head: its graph alone on random features, and the whole head path (images -> logits) per
-    backend and UNet precision against torch (features through torch, then the torch head)."""
+    """Per head and backend: its graph on random x_t against the same torch graph, and the whole head
+    path (images -> logits) against torch features through the torch head. Head graphs are fp32."""
+    from diffscore.export.graphs import HeadGraph
+    from diffscore.reference.heads import head_logits_reference
+    from diffscore.reference.loading import encode_prompts
+
     rng = np.random.default_rng(seed)
     images = real_images(manifest, batch, rng)
     verdicts = []
     for name, spec in manifest.heads.items():
         head, config = torch_head(engine_dir, manifest, name)
         graph = manifest.graphs[spec["graph"]]
-        feed = {t.name: rng.standard_normal([batch if d == "batch" else d for d in t.shape], dtype=np.float32)
-                for t in graph.inputs}
+        sample = rng.standard_normal([batch if d == "batch" else d for d in graph.inputs[0].shape], dtype=np.float32)
+        module = HeadGraph(comp.unet, head, config, encode_prompts(comp, [config.features.prompt])).eval()
         with torch.no_grad():
-            want = head(*(torch.from_numpy(v) for v in feed.values())).numpy()
-        from diffscore.reference.heads import head_logits_reference
-
+            want = module(torch.from_numpy(sample)).numpy()
+        module.unet.remove_hooks()
         want_real = head_logits_reference(comp, head, config, images).numpy()
         for backend in available_backends(manifest):
-            if backend != "tensorrt":  # heads run on ONNX Runtime; under native TensorRT, on its CPU provider
-                got = make_runner(engine_dir, manifest, spec["graph"], backend, 0, None).infer(feed)["logits"]
-                verdicts.append(compare(f"{backend} fp32 {spec['graph']}:logits (random)", got, want, RTOL["fp32"]))
-            for precision in precisions_of(manifest):
-                try:
-                    eng = load(engine_dir, backend=backend, precision=precision)
-                except EngineError as e:
-                    log.warning("skip head %s on %s %s: %s", name, backend, precision, e)
-                    continue
-                verdicts.append(compare(f"{backend} {precision} unet+{spec['graph']}:logits (real)",
-                                        eng.head_logits(images, name), want_real, RTOL.get(precision)))
+            eng = load(engine_dir, backend=backend)
+            got = eng._head_runner(spec["graph"]).infer({"sample": sample})["logits"]
+            verdicts.append(compare(f"{backend} fp32 {spec['graph']}:logits (random)", got, want, RTOL["fp32"]))
+            verdicts.append(compare(f"{backend} fp32 {spec['graph']}:logits (real images, end to end)",
+                                    eng.head_logits(images, name), want_real, RTOL["fp32"]))
     return verdicts
 
 
 def head_decision_parity(engine_dir: Path, manifest: Manifest, comp, n_images: int) -> list[tuple[str, float, bool]]:
-    """Top-1 agreement of each head on each backend/precision with the torch head, on held-out demo digits."""
+    """Top-1 agreement of each head on each backend with the torch head, on held-out demo digits."""
     from diffscore.engine.digits import load_digits_split
     from diffscore.reference.heads import head_logits_reference
 
@@ -195,10 +188,9 @@ def head_decision_parity(engine_dir: Path, manifest: Manifest, comp, n_images: i
         head, config = torch_head(engine_dir, manifest, name)
         want = head_logits_reference(comp, head, config, images).numpy().argmax(1)
         for backend in available_backends(manifest):
-            for precision in precisions_of(manifest):
-                got = load(engine_dir, backend=backend, precision=precision).head_logits(images, name).argmax(1)
-                agree = float(np.mean(got == want))
-                rows.append((f"{backend} {precision} head {name}", agree, agree >= 1 - MAX_FLIPS))
+            got = load(engine_dir, backend=backend).head_logits(images, name).argmax(1)
+            agree = float(np.mean(got == want))
+            rows.append((f"{backend} fp32 head {name}", agree, agree >= 1 - MAX_FLIPS))
     return rows
 
 

@@ -336,13 +336,14 @@ def train_head(features: dict[str, torch.Tensor], labels, config: HeadConfig, op
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-            advance()
             if len(va) == 0:
+                advance(note=f"loss {float(loss):.4f}")
                 continue
             head.eval()
             with torch.no_grad():
                 logits = head(*(x[va] for x in inputs))
             val_loss = float(F.cross_entropy(logits, labels[va]))
+            advance(note=f"validation loss {val_loss:.4f}")
             if val_loss < best[0]:
                 acc = float((logits.argmax(1) == labels[va]).float().mean())
                 best = (val_loss, epoch, {k: v.clone() for k, v in head.state_dict().items()}, acc)

@@ -1,5 +1,5 @@
-"""Trained heads on the shipped demo model, end to end: export records them, the engine's head path
-equals torch (tensors and decisions, fp32 and fp16), Engine.classify(method="head") and the CLI
+"""Trained heads on the shipped demo model, end to end: export records them (one graph: the UNet layers
+a head reads + the head), the engine's head path equals torch (tensors and decisions), Engine.classify(method="head") and the CLI
 (`train-head`, `classify --method head`) work, and user mistakes are one line."""
 
 import json
@@ -19,7 +19,7 @@ from diffscore.reference.heads import FeatureSpec, TrainOptions, head_logits_ref
 from diffscore.reference.loading import load_components
 
 N_TRAIN, N_TEST = 300, 60  # a slice of the demo's training split; the first held-out digits
-SPEC = FeatureSpec(["mid_block", "up_blocks.1"], [50, 200])
+SPEC = FeatureSpec(["mid_block", "up_blocks.0"], [50, 200])
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def heads(demo_model, digits, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine_dir(demo_model, heads, tmp_path_factory):
-    return export_engine(demo_model, tmp_path_factory.mktemp("eng") / "engine", precisions=("fp32", "fp16"),
+    return export_engine(demo_model, tmp_path_factory.mktemp("eng") / "engine",
                          heads=[heads / "probe", heads / "fusion"], show_progress=False)
 
 
@@ -53,22 +53,29 @@ def test_export_records_heads(engine_dir):
     assert set(m.heads) == {"probe", "fusion"}
     probe = m.heads["probe"]
     assert probe["labels"] == list(CLASS_NAMES) and probe["steps"] == [50, 200] and probe["kind"] == "linear"
-    assert m.feature_blocks == ["mid_block", "up_blocks.1"]
-    graph = m.graphs["head.probe"]
-    assert [t.name for t in graph.inputs] == ["features.mid_block", "features.up_blocks.1"]
-    assert graph.inputs[0].shape == ["batch", 2, 64, 4, 4] and graph.outputs[0].shape == ["batch", 10]
-    assert {t.name for t in m.graphs["unet"].outputs} >= {"features.mid_block", "features.up_blocks.1"}
-    assert (engine_dir / "head.probe.safetensors").is_file() and m.verify(engine_dir) == []
+    graph = m.graphs["head.probe"]  # the UNet layers the head reads + the head: x_t at each step -> logits
+    assert [(t.name, t.shape) for t in graph.inputs] == [("sample", ["batch", 2, 1, 8, 8])]
+    assert [(t.name, t.shape) for t in graph.outputs] == [("logits", ["batch", 10])]
+    assert m.feature_blocks == [] and (engine_dir / "head.probe.safetensors").is_file() and m.verify(engine_dir) == []
 
 
-def test_head_parity_fp32_and_fp16(engine_dir, demo_model):
+def test_head_graph_skips_the_unet_layers_after_the_blocks_it_reads(engine_dir):
+    import onnx
+
+    names = lambda g: {i.name for i in onnx.load(str(engine_dir / Manifest.load(engine_dir).graphs[g].file)).graph.initializer}
+    head, unet = names("head.probe"), names("unet")
+    assert any("down_blocks" in n for n in head) and not any("up_blocks.1" in n or "conv_out" in n for n in head)
+    assert any("up_blocks.1" in n for n in unet)
+
+
+def test_head_parity(engine_dir, demo_model):
     m = Manifest.load(engine_dir)
     comp = load_components(demo_model)
     verdicts = head_parity(engine_dir, m, comp)
-    assert verdicts and all(v.passed for v in verdicts), [str(v) for v in verdicts if not v.passed]
-    assert len(verdicts) == 2 * 3  # per head: graph alone (fp32), end to end fp32 and fp16
+    assert len(verdicts) == 2 * 2  # per head: its graph on random x_t, the whole path on real digits
+    assert all(v.passed for v in verdicts), [str(v) for v in verdicts if not v.passed]
     decisions = head_decision_parity(engine_dir, m, comp, N_TEST)
-    assert [agree for _, agree, _ in decisions] == [1.0] * 4, decisions
+    assert [agree for _, agree, _ in decisions] == [1.0, 1.0], decisions
 
 
 def test_classify_with_a_head(engine_dir, demo_model, digits, heads):
@@ -155,7 +162,7 @@ def test_cli_train_head_and_classify(demo_model, digit_folder, engine_dir, tmp_p
     (["--data", "{folder}", "--steps", "fifty"], "not like '50,200'"),
     (["--data", "{folder}", "--steps", "5000"], "outside [0, 1000)"),
     (["--data", "{folder}", "--head", "knn"], "unknown head 'knn'"),
-    (["--data", "{folder}", "--head", "attention", "--blocks", "mid_block,up_blocks.1", "--steps", "50"], "one block at one step"),
+    (["--data", "{folder}", "--head", "attention", "--blocks", "mid_block,up_blocks.0", "--steps", "50"], "one block at one step"),
     ([], "exactly one of --data FOLDER or --demo"),
 ])
 def test_cli_train_head_mistakes_are_one_line(demo_model, digit_folder, tmp_path, monkeypatch, run_cli, args, message):
