@@ -68,6 +68,14 @@ def test_head_graph_skips_the_unet_layers_after_the_blocks_it_reads(engine_dir):
     assert any("up_blocks.1" in n for n in unet)
 
 
+def test_head_graph_ops_are_supported_by_tensorrt(engine_dir):
+    from diffscore.export.tensorrt_ops import unsupported_ops
+
+    m = Manifest.load(engine_dir)
+    for name in m.heads:
+        assert unsupported_ops(engine_dir / m.graphs[f"head.{name}"].file) == {}, name
+
+
 def test_head_parity(engine_dir, demo_model):
     m = Manifest.load(engine_dir)
     comp = load_components(demo_model)
