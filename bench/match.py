@@ -1,6 +1,7 @@
 """Image-text matching on the held-out demo digits (issue 6): R@1 of zero-shot DSD, DSD with the
-denoising bias, DSD after few-shot prompt learning (K = 1, 5, 10 shots per class) and the Diffusion
-Classifier ranking of the same captions, all scored on the compiled engine (ONNX Runtime CPU).
+denoising bias, DSD after few-shot prompt learning (K = 1, 5, 10 shots per class; K = 10 also with
+learned per-layer score weights) and the Diffusion Classifier ranking of the same captions, all scored
+on the compiled engine (ONNX Runtime CPU).
 
     .venv/bin/python bench/match.py [--limit N] [--steps S] [--lr LR] [--update-readme]
 
@@ -91,6 +92,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=PL_STEPS, help="prompt-learning steps")
     parser.add_argument("--lr", type=float, default=PL_LR, help="prompt-learning learning rate")
     parser.add_argument("--shots", type=int, nargs="+", default=list(SHOTS))
+    parser.add_argument("--score-weight-shots", type=int, nargs="*", default=[max(SHOTS)],
+                        help="shots at which to also train per-layer score weights with the LoRA")
     parser.add_argument("--parity-images", type=int, default=10, help="held-out images for the torch-vs-engine check")
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()
@@ -127,20 +130,24 @@ def main() -> None:
     timing["bias_s"] = time.perf_counter() - start
 
     # (c) few-shot prompt learning, exported with the LoRA merged, scored on the engine
-    training, parity = {}, None
+    training, parity = {}, []  # parity: the first plain run and the first run with score weights
     with tempfile.TemporaryDirectory(prefix="diffscore-match-") as tmp:
-        for k in args.shots:
-            cfg = PromptLearningConfig(shots=k, steps=args.steps, lr=args.lr, seed=SEED)
-            run_dir = Path(tmp) / f"run-k{k}"
+        for k, weighted in [(k, False) for k in args.shots] + [(k, True) for k in args.score_weight_shots]:
+            cfg = PromptLearningConfig(shots=k, steps=args.steps, lr=args.lr, seed=SEED, score_weights=weighted)
+            name = f"K={k}" + (" + per-layer score weights" if weighted else "")
+            run_dir = Path(tmp) / f"run-k{k}{'-w' * weighted}"
             run = train_prompts(DEMO_MODEL, pool, run_dir, cfg, progress=True)
-            engine_dir = export_engine(DEMO_MODEL, Path(tmp) / f"engine-k{k}", adapters=run_dir, show_progress=False)
+            engine_dir = export_engine(DEMO_MODEL, Path(tmp) / f"engine-{run_dir.name}", adapters=run_dir,
+                                       show_progress=False)
             eng = diffscore.load(engine_dir, backend="ort-cpu")
             start = time.perf_counter()
-            rows[f"(c) DSD after prompt learning, K={k}"], _ = r_at_1(eng, images, labels)
-            training[k] = {"pairs": run["pairs"], "steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size,
-                           "train_wall_s": run["wall_time_s"], "eval_s": time.perf_counter() - start,
-                           "final_loss_mean20": run["final_loss_mean20"], "first_loss_mean20": float(np.mean(run["loss"][:20]))}
-            if parity is None:  # compiled (merged) engine vs the torch reference with the adapter unmerged
+            rows[f"(c) DSD after prompt learning, {name}"], _ = r_at_1(eng, images, labels)
+            training[name] = {"pairs": run["pairs"], "steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size,
+                              "train_wall_s": run["wall_time_s"], "eval_s": time.perf_counter() - start,
+                              "final_loss_mean20": run["final_loss_mean20"],
+                              "first_loss_mean20": float(np.mean(run["loss"][:20])), "score_weights": run["score_weights"]}
+            if not any(p["score_weights"] == weighted for p in parity):
+                # compiled (merged) engine vs the torch reference with the adapter unmerged (and the weights)
                 comp = load_components(DEMO_MODEL)
                 load_adapters(comp.unet, run_dir)
                 su = ScoringUNet(comp.unet, eng.manifest.attention_layers).eval()
@@ -149,13 +156,15 @@ def main() -> None:
                 for c in np.unique(labels[:n]):
                     idx = np.flatnonzero(labels[:n] == c)
                     got.append(eng.match([images[i] for i in idx], captions_for(int(c)), seed=SEED))
-                    want.append(match_reference(comp, su, [images[i] for i in idx], captions_for(int(c)), seed=SEED))
+                    want.append(match_reference(comp, su, [images[i] for i in idx], captions_for(int(c)), seed=SEED,
+                                                layer_weights=run["score_weights"]))
                 got, want = np.concatenate(got), np.concatenate(want)
-                parity = {"shots": k, "pairs": int(got.size),
-                          "max_rel": float(np.abs(got - want).max() / np.abs(want).max()),
-                          "max_rel_elementwise": float((np.abs(got - want) / np.abs(want)).max()),
-                          "rtol": 1e-4}
-                parity["passed"] = parity["max_rel_elementwise"] <= 1e-4
+                check = {"shots": k, "pairs": int(got.size), "score_weights": weighted,
+                         "max_rel": float(np.abs(got - want).max() / np.abs(want).max()),
+                         "max_rel_elementwise": float((np.abs(got - want) / np.abs(want)).max()),
+                         "rtol": 1e-4}
+                check["passed"] = check["max_rel_elementwise"] <= 1e-4
+                parity.append(check)
                 del comp, su
 
     start = time.perf_counter()
@@ -174,12 +183,12 @@ def main() -> None:
     table = ["| method | R@1 |", "|---|---:|"]
     table += [f"| {name} | {r:.2%} |" for name, r in rows.items()]
     table.append("")
-    steps_lr = ", ".join(f"K={k}: {t['pairs']} images, {t['steps']} steps, lr {t['lr']:g}, {t['train_wall_s']:.0f} s"
+    steps_lr = ", ".join(f"{k}: {t['pairs']} images, {t['steps']} steps, lr {t['lr']:g}, {t['train_wall_s']:.0f} s"
                          for k, t in training.items())
     table.append(f"{len(images)} held-out digits x 5 captions (own + 4 confusable digits) = {pairs} pairs; "
                  f"λ chosen on {len(val_images)} training-split digits; prompt learning ({steps_lr}). "
-                 + (f"Engine vs torch with the adapter: max rel. error {parity['max_rel_elementwise']:.1e} on "
-                    f"{parity['pairs']} pairs. " if parity else "")
+                 + "".join(f"Engine vs torch with the adapter{' and score weights' * p['score_weights']}: max rel. "
+                           f"error {p['max_rel_elementwise']:.1e} on {p['pairs']} pairs. " for p in parity)
                  + f"Measured on {machine_line(machine())} by `bench/match.py`.")
     publish("match", result, table, args.update_readme)
 

@@ -1,5 +1,6 @@
-"""The parity suite on the demo engine (fp32 + fp16), for the README: every tensor verdict and the
-top-1 decision agreement with the fp32 torch reference on the held-out digits.
+"""The parity suite on the demo engine (fp32, fp16 and INT8), for the README: every tensor verdict and
+the top-1 decision agreement with the fp32 torch reference on the held-out digits (INT8 is judged by
+decisions only).
 
     .venv/bin/python bench/parity.py [--images 450] [--update-readme]
 """
@@ -11,9 +12,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, machine_line, update_readme, write_result  # noqa: E402
+from common import demo_engine_all_precisions, machine, machine_line, update_readme, write_result  # noqa: E402
 
-from diffscore.engine.demo import demo_engine_dir  # noqa: E402
 from diffscore.export.parity import run_parity  # noqa: E402
 
 
@@ -23,7 +23,7 @@ def main() -> None:
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()
     lines: list[str] = []
-    ok = run_parity(demo_engine_dir(precisions=("fp32", "fp16")), n_images=args.images, echo=lines.append)
+    ok = run_parity(demo_engine_all_precisions(), n_images=args.images, echo=lines.append)
     path = write_result("parity", {"passed": ok, "images": args.images, "lines": lines})
     print("\n".join(lines))
     print(f"wrote {path}")

@@ -25,10 +25,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, machine_line, publish  # noqa: E402
+from common import demo_engine_all_precisions, machine, machine_line, publish  # noqa: E402
 
 import diffscore  # noqa: E402
-from diffscore.engine.demo import demo_engine_dir  # noqa: E402
 from diffscore.engine.digits import CLASS_NAMES, load_digits_split  # noqa: E402
 from diffscore.engine.manifest import Manifest  # noqa: E402
 
@@ -43,11 +42,7 @@ def main() -> None:
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()
 
-    engine_dir = demo_engine_dir(precisions=("fp32", "fp16"))
-    if "unet.int8" not in Manifest.load(engine_dir).graphs:
-        from diffscore.calibration.pipeline import calibrate
-
-        calibrate(engine_dir, demo=True, progress=True)
+    engine_dir = demo_engine_all_precisions()
     calibration = Manifest.load(engine_dir).defaults["calibration"]
     split = load_digits_split()
     images, truth = list(split.test_images[: args.limit]), split.test_labels[: args.limit]

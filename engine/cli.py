@@ -165,6 +165,9 @@ def info(engine: Path = typer.Argument(..., help="engine directory"),
     emit(rows, "table")
     out.print(f"attention layers: {', '.join(m.attention_layers) or '-'}")
     out.print(f"feature blocks: {', '.join(m.feature_blocks) or '-'}; merged adapters: {', '.join(m.adapters) or '-'}")
+    for name, a in m.adapters.items():
+        if a.get("score_weights"):
+            out.print(f"{name} score weights: " + ", ".join(f"{k} {v:.3f}" for k, v in a["score_weights"].items()))
     for name, h in m.heads.items():
         out.print(f"head {name}: {h['kind']} on {', '.join(h['blocks'])} at steps {h['steps']}, "
                   f"{len(h['labels'])} labels ({', '.join(h['labels'][:5])}{', …' if len(h['labels']) > 5 else ''})")
@@ -345,6 +348,7 @@ def train_prompts(
     lr: float = typer.Option(1e-4, help="AdamW learning rate (DESIGN's 1e-4; on the demo 3e-3 learns in ~300 steps)"),
     batch_size: int = typer.Option(16, help="images per step"),
     seed: int = typer.Option(0, help="seed of the shots, timesteps, noise and LoRA init"),
+    score_weights: bool = typer.Option(False, "--score-weights", help="also learn how much each scored attention layer counts (the engine pools the layers with these weights)"),
     overwrite: bool = typer.Option(False, help="replace an existing run directory's adapter"),
 ):
     """Few-shot prompt learning for DSD matching: a rank-4 LoRA on the attention projections (export with --adapters)."""
@@ -355,7 +359,8 @@ def train_prompts(
     if shots < 1:
         raise EngineError(f"--shots must be ≥ 1, got {shots}")
     pairs = demo_pairs() if data == "demo" else read_pairs(Path(data))
-    cfg = PromptLearningConfig(shots=shots, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+    cfg = PromptLearningConfig(shots=shots, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                               score_weights=score_weights)
     run = run_training(model, pairs, out_dir, cfg, overwrite=overwrite)
     out.print(f"[green]wrote[/] {out_dir} ({run['pairs']} pairs, {len(run['captions'])} captions, {steps} steps, "
               f"loss {run['loss'][0]:.4f} -> {run['final_loss_mean20']:.4f} (mean of last 20), {run['wall_time_s']:.0f} s)")

@@ -19,7 +19,8 @@ from diffscore.engine.images import preprocess_batch
 from diffscore.engine.manifest import EngineError, Manifest
 from diffscore.engine.progress import progress_bar
 from diffscore.engine.results import Classification
-from diffscore.kernels import LOSSES, StagedPruning, add_noise, class_ranking, denoising_error, dsd_timesteps, shared_noise
+from diffscore.kernels import (LOSSES, StagedPruning, add_noise, class_ranking, denoising_error, dsd_timesteps,
+                               pool_layer_scores, shared_noise)
 
 log = logging.getLogger("diffscore")
 
@@ -123,6 +124,12 @@ class Engine:
     @property
     def defaults(self) -> dict:
         return self.manifest.defaults
+
+    @property
+    def layer_weights(self) -> np.ndarray | None:
+        """The DSD score weights prompt learning trained, in `attention_layers` order; None = plain mean."""
+        trained = self.manifest.adapters.get("prompt_learning", {}).get("score_weights")
+        return None if not trained else np.array([trained[n] for n in self.manifest.attention_layers], np.float32)
 
     def default_batch_size(self) -> int:
         """Pairs per UNet call: small samples batch wide on CPU; GPUs and big latents less so."""
@@ -319,7 +326,10 @@ class Engine:
     # --- DSD matching -------------------------------------------------------------------------
     def match(self, images, texts: list[str], *, steps: int | None = None, bias_weight: float = 0.0, seed: int = 0,
               batch_size: int | None = None, progress: bool = False) -> np.ndarray:
-        """(images, texts) DSD scores: mean over timesteps of attention score + λ·denoising bias. Higher = better."""
+        """(images, texts) DSD scores: mean over timesteps of attention score + λ·denoising bias. Higher = better.
+
+        The attention score pools the captured layers with the engine's learned score weights when
+        prompt learning trained some (`train-prompts --score-weights`), else their mean."""
         texts = check_labels(texts, what="texts")
         ts = np.array(dsd_timesteps(steps or self.defaults.get("dsd_steps", 10), len(self.alphas_cumprod)))
         batch_size = batch_size or self.default_batch_size()
@@ -340,7 +350,7 @@ class Engine:
                 img, prm, k = np.meshgrid(np.arange(w), np.arange(P), np.arange(K), indexing="ij")
                 pairs = _Pairs(xt, (img * K + k).ravel(), ts[k.ravel()].astype(np.float32), prm.ravel(), k.ravel())
                 l2, scores = self._run_pairs(pairs, emb, noise, "l2", batch_size)
-                attn = scores.mean(axis=1).reshape(w, P, K)[:, : len(texts)]  # mean over layers
+                attn = pool_layer_scores(scores, self.layer_weights).reshape(w, P, K)[:, : len(texts)]
                 score = attn
                 if use_bias:
                     norm = np.sqrt(l2.astype(np.float64) * numel).reshape(w, P, K)  # ||ε - ε̂||₂

@@ -82,7 +82,8 @@ class Manifest:
     plans: dict[str, PlanSpec] = field(default_factory=dict)
     # trained heads: name -> {graph, kind, labels, blocks, steps, seed (of the fixed ε), prompt, weights, config}
     heads: dict = field(default_factory=dict)
-    # LoRA runs merged into the UNet weights at export: name -> {adapters (run dir), adapter_sha256, lora_rank, config}
+    # LoRA runs merged into the UNet weights at export: name -> {adapters (run dir), adapter_sha256, lora_rank, config,
+    # score_weights ({attention layer: weight} or None: DSD pools the layers with these instead of their mean)}
     adapters: dict = field(default_factory=dict)
     defaults: dict = field(default_factory=dict)  # scoring defaults: template, stages, loss, ...
     format_version: int = FORMAT_VERSION

@@ -72,8 +72,13 @@ def export_engine(
 
         run = apply_adapters(comp, adapters)
         merged["prompt_learning"] = {"adapters": str(Path(adapters).resolve()), "lora_rank": run["lora"]["rank"],
-                                    "merged": True, **{k: run[k] for k in ("adapter_sha256", "config") if k in run}}
-        attention_layers = attention_layers or run["config"]["attention_layers"]  # the layers it was trained on
+                                    "merged": True, "score_weights": run.get("score_weights"),
+                                    **{k: run[k] for k in ("adapter_sha256", "config", "captions") if k in run}}
+        trained_layers = run["config"]["attention_layers"]
+        if run.get("score_weights") and attention_layers and list(attention_layers) != trained_layers:
+            raise EngineError(f"{adapters} learned score weights for the layers {trained_layers}; export with those "
+                              "attention layers (leave --attention-layers out)")
+        attention_layers = attention_layers or trained_layers  # the layers it was trained on
     scoring_unet = ScoringUNet(comp.unet, attention_layers, list(feature_blocks)).eval()
     contracts = graph_contracts(comp, scoring_unet)
     for name, (head, config, _) in trained.items():

@@ -216,6 +216,23 @@ def decision_parity(engine_dir: Path, manifest: Manifest, comp, n_images: int, s
     return rows
 
 
+def match_parity(engine_dir: Path, manifest: Manifest, comp, seed: int = 0) -> list[Verdict]:
+    """DSD scores end to end (images x texts) per backend against the torch reference, for engines with a
+    trained prompt-learning adapter: covers the merged LoRA and the learned per-layer score weights."""
+    from diffscore.reference.matching import match_reference
+
+    trained = manifest.adapters.get("prompt_learning")
+    if not trained:
+        return []
+    images = real_images(manifest, 3, np.random.default_rng(seed))
+    texts = (trained.get("captions") or [f"a photo of a {w}" for w in ("cat", "dog", "seven")])[:5]
+    opts = dict(steps=3, seed=seed)
+    want = match_reference(comp, ScoringUNet(comp.unet, manifest.attention_layers), images, texts,
+                           layer_weights=trained.get("score_weights"), **opts)
+    return [compare(f"{backend} fp32 match (prompt learning)", load(engine_dir, backend=backend).match(images, texts, **opts),
+                    want, RTOL["fp32"]) for backend in available_backends(manifest)]
+
+
 def reference_components(manifest: Manifest, model_dir: str | Path | None = None):
     """The torch model the engine was exported from, with any trained prompt-learning LoRA merged the same way."""
     comp = load_components(model_dir or manifest.source_path)
@@ -235,7 +252,8 @@ def run_parity(engine_dir: str | Path, model_dir: str | Path | None = None, n_im
     engine_dir = Path(engine_dir)
     manifest = Manifest.load(engine_dir)
     comp = reference_components(manifest, model_dir)
-    verdicts = tensor_parity(engine_dir, manifest, comp) + head_parity(engine_dir, manifest, comp)
+    verdicts = (tensor_parity(engine_dir, manifest, comp) + head_parity(engine_dir, manifest, comp)
+                + match_parity(engine_dir, manifest, comp))
     for v in verdicts:
         echo(str(v))
     decisions = []

@@ -1,7 +1,7 @@
 """Numeric building blocks shared by the runtime and the checks: numpy only, no torch."""
 
 from diffscore.kernels.noise import add_noise, shared_noise
-from diffscore.kernels.reductions import LOSSES, denoising_error
+from diffscore.kernels.reductions import LOSSES, denoising_error, pool_layer_scores
 from diffscore.kernels.timesteps import dsd_timesteps, stage_timesteps
 from diffscore.kernels.pruning import StagedPruning
 from diffscore.kernels.ranking import class_ranking
@@ -13,6 +13,7 @@ __all__ = [
     "add_noise",
     "denoising_error",
     "dsd_timesteps",
+    "pool_layer_scores",
     "shared_noise",
     "stage_timesteps",
 ]

@@ -1,4 +1,4 @@
-"""Batched denoising-error reductions: one scalar per (candidate, timestep) pair."""
+"""Batched reductions: one denoising error per (candidate, timestep) pair, one DSD score per pair."""
 
 from __future__ import annotations
 
@@ -23,3 +23,9 @@ def denoising_error(eps: np.ndarray, eps_hat: np.ndarray, loss: str = "l2") -> n
     else:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     return e.mean(axis=1, dtype=np.float64).astype(np.float32)
+
+
+def pool_layer_scores(scores: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """DSD attention score from per-layer scores (..., layers): their mean, or the convex per-layer
+    weights prompt learning may train (they sum to 1, so uniform weights give the mean)."""
+    return scores.mean(axis=-1) if weights is None else scores @ np.asarray(weights, dtype=scores.dtype)

@@ -3,6 +3,7 @@
 Per pair (image, text), conditional pass only: attention score a_k = mean over selected layers of
 logsumexp_tokens(scale·QKᵀ) averaged over heads and pixels; optional denoising bias
 b_k = ||ε − ε̂(∅)||₂ − ||ε − ε̂(text)||₂; score = mean_k (a_k + λ b_k). Higher = better match.
+With learned per-layer score weights (prompt learning), a_k is their weighted sum instead of the mean.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from diffscore.reference.scoring_unet import ScoringUNet
 
 @torch.no_grad()
 def match_reference(comp: Components, scoring_unet: ScoringUNet, images, texts: list[str], steps: int = 10,
-                    bias_weight: float = 0.0, seed: int = 0) -> np.ndarray:
+                    bias_weight: float = 0.0, seed: int = 0, layer_weights: dict[str, float] | None = None) -> np.ndarray:
     """(images, texts) scores, one image-text pair at a time over its K timesteps."""
     ts = torch.tensor(dsd_timesteps(steps, comp.num_train_timesteps))
     pixels = preprocess_batch(images, comp.image_size, comp.image_channels)
@@ -29,12 +30,14 @@ def match_reference(comp: Components, scoring_unet: ScoringUNet, images, texts: 
     a = abar.sqrt().float().view(-1, 1, 1, 1)
     s = (1 - abar).sqrt().float().view(-1, 1, 1, 1)
     K = len(ts)
+    w = None if not layer_weights else torch.tensor([layer_weights[n] for n in scoring_unet.attention_layers])
     scores = np.zeros((len(x0s), len(texts)))
     for i, x0 in enumerate(x0s):
         x_t = a * x0[None] + s * noise  # (K, C, H, W)
         def run(j):
             eps_hat, attn, *_ = scoring_unet(x_t, ts.float(), emb[j : j + 1].expand(K, -1, -1))
-            return attn.mean(dim=1).double(), (noise - eps_hat).flatten(1).double().norm(dim=1)
+            pooled = attn.mean(dim=1) if w is None else attn @ w
+            return pooled.double(), (noise - eps_hat).flatten(1).double().norm(dim=1)
         _, null_norm = run(len(texts)) if bias_weight else (None, None)
         for j in range(len(texts)):
             attn, norm = run(j)

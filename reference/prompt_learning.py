@@ -8,8 +8,13 @@ else stays frozen, which keeps a few-shot run from forgetting the diffusion mode
 into the UNet weights (``merge_lora``), so an exported engine is a plain UNet and the runtime needs no
 change (``export_engine(..., adapters=RUN_DIR)``).
 
+Optionally (``score_weights``) it also learns per-layer weights of the score, a softmax over one logit
+per scored layer starting from the plain mean: layers differ in how much class signal their attention
+carries. The engine pools the layers with them (``kernels.pool_layer_scores``); export records them
+in the manifest.
+
 A run directory holds ``adapter.safetensors`` (the LoRA weights, peft key names) and
-``training_log.json`` (settings, per-step loss, wall time).
+``training_log.json`` (settings, per-step loss, wall time, the learned score weights or null).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ class PromptLearningConfig:
     max_negatives: int = 15  # cap on negatives per image when there are many captions (random subset)
     seed: int = 0
     attention_layers: list[str] | None = None  # scored layers; None = DESIGN §3 default
+    score_weights: bool = False  # also learn how much each scored layer counts (softmax weights, start uniform)
 
 
 # --- the pieces -----------------------------------------------------------------------------------
@@ -172,10 +178,12 @@ def select_shots(captions: list[str], shots: int, seed: int = 0) -> np.ndarray:
 
 
 # --- training --------------------------------------------------------------------------------------
-def attention_score(scoring_unet: ScoringUNet, x_t: torch.Tensor, t: int, emb: torch.Tensor) -> torch.Tensor:
-    """(B,) DSD attention score: mean over the captured layers (each already mean over heads and pixels)."""
+def attention_score(scoring_unet: ScoringUNet, x_t: torch.Tensor, t: int, emb: torch.Tensor,
+                    layer_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) DSD attention score: the captured layers' scores (each a mean over heads and pixels) pooled
+    by their mean, or by ``layer_weights`` (layers,) when given."""
     _, scores, *_ = scoring_unet(x_t, torch.full((len(x_t),), float(t)), emb)
-    return scores.mean(dim=1)
+    return scores.mean(dim=1) if layer_weights is None else scores @ layer_weights
 
 
 def train_prompts(model_dir: str | Path, pairs: Pairs, out_dir: str | Path, config: PromptLearningConfig | None = None,
@@ -208,7 +216,13 @@ def train_prompts(model_dir: str | Path, pairs: Pairs, out_dir: str | Path, conf
     scoring_unet = ScoringUNet(comp.unet, cfg.attention_layers).eval()  # no dropout: the no-grad pass = the grad pass
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(cfg.seed))  # one fixed ε per image
     abar = comp.alphas_cumprod.float()
-    optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    logits = torch.zeros(len(scoring_unet.attention_layers), requires_grad=True) if cfg.score_weights else None
+
+    def weights() -> torch.Tensor | None:
+        return None if logits is None else logits.softmax(0)
+
+    optimiser = torch.optim.AdamW(params + ([logits] if cfg.score_weights else []), lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
     B, P = min(cfg.batch_size, len(x0)), len(vocab)
     N = min(P - 1, cfg.max_negatives)
@@ -223,9 +237,11 @@ def train_prompts(model_dir: str | Path, pairs: Pairs, out_dir: str | Path, conf
             # The hinge's (sub)gradient flows only through the positive and the hardest negative, so find
             # that negative without a graph, then backpropagate through 2B passes instead of B(N+1).
             with torch.no_grad():
-                neg = attention_score(scoring_unet, x_t.repeat_interleave(N, dim=0), t, emb[negatives.flatten()])
+                neg = attention_score(scoring_unet, x_t.repeat_interleave(N, dim=0), t, emb[negatives.flatten()],
+                                      weights())
             hardest = negatives[torch.arange(B), neg.view(B, N).argmax(dim=1)]  # (B,)
-            scores = attention_score(scoring_unet, torch.cat([x_t, x_t]), t, emb[torch.cat([target[batch], hardest])])
+            scores = attention_score(scoring_unet, torch.cat([x_t, x_t]), t, emb[torch.cat([target[batch], hardest])],
+                                     weights())
             loss = hinge_loss(scores[:B], scores[B:, None], cfg.margin)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -242,6 +258,7 @@ def train_prompts(model_dir: str | Path, pairs: Pairs, out_dir: str | Path, conf
         "pairs": len(index), "captions": vocab, "shot_indices": index.tolist(),
         "timestep_sampling": f"uniform integer in [0, {comp.num_train_timesteps}) per step",
         "noise": "one fixed ε per training image from torch.Generator(seed), shared by its captions",
+        "score_weights": None if logits is None else dict(zip(scoring_unet.attention_layers, weights().tolist())),
         "loss": losses, "final_loss_mean20": float(np.mean(losses[-20:])),
         "wall_time_s": round(seconds, 2), "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,

@@ -79,14 +79,16 @@ def demo_model() -> Path:
 
 @pytest.fixture
 def run_cli(monkeypatch, capsys):
-    """Run `diffscore ARGS...` in this process; returns (exit code, stderr) for the one-line-error checks."""
+    """Run `diffscore ARGS...` in this process; returns (exit code, stderr), 0 when it returns normally."""
 
     def run(*args) -> tuple[int, str]:
         from diffscore.engine import cli
 
         monkeypatch.setattr(sys, "argv", ["diffscore", *map(str, args)])
-        with pytest.raises(SystemExit) as exit_info:
+        try:
             cli.main()
-        return exit_info.value.code, capsys.readouterr().err
+        except SystemExit as exit_info:
+            return exit_info.code or 0, capsys.readouterr().err
+        return 0, capsys.readouterr().err
 
     return run

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from diffscore.kernels import StagedPruning, add_noise, class_ranking, denoising_error, shared_noise, stage_timesteps
+from diffscore.kernels import (StagedPruning, add_noise, class_ranking, denoising_error, pool_layer_scores, shared_noise,
+                               stage_timesteps)
 from diffscore.kernels.timesteps import dsd_timesteps
 
 
@@ -45,6 +46,15 @@ def test_error_reductions_match_torch():
         np.testing.assert_allclose(denoising_error(e, h, loss), want, rtol=1e-6)
     with pytest.raises(ValueError):
         denoising_error(e, h, "l3")
+
+
+def test_layer_pooling_is_the_mean_or_the_weighted_sum():
+    scores = np.random.default_rng(0).standard_normal((4, 6, 3), dtype=np.float32)  # (..., layers)
+    np.testing.assert_allclose(pool_layer_scores(scores), scores.mean(-1), rtol=1e-6)
+    np.testing.assert_allclose(pool_layer_scores(scores, np.full(3, 1 / 3)), scores.mean(-1), rtol=1e-6)
+    w = np.array([0.5, 0.3, 0.2])
+    want = 0.5 * scores[..., 0] + 0.3 * scores[..., 1] + 0.2 * scores[..., 2]
+    np.testing.assert_allclose(pool_layer_scores(scores, w), want, rtol=1e-6)
 
 
 def test_pruning_keeps_the_right_candidates():

@@ -1,5 +1,6 @@
 """Prompt learning: the hinge loss, the LoRA merge (merged forward = adapter forward), seeded
-determinism, export with the adapter merged (engine = torch reference with the adapter), CLI errors."""
+determinism, export with the adapter merged (engine = torch reference with the adapter), learned
+per-layer score weights (trained, recorded, used by the engine and the parity suite), CLI errors."""
 
 import json
 import sys
@@ -185,3 +186,49 @@ def test_parity_suite_compares_with_the_adapted_reference(tiny_models, trained_r
     manifest.adapters.pop("prompt_learning")  # forget the adapter: the plain reference no longer matches
     manifest.save(engine_dir)
     assert not run_parity(engine_dir, n_images=0, echo=lambda line: None)
+
+
+def test_score_weights_are_learned_exported_and_used(run_cli, tiny_models, pairs_file, tmp_path):
+    """--score-weights: a convex weight per scored layer, moved off uniform by training, recorded in the
+    manifest, and the engine's DSD scores = the torch reference's with the adapter and those weights."""
+    from diffscore.export.parity import run_parity
+
+    run = tmp_path / "run"
+    code, err = run_cli(*train_cli_args(tiny_models["pixel"], pairs_file, run), "--score-weights")
+    assert code == 0, err
+    learned = json.loads((run / "training_log.json").read_text())["score_weights"]
+    w = np.array(list(learned.values()))
+    assert len(w) >= 2 and abs(w.sum() - 1) < 1e-6 and (w > 0).all()
+    assert np.ptp(w) > 1e-4, "training should move the weights off the uniform start"
+
+    code, err = run_cli("export", tiny_models["pixel"], tmp_path / "eng", "--adapters", run)
+    assert code == 0, err
+    eng = diffscore.load(tmp_path / "eng", backend="ort-cpu")
+    assert list(learned) == eng.manifest.attention_layers
+    assert eng.manifest.adapters["prompt_learning"]["score_weights"] == learned
+    np.testing.assert_allclose(eng.layer_weights, w, rtol=1e-6)
+    images = random_pairs(seed=5).images[:3]
+    got = eng.match(images, CAPTIONS, steps=3, seed=2)
+
+    comp = load_components(tiny_models["pixel"])
+    load_adapters(comp.unet, run)
+    scorer = ScoringUNet(comp.unet, eng.manifest.attention_layers)
+    want = match_reference(comp, scorer, images, CAPTIONS, steps=3, seed=2, layer_weights=learned)
+    mean = match_reference(comp, scorer, images, CAPTIONS, steps=3, seed=2)
+    np.testing.assert_allclose(got, want, rtol=PARITY_RTOL)
+    # 3 steps move the weights a little; the engine must still be far closer to weighted than to mean pooling
+    assert np.abs(want - mean).max() > 100 * np.abs(got - want).max(), "the engine should pool with the weights"
+
+    lines = []
+    assert run_parity(tmp_path / "eng", n_images=0, echo=lines.append), lines
+    assert any("match (prompt learning)" in line and line.startswith("PASSED") for line in lines), lines
+
+
+def test_export_refuses_other_layers_than_the_weights_were_learned_on(run_cli, tiny_models, pairs_file, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli(*train_cli_args(tiny_models["pixel"], pairs_file, run), "--score-weights", "--steps", 1)[0] == 0
+    layers = json.loads((run / "training_log.json").read_text())["config"]["attention_layers"]
+    code, err = run_cli("export", tiny_models["pixel"], tmp_path / "eng", "--adapters", run,
+                        "--attention-layers", layers[0])
+    assert code == 1 and "learned score weights" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "eng").exists()
