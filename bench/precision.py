@@ -1,13 +1,14 @@
 """fp32 vs fp16 vs int8 UNet on ONNX Runtime CPU for the demo classification job, in one run:
 images/s, ratio to fp32, held-out accuracy and top-1 agreement with fp32.
 
-    .venv/bin/python bench/precision.py [--limit N] [--rounds R] [--profile] [--update-readme]
+    .venv/bin/python bench/precision.py [--limit N] [--rounds R] [--profile] [--smoothquant A] [--update-readme]
 
 The held-out digits are split into R chunks and the precisions take turns on each chunk, so a load
 change on a shared machine hits all of them alike. The engines run as `diffscore.load` sets them up
 (on this CPU: concurrent single-threaded runs of one session). The INT8 UNet is the engine's own
 (`diffscore calibrate --demo` defaults, run here first if the engine has none): calibrated and gated on
-training digits only. --profile adds where the UNet time goes per op type (fp32 vs int8, one thread,
+training digits only; one more INT8 row is the same calibration with SmoothQuant-style scaling at α = A
+(default 0.5) on a copy of the engine. --profile adds where the UNet time goes per op type (fp32 vs int8, one thread,
 one batch) and the int8/fp32 throughput of a plain GEMM on this CPU: what bounds the INT8 speed-up.
 Writes bench/results/precision.json; --update-readme fills README's precision table.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -39,6 +41,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N held-out images (default: all)")
     parser.add_argument("--rounds", type=int, default=5, help="chunks the precisions take turns on")
     parser.add_argument("--profile", action="store_true", help="also profile the UNet per op type and a plain GEMM")
+    parser.add_argument("--smoothquant", type=float, default=0.5, metavar="ALPHA",
+                        help="add an INT8 row calibrated with SmoothQuant-style scaling at this α (0: no such row)")
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()
 
@@ -48,11 +52,19 @@ def main() -> None:
     images, truth = list(split.test_images[: args.limit]), split.test_labels[: args.limit]
     labels = list(CLASS_NAMES)
     engines = {p: diffscore.load(engine_dir, backend="ort-cpu", precision=p) for p in PRECISIONS}
+    scratch = tempfile.TemporaryDirectory(prefix="diffscore-precision-")
+    if args.smoothquant:  # the same calibration on a copy of the engine, smoothed first
+        from diffscore.calibration.pipeline import calibrate
+
+        smoothed_dir = shutil.copytree(engine_dir, Path(scratch.name) / "engine")
+        calibrate(smoothed_dir, demo=True, smoothquant_alpha=args.smoothquant, progress=True)
+        engines[f"int8 + SmoothQuant α={args.smoothquant:g}"] = diffscore.load(smoothed_dir, backend="ort-cpu",
+                                                                               precision="int8")
     for engine in engines.values():
         engine.classify(images[:2], labels)  # warm-up: sessions, prompt cache
 
-    seconds = dict.fromkeys(PRECISIONS, 0.0)
-    predicted: dict[str, list[int]] = {p: [] for p in PRECISIONS}
+    seconds = dict.fromkeys(engines, 0.0)
+    predicted: dict[str, list[int]] = {p: [] for p in engines}
     for chunk in np.array_split(np.arange(len(images)), args.rounds):
         batch = [images[i] for i in chunk]
         for p, engine in engines.items():
@@ -65,7 +77,7 @@ def main() -> None:
 
     ref = np.array(predicted["fp32"])
     rows = {}
-    for p in PRECISIONS:
+    for p in engines:
         got = np.array(predicted[p])
         rows[p] = {"images_per_s": len(images) / seconds[p], "ratio_to_fp32": seconds["fp32"] / seconds[p],
                    "accuracy": float((got == truth).mean()), "agreement_with_fp32": float((got == ref).mean()),
@@ -93,6 +105,7 @@ def main() -> None:
     if args.profile:
         print(json.dumps(result["profile"], indent=1))
     publish("precision", result, table, args.update_readme)
+    scratch.cleanup()
 
 
 def workers(engine) -> int:

@@ -60,23 +60,26 @@ def source_images(images: Path | None, demo: bool, labels: list[str] | None):
 def calibrate(engine_dir: str | Path, *, images: Path | None = None, demo: bool = False, labels: list[str] | None = None,
               samples: int = DEFAULT_SAMPLES, method: str = "minmax", seed: int = 0, report: bool = False,
               auto: bool = False, validation: int = DEFAULT_VALIDATION, keep_float: list[str] | None = None,
-              progress: bool = False) -> CalibrationResult:
+              smoothquant_alpha: float | None = None, progress: bool = False) -> CalibrationResult:
     """Calibrate, quantize, check decisions and record the INT8 UNet in `engine_dir`.
 
     keep_float: substrings of layer names to keep in float (default quantize.DEFAULT_FLOAT; [] for none).
     validation: images held out of calibration for the decision gate (0: no gate).
+    smoothquant_alpha: rescale LayerNorm -> linear layers first (calibration/smoothquant.py); None: off.
     """
     if importlib.util.find_spec("onnx") is None:
         raise EngineError("`diffscore calibrate` needs the onnx package: pip install onnx (or 'diffscore[torch]')")
     import onnx
 
-    from diffscore.calibration import dataset, quantize, sensitivity
+    from diffscore.calibration import dataset, quantize, sensitivity, smoothquant
     from diffscore.engine.engine import check_labels
 
     engine_dir = Path(engine_dir)
     manifest = Manifest.load(engine_dir)
     if method not in quantize.METHODS:
         raise EngineError(f"unknown calibration method {method!r}; choose from {', '.join(quantize.METHODS)}")
+    if smoothquant_alpha is not None and not 0 < smoothquant_alpha < 1:
+        raise EngineError(f"--smoothquant takes α in (0, 1) (0.5 is the usual), got {smoothquant_alpha}")
     if samples < dataset.MIN_SAMPLES:
         raise EngineError(f"--samples {samples} is too few for stable INT8 ranges; give at least {dataset.MIN_SAMPLES}")
     pool, source, labels = source_images(images, demo, labels)
@@ -97,6 +100,10 @@ def calibrate(engine_dir: str | Path, *, images: Path | None = None, demo: bool 
         cal = dataset.collect(swap.engine, [pool[i] for i in cal_ids], labels, samples, seed=seed, source=source,
                               image_ids=cal_ids, progress=progress)
         cal.save(work / dataset.CALIBRATION_FILE)
+        smoothed = []
+        if smoothquant_alpha is not None:  # quantize a smoothed copy: the same function, easier activations
+            smoothed = smoothquant.smooth_file(fp32_path, cal, work / "unet.smoothed.onnx", smoothquant_alpha)
+            fp32_path = work / "unet.smoothed.onnx"
         layers = quantize.quantizable_layers(onnx.load(str(fp32_path), load_external_data=False))
         keep = quantize.select_float(layers, quantize.DEFAULT_FLOAT if keep_float is None else keep_float)
         ranges = work / "ranges.json"
@@ -126,7 +133,8 @@ def calibrate(engine_dir: str | Path, *, images: Path | None = None, demo: bool 
             want = swap.use(None).scores(images, labels)
             got = swap.use(model).scores(images, labels)
             total = sensitivity.LayerSensitivity("unet.int8", *sensitivity.score_error(got, want))
-        result = _install(engine_dir, manifest, work, model, cal, method=method, keep=keep, gate=gate, auto=auto)
+        result = _install(engine_dir, manifest, work, model, cal, method=method, keep=keep, gate=gate, auto=auto,
+                          smoothquant={"alpha": smoothquant_alpha, "norms": smoothed} if smoothed else None)
     finally:
         swap.close()
         shutil.rmtree(work, ignore_errors=True)
@@ -134,7 +142,8 @@ def calibrate(engine_dir: str | Path, *, images: Path | None = None, demo: bool 
                              gate, rows, steps, total)
 
 
-def _install(engine_dir: Path, manifest: Manifest, work: Path, model, cal, *, method, keep, gate, auto) -> dict:
+def _install(engine_dir: Path, manifest: Manifest, work: Path, model, cal, *, method, keep, gate, auto,
+             smoothquant: dict | None) -> dict:
     """Move the calibration set and the INT8 graph into the engine directory and record them."""
     from diffscore.calibration.dataset import CALIBRATION_FILE
     from diffscore.export.onnx_export import save_graph
@@ -152,7 +161,7 @@ def _install(engine_dir: Path, manifest: Manifest, work: Path, model, cal, *, me
     record = {
         "file": CALIBRATION_FILE, "sha256": sha256_files([path]), "size": path.stat().st_size, "samples": len(cal),
         "method": method, **{k: cal.meta[k] for k in ("seed", "source", "labels", "template", "stages", "dsd_steps")},
-        "graph": INT8_GRAPH, "float_layers": list(keep), "auto": auto,
+        "graph": INT8_GRAPH, "float_layers": list(keep), "auto": auto, "smoothquant": smoothquant,
         "gate": None if gate is None else {"agreement": gate.agreement, "images": gate.images,
                                            "min_agreement": gate.min_agreement},
     }

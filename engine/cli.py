@@ -311,6 +311,8 @@ def calibrate(
     validation: int = typer.Option(100, help="images held out of calibration for the decision gate (0: no gate)"),
     keep_float: Optional[str] = typer.Option(None, help="layers to keep in float, name substrings comma separated "
                                              "(default: time_embedding,conv_in,conv_out,conv_shortcut; 'none')"),
+    smoothquant: Optional[float] = typer.Option(None, "--smoothquant", metavar="ALPHA", help="SmoothQuant-style scaling "
+                                                "of LayerNorm -> linear layers before quantizing, α in (0, 1), e.g. 0.5"),
 ):
     """INT8 UNet: calibrate on real scoring inputs, quantize (Q/DQ), gate on decisions, record in the engine."""
     from diffscore.calibration.pipeline import calibrate as run_calibration
@@ -318,7 +320,8 @@ def calibrate(
     label_list = read_labels(labels, labels_file) if labels is not None or labels_file is not None else None
     patterns = None if keep_float is None else [p.strip() for p in keep_float.split(",") if p.strip() and p.strip() != "none"]
     res = run_calibration(engine, images=images, demo=demo, labels=label_list, samples=samples, method=method, seed=seed,
-                          report=report, auto=auto, validation=validation, keep_float=patterns, progress=True)
+                          report=report, auto=auto, validation=validation, keep_float=patterns,
+                          smoothquant_alpha=smoothquant, progress=True)
     if res.sensitivity:
         table = Table(title="INT8 sensitivity: each layer quantized alone, most sensitive first")
         table.add_column("layer", overflow="fold")

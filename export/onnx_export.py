@@ -187,13 +187,19 @@ def export_graph(module, sample, inputs, outputs, out_dir: Path, name: str) -> G
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def save_graph(model: onnx.ModelProto, out_dir: Path, file: str, inputs, outputs, precision: str) -> GraphSpec:
-    """Save (external data above 2 GB, in one `<file>.data`) and describe the graph for the manifest."""
+def write_onnx(model: onnx.ModelProto, path: Path) -> list[str]:
+    """Save a graph, its weights as external data in one `<name>.data` above 2 GB; returns the data files."""
     # ModelProto.ByteSize() itself fails past 2 GB, so size the weights one tensor at a time
     large = sum(t.ByteSize() for t in model.graph.initializer) > PROTOBUF_LIMIT - (64 << 20)
-    data_files = [f"{file}.data"] if large else []
-    onnx.save_model(model, str(out_dir / file), save_as_external_data=large, all_tensors_to_one_file=True,
+    data_files = [f"{Path(path).name}.data"] if large else []
+    onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
                     location=data_files[0] if large else None)
+    return data_files
+
+
+def save_graph(model: onnx.ModelProto, out_dir: Path, file: str, inputs, outputs, precision: str) -> GraphSpec:
+    """Save (external data above 2 GB, in one `<file>.data`) and describe the graph for the manifest."""
+    data_files = write_onnx(model, out_dir / file)
     paths = [out_dir / f for f in [file, *data_files]]
     return GraphSpec(file=file, sha256=sha256_files(paths), size=sum(p.stat().st_size for p in paths),
                      precision=precision, inputs=list(inputs), outputs=list(outputs), data_files=data_files)

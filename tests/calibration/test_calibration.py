@@ -114,6 +114,42 @@ def test_qdq_structure(engine_dir, calibrated):
     assert unsupported_ops(model) == {}  # TensorRT parses Q/DQ: `build-trt --precision int8` can take it
 
 
+def test_smoothquant_keeps_the_function_and_balances_ranges(engine_dir, calibrated):
+    import onnxruntime as ort
+
+    from diffscore.calibration import smoothquant
+
+    cal = dataset.CalibrationSet.load(engine_dir / "calibration.npz")
+    model = onnx.load(str(engine_dir / "unet.onnx"))
+    smoothed, norms = smoothquant.smooth(model, cal, alpha=0.5)
+    assert len(norms) == sum(n.op_type == "LayerNormalization" for n in model.graph.node)  # every block norm
+    feed = next(cal.feeds(8))
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)  # noqa: E731
+    for want, got in zip(run(model), run(smoothed)):  # the same function (ε̂ and the attention scores)
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    # α = 0.5 sets s = sqrt(max|X| / max|W|) per channel, so afterwards each input channel's activation
+    # range equals the largest weight it meets: measured again on the smoothed graph
+    groups = smoothquant.smoothable_groups(smoothed)
+    amax = smoothquant.activation_channel_max(smoothed, cal, [norm.output[0] for norm, _ in groups])
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in smoothed.graph.initializer}
+    for norm, matmuls in groups:
+        wmax = np.max([np.abs(inits[m.input[1]]).max(axis=1) for m in matmuls], axis=0)
+        np.testing.assert_allclose(amax[norm.output[0]], wmax, rtol=1e-4)
+
+
+def test_calibrate_with_smoothquant(engine_dir, calibrated, tmp_path):
+    import shutil
+
+    engine = shutil.copytree(engine_dir, tmp_path / "engine")
+    result = calibrate(engine, demo=True, samples=SAMPLES, validation=VALIDATION, seed=0, smoothquant_alpha=0.5)
+    record = Manifest.load(engine).defaults["calibration"]
+    assert record["smoothquant"]["alpha"] == 0.5 and len(record["smoothquant"]["norms"]) > 0
+    assert result.gate.passed and set(result.quantized) == set(calibrated.quantized)
+    assert Manifest.load(engine_dir).defaults["calibration"]["smoothquant"] is None  # off by default
+    got = diffscore.load(engine, backend="ort-cpu", precision="int8").classify(list(load_digits_split().train_images[-2:]), LABELS)
+    assert len(got) == 2
+
+
 def test_decision_gate(engine_dir, calibrated):
     assert calibrated.gate.passed and calibrated.gate.images == VALIDATION
     assert Manifest.load(engine_dir).defaults["calibration"]["gate"]["agreement"] >= 0.99
@@ -173,6 +209,7 @@ def test_auto_keeps_most_sensitive_layers_until_gate_holds(monkeypatch):
     (["--demo", "--labels", "cat,dog"], "does not match"),
     (["--demo", "--samples", "4"], "too few"),
     (["--demo", "--method", "kl"], "unknown calibration method"),
+    (["--demo", "--smoothquant", "1.5"], "--smoothquant takes α in (0, 1)"),
     (["--demo", "--images", "{folder}", "--labels", "a"], "exactly one of --images DIR or --demo"),
     (["--images", "{one}", "--labels", "a,b"], "too few to hold some out"),
 ])
