@@ -337,6 +337,9 @@ def calibrate(
     if res.gate is not None:
         out.print(str(res.gate))
     out.print(f"float layers ({len(res.float_layers)}): {', '.join(res.float_layers) or '-'}")
+    if res.record.get("smoothquant"):
+        sq = res.record["smoothquant"]
+        out.print(f"SmoothQuant α={sq['alpha']:g}: {len(sq['norms'])} LayerNorms rescaled with the linear layers they feed")
     out.print(f"[green]wrote[/] {res.graph.file} ({len(res.quantized)} int8 layers, {res.record['method']}, "
               f"{res.record['samples']} samples) and {res.record['file']} in {engine}")
 
