@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffscore.engine.images import IMAGE_SUFFIXES, image_files
 from diffscore.engine.manifest import EngineError
 from diffscore.kernels import add_noise, dsd_timesteps, shared_noise, stage_timesteps
 
@@ -23,7 +24,6 @@ log = logging.getLogger("diffscore")
 
 CALIBRATION_FILE = "calibration.npz"
 MIN_SAMPLES = 16  # fewer UNet inputs than this give ranges that depend on which ones were drawn
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 WORKLOADS = ("classify", "match")  # workload[i] indexes this
 
 
@@ -74,7 +74,7 @@ def list_images(folder: Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise EngineError(f"image folder {folder} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(folder)
     if not files:
         raise EngineError(f"image folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}); give a folder of "
                           "images like the ones you will score, or --demo")

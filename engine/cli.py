@@ -63,14 +63,17 @@ def parse_steps(text: str) -> list[int]:
         raise EngineError(f"--steps {text!r} is not like '50,200' (noise steps, comma separated integers)") from None
 
 
-def read_labels(labels: str | None, labels_file: Path | None) -> list[str]:
+def read_labels(labels: str | None, labels_file: Path | None, required: bool = True) -> list[str] | None:
+    """--labels or --labels-file (exactly one); None when neither is given and they are optional."""
+    if not required and labels is None and labels_file is None:
+        return None
     if (labels is None) == (labels_file is None):
         raise EngineError("give exactly one of --labels a,b,c or --labels-file FILE")
     if labels_file is not None:
         if not labels_file.is_file():
             raise EngineError(f"labels file {labels_file} does not exist")
         return [line.strip() for line in labels_file.read_text().splitlines() if line.strip()]
-    return [x.strip() for x in labels.split(",") if x.strip()]
+    return split(labels) or []
 
 
 def emit(rows: list[dict], fmt: str, title: str = "") -> None:
@@ -110,10 +113,7 @@ def classify(
     """Classify images: the zero-shot Diffusion Classifier (default) or a trained head (--method head)."""
     import diffscore
 
-    if method == "head":
-        label_list = read_labels(labels, labels_file) if labels is not None or labels_file is not None else None
-    else:
-        label_list = read_labels(labels, labels_file)
+    label_list = read_labels(labels, labels_file, required=method != "head")  # a head has its own labels
     eng = diffscore.load(engine, backend=backend, precision=precision)
     results = eng.classify([str(p) for p in images], label_list, method=method, head=head, template=template,
                            stages=parse_stages(stages), loss=loss, seed=seed, batch_size=batch_size, progress=True)
@@ -317,8 +317,8 @@ def calibrate(
     """INT8 UNet: calibrate on real scoring inputs, quantize (Q/DQ), gate on decisions, record in the engine."""
     from diffscore.calibration.pipeline import calibrate as run_calibration
 
-    label_list = read_labels(labels, labels_file) if labels is not None or labels_file is not None else None
-    patterns = None if keep_float is None else [p.strip() for p in keep_float.split(",") if p.strip() and p.strip() != "none"]
+    label_list = read_labels(labels, labels_file, required=False)  # --demo brings its own
+    patterns = None if keep_float is None else [p for p in split(keep_float) or [] if p != "none"]
     res = run_calibration(engine, images=images, demo=demo, labels=label_list, samples=samples, method=method, seed=seed,
                           report=report, auto=auto, validation=validation, keep_float=patterns,
                           smoothquant_alpha=smoothquant, progress=True)

@@ -3,7 +3,6 @@ next to a logistic-regression baseline trained on the same training split."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from diffscore.engine.digits import CLASS_NAMES, DEFAULT_TEMPLATE, load_digits_split
-from diffscore.engine.manifest import EngineError, Manifest
+from diffscore.engine.manifest import EngineError, Manifest, folder_sha256
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo"
 # Chosen on a validation split carved from the training digits (models/train_demo.py's report).
@@ -25,8 +24,6 @@ def cache_root() -> Path:
 
 def demo_engine_dir(model_dir: Path = DEMO_MODEL, precisions=("fp32",)) -> Path:
     """Export the demo model on first use; later calls reuse it (keyed by the model's content hash)."""
-    from diffscore.export.onnx_export import folder_sha256  # needs the torch extra only on first use
-
     if not (model_dir / "model_index.json").is_file():
         raise EngineError(f"the demo model is missing at {model_dir}")
     digest = folder_sha256(model_dir)

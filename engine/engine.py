@@ -340,6 +340,7 @@ class Engine:
         noise = shared_noise(seed, len(ts), tuple(x0.shape[1:]))
         numel = int(np.prod(x0.shape[1:]))
         K, P = len(ts), len(prompts)
+        layer_weights = self.layer_weights
         out = np.empty((len(x0), len(texts)), dtype=np.float64)
         with progress_bar("match", len(x0), progress) as advance:
             for lo in range(0, len(x0), IMAGE_WINDOW):
@@ -350,7 +351,7 @@ class Engine:
                 img, prm, k = np.meshgrid(np.arange(w), np.arange(P), np.arange(K), indexing="ij")
                 pairs = _Pairs(xt, (img * K + k).ravel(), ts[k.ravel()].astype(np.float32), prm.ravel(), k.ravel())
                 l2, scores = self._run_pairs(pairs, emb, noise, "l2", batch_size)
-                attn = pool_layer_scores(scores, self.layer_weights).reshape(w, P, K)[:, : len(texts)]
+                attn = pool_layer_scores(scores, layer_weights).reshape(w, P, K)[:, : len(texts)]
                 score = attn
                 if use_bias:
                     norm = np.sqrt(l2.astype(np.float64) * numel).reshape(w, P, K)  # ||ε - ε̂||₂

@@ -67,6 +67,11 @@ def preprocess_batch(images, size: int, channels: int) -> np.ndarray:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
+def image_files(folder: Path) -> list[Path]:
+    """Image files directly in `folder`, sorted by name (the order seeds permute)."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def image_folder(folder: str | Path) -> tuple[list[Path], list[int], list[str]]:
     """(image paths, label indices, class names) of a folder with one subfolder per class (name = label)."""
     folder = Path(folder)
@@ -77,7 +82,7 @@ def image_folder(folder: str | Path) -> tuple[list[Path], list[int], list[str]]:
         raise EngineError(f"data folder {folder} has no class subfolders; put each class's images in {folder}/<label>/")
     paths, labels = [], []
     for i, name in enumerate(classes):
-        files = sorted(p for p in (folder / name).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = image_files(folder / name)
         if not files:
             raise EngineError(f"class folder {folder / name} has no images ({' '.join(IMAGE_SUFFIXES)})")
         paths += files

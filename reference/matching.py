@@ -17,6 +17,11 @@ from diffscore.reference.loading import Components, encode_images, encode_prompt
 from diffscore.reference.scoring_unet import ScoringUNet
 
 
+def pool_layers(scores: torch.Tensor, layer_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, layers) -> (B,): the layers' mean, or their weighted sum (torch twin of kernels.pool_layer_scores)."""
+    return scores.mean(dim=1) if layer_weights is None else scores @ layer_weights
+
+
 @torch.no_grad()
 def match_reference(comp: Components, scoring_unet: ScoringUNet, images, texts: list[str], steps: int = 10,
                     bias_weight: float = 0.0, seed: int = 0, layer_weights: dict[str, float] | None = None) -> np.ndarray:
@@ -36,8 +41,7 @@ def match_reference(comp: Components, scoring_unet: ScoringUNet, images, texts: 
         x_t = a * x0[None] + s * noise  # (K, C, H, W)
         def run(j):
             eps_hat, attn, *_ = scoring_unet(x_t, ts.float(), emb[j : j + 1].expand(K, -1, -1))
-            pooled = attn.mean(dim=1) if w is None else attn @ w
-            return pooled.double(), (noise - eps_hat).flatten(1).double().norm(dim=1)
+            return pool_layers(attn, w).double(), (noise - eps_hat).flatten(1).double().norm(dim=1)
         _, null_norm = run(len(texts)) if bias_weight else (None, None)
         for j in range(len(texts)):
             attn, norm = run(j)

@@ -32,6 +32,7 @@ from diffscore.engine.images import preprocess_batch
 from diffscore.engine.manifest import EngineError, sha256_files
 from diffscore.engine.progress import progress_bar
 from diffscore.reference.loading import Components, encode_images, encode_prompts, load_components
+from diffscore.reference.matching import pool_layers
 from diffscore.reference.scoring_unet import ScoringUNet
 
 log = logging.getLogger("diffscore")
@@ -183,7 +184,7 @@ def attention_score(scoring_unet: ScoringUNet, x_t: torch.Tensor, t: int, emb: t
     """(B,) DSD attention score: the captured layers' scores (each a mean over heads and pixels) pooled
     by their mean, or by ``layer_weights`` (layers,) when given."""
     _, scores, *_ = scoring_unet(x_t, torch.full((len(x_t),), float(t)), emb)
-    return scores.mean(dim=1) if layer_weights is None else scores @ layer_weights
+    return pool_layers(scores, layer_weights)
 
 
 def train_prompts(model_dir: str | Path, pairs: Pairs, out_dir: str | Path, config: PromptLearningConfig | None = None,
