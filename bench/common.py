@@ -80,12 +80,13 @@ def publish(name: str, result: dict, table: list[str], readme: bool) -> Path:
 def demo_engine_all_precisions() -> Path:
     """The demo engine with fp32, fp16 and the INT8 UNet that `diffscore calibrate --demo` makes with its
     defaults (calibrated and gated on training digits only), calibrating first if the engine has none."""
-    from diffscore.engine.demo import demo_engine_dir
+    from diffscore.app.demo import demo_engine_dir
     from diffscore.engine.manifest import Manifest
 
     engine_dir = demo_engine_dir(precisions=("fp32", "fp16"))
     if "unet.int8" not in Manifest.load(engine_dir).graphs:
+        from diffscore.app.digits import CLASS_NAMES, training_images
         from diffscore.calibration.pipeline import calibrate
 
-        calibrate(engine_dir, demo=True, progress=True)
+        calibrate(engine_dir, images=training_images(), labels=list(CLASS_NAMES), source="demo training digits", progress=True)
     return engine_dir

@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
 
 import diffscore  # noqa: E402
-from diffscore.engine.demo import demo_engine_dir  # noqa: E402
-from diffscore.engine.digits import CLASS_NAMES, DEFAULT_TEMPLATE, load_digits_split  # noqa: E402
+from diffscore.app.demo import demo_engine_dir  # noqa: E402
+from diffscore.app.digits import CLASS_NAMES, DEFAULT_TEMPLATE, load_digits_split  # noqa: E402
 from diffscore.export.fp16 import FP32_OPS, fp16_sensitivity  # noqa: E402
 from diffscore.kernels import add_noise  # noqa: E402
 

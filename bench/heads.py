@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, machine_line, publish  # noqa: E402
 
 import diffscore  # noqa: E402
-from diffscore.engine.demo import DEMO_LOSS, DEMO_MODEL, DEMO_STAGES, cache_root  # noqa: E402
-from diffscore.engine.digits import CLASS_NAMES, DEFAULT_TEMPLATE, load_digits_split  # noqa: E402
+from diffscore.app.demo import DEMO_LOSS, DEMO_MODEL, DEMO_STAGES, cache_root  # noqa: E402
+from diffscore.app.digits import CLASS_NAMES, DEFAULT_TEMPLATE, load_digits_split  # noqa: E402
 
 # Chosen on the validation slice of the training digits (10%, seeded), never on the held-out ones;
 # validation accuracy / loss (136 images, 60 epochs): DifFormer down_blocks.1 + mid_block at t = 50, 200

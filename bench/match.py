@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, machine_line, publish  # noqa: E402
 
 import diffscore  # noqa: E402
-from diffscore.engine.demo import DEMO_LOSS, DEMO_MODEL, DEMO_STAGES, demo_engine_dir  # noqa: E402
-from diffscore.engine.digits import CLASS_NAMES, DEFAULT_TEMPLATE, caption, load_digits_split  # noqa: E402
+from diffscore.app.demo import DEMO_LOSS, DEMO_MODEL, DEMO_STAGES, demo_engine_dir  # noqa: E402
+from diffscore.app.digits import CLASS_NAMES, DEFAULT_TEMPLATE, caption, load_digits_split  # noqa: E402
 
 # 4 hard negatives per class: the digits most alike in shape (hand-picked, symmetric where it can be)
 NEGATIVES = {

@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import demo_engine_all_precisions, machine, machine_line, update_readme, write_result  # noqa: E402
 
+from diffscore.app.demo import demo_parity_inputs  # noqa: E402
 from diffscore.export.parity import run_parity  # noqa: E402
 
 
@@ -23,7 +24,8 @@ def main() -> None:
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()
     lines: list[str] = []
-    ok = run_parity(demo_engine_all_precisions(), n_images=args.images, echo=lines.append)
+    engine_dir = demo_engine_all_precisions()
+    ok = run_parity(engine_dir, echo=lines.append, **demo_parity_inputs(engine_dir, args.images))
     path = write_result("parity", {"passed": ok, "images": args.images, "lines": lines})
     print("\n".join(lines))
     print(f"wrote {path}")

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import demo_engine_all_precisions, machine, machine_line, publish  # noqa: E402
 
 import diffscore  # noqa: E402
-from diffscore.engine.digits import CLASS_NAMES, load_digits_split  # noqa: E402
+from diffscore.app.digits import CLASS_NAMES, load_digits_split, training_images  # noqa: E402
 from diffscore.engine.manifest import Manifest  # noqa: E402
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -57,7 +57,7 @@ def main() -> None:
         from diffscore.calibration.pipeline import calibrate
 
         smoothed_dir = shutil.copytree(engine_dir, Path(scratch.name) / "engine")
-        calibrate(smoothed_dir, demo=True, smoothquant_alpha=args.smoothquant, progress=True)
+        calibrate(smoothed_dir, images=training_images(), labels=list(CLASS_NAMES), source="demo training digits", smoothquant_alpha=args.smoothquant, progress=True)
         engines[f"int8 + SmoothQuant α={args.smoothquant:g}"] = diffscore.load(smoothed_dir, backend="ort-cpu",
                                                                                precision="int8")
     for engine in engines.values():

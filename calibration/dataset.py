@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from diffscore.engine.images import IMAGE_SUFFIXES, image_files
-from diffscore.engine.manifest import EngineError
+from diffscore.errors import EngineError
 from diffscore.kernels import add_noise, dsd_timesteps, shared_noise, stage_timesteps
 
 log = logging.getLogger("diffscore")

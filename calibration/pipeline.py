@@ -14,7 +14,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffscore.engine.manifest import EngineError, GraphSpec, Manifest, sha256_files
+from diffscore.errors import EngineError
+from diffscore.engine.manifest import GraphSpec, Manifest, sha256_files
 
 log = logging.getLogger("diffscore")
 
@@ -37,32 +38,24 @@ class CalibrationResult:
     total: object | None = None  # sensitivity.LayerSensitivity of the written UNet (--report only)
 
 
-def source_images(images: Path | None, demo: bool, labels: list[str] | None):
-    """(pool of images, description, labels): a folder's image files, or the demo's TRAINING digits."""
-    if demo == (images is not None):
-        raise EngineError("give exactly one of --images DIR or --demo")
-    if demo:
-        from diffscore.engine.digits import CLASS_NAMES, load_digits_split
-
-        if labels is not None and list(labels) != list(CLASS_NAMES):
-            raise EngineError(f"the demo digits are labelled {', '.join(CLASS_NAMES)}; --labels {','.join(labels)!r} "
-                              "does not match them (leave --labels out with --demo)")
-        train = load_digits_split().train_images  # never the held-out split: it is for the final report
-        return list(train), "demo training digits", list(CLASS_NAMES)
-    from diffscore.calibration.dataset import list_images
-
+def source_images(images, labels: list[str] | None, source: str | None):
+    """(pool of images, description, labels): a folder's image files, or the caller's list of images."""
     if labels is None:
         raise EngineError("give the labels the engine will score: --labels a,b,c or --labels-file FILE")
-    files = list_images(images)
-    return files, f"images in {images}", list(labels)
+    if isinstance(images, (str, Path)):
+        from diffscore.calibration.dataset import list_images
+
+        return list_images(Path(images)), source or f"images in {images}", list(labels)
+    return list(images), source or f"{len(images)} images", list(labels)
 
 
-def calibrate(engine_dir: str | Path, *, images: Path | None = None, demo: bool = False, labels: list[str] | None = None,
+def calibrate(engine_dir: str | Path, *, images, labels: list[str] | None, source: str | None = None,
               samples: int = DEFAULT_SAMPLES, method: str = "minmax", seed: int = 0, report: bool = False,
               auto: bool = False, validation: int = DEFAULT_VALIDATION, keep_float: list[str] | None = None,
               smoothquant_alpha: float | None = None, progress: bool = False) -> CalibrationResult:
     """Calibrate, quantize, check decisions and record the INT8 UNet in `engine_dir`.
 
+    images: a folder of image files, or a list of images (paths or arrays); `source` describes them in the record.
     keep_float: substrings of layer names to keep in float (default quantize.DEFAULT_FLOAT; [] for none).
     validation: images held out of calibration for the decision gate (0: no gate).
     smoothquant_alpha: rescale LayerNorm -> linear layers first (calibration/smoothquant.py); None: off.
@@ -82,7 +75,7 @@ def calibrate(engine_dir: str | Path, *, images: Path | None = None, demo: bool 
         raise EngineError(f"--smoothquant takes α in (0, 1) (0.5 is the usual), got {smoothquant_alpha}")
     if samples < dataset.MIN_SAMPLES:
         raise EngineError(f"--samples {samples} is too few for stable INT8 ranges; give at least {dataset.MIN_SAMPLES}")
-    pool, source, labels = source_images(images, demo, labels)
+    pool, source, labels = source_images(images, labels, source)
     labels = check_labels(labels)
     if (report or auto) and validation < 1:
         raise EngineError("--report and --auto compare decisions on validation images; give --validation N > 0")

@@ -24,7 +24,7 @@ from pathlib import Path
 import onnx
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-from diffscore.engine.manifest import EngineError
+from diffscore.errors import EngineError
 
 log = logging.getLogger("diffscore")
 

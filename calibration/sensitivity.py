@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from diffscore.calibration.quantize import quantizable_layers, quantize_unet
-from diffscore.engine.manifest import EngineError
+from diffscore.errors import EngineError
 
 log = logging.getLogger("diffscore")
 

@@ -1,7 +1,7 @@
 """The lean runtime: numpy + ONNX Runtime or TensorRT. Never imports torch."""
 
 from diffscore.engine.engine import Engine, load
-from diffscore.engine.manifest import EngineError
+from diffscore.errors import EngineError
 from diffscore.engine.results import Classification
 
 __all__ = ["Classification", "Engine", "EngineError", "load"]

@@ -16,7 +16,8 @@ import numpy as np
 
 from diffscore.engine.backends.base import Runner
 from diffscore.engine.images import preprocess_batch
-from diffscore.engine.manifest import EngineError, Manifest
+from diffscore.errors import EngineError
+from diffscore.engine.manifest import Manifest
 from diffscore.engine.progress import progress_bar
 from diffscore.engine.results import Classification
 from diffscore.kernels import (LOSSES, StagedPruning, add_noise, class_ranking, denoising_error, dsd_timesteps,

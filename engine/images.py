@@ -12,7 +12,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from diffscore.engine.manifest import EngineError
+from diffscore.errors import EngineError
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
 
@@ -90,3 +90,30 @@ def image_folder(folder: str | Path) -> tuple[list[Path], list[int], list[str]]:
     if len(classes) < 2:
         raise EngineError(f"data folder {folder} has one class ({classes[0]}); a classifier needs at least two")
     return paths, labels, classes
+
+
+def expand_images(inputs) -> list[Path]:
+    """Image files from what a user types: files, folders (their image files, sorted) and glob patterns,
+    in the order given. Refuses a path that matches nothing, and an empty result, in one line."""
+    import glob
+
+    found: list[Path] = []
+    for item in map(str, inputs):
+        if any(c in item for c in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
+            files = [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_SUFFIXES]
+            if not files:
+                raise EngineError(f"no image files match {item!r}")
+            found += files
+        elif Path(item).is_dir():
+            files = image_files(Path(item))
+            if not files:
+                raise EngineError(f"folder {item} has no image files ({' '.join(IMAGE_SUFFIXES)})")
+            found += files
+        elif Path(item).is_file():
+            found.append(Path(item))
+        else:
+            raise EngineError(f"image file {item} does not exist")
+    if not found:
+        raise EngineError("no images given: pass image files, folders or glob patterns")
+    return found

@@ -13,12 +13,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from diffscore.errors import EngineError
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-
-
-class EngineError(Exception):
-    """A problem with an engine directory or a user's input, shown as one line (never a traceback)."""
 
 
 @dataclass

@@ -21,7 +21,8 @@ import onnx
 import torch
 
 from diffscore import __version__
-from diffscore.engine.manifest import EngineError, GraphSpec, Manifest, folder_sha256, sha256_files
+from diffscore.errors import EngineError
+from diffscore.engine.manifest import GraphSpec, Manifest, folder_sha256, sha256_files
 from diffscore.engine.progress import progress_bar
 from diffscore.export.graphs import BATCH, graph_contracts, head_contract
 from diffscore.reference.heads import CONFIG as HEAD_CONFIG, WEIGHTS as HEAD_WEIGHTS

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from diffscore.engine.engine import load, make_runner
-from diffscore.engine.manifest import EngineError, Manifest
+from diffscore.errors import EngineError
+from diffscore.engine.manifest import Manifest
 from diffscore.export.graphs import TextEncoderGraph, VaeEncoderGraph
 from diffscore.reference.loading import load_components
 from diffscore.reference.scoring_unet import ScoringUNet
@@ -70,7 +71,7 @@ def torch_modules(comp, manifest: Manifest) -> dict[str, torch.nn.Module]:
     return modules
 
 
-def feeds(manifest: Manifest, comp, engine_dir: Path, seed: int = 0, batch: int = 6) -> dict[str, dict]:
+def feeds(manifest: Manifest, comp, engine_dir: Path, seed: int = 0, batch: int = 6, images=None) -> dict[str, dict]:
     """Per graph: fresh random inputs, and real ones (tokenized prompts, encoded images, x_t at real t)."""
     from diffscore.engine.engine import Engine
 
@@ -86,7 +87,7 @@ def feeds(manifest: Manifest, comp, engine_dir: Path, seed: int = 0, batch: int 
         random["vae_encoder"] = {"image": rng.uniform(-1, 1, spec["vae_encoder"]["image"]).astype(np.float32)}
     # real inputs, made by the runtime's own preprocessing on the CPU backend
     eng = load(engine_dir, backend="ort-cpu")
-    images = real_images(manifest, batch, rng)
+    images = real_images(manifest, batch, rng, images)
     prompts = [f"a photo of a {w}" for w in ("cat", "dog", "seven", "three", "car", "tree")][:batch]
     ids = np.array([e.ids for e in eng.tokenizer.encode_batch(prompts)], dtype=np.int64)
     x0 = eng.encode_images(images)
@@ -104,12 +105,10 @@ def feeds(manifest: Manifest, comp, engine_dir: Path, seed: int = 0, batch: int 
     return {"random": random, "real": real}
 
 
-def real_images(manifest: Manifest, n: int, rng) -> list:
-    """Held-out demo digits for greyscale 8px engines; otherwise smooth random images."""
-    if manifest.image_channels == 1 and manifest.image_size == 8:
-        from diffscore.engine.digits import load_digits_split
-
-        return list(load_digits_split().test_images[:n])
+def real_images(manifest: Manifest, n: int, rng, images=None) -> list:
+    """The first n of the caller's images; smooth random images when it gives none."""
+    if images:
+        return list(images[:n])
     size = manifest.image_size
     base = rng.integers(0, 256, (n, 4, 4, manifest.image_channels), dtype=np.uint8)
     from PIL import Image
@@ -117,10 +116,10 @@ def real_images(manifest: Manifest, n: int, rng) -> list:
     return [np.asarray(Image.fromarray(b.squeeze(-1) if b.shape[-1] == 1 else b).resize((size, size), Image.BICUBIC)) for b in base]
 
 
-def tensor_parity(engine_dir: Path, manifest: Manifest, comp) -> list[Verdict]:
+def tensor_parity(engine_dir: Path, manifest: Manifest, comp, images=None) -> list[Verdict]:
     modules = torch_modules(comp, manifest)
     verdicts = []
-    for kind, per_graph in feeds(manifest, comp, engine_dir).items():
+    for kind, per_graph in feeds(manifest, comp, engine_dir, images=images).items():
         for graph, feed in per_graph.items():
             with torch.no_grad():
                 want = modules[graph](*(torch.from_numpy(v) for v in feed.values()))
@@ -149,7 +148,7 @@ def torch_head(engine_dir: Path, manifest: Manifest, name: str):
     return load_head(engine_dir, weights=spec["weights"], config=spec["config"])
 
 
-def head_parity(engine_dir: Path, manifest: Manifest, comp, seed: int = 0, batch: int = 6) -> list[Verdict]:
+def head_parity(engine_dir: Path, manifest: Manifest, comp, seed: int = 0, batch: int = 6, images=None) -> list[Verdict]:
     """Per head and backend: its graph on random x_t against the same torch graph, and the whole head
     path (images -> logits) against torch features through the torch head. Head graphs are fp32."""
     from diffscore.export.graphs import HeadGraph
@@ -157,7 +156,7 @@ def head_parity(engine_dir: Path, manifest: Manifest, comp, seed: int = 0, batch
     from diffscore.reference.loading import encode_prompts
 
     rng = np.random.default_rng(seed)
-    images = real_images(manifest, batch, rng)
+    images = real_images(manifest, batch, rng, images)
     verdicts = []
     for name, spec in manifest.heads.items():
         head, config = torch_head(engine_dir, manifest, name)
@@ -177,12 +176,10 @@ def head_parity(engine_dir: Path, manifest: Manifest, comp, seed: int = 0, batch
     return verdicts
 
 
-def head_decision_parity(engine_dir: Path, manifest: Manifest, comp, n_images: int) -> list[tuple[str, float, bool]]:
-    """Top-1 agreement of each head on each backend with the torch head, on held-out demo digits."""
-    from diffscore.engine.digits import load_digits_split
+def head_decision_parity(engine_dir: Path, manifest: Manifest, comp, images: list) -> list[tuple[str, float, bool]]:
+    """Top-1 agreement of each head on each backend with the torch head, on the caller's images."""
     from diffscore.reference.heads import head_logits_reference
 
-    images = list(load_digits_split().test_images[:n_images])
     rows = []
     for name in manifest.heads:
         head, config = torch_head(engine_dir, manifest, name)
@@ -194,29 +191,28 @@ def head_decision_parity(engine_dir: Path, manifest: Manifest, comp, n_images: i
     return rows
 
 
-def decision_parity(engine_dir: Path, manifest: Manifest, comp, n_images: int, seed: int = 0) -> list[tuple[str, float, bool]]:
-    """Top-1 agreement of each backend/precision with the fp32 torch reference on held-out demo digits."""
-    from diffscore.engine.digits import CLASS_NAMES, load_digits_split
+def decision_parity(engine_dir: Path, manifest: Manifest, comp, images: list, labels: list[str],
+                    seed: int = 0) -> list[tuple[str, float, bool]]:
+    """Top-1 agreement of each backend/precision with the fp32 torch reference on the caller's images."""
     from diffscore.reference.classifier import classify_reference
 
-    images = list(load_digits_split().test_images[:n_images])
     opts = dict(templates=[manifest.defaults["template"]], stages=[tuple(s) for s in manifest.defaults["stages"]],
                 loss=manifest.defaults["loss"], seed=seed)
-    want = [r.label for r in classify_reference(comp, images, list(CLASS_NAMES), **opts)]
+    want = [r.label for r in classify_reference(comp, images, list(labels), **opts)]
     rows = []
     for backend in available_backends(manifest):
         for precision in ("fp32", "fp16", "int8"):
             if ("unet" if precision == "fp32" else f"unet.{precision}") not in manifest.graphs:
                 continue
             eng = load(engine_dir, backend=backend, precision=precision)
-            got = [r.label for r in eng.classify(images, list(CLASS_NAMES), template=opts["templates"][0],
+            got = [r.label for r in eng.classify(images, list(labels), template=opts["templates"][0],
                                                  stages=opts["stages"], loss=opts["loss"], seed=seed)]
             agree = float(np.mean([a == b for a, b in zip(got, want)]))
             rows.append((f"{backend} {precision}", agree, agree >= 1 - MAX_FLIPS))
     return rows
 
 
-def match_parity(engine_dir: Path, manifest: Manifest, comp, seed: int = 0) -> list[Verdict]:
+def match_parity(engine_dir: Path, manifest: Manifest, comp, images=None, seed: int = 0) -> list[Verdict]:
     """DSD scores end to end (images x texts) per backend against the torch reference, for engines with a
     trained prompt-learning adapter: covers the merged LoRA and the learned per-layer score weights."""
     from diffscore.reference.matching import match_reference
@@ -224,7 +220,7 @@ def match_parity(engine_dir: Path, manifest: Manifest, comp, seed: int = 0) -> l
     trained = manifest.adapters.get("prompt_learning")
     if not trained:
         return []
-    images = real_images(manifest, 3, np.random.default_rng(seed))
+    images = real_images(manifest, 3, np.random.default_rng(seed), images)
     texts = (trained.get("captions") or [f"a photo of a {w}" for w in ("cat", "dog", "seven")])[:5]
     opts = dict(steps=3, seed=seed)
     want = match_reference(comp, ScoringUNet(comp.unet, manifest.attention_layers), images, texts,
@@ -247,22 +243,27 @@ def reference_components(manifest: Manifest, model_dir: str | Path | None = None
     return comp
 
 
-def run_parity(engine_dir: str | Path, model_dir: str | Path | None = None, n_images: int = 100, echo=print) -> bool:
-    """Print every verdict and a summary; True when every bound of DESIGN.md §4 holds."""
+def run_parity(engine_dir: str | Path, model_dir: str | Path | None = None, images: list | None = None,
+               labels: list[str] | None = None, source: str = "images", echo=print) -> bool:
+    """Print every verdict and a summary; True when every bound of DESIGN.md §4 holds.
+
+    images: real inputs for the tensor checks and, with `labels`, the decision checks (`source` names
+    them in the report); without them the tensor checks use random images and decisions are skipped."""
     engine_dir = Path(engine_dir)
     manifest = Manifest.load(engine_dir)
     comp = reference_components(manifest, model_dir)
-    verdicts = (tensor_parity(engine_dir, manifest, comp) + head_parity(engine_dir, manifest, comp)
-                + match_parity(engine_dir, manifest, comp))
+    verdicts = (tensor_parity(engine_dir, manifest, comp, images) + head_parity(engine_dir, manifest, comp, images=images)
+                + match_parity(engine_dir, manifest, comp, images))
     for v in verdicts:
         echo(str(v))
     decisions = []
-    if manifest.image_channels == 1 and manifest.image_size == 8 and n_images > 0:  # the demo digits
-        decisions = decision_parity(engine_dir, manifest, comp, n_images)
-        decisions += head_decision_parity(engine_dir, manifest, comp, n_images)
-        for name, agree, ok in decisions:
-            echo(f"{'PASSED' if ok else 'FAILED'} | {name} decisions | top-1 agreement with torch fp32 = "
-                 f"{agree:.2%} on {n_images} held-out digits (≥ {1 - MAX_FLIPS:.0%})")
+    if images and labels:
+        decisions = decision_parity(engine_dir, manifest, comp, images, labels)
+    if images and manifest.heads:
+        decisions += head_decision_parity(engine_dir, manifest, comp, images)
+    for name, agree, ok in decisions:
+        echo(f"{'PASSED' if ok else 'FAILED'} | {name} decisions | top-1 agreement with torch fp32 = "
+             f"{agree:.2%} on {len(images)} {source} (≥ {1 - MAX_FLIPS:.0%})")
     failed = sum(not v.passed for v in verdicts) + sum(not ok for *_, ok in decisions)
     total = len(verdicts) + len(decisions)
     echo(f"{'PASSED' if not failed else 'FAILED'} | {total - failed}/{total} checks passed")

@@ -23,7 +23,8 @@ from diffscore.engine.backends.tensorrt import (
     shape_at,
     tensorrt_version,
 )
-from diffscore.engine.manifest import EngineError, GraphSpec, Manifest, PlanSpec, sha256_file
+from diffscore.errors import EngineError
+from diffscore.engine.manifest import GraphSpec, Manifest, PlanSpec, sha256_file
 
 log = logging.getLogger("diffscore")
 PRECISIONS = ("fp32", "fp16", "int8")

@@ -5,7 +5,7 @@ UNet2DConditionModel + DDPM scheduler, diffusers folder layout) that is small en
 minutes on a 2-core CPU and to run hundreds of UNet passes per image, so that the zero-shot
 Diffusion Classifier (lowest denoising error over the class prompts wins) can be demonstrated and
 tested end to end. It works in pixel space (no VAE) on scikit-learn's 8x8 digits and trains only on
-the fixed training split from diffscore.engine.digits (a seeded validation slice of it is held back
+the fixed training split from diffscore.app.digits (a seeded validation slice of it is held back
 too); the held-out test split is never touched here.
 
     .venv/bin/python models/train_demo.py --out models/demo
@@ -39,7 +39,7 @@ import transformers
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from diffscore.engine.digits import TRAIN_TEMPLATES, caption, load_digits_split
+from diffscore.app.digits import TRAIN_TEMPLATES, caption, load_digits_split
 
 MAX_LENGTH = 16
 CAPTION_DROPOUT = 0.1  # empty caption "", so the model also learns the unconditional eps(x_t, t, {})

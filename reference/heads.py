@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffscore.engine.images import preprocess_batch
-from diffscore.engine.manifest import EngineError
+from diffscore.errors import EngineError
 from diffscore.engine.progress import progress_bar
 from diffscore.kernels import shared_noise
 from diffscore.reference.loading import Components, encode_images, encode_prompts

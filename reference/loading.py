@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from diffscore.engine.manifest import EngineError
+from diffscore.errors import EngineError
 
 log = logging.getLogger("diffscore")
 

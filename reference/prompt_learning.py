@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from diffscore.engine.images import preprocess_batch
-from diffscore.engine.manifest import EngineError, sha256_files
+from diffscore.errors import EngineError
+from diffscore.engine.manifest import sha256_files
 from diffscore.engine.progress import progress_bar
 from diffscore.reference.loading import Components, encode_images, encode_prompts, load_components
 from diffscore.reference.matching import pool_layers
@@ -158,14 +159,6 @@ def read_pairs(path: str | Path) -> Pairs:
         raise EngineError(f"{path} has {len(set(captions))} distinct caption(s); prompt learning needs at least 2 "
                           "(the other captions are the negatives)")
     return Pairs(images, captions)
-
-
-def demo_pairs(template: str | None = None) -> Pairs:
-    """The demo digits' TRAINING split, captioned with the default template (never the held-out split)."""
-    from diffscore.engine.digits import DEFAULT_TEMPLATE, caption, load_digits_split
-
-    split = load_digits_split()
-    return Pairs(list(split.train_images), [caption(int(y), template or DEFAULT_TEMPLATE) for y in split.train_labels])
 
 
 def select_shots(captions: list[str], shots: int, seed: int = 0) -> np.ndarray:

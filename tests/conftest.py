@@ -82,7 +82,7 @@ def run_cli(monkeypatch, capsys):
     """Run `diffscore ARGS...` in this process; returns (exit code, stderr), 0 when it returns normally."""
 
     def run(*args) -> tuple[int, str]:
-        from diffscore.engine import cli
+        from diffscore.app import cli
 
         monkeypatch.setattr(sys, "argv", ["diffscore", *map(str, args)])
         try:

@@ -10,7 +10,8 @@ from typing import Protocol
 
 import numpy as np
 
-from diffscore.engine.manifest import EngineError, TensorSpec
+from diffscore.errors import EngineError
+from diffscore.engine.manifest import TensorSpec
 
 
 class Runner(Protocol):

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from diffscore.engine.backends.base import check_feed
-from diffscore.engine.manifest import EngineError, GraphSpec
+from diffscore.errors import EngineError
+from diffscore.engine.manifest import GraphSpec
 
 log = logging.getLogger("diffscore")
 

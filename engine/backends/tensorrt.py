@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from diffscore.engine.backends.base import check_feed
-from diffscore.engine.manifest import EngineError, GraphSpec, Manifest, PlanSpec
+from diffscore.errors import EngineError
+from diffscore.engine.manifest import GraphSpec, Manifest, PlanSpec
 
 PIP_HINT = "pip install 'diffscore[tensorrt]' on a machine with an NVIDIA GPU (TensorRT 10 or 11)"
 INSTALL_HINT = f"TensorRT is not installed: {PIP_HINT}"

@@ -10,8 +10,8 @@ import pytest
 import diffscore
 from diffscore.calibration import dataset, quantize, sensitivity
 from diffscore.calibration.pipeline import calibrate
-from diffscore.engine.demo import DEMO_LOSS, DEMO_STAGES
-from diffscore.engine.digits import CLASS_NAMES, DEFAULT_TEMPLATE, load_digits_split
+from diffscore.app.demo import DEMO_LOSS, DEMO_STAGES
+from diffscore.app.digits import CLASS_NAMES, DEFAULT_TEMPLATE, load_digits_split, training_images
 from diffscore.engine.manifest import Manifest, sha256_files
 from diffscore.export.onnx_export import export_engine
 from diffscore.kernels import add_noise, dsd_timesteps, shared_noise, stage_timesteps
@@ -28,7 +28,7 @@ def engine_dir(demo_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def calibrated(engine_dir):
-    return calibrate(engine_dir, demo=True, samples=SAMPLES, validation=VALIDATION, seed=0)
+    return calibrate(engine_dir, images=training_images(), labels=list(CLASS_NAMES), source="demo training digits", samples=SAMPLES, validation=VALIDATION, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_calibrate_with_smoothquant(engine_dir, calibrated, tmp_path):
     import shutil
 
     engine = shutil.copytree(engine_dir, tmp_path / "engine")
-    result = calibrate(engine, demo=True, samples=SAMPLES, validation=VALIDATION, seed=0, smoothquant_alpha=0.5)
+    result = calibrate(engine, images=training_images(), labels=list(CLASS_NAMES), source="demo training digits", samples=SAMPLES, validation=VALIDATION, seed=0, smoothquant_alpha=0.5)
     record = Manifest.load(engine).defaults["calibration"]
     assert record["smoothquant"]["alpha"] == 0.5 and len(record["smoothquant"]["norms"]) > 0
     assert result.gate.passed and set(result.quantized) == set(calibrated.quantized)

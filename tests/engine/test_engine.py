@@ -11,7 +11,7 @@ import torch
 
 import diffscore
 from diffscore.engine.images import preprocess
-from diffscore.engine.manifest import EngineError
+from diffscore.errors import EngineError
 from diffscore.export.onnx_export import export_engine
 from diffscore.reference.classifier import classify_reference
 from diffscore.reference.loading import load_components
@@ -146,7 +146,7 @@ def test_runtime_never_imports_torch(engines, tmp_path):
         img = np.zeros((16, 16, 3), np.uint8)
         r = eng.classify([img], ['cat', 'dog'], stages=[(2, 1)])
         s = eng.match([img], ['cat', 'dog'], steps=2, bias_weight=1.0)
-        from diffscore.engine import cli, demo
+        from diffscore.app import cli, demo
         assert 'torch' not in sys.modules
         print('ok', r[0].label, s.shape)
     """)

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 import diffscore
-from diffscore.engine.digits import CLASS_NAMES, load_digits_split
-from diffscore.engine.manifest import EngineError, Manifest
+from diffscore.app.digits import CLASS_NAMES, load_digits_split
+from diffscore.errors import EngineError
+from diffscore.engine.manifest import Manifest
 from diffscore.export.onnx_export import export_engine
 from diffscore.export.parity import head_decision_parity, head_parity
 from diffscore.reference.heads import FeatureSpec, TrainOptions, head_logits_reference, load_head, save_head, train_head_on_images
@@ -82,7 +83,7 @@ def test_head_parity(engine_dir, demo_model):
     verdicts = head_parity(engine_dir, m, comp)
     assert len(verdicts) == 2 * 2  # per head: its graph on random x_t, the whole path on real digits
     assert all(v.passed for v in verdicts), [str(v) for v in verdicts if not v.passed]
-    decisions = head_decision_parity(engine_dir, m, comp, N_TEST)
+    decisions = head_decision_parity(engine_dir, m, comp, list(load_digits_split().test_images[:N_TEST]))
     assert [agree for _, agree, _ in decisions] == [1.0, 1.0], decisions
 
 
@@ -135,7 +136,7 @@ def test_export_refuses_heads_with_adapters(demo_model, heads, tmp_path):
 
 
 def run_cli_process(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "diffscore.engine.cli", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "diffscore.app.cli", *map(str, args)], capture_output=True,
                           text=True, env={**os.environ, **(env or {})})
 
 

@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from diffscore.engine.manifest import EngineError, Manifest
+from diffscore.errors import EngineError
+from diffscore.engine.manifest import Manifest
 from diffscore.export.onnx_export import export_engine
 from diffscore.export.parity import run_parity, tensor_parity
 from diffscore.export.tensorrt_ops import unsupported_ops
@@ -100,6 +101,6 @@ def test_damaged_engine_is_refused(engines, tmp_path):
 
 
 def test_parity_command_reports_and_passes(engines, capsys):
-    assert run_parity(engines["sd2"], n_images=0)
+    assert run_parity(engines["sd2"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1].startswith("PASSED |") and all(l.startswith(("PASSED", "FAILED")) for l in lines)

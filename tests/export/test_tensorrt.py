@@ -9,7 +9,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from diffscore.engine.backends.tensorrt import TensorRTRunner, matching_plan
-from diffscore.engine.manifest import EngineError, GraphSpec, Manifest, PlanSpec, sha256_file
+from diffscore.errors import EngineError
+from diffscore.engine.manifest import GraphSpec, Manifest, PlanSpec, sha256_file
 from diffscore.export.tensorrt_build import build_plans, graphs_for, plan_file, tensorrt_available
 from diffscore.export.tensorrt_ops import OPS_FILE, unsupported_ops
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from diffscore.engine.images import image_folder
-from diffscore.engine.manifest import EngineError
+from diffscore.errors import EngineError
 from diffscore.kernels import shared_noise
 from diffscore.reference.heads import (
     FeatureSpec,

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from diffscore.engine.manifest import EngineError
+from diffscore.errors import EngineError
 from diffscore.reference.loading import load_components
 
 

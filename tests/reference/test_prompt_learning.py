@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import diffscore
-from diffscore.engine.manifest import EngineError
+from diffscore.errors import EngineError
 from diffscore.reference.loading import load_components
 from diffscore.reference.matching import match_reference
 from diffscore.reference.prompt_learning import (
@@ -57,7 +57,7 @@ def train_cli_args(model, pairs_file, out):
 @pytest.fixture(scope="module")
 def trained_run(tiny_models, pairs_file, tmp_path_factory):
     """A run made through the CLI from a JSONL file (the user's path)."""
-    from diffscore.engine import cli
+    from diffscore.app import cli
 
     out = tmp_path_factory.mktemp("run") / "pl"
     with pytest.MonkeyPatch.context() as mp:
@@ -126,7 +126,7 @@ def test_shots_per_caption():
 
 
 def test_export_with_adapters_matches_reference(monkeypatch, tiny_models, trained_run, tmp_path):
-    from diffscore.engine import cli
+    from diffscore.app import cli
 
     monkeypatch.setattr(sys, "argv", ["diffscore", "export", str(tiny_models["pixel"]), str(tmp_path / "eng"),
                                       "--adapters", str(trained_run)])
@@ -181,11 +181,11 @@ def test_parity_suite_compares_with_the_adapted_reference(tiny_models, trained_r
 
     engine_dir = export_engine(tiny_models["pixel"], tmp_path / "eng", adapters=trained_run, show_progress=False)
     lines = []
-    assert run_parity(engine_dir, n_images=0, echo=lines.append), lines
+    assert run_parity(engine_dir, echo=lines.append), lines
     manifest = Manifest.load(engine_dir)
     manifest.adapters.pop("prompt_learning")  # forget the adapter: the plain reference no longer matches
     manifest.save(engine_dir)
-    assert not run_parity(engine_dir, n_images=0, echo=lambda line: None)
+    assert not run_parity(engine_dir, echo=lambda line: None)
 
 
 def test_score_weights_are_learned_exported_and_used(run_cli, tiny_models, pairs_file, tmp_path):
@@ -220,7 +220,7 @@ def test_score_weights_are_learned_exported_and_used(run_cli, tiny_models, pairs
     assert np.abs(want - mean).max() > 100 * np.abs(got - want).max(), "the engine should pool with the weights"
 
     lines = []
-    assert run_parity(tmp_path / "eng", n_images=0, echo=lines.append), lines
+    assert run_parity(tmp_path / "eng", echo=lines.append), lines
     assert any("match (prompt learning)" in line and line.startswith("PASSED") for line in lines), lines
 
 

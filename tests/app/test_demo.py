@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 import diffscore
-from diffscore.engine.demo import DEMO_LOSS, DEMO_STAGES
-from diffscore.engine.digits import CLASS_NAMES, DEFAULT_TEMPLATE, load_digits_split
+from diffscore.app.demo import DEMO_LOSS, DEMO_STAGES
+from diffscore.app.digits import CLASS_NAMES, DEFAULT_TEMPLATE, load_digits_split
 from diffscore.export.onnx_export import export_engine
 
 N_HELD_OUT = 120  # the first 120 held-out digits: enough to see a 1% flip rate, quick on 2 cores
@@ -65,7 +65,7 @@ def test_fp16_tensors_within_bound(demo_engine, demo_model):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "diffscore.engine.cli", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "diffscore.app.cli", *map(str, args)], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_cli_user_mistakes_are_one_line(demo_engine, digit_files, tmp_path, args
 def test_cli_demo_runs(tmp_path):
     import os
 
-    proc = subprocess.run([sys.executable, "-m", "diffscore.engine.cli", "demo", "--limit", "20"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "diffscore.app.cli", "demo", "--limit", "20"], capture_output=True,
                           text=True, env={**os.environ, "DIFFSCORE_CACHE": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     assert "Diffusion Classifier" in proc.stdout and "logistic regression" in proc.stdout

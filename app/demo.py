@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from diffscore.engine.digits import CLASS_NAMES, DEFAULT_TEMPLATE, load_digits_split
-from diffscore.engine.manifest import EngineError, Manifest, folder_sha256
+from diffscore.app.digits import CLASS_NAMES, DEFAULT_TEMPLATE, load_digits_split
+from diffscore.errors import EngineError
+from diffscore.engine.manifest import Manifest, folder_sha256
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo"
 # Chosen on a validation split carved from the training digits (models/train_demo.py's report).
@@ -62,3 +63,13 @@ def run_demo(engine, limit: int | None = None, progress: bool = True, **classify
         "seconds": seconds,
         "predictions": predicted.tolist(),
     }
+
+
+def demo_parity_inputs(engine_dir: Path, limit: int = 100) -> dict:
+    """run_parity's images for an engine of the demo's shape (8px greyscale): the first `limit` held-out
+    digits and their class names; nothing for other engines."""
+    manifest = Manifest.load(engine_dir)
+    if manifest.image_channels != 1 or manifest.image_size != 8 or limit < 1:
+        return {}
+    return {"images": list(load_digits_split().test_images[:limit]), "labels": list(CLASS_NAMES),
+            "source": "held-out digits"}

@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from diffscore.engine.manifest import EngineError
+from diffscore.errors import EngineError
 
 app = typer.Typer(
     help="diffscore: diffusion models as compiled zero-shot classifiers and image-text matchers.",
@@ -216,7 +216,7 @@ def train_head_command(
 ):
     """Train a one-pass head on UNet block features (extracted once, cached); then `export --head`."""
     require_torch("train-head")
-    from diffscore.engine.demo import cache_root
+    from diffscore.app.demo import cache_root
     from diffscore.reference.heads import FeatureSpec, TrainOptions, save_head, train_head_on_images
 
     out_dir = out_dir or Path(f"head-{head}")
@@ -225,7 +225,7 @@ def train_head_command(
     if demo == (data is not None):
         raise EngineError("give exactly one of --data FOLDER or --demo")
     if demo:
-        from diffscore.engine.digits import CLASS_NAMES, load_digits_split
+        from diffscore.app.digits import CLASS_NAMES, load_digits_split
 
         digits = load_digits_split()
         images, labels, classes = list(digits.train_images), digits.train_labels, list(CLASS_NAMES)
@@ -265,9 +265,10 @@ def parity(
 ):
     """Torch vs every available backend and precision: tensor errors and decision agreement."""
     require_torch("parity")
+    from diffscore.app.demo import demo_parity_inputs
     from diffscore.export.parity import run_parity
 
-    if not run_parity(engine, model, n_images=images):
+    if not run_parity(engine, model, **demo_parity_inputs(engine, images)):
         raise typer.Exit(1)
 
 
@@ -279,12 +280,12 @@ def demo(
 ):
     """The main job: zero-shot classification of held-out handwritten digits on the demo model."""
     import diffscore
-    from diffscore.engine.demo import demo_engine_dir, logistic_baseline, run_demo
+    from diffscore.app.demo import demo_engine_dir, logistic_baseline, run_demo
 
     engine_dir = demo_engine_dir(precisions=("fp32", precision) if precision == "fp16" else ("fp32",))
     eng = diffscore.load(engine_dir, backend=backend, precision=precision)
     res = run_demo(eng, limit=limit, stages=parse_stages(stages))
-    from diffscore.engine.digits import load_digits_split
+    from diffscore.app.digits import load_digits_split
 
     baseline = logistic_baseline(load_digits_split())
     rows = [
@@ -318,8 +319,18 @@ def calibrate(
     from diffscore.calibration.pipeline import calibrate as run_calibration
 
     label_list = read_labels(labels, labels_file, required=False)  # --demo brings its own
+    if demo == (images is not None):
+        raise EngineError("give exactly one of --images DIR or --demo")
+    source = None
+    if demo:
+        from diffscore.app.digits import CLASS_NAMES, training_images
+
+        if label_list is not None and label_list != list(CLASS_NAMES):
+            raise EngineError(f"the demo digits are labelled {', '.join(CLASS_NAMES)}; --labels {','.join(label_list)!r} "
+                              "does not match them (leave --labels out with --demo)")
+        images, label_list, source = training_images(), list(CLASS_NAMES), "demo training digits"
     patterns = None if keep_float is None else [p for p in split(keep_float) or [] if p != "none"]
-    res = run_calibration(engine, images=images, demo=demo, labels=label_list, samples=samples, method=method, seed=seed,
+    res = run_calibration(engine, images=images, labels=label_list, source=source, samples=samples, method=method, seed=seed,
                           report=report, auto=auto, validation=validation, keep_float=patterns,
                           smoothquant_alpha=smoothquant, progress=True)
     if res.sensitivity:
@@ -359,7 +370,8 @@ def train_prompts(
 ):
     """Few-shot prompt learning for DSD matching: a rank-4 LoRA on the attention projections (export with --adapters)."""
     require_torch("train-prompts")
-    from diffscore.reference.prompt_learning import PromptLearningConfig, demo_pairs, read_pairs
+    from diffscore.app.digits import demo_pairs
+    from diffscore.reference.prompt_learning import PromptLearningConfig, read_pairs
     from diffscore.reference.prompt_learning import train_prompts as run_training
 
     if shots < 1:

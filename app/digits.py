@@ -53,3 +53,16 @@ def load_digits_split() -> DigitsSplit:
 def caption(label: int, template: str) -> str:
     """Fill a template with the class word and/or numeral."""
     return template.format(CLASS_NAMES[label], word=CLASS_NAMES[label], num=str(label))
+
+
+def training_images() -> list:
+    """The demo's TRAINING digits (never the held-out split: it is for the final report)."""
+    return list(load_digits_split().train_images)
+
+
+def demo_pairs(template: str | None = None):
+    """The demo digits' TRAINING split, captioned with the default template (never the held-out split)."""
+    from diffscore.reference.prompt_learning import Pairs
+
+    split = load_digits_split()
+    return Pairs(list(split.train_images), [caption(int(y), template or DEFAULT_TEMPLATE) for y in split.train_labels])
