@@ -1,40 +1,82 @@
-"""`diffscore` command line. Every user mistake is one line on stderr and a non-zero exit.
+"""`diffscore` command line. Every user mistake is one line on stderr: exit 2 for usage (a flag, a
+choice, a missing argument), exit 1 for a problem found while working (a file, an engine, a value).
 
-Runtime commands (classify, match, info, demo on an exported engine) need no torch; export, parity,
-calibrate and training need the `torch` extra and say so when it is missing.
+One vocabulary across commands: images are positional files, folders or glob patterns; labels are
+`--labels a,b,c` or `--labels-file FILE`; `-o/--output FILE` writes json/jsonl/csv by extension;
+`--limit` counts images, `--timesteps` counts DSD timesteps, `--noise-steps` lists a head's noise
+steps, `--train-steps` counts optimiser steps. Runtime commands (classify, match, info, demo on an
+exported engine) need no torch; export, parity, calibrate and training need the `torch` extra.
 """
 
 from __future__ import annotations
 
-import csv
 import importlib.util
-import io
 import json
 import logging
+import signal
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
-import click
 import typer
-from rich.console import Console
-from rich.table import Table
 
+from diffscore import __version__
+from rich.text import Text
+
+from diffscore.app.render import Format, emit, err, error_line, output_format, say, write_rows
+from diffscore.engine.engine import BACKENDS, PRECISIONS
 from diffscore.errors import EngineError
+from diffscore.kernels import LOSSES
+
+try:  # recent typer bundles its own click (not installed beside it); older typer raises click's exceptions
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+    from typer.exceptions import Abort
+except ImportError:  # pragma: no cover
+    from click.exceptions import Abort, NoArgsIsHelpError, UsageError
 
 app = typer.Typer(
     help="diffscore: diffusion models as compiled zero-shot classifiers and image-text matchers.",
-    add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+    add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, rich_markup_mode=None,
 )
-out = Console()
-err = Console(stderr=True)
-
-Backend = typer.Option("auto", "--backend", "-b", help="auto | ort-cpu | ort-cuda | ort-trt | tensorrt")
-Precision = typer.Option("fp32", "--precision", "-p", help="UNet precision: fp32 | fp16 | int8")
-Format = typer.Option("table", "--format", "-f", help="table | json | csv")
-Seed = typer.Option(0, help="seed of the shared noise: same seed, same scores")
 
 
+def choices(name: str, values) -> type[Enum]:
+    """A str Enum of allowed values: typer checks them before any work and lists them in --help."""
+    return Enum(name, {v: v for v in values}, type=str)
+
+
+Backend = choices("Backend", BACKENDS)
+Precision = choices("Precision", PRECISIONS)
+Loss = choices("Loss", LOSSES)
+Method = choices("Method", ("dc", "head"))
+HeadKind = choices("HeadKind", ("linear", "attention", "difformer"))  # = reference.heads.HEAD_KINDS (tested)
+RangeMethod = choices("RangeMethod", ("minmax", "entropy", "percentile"))  # = calibration.quantize.METHODS (tested)
+
+BackendOpt = typer.Option(Backend.auto.value, "--backend", "-b", help="where to run")
+PrecisionOpt = typer.Option(Precision.fp32.value, "--precision", "-p", help="UNet precision")
+FormatOpt = typer.Option(Format.table.value, "--format", "-f", help="stdout format")
+OutputOpt = typer.Option(None, "--output", "-o", help="also write the results to FILE (.json, .jsonl or .csv)")
+SeedOpt = typer.Option(0, min=0, max=2**32 - 1, help="seed of the shared noise: same seed, same scores")
+BatchOpt = typer.Option(None, min=1, help="UNet batch (default: automatic)")
+LabelsOpt = typer.Option(None, "--labels", "-l", help="class names, comma separated")
+LabelsFileOpt = typer.Option(None, "--labels-file", help="class names, one per line (UTF-8)")
+ImagesArg = typer.Argument(..., help="image files, folders or glob patterns", show_default=False)
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        say(f"diffscore {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
+                                              help="print the version and exit")):
+    """diffscore: diffusion models as compiled zero-shot classifiers and image-text matchers."""
+
+
+# --- argument parsing helpers ---------------------------------------------------------------------
 def require_torch(command: str) -> None:
     if importlib.util.find_spec("torch") is None or importlib.util.find_spec("diffusers") is None:
         raise EngineError(f"`diffscore {command}` needs the torch extra: pip install 'diffscore[torch]'")
@@ -45,9 +87,12 @@ def parse_stages(text: str | None) -> list[tuple[int, int]] | None:
     if not text:
         return None
     try:
-        return [tuple(int(v) for v in part.split(":")) for part in text.split(",")]  # type: ignore[misc]
+        stages = [tuple(int(v) for v in part.split(":")) for part in text.split(",")]
     except ValueError:
-        raise EngineError(f"--stages {text!r} is not like '50:5,500:1' (n_samples:keep, comma separated)") from None
+        stages = []
+    if not stages or any(len(s) != 2 or min(s) < 1 for s in stages):
+        raise EngineError(f"--stages {text!r} is not like '50:5,500:1' (n_samples:keep, positive, comma separated)")
+    return stages  # type: ignore[return-value]
 
 
 def split(text: str | None) -> list[str] | None:
@@ -55,12 +100,25 @@ def split(text: str | None) -> list[str] | None:
     return [x.strip() for x in text.split(",") if x.strip()] if text else None
 
 
-def parse_steps(text: str) -> list[int]:
+def parse_steps(text: str, flag: str = "--noise-steps") -> list[int]:
     """'50,200' -> [50, 200]."""
     try:
-        return [int(x) for x in split(text) or []]
+        steps = [int(x) for x in split(text) or []]
     except ValueError:
-        raise EngineError(f"--steps {text!r} is not like '50,200' (noise steps, comma separated integers)") from None
+        steps = []
+    if not steps or min(steps) < 0:
+        raise EngineError(f"{flag} {text!r} is not like '50,200' (noise steps, comma separated integers ≥ 0)")
+    return steps
+
+
+def read_text_lines(path: Path, what: str) -> list[str]:
+    """Non-empty lines of a UTF-8 text file; one line naming the file and the encoding otherwise."""
+    if not path.is_file():
+        raise EngineError(f"{what} {path} does not exist")
+    try:
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        raise EngineError(f"{what} {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
 
 
 def read_labels(labels: str | None, labels_file: Path | None, required: bool = True) -> list[str] | None:
@@ -70,160 +128,220 @@ def read_labels(labels: str | None, labels_file: Path | None, required: bool = T
     if (labels is None) == (labels_file is None):
         raise EngineError("give exactly one of --labels a,b,c or --labels-file FILE")
     if labels_file is not None:
-        if not labels_file.is_file():
-            raise EngineError(f"labels file {labels_file} does not exist")
-        return [line.strip() for line in labels_file.read_text().splitlines() if line.strip()]
+        return read_text_lines(labels_file, "labels file")
     return split(labels) or []
 
 
-def emit(rows: list[dict], fmt: str, title: str = "") -> None:
-    if fmt == "json":
-        out.print_json(json.dumps(rows))
-    elif fmt == "csv":
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-        sys.stdout.write(buf.getvalue())
-    elif fmt == "table":
-        table = Table(title=title or None)
-        for key in rows[0]:
-            table.add_column(key, justify="right" if isinstance(rows[0][key], (int, float)) else "left")
-        for row in rows:
-            table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
-        out.print(table)
-    else:
-        raise EngineError(f"unknown --format {fmt!r}; choose table, json or csv")
+def image_paths(images: List[str]) -> list[Path]:
+    from diffscore.engine.images import expand_images
+
+    return expand_images(images)
 
 
+def finish(rows: list[dict], fmt: Format, output: Path | None, title: str, table_rows: list[dict] | None = None) -> None:
+    """Rows to stdout (`table_rows`, if given, for the table) and to -o FILE; the note on the file goes
+    to stderr, so stdout stays machine-readable."""
+    if output is not None:
+        write_rows(rows, output)
+    emit(table_rows if fmt is Format.table and table_rows is not None else rows, fmt, title)
+    if output is not None:
+        err.print(Text.assemble(("wrote ", "green"), str(output), f" ({len(rows)} rows)"))
+
+
+# --- runtime commands -----------------------------------------------------------------------------
 @app.command()
 def classify(
     engine: Path = typer.Argument(..., help="engine directory made by `diffscore export`"),
-    images: List[Path] = typer.Argument(..., help="image files"),
-    labels: Optional[str] = typer.Option(None, help="class names, comma separated (method head: the head's own)"),
-    labels_file: Optional[Path] = typer.Option(None, help="class names, one per line"),
-    method: str = typer.Option("dc", help="dc: zero-shot Diffusion Classifier | head: a trained head, one UNet pass per step"),
-    head: Optional[str] = typer.Option(None, help="which head (method head), when the engine has several"),
-    template: Optional[str] = typer.Option(None, help="prompt template, e.g. 'a photo of a {}' (default: the engine's)"),
-    stages: Optional[str] = typer.Option(None, help="pruning stages n_samples:keep, e.g. 50:5,500:1"),
-    loss: Optional[str] = typer.Option(None, help="l2 | l1 | huber (default: the engine's)"),
-    seed: int = Seed, batch_size: Optional[int] = typer.Option(None, help="UNet batch (default: automatic)"),
-    backend: str = Backend, precision: str = Precision, fmt: str = Format,
+    images: List[str] = ImagesArg,
+    labels: Optional[str] = LabelsOpt, labels_file: Optional[Path] = LabelsFileOpt,
+    method: Method = typer.Option(Method.dc.value, help="dc: zero-shot Diffusion Classifier | head: a trained head, "
+                                  "one UNet pass per noise step (labels are the head's)"),
+    head: Optional[str] = typer.Option(None, help="the head's name (--method head), when the engine has several"),
+    template: Optional[str] = typer.Option(None, help="prompt template with one {}, e.g. 'a photo of a {}' (default: the engine's)"),
+    stages: Optional[str] = typer.Option(None, help="pruning stages n_samples:keep, e.g. 50:5,500:1 (default: the engine's)"),
+    loss: Optional[Loss] = typer.Option(None, help="denoising error (default: the engine's)"),
+    seed: int = SeedOpt, batch_size: Optional[int] = BatchOpt,
+    backend: Backend = BackendOpt, precision: Precision = PrecisionOpt,
+    fmt: Format = FormatOpt, output: Optional[Path] = OutputOpt,
 ):
     """Classify images: the zero-shot Diffusion Classifier (default) or a trained head (--method head)."""
     import diffscore
 
-    label_list = read_labels(labels, labels_file, required=method != "head")  # a head has its own labels
-    eng = diffscore.load(engine, backend=backend, precision=precision)
-    results = eng.classify([str(p) for p in images], label_list, method=method, head=head, template=template,
-                           stages=parse_stages(stages), loss=loss, seed=seed, batch_size=batch_size, progress=True)
-    score = "probability" if method == "head" else "error"
-    rows = [{"image": str(p), "label": r.label, score: r.ranking[0][1],
-             "runner_up": r.ranking[1][0] if len(r.ranking) > 1 else "", "passes": r.passes}
-            for p, r in zip(images, results)]
-    if fmt == "json":
-        rows = [{**row, "ranking": r.ranking} for row, r in zip(rows, results)]
-    title = f"head {eng.head_name(head)} (higher probability = better)" if method == "head" else \
-        "Diffusion Classifier (lower error = better)"
-    emit(rows, fmt, title)
+    output_format(output)
+    label_list = read_labels(labels, labels_file, required=method is Method.dc)  # a head has its own labels
+    paths = image_paths(images)
+    stage_list = parse_stages(stages)
+    with diffscore.load(engine, backend=backend.value, precision=precision.value) as eng:
+        results = eng.classify([str(p) for p in paths], label_list, method=method.value, head=head, template=template,
+                               stages=stage_list, loss=loss.value if loss else None, seed=seed, batch_size=batch_size,
+                               progress=True)
+        title = (f"head {eng.head_name(head)} (higher probability = better)" if method is Method.head
+                 else "Diffusion Classifier (lower mean error = better)")
+    score = "probability" if method is Method.head else "error"
+    rows = []
+    for p, r in zip(paths, results):
+        row = {"image": str(p), "label": r.label, score: r.ranking[0][1],
+               "runner_up": r.ranking[1][0] if len(r.ranking) > 1 else "", "passes": r.passes}
+        rows.append({**row, **r.to_dict()})
+    finish(rows, fmt, output, title, [{k: v for k, v in row.items() if k not in ("ranking", "options")} for row in rows])
 
 
 @app.command()
 def match(
     engine: Path = typer.Argument(..., help="engine directory"),
-    images: List[Path] = typer.Option(..., "--images", "-i", help="image files (repeat the option)"),
-    texts: List[str] = typer.Option(..., "--texts", "-t", help="captions (repeat the option)"),
-    steps: Optional[int] = typer.Option(None, help="timesteps per pair (default: the engine's)"),
+    images: List[str] = ImagesArg,
+    texts: Optional[List[str]] = typer.Option(None, "--text", "-t", help="a caption (repeat the option)"),
+    texts_file: Optional[Path] = typer.Option(None, "--texts-file", help="captions, one per line (UTF-8)"),
+    timesteps: Optional[int] = typer.Option(None, min=1, help="timesteps per pair (default: the engine's)"),
     bias_weight: float = typer.Option(0.0, help="λ of the denoising bias (needs one extra pass per timestep)"),
-    seed: int = Seed, batch_size: Optional[int] = typer.Option(None, help="UNet batch (default: automatic)"),
-    backend: str = Backend, precision: str = Precision, fmt: str = Format,
+    seed: int = SeedOpt, batch_size: Optional[int] = BatchOpt,
+    backend: Backend = BackendOpt, precision: Precision = PrecisionOpt,
+    fmt: Format = FormatOpt, output: Optional[Path] = OutputOpt,
 ):
     """DSD image-text matching: an images x texts matrix of scores (higher = better match)."""
     import diffscore
 
-    eng = diffscore.load(engine, backend=backend, precision=precision)
-    scores = eng.match([str(p) for p in images], list(texts), steps=steps, bias_weight=bias_weight, seed=seed,
-                       batch_size=batch_size, progress=True)
-    rows = [{"image": str(p), **{t: float(s) for t, s in zip(texts, row)}, "best": texts[int(row.argmax())]}
-            for p, row in zip(images, scores)]
-    emit(rows, fmt, "DSD scores (higher = better match)")
+    output_format(output)
+    if (not texts) == (texts_file is None):
+        raise EngineError("give the captions: --text 'a cat' (repeat) or --texts-file FILE, not both")
+    text_list = list(texts) if texts else read_text_lines(texts_file, "texts file")
+    paths = image_paths(images)
+    with diffscore.load(engine, backend=backend.value, precision=precision.value) as eng:
+        res = eng.match([str(p) for p in paths], text_list, steps=timesteps, bias_weight=bias_weight, seed=seed,
+                        batch_size=batch_size, progress=True)
+    best = res.best()
+    if fmt is Format.table:
+        rows = [{"image": str(p), **{t: float(s) for t, s in zip(res.texts, row)}, "best": b}
+                for p, row, b in zip(paths, res.scores, best)]
+    else:
+        rows = [{"image": str(p), "best": b, "scores": dict(zip(res.texts, map(float, row))),
+                 "options": res.options.to_dict()} for p, row, b in zip(paths, res.scores, best)]
+    finish(rows, fmt, output, "DSD scores (higher = better match)")
 
 
 @app.command()
 def info(engine: Path = typer.Argument(..., help="engine directory"),
-         verify: bool = typer.Option(False, "--verify", help="also check every file's sha256 (slow for big graphs)")):
-    """What an engine directory holds: graphs, precisions, plans, captured layers, defaults."""
+         verify: bool = typer.Option(False, "--verify", help="also check every file's sha256 (slow for big graphs)"),
+         fmt: Format = typer.Option(Format.table.value, "--format", "-f", help="table (for people) or json")):
+    """What an engine directory holds: graphs, precisions, plans, captured layers, heads, defaults."""
+    import dataclasses
+
     from diffscore.engine.manifest import Manifest
 
+    if fmt not in (Format.table, Format.json):
+        raise EngineError(f"info prints table or json, not {fmt.value}")
     m = Manifest.load(engine)
-    out.print(f"[bold]{engine}[/] (format {m.format_version}, diffscore {m.diffscore_version})")
-    out.print(f"source {m.source_path} sha256 {m.source_sha256[:12]}; "
-              f"{'pixel space' if m.pixel_space else f'latent space (scaling {m.latent_scaling})'}; "
-              f"image {m.image_size}px x{m.image_channels}; sample {m.sample_shape}; T={len(m.alphas_cumprod)}")
-    rows = [{"graph": k, "file": g.file, "precision": g.precision, "MB": g.size / 1e6} for k, g in m.graphs.items()]
-    rows += [{"graph": k, "file": p.file, "precision": p.precision, "MB": p.size / 1e6} for k, p in m.plans.items()]
-    emit(rows, "table")
-    out.print(f"attention layers: {', '.join(m.attention_layers) or '-'}")
-    out.print(f"feature blocks: {', '.join(m.feature_blocks) or '-'}; merged adapters: {', '.join(m.adapters) or '-'}")
-    for name, a in m.adapters.items():
-        if a.get("score_weights"):
-            out.print(f"{name} score weights: " + ", ".join(f"{k} {v:.3f}" for k, v in a["score_weights"].items()))
-    for name, h in m.heads.items():
-        out.print(f"head {name}: {h['kind']} on {', '.join(h['blocks'])} at steps {h['steps']}, "
-                  f"{len(h['labels'])} labels ({', '.join(h['labels'][:5])}{', …' if len(h['labels']) > 5 else ''})")
-    out.print(f"defaults: {json.dumps(m.defaults)}")
-    if verify:
-        bad = m.verify(engine)
-        if bad:
-            raise EngineError(f"sha256 mismatch in {', '.join(bad)}: the engine directory is damaged; re-export it")
-        out.print("[green]all sha256 match[/]")
+    bad = m.verify(engine) if verify else []
+    if fmt is Format.json:
+        record = dataclasses.asdict(m)
+        record.pop("alphas_cumprod")
+        record["verified"] = None if not verify else not bad
+        sys.stdout.write(json.dumps(record, indent=1) + "\n")
+    else:
+        say((str(engine), "bold"), f" (format {m.format_version}, diffscore {m.diffscore_version})")
+        say(f"source {m.source_path} sha256 {m.source_sha256[:12]}; "
+            f"{'pixel space' if m.pixel_space else f'latent space (scaling {m.latent_scaling})'}; "
+            f"image {m.image_size}px x{m.image_channels}; sample {m.sample_shape}; T={len(m.alphas_cumprod)}")
+        rows = [{"graph": k, "file": g.file, "precision": g.precision, "MB": g.size / 1e6} for k, g in m.graphs.items()]
+        rows += [{"graph": k, "file": p.file, "precision": p.precision, "MB": p.size / 1e6} for k, p in m.plans.items()]
+        emit(rows)
+        say(f"attention layers: {', '.join(m.attention_layers) or '-'}")
+        say(f"feature blocks: {', '.join(m.feature_blocks) or '-'}; merged adapters: {', '.join(m.adapters) or '-'}")
+        for name, a in m.adapters.items():
+            if a.score_weights:
+                say(f"{name} score weights: " + ", ".join(f"{k} {v:.3f}" for k, v in a.score_weights.items()))
+        for name, h in m.heads.items():
+            say(f"head {name}: {h.kind} on {', '.join(h.blocks)} at steps {h.steps}, "
+                f"{len(h.labels)} labels ({', '.join(h.labels[:5])}{', …' if len(h.labels) > 5 else ''})")
+        say(f"defaults: {json.dumps(dataclasses.asdict(m.defaults))}")
+        if m.calibration is not None:
+            c = m.calibration
+            say(f"int8: {c.method} on {c.samples} samples from {c.source}; {len(c.float_layers)} layers float"
+                + (f"; gate {c.gate['agreement']:.2%} on {c.gate['images']} images" if c.gate else ""))
+    if bad:
+        raise EngineError(f"sha256 mismatch in {', '.join(bad)}: the engine directory is damaged; re-export it")
+    if verify and fmt is Format.table:
+        say(("all sha256 match", "green"))
 
 
+@app.command()
+def demo(
+    limit: Optional[int] = typer.Option(None, min=1, help="classify only the first N held-out images"),
+    backend: Backend = BackendOpt, precision: Precision = PrecisionOpt,
+    stages: Optional[str] = typer.Option(None, help="override the demo's stages, e.g. 10:3,40:1"),
+):
+    """The main job: zero-shot classification of held-out handwritten digits on the demo model."""
+    import diffscore
+    from diffscore.app.demo import demo_engine_dir, logistic_baseline, run_demo
+    from diffscore.app.digits import load_digits_split
+
+    stage_list = parse_stages(stages)
+    engine_dir = demo_engine_dir(precisions=("fp32", precision.value) if precision is Precision.fp16 else ("fp32",))
+    with diffscore.load(engine_dir, backend=backend.value, precision=precision.value) as eng:
+        res = run_demo(eng, limit=limit, stages=stage_list)
+        where = f"{eng.backend}, {precision.value}"
+    baseline = logistic_baseline(load_digits_split())
+    rows = [
+        {"method": f"Diffusion Classifier, zero-shot ({where})", "accuracy": f"{res['accuracy']:.2%}",
+         "UNet passes/image": res["passes_per_image"], "images/s": res["images_per_s"]},
+        {"method": "logistic regression on pixels (trained)", "accuracy": f"{baseline:.2%}", "UNet passes/image": 0.0,
+         "images/s": float("nan")},
+    ]
+    emit(rows, Format.table, f"held-out digits: {res['images']} images, wall {res['seconds']:.1f} s")
+
+
+# --- build commands (torch extra) -----------------------------------------------------------------
 @app.command()
 def export(
     model: Path = typer.Argument(..., help="local diffusers model folder"),
     out_dir: Path = typer.Argument(..., help="engine directory to create"),
-    precision: List[str] = typer.Option(["fp32"], "--precision", "-p", help="fp32 and/or fp16 (repeat)"),
+    precision: List[Precision] = typer.Option([Precision.fp32.value], "--precision", "-p",
+                                              help="fp32 and/or fp16 (repeat; int8 comes from `diffscore calibrate`)"),
     attention_layers: Optional[str] = typer.Option(None, help="cross-attention modules to score, comma separated (default: last of each block)"),
     feature_blocks: Optional[str] = typer.Option(None, help="UNet blocks whose outputs the graph returns, e.g. mid_block,up_blocks.1"),
-    head: List[Path] = typer.Option([], "--head", help="a head folder from `diffscore train-head` to ship (repeat)"),
-    overwrite: bool = typer.Option(False, help="replace an existing engine directory"),
+    head_dir: List[Path] = typer.Option([], "--head-dir", help="a head folder from `diffscore train-head` to ship (repeat)"),
     adapters: Optional[Path] = typer.Option(None, help="a `diffscore train-prompts` run directory: its LoRA is merged into the UNet"),
+    overwrite: bool = typer.Option(False, help="replace an existing engine directory"),
 ):
     """Export a diffusers model to an engine directory (ONNX graphs + manifest), atomically."""
+    if Precision.int8 in precision:
+        raise EngineError("export writes fp32 and fp16 graphs; make the INT8 UNet with `diffscore calibrate ENGINE`")
     require_torch("export")
     from diffscore.export.onnx_export import export_engine
 
-    precisions = tuple(dict.fromkeys(["fp32", *precision]))
+    precisions = tuple(dict.fromkeys(["fp32", *(p.value for p in precision)]))
     path = export_engine(model, out_dir, precisions=precisions, attention_layers=split(attention_layers),
-                         feature_blocks=split(feature_blocks) or [], heads=head, overwrite=overwrite, adapters=adapters)
-    out.print(f"[green]wrote[/] {path}")
+                         feature_blocks=split(feature_blocks) or [], heads=head_dir, overwrite=overwrite, adapters=adapters)
+    say(("wrote ", "green"), str(path))
 
 
 @app.command("train-head")
 def train_head_command(
     model: Path = typer.Argument(..., help="local diffusers model folder"),
-    data: Optional[Path] = typer.Option(None, "--data", help="image folder with one subfolder per class (folder name = label)"),
+    data: Optional[Path] = typer.Option(None, "--data", help="labelled image folder: one subfolder per class (folder name = label)"),
     demo: bool = typer.Option(False, "--demo", help="the demo digits' training split (1,347 images) instead of --data"),
-    head: str = typer.Option("difformer", "--head", help="linear | attention | difformer"),
+    kind: HeadKind = typer.Option(HeadKind.difformer.value, "--kind", help="the head's architecture"),
     blocks: str = typer.Option("down_blocks.1,mid_block", help="UNet blocks to read (diffusers module names), comma separated"),
-    steps: str = typer.Option("50,200", help="noise steps, comma separated: one UNet pass each per image"),
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="head folder to write (default: head-<kind>); its name names the head in an engine"),
+    noise_steps: str = typer.Option("50,200", "--noise-steps", help="noise steps, comma separated: one UNet pass each per image"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="head folder to write (default: head-<kind>); its name names the head in an engine"),
     prompt: str = typer.Option("", help="conditioning of the feature passes (default: the empty prompt)"),
-    seed: int = typer.Option(0, help="seed of the fixed noise, the initialisation, the validation split and shuffling"),
-    epochs: int = typer.Option(100, help="at most; training stops early on a 10% validation split"),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed of the fixed noise, the initialisation, the validation split and shuffling"),
+    epochs: int = typer.Option(100, min=1, help="at most; training stops early on a 10% validation split"),
     overwrite: bool = typer.Option(False, help="replace an existing head folder"),
 ):
-    """Train a one-pass head on UNet block features (extracted once, cached); then `export --head`."""
-    require_torch("train-head")
-    from diffscore.app.demo import cache_root
-    from diffscore.reference.heads import FeatureSpec, TrainOptions, save_head, train_head_on_images
-
-    out_dir = out_dir or Path(f"head-{head}")
+    """Train a one-pass head on UNet block features (extracted once, cached); then `export --head-dir`."""
+    out_dir = out_dir or Path(f"head-{kind.value}")
     if out_dir.exists() and not overwrite:
         raise EngineError(f"{out_dir} already exists; pass --overwrite to replace it")
     if demo == (data is not None):
         raise EngineError("give exactly one of --data FOLDER or --demo")
+    spec_blocks, steps = split(blocks) or [], parse_steps(noise_steps)
+    require_torch("train-head")
+    from diffscore.app.demo import cache_root
+    from diffscore.reference.features import FeatureSpec
+    from diffscore.reference.head_training import TrainOptions, train_head_on_images
+    from diffscore.reference.heads import save_head
+
     if demo:
         from diffscore.app.digits import CLASS_NAMES, load_digits_split
 
@@ -233,83 +351,57 @@ def train_head_command(
         from diffscore.engine.images import image_folder
 
         images, labels, classes = image_folder(data)
-    spec = FeatureSpec(blocks=split(blocks) or [], steps=parse_steps(steps), seed=seed, prompt=prompt)
-    trained, config = train_head_on_images(model, images, labels, classes, head, spec,
+    spec = FeatureSpec(blocks=spec_blocks, steps=steps, seed=seed, prompt=prompt)
+    trained, config = train_head_on_images(model, images, labels, classes, kind.value, spec,
                                            TrainOptions(epochs=epochs, seed=seed), cache_root() / "features", progress=True)
     save_head(trained, config, out_dir)
     t = config.training
     val = f"validation accuracy {t['val_accuracy']:.2%} on {t['val_images']} images" if t["val_images"] else "no validation split"
-    out.print(f"[green]wrote[/] {out_dir}: {head} head on {', '.join(spec.blocks)} at steps {spec.steps}, "
-              f"{len(classes)} classes, {t['images']} training images, {val}, best epoch {t['best_epoch']} of {t['epochs']}")
-    out.print(f"next: diffscore export {model} ENGINE_DIR --head {out_dir}")
+    say(("wrote ", "green"), f"{out_dir}: {kind.value} head on {', '.join(spec.blocks)} at steps {spec.steps}, "
+        f"{len(classes)} classes, {t['images']} training images, {val}, best epoch {t['best_epoch']} of {t['epochs']}")
+    say(f"next: diffscore export {model} ENGINE_DIR --head-dir {out_dir}")
 
 
 @app.command("build-trt")
 def build_trt(
     engine: Path = typer.Argument(..., help="engine directory"),
-    precision: str = typer.Option("fp16", help="which UNet graph to build: fp32 | fp16 | int8"),
-    min_batch: int = typer.Option(1), opt_batch: int = typer.Option(8), max_batch: int = typer.Option(32),
+    precision: Precision = typer.Option(Precision.fp16.value, "--precision", "-p", help="which UNet graph to build"),
+    min_batch: int = typer.Option(1, min=1), opt_batch: int = typer.Option(8, min=1), max_batch: int = typer.Option(32, min=1),
 ):
     """Build TensorRT plans (strongly typed; precision comes from the ONNX) for this GPU."""
     from diffscore.export.tensorrt_build import build_plans
 
-    for plan in build_plans(engine, precision=precision, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch):
-        out.print(f"[green]plan[/] {plan.file} ({plan.size / 1e6:.1f} MB)")
+    for plan in build_plans(engine, precision=precision.value, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch):
+        say(("plan ", "green"), f"{plan.file} ({plan.size / 1e6:.1f} MB)")
 
 
 @app.command()
 def parity(
     engine: Path = typer.Argument(..., help="engine directory"),
     model: Optional[Path] = typer.Option(None, help="source model folder (default: the one recorded in the manifest)"),
-    images: int = typer.Option(100, help="held-out demo images for the decision check (demo engines only)"),
+    limit: int = typer.Option(100, min=0, help="held-out demo digits for the decision check (demo engines; 0: none)"),
 ):
-    """Torch vs every available backend and precision: tensor errors and decision agreement."""
+    """Torch vs every available backend and precision: tensor errors and decision agreement (exit 1 on a failure)."""
     require_torch("parity")
     from diffscore.app.demo import demo_parity_inputs
     from diffscore.export.parity import run_parity
 
-    if not run_parity(engine, model, **demo_parity_inputs(engine, images)):
-        raise typer.Exit(1)
-
-
-@app.command()
-def demo(
-    limit: Optional[int] = typer.Option(None, help="classify only the first N held-out images"),
-    backend: str = Backend, precision: str = Precision,
-    stages: Optional[str] = typer.Option(None, help="override the demo's stages, e.g. 10:3,40:1"),
-):
-    """The main job: zero-shot classification of held-out handwritten digits on the demo model."""
-    import diffscore
-    from diffscore.app.demo import demo_engine_dir, logistic_baseline, run_demo
-
-    engine_dir = demo_engine_dir(precisions=("fp32", precision) if precision == "fp16" else ("fp32",))
-    eng = diffscore.load(engine_dir, backend=backend, precision=precision)
-    res = run_demo(eng, limit=limit, stages=parse_stages(stages))
-    from diffscore.app.digits import load_digits_split
-
-    baseline = logistic_baseline(load_digits_split())
-    rows = [
-        {"method": f"Diffusion Classifier, zero-shot ({eng.backend}, {precision})", "accuracy": res["accuracy"],
-         "UNet passes/image": res["passes_per_image"], "images/s": res["images_per_s"]},
-        {"method": "logistic regression on pixels (trained)", "accuracy": baseline, "UNet passes/image": 0.0,
-         "images/s": float("nan")},
-    ]
-    emit(rows, "table", f"held-out digits: {res['images']} images, wall {res['seconds']:.1f} s")
+    if not run_parity(engine, model, echo=say, **demo_parity_inputs(engine, limit)):
+        raise EngineError("parity failed: see the FAILED lines above")
 
 
 @app.command()
 def calibrate(
     engine: Path = typer.Argument(..., help="engine directory made by `diffscore export`"),
-    images: Optional[Path] = typer.Option(None, help="folder of images like the ones you will score"),
+    images: Optional[List[str]] = typer.Argument(None, help="images like the ones you will score: files, folders or globs"),
     demo: bool = typer.Option(False, "--demo", help="calibrate on the demo's training digits (never the held-out ones)"),
-    labels: Optional[str] = typer.Option(None, help="class names / texts the engine will score, comma separated"),
-    labels_file: Optional[Path] = typer.Option(None, help="class names, one per line"),
-    samples: int = typer.Option(256, help="UNet inputs in the calibration set"),
-    method: str = typer.Option("minmax", help="activation ranges: minmax | entropy | percentile"),
-    seed: int = typer.Option(0, help="seed of the image split, the sampling and the shared noise"),
+    labels: Optional[str] = LabelsOpt, labels_file: Optional[Path] = LabelsFileOpt,
+    samples: int = typer.Option(256, min=1, help="UNet inputs in the calibration set"),
+    ranges: RangeMethod = typer.Option(RangeMethod.minmax.value, "--ranges", help="how activation ranges are set"),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed of the image split, the sampling and the shared noise"),
     report: bool = typer.Option(False, "--report", help="per-layer sensitivity: score error and flipped decisions"),
     auto: bool = typer.Option(False, "--auto", help="keep the most sensitive layers in float until the decision gate holds"),
-    validation: int = typer.Option(100, help="images held out of calibration for the decision gate (0: no gate)"),
+    validation: int = typer.Option(100, min=0, help="images held out of calibration for the decision gate (0: no gate)"),
     keep_float: Optional[str] = typer.Option(None, help="layers to keep in float, name substrings comma separated "
                                              "(default: time_embedding,conv_in,conv_out,conv_shortcut; 'none')"),
     smoothquant: Optional[float] = typer.Option(None, "--smoothquant", metavar="ALPHA", help="SmoothQuant-style scaling "
@@ -319,8 +411,8 @@ def calibrate(
     from diffscore.calibration.pipeline import calibrate as run_calibration
 
     label_list = read_labels(labels, labels_file, required=False)  # --demo brings its own
-    if demo == (images is not None):
-        raise EngineError("give exactly one of --images DIR or --demo")
+    if demo == bool(images):
+        raise EngineError("give images (files, folders or globs) or --demo, not both")
     source = None
     if demo:
         from diffscore.app.digits import CLASS_NAMES, training_images
@@ -328,75 +420,100 @@ def calibrate(
         if label_list is not None and label_list != list(CLASS_NAMES):
             raise EngineError(f"the demo digits are labelled {', '.join(CLASS_NAMES)}; --labels {','.join(label_list)!r} "
                               "does not match them (leave --labels out with --demo)")
-        images, label_list, source = training_images(), list(CLASS_NAMES), "demo training digits"
+        pool, label_list, source = training_images(), list(CLASS_NAMES), "demo training digits"
+    else:
+        pool = image_paths(images)
+        source = f"{len(pool)} images ({', '.join(images[:3])}{', …' if len(images) > 3 else ''})"
     patterns = None if keep_float is None else [p for p in split(keep_float) or [] if p != "none"]
-    res = run_calibration(engine, images=images, labels=label_list, source=source, samples=samples, method=method, seed=seed,
-                          report=report, auto=auto, validation=validation, keep_float=patterns,
+    res = run_calibration(engine, images=pool, labels=label_list, source=source, samples=samples, method=ranges.value,
+                          seed=seed, report=report, auto=auto, validation=validation, keep_float=patterns,
                           smoothquant_alpha=smoothquant, progress=True)
     if res.sensitivity:
-        table = Table(title="INT8 sensitivity: each layer quantized alone, most sensitive first")
-        table.add_column("layer", overflow="fold")
-        for name in ("score error / margin", "flipped", "kept float"):
-            table.add_column(name, justify="right")
-        for r in res.sensitivity:
-            table.add_row(r.layer, f"{r.score_error:.4f}", f"{r.flips:.0%}", "yes" if r.layer in res.float_layers else "")
+        rows = [{"layer": r.layer, "score error / margin": r.score_error, "flipped": f"{r.flips:.0%}",
+                 "kept float": "yes" if r.layer in res.float_layers else ""} for r in res.sensitivity]
         if res.total is not None:
-            table.add_row("[bold]the INT8 UNet written[/]", f"{res.total.score_error:.4f}", f"{res.total.flips:.0%}", "")
-        out.print(table)
+            rows.append({"layer": "the INT8 UNet written", "score error / margin": res.total.score_error,
+                         "flipped": f"{res.total.flips:.0%}", "kept float": ""})
+        emit(rows, Format.table, "INT8 sensitivity: each layer quantized alone, most sensitive first")
     for kept, gate in res.auto_steps[1:]:
-        out.print(f"auto: {kept} layers float -> {gate}")
+        say(f"auto: {kept} layers float -> {gate}")
     if res.gate is not None:
-        out.print(str(res.gate))
-    out.print(f"float layers ({len(res.float_layers)}): {', '.join(res.float_layers) or '-'}")
-    if res.record.get("smoothquant"):
-        sq = res.record["smoothquant"]
-        out.print(f"SmoothQuant α={sq['alpha']:g}: {len(sq['norms'])} LayerNorms rescaled with the linear layers they feed")
-    out.print(f"[green]wrote[/] {res.graph.file} ({len(res.quantized)} int8 layers, {res.record['method']}, "
-              f"{res.record['samples']} samples) and {res.record['file']} in {engine}")
+        say(str(res.gate))
+    say(f"float layers ({len(res.float_layers)}): {', '.join(res.float_layers) or '-'}")
+    if res.record.smoothquant:
+        sq = res.record.smoothquant
+        say(f"SmoothQuant α={sq['alpha']:g}: {len(sq['norms'])} LayerNorms rescaled with the linear layers they feed")
+    say(("wrote ", "green"), f"{res.graph.file} ({len(res.quantized)} int8 layers, {res.record.method}, "
+        f"{res.record.samples} samples) and {res.record.file} in {engine}")
 
 
 @app.command("train-prompts")
 def train_prompts(
     model: Path = typer.Argument(..., help="local diffusers model folder"),
-    data: str = typer.Option(..., "--data", help='JSONL of {"image": path, "caption": str} lines, or `demo` (the demo digits\' training split)'),
-    shots: int = typer.Option(..., "--shots", "-k", help="training pairs per class (a class = a distinct caption)"),
+    data: Optional[Path] = typer.Option(None, "--data", help='JSONL of {"image": path, "caption": str} lines'),
+    demo: bool = typer.Option(False, "--demo", help="the demo digits' training split instead of --data"),
+    shots: int = typer.Option(..., "--shots", "-k", min=1, help="training pairs per class (a class = a distinct caption)"),
     out_dir: Path = typer.Option(..., "--out", help="run directory: adapter.safetensors + training_log.json"),
-    steps: int = typer.Option(200, help="optimiser steps, one random timestep each"),
-    lr: float = typer.Option(1e-4, help="AdamW learning rate (DESIGN's 1e-4; on the demo 3e-3 learns in ~300 steps)"),
-    batch_size: int = typer.Option(16, help="images per step"),
-    seed: int = typer.Option(0, help="seed of the shots, timesteps, noise and LoRA init"),
+    train_steps: int = typer.Option(200, "--train-steps", min=1, help="optimiser steps, one random timestep each"),
+    lr: float = typer.Option(1e-4, min=0.0, help="AdamW learning rate (DESIGN's 1e-4; on the demo 3e-3 learns in ~300 steps)"),
+    batch_size: int = typer.Option(16, min=1, help="images per step"),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed of the shots, timesteps, noise and LoRA init"),
     score_weights: bool = typer.Option(False, "--score-weights", help="also learn how much each scored attention layer counts (the engine pools the layers with these weights)"),
     overwrite: bool = typer.Option(False, help="replace an existing run directory's adapter"),
 ):
     """Few-shot prompt learning for DSD matching: a rank-4 LoRA on the attention projections (export with --adapters)."""
+    if demo == (data is not None):
+        raise EngineError("give exactly one of --data PAIRS.jsonl or --demo")
     require_torch("train-prompts")
     from diffscore.app.digits import demo_pairs
     from diffscore.reference.prompt_learning import PromptLearningConfig, read_pairs
     from diffscore.reference.prompt_learning import train_prompts as run_training
 
-    if shots < 1:
-        raise EngineError(f"--shots must be ≥ 1, got {shots}")
-    pairs = demo_pairs() if data == "demo" else read_pairs(Path(data))
-    cfg = PromptLearningConfig(shots=shots, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+    pairs = demo_pairs() if demo else read_pairs(data)
+    cfg = PromptLearningConfig(shots=shots, steps=train_steps, lr=lr, batch_size=batch_size, seed=seed,
                                score_weights=score_weights)
     run = run_training(model, pairs, out_dir, cfg, overwrite=overwrite)
-    out.print(f"[green]wrote[/] {out_dir} ({run['pairs']} pairs, {len(run['captions'])} captions, {steps} steps, "
-              f"loss {run['loss'][0]:.4f} -> {run['final_loss_mean20']:.4f} (mean of last 20), {run['wall_time_s']:.0f} s)")
+    say(("wrote ", "green"), f"{out_dir} ({run['pairs']} pairs, {len(run['captions'])} captions, {train_steps} steps, "
+        f"loss {run['loss'][0]:.4f} -> {run['final_loss_mean20']:.4f} (mean of last 20), {run['wall_time_s']:.0f} s)")
 
 
-def main() -> None:
+# --- entry point ----------------------------------------------------------------------------------
+def usage_line(e: UsageError) -> str:
+    where = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) is not None else ""
+    return f"{e.format_message()}{where}"
+
+
+def terminated(signum, frame):
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: temporary folders are removed on the way out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI: exit 0 on success, 1 on a problem found while working, 2 on a usage mistake,
+    130 on Ctrl-C and 143 on SIGTERM, each mistake as one line on stderr."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    stopped_by = {"signal": None}
+
+    def on_term(signum, frame):
+        stopped_by["signal"] = signum
+        terminated(signum, frame)
+
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, on_term)
     try:
-        app(standalone_mode=False)
+        code = app(args=argv, prog_name="diffscore", standalone_mode=False)
     except EngineError as e:
-        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        error_line(str(e))
         sys.exit(1)
-    except click.exceptions.Abort:
-        err.print("aborted")
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+    except NoArgsIsHelpError as e:
+        typer.echo(e.ctx.get_help())
+        sys.exit(0)
+    except UsageError as e:
+        error_line(usage_line(e))
+        sys.exit(2)
+    except (Abort, KeyboardInterrupt):
+        error_line("terminated" if stopped_by["signal"] else "interrupted")
+        sys.exit(143 if stopped_by["signal"] else 130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

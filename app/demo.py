@@ -11,7 +11,7 @@ import numpy as np
 
 from diffscore.app.digits import CLASS_NAMES, DEFAULT_TEMPLATE, load_digits_split
 from diffscore.errors import EngineError
-from diffscore.engine.manifest import Manifest, folder_sha256
+from diffscore.engine.manifest import Manifest, folder_sha256, unet_graph
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo"
 # Chosen on a validation split carved from the training digits (models/train_demo.py's report).
@@ -30,8 +30,11 @@ def demo_engine_dir(model_dir: Path = DEMO_MODEL, precisions=("fp32",)) -> Path:
     digest = folder_sha256(model_dir)
     out = cache_root() / "engines" / f"demo-{digest[:12]}"
     if out.is_dir():
-        manifest = Manifest.load(out)
-        if all(p == "fp32" or f"unet.{p}" in manifest.graphs for p in precisions):
+        try:
+            manifest = Manifest.load(out)
+        except EngineError:  # an engine of an older format (or damaged): export it again
+            manifest = None
+        if manifest is not None and all(unet_graph(p) in manifest.graphs for p in precisions):
             return out
     from diffscore.export.onnx_export import export_engine
 

@@ -70,7 +70,7 @@ def main() -> None:
     from diffscore.engine.backends.onnxruntime import OnnxRuntimeRunner
     from diffscore.engine.manifest import Manifest
     from diffscore.export.onnx_export import export_engine
-    from diffscore.export.parity import compare
+    from diffscore.export.verdicts import compare
     from diffscore.export.tensorrt_ops import unsupported_ops
     from diffscore.reference.loading import load_components
     from diffscore.reference.scoring_unet import ScoringUNet

@@ -73,28 +73,28 @@ def placement(engine, name: str, images, repeats: int = 3) -> dict:
 
     from diffscore.engine.backends.onnxruntime import OnnxRuntimeRunner
     from diffscore.engine.manifest import Manifest, TensorSpec
-    from diffscore.export.graphs import BATCH
+    from diffscore.engine.manifest import BATCH
     from diffscore.export.onnx_export import export_engine, export_graph
     from diffscore.kernels import add_noise, shared_noise
     from diffscore.reference.heads import load_head
 
     spec = engine.manifest.heads[name]
-    head, config = load_head(engine.engine_dir, weights=spec["weights"], config=spec["config"])
-    blocks, steps, S = spec["blocks"], np.asarray(spec["steps"]), len(spec["steps"])
+    head, config = load_head(engine.engine_dir, weights=spec.weights, config=spec.config)
+    blocks, steps, S = spec.blocks, np.asarray(spec.steps), len(spec.steps)
     with tempfile.TemporaryDirectory() as tmp:
         shared = export_engine(DEMO_MODEL, Path(tmp) / "shared", feature_blocks=blocks, show_progress=False)
         unet = OnnxRuntimeRunner(shared / "unet.onnx", Manifest.load(shared).graphs["unet"], "ort-cpu", threads=1)
         inputs = [TensorSpec(f"features.{b}", "float32", [BATCH, S, *shape]) for b, shape in zip(blocks, config.shapes)]
         alone = export_graph(head, tuple(torch.randn(2, S, *shape) for shape in config.shapes), inputs,
-                             [TensorSpec("logits", "float32", [BATCH, len(spec["labels"])])], Path(tmp), "head")
+                             [TensorSpec("logits", "float32", [BATCH, len(spec.labels)])], Path(tmp), "head")
         head_runner = OnnxRuntimeRunner(Path(tmp) / alone.file, alone, "ort-cpu", threads=1)
-        emb = engine.encode_text([spec["prompt"]])
+        emb = engine.encode_text([spec.prompt])
         per_call = engine.default_batch_size() // S
         pool = ThreadPoolExecutor(os.cpu_count() or 1)  # as the engine runs small UNets on CPU
 
         def separate(imgs):
             x0 = engine.encode_images(imgs)
-            noise = shared_noise(spec["seed"], S, tuple(x0.shape[1:]))
+            noise = shared_noise(spec.seed, S, tuple(x0.shape[1:]))
 
             def run(lo):
                 x = x0[lo : lo + per_call]
@@ -119,7 +119,7 @@ def placement(engine, name: str, images, repeats: int = 3) -> dict:
     return {"head": name, "images": len(images), "repeats": repeats, "max_abs_logit_difference": diff,
             "one_graph_images_per_s": len(images) / statistics.median(one_s),
             "separate_graph_images_per_s": len(images) / statistics.median(separate_s),
-            "one_graph_mb": engine.manifest.graphs[spec["graph"]].size / 1e6, "separate_head_graph_mb": alone.size / 1e6}
+            "one_graph_mb": engine.manifest.graphs[spec.graph].size / 1e6, "separate_head_graph_mb": alone.size / 1e6}
 
 
 def main() -> None:
@@ -135,7 +135,9 @@ def main() -> None:
     torch.set_num_threads(1)  # training shares the machine; the timed part is the engine's
     from diffscore.engine.manifest import folder_sha256
     from diffscore.export.onnx_export import export_engine
-    from diffscore.reference.heads import FeatureSpec, HeadConfig, TrainOptions, cached_features, save_head, train_head
+    from diffscore.reference.features import FeatureSpec, cached_features
+    from diffscore.reference.head_training import TrainOptions, train_head
+    from diffscore.reference.heads import HeadConfig, save_head
     from diffscore.reference.loading import load_components
 
     load_start = os.getloadavg()[0]

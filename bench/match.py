@@ -174,7 +174,7 @@ def main() -> None:
     pairs = len(images) * 5
     result = {
         "images": len(images), "pairs": pairs, "captions_per_image": 5, "negatives": {CLASS_NAMES[c]: [CLASS_NAMES[n] for n in v] for c, v in NEGATIVES.items()},
-        "template": DEFAULT_TEMPLATE, "dsd_steps": base.defaults.get("dsd_steps", 10), "seed": SEED,
+        "template": DEFAULT_TEMPLATE, "dsd_steps": base.defaults.dsd_steps, "seed": SEED,
         "validation": {"images": len(val_images), "r_at_1_per_lambda": val_r1, "lambda": best_lambda},
         "dc": {"stages": DEMO_STAGES, "loss": DEMO_LOSS},
         "r_at_1": rows, "prompt_learning": training, "parity": parity, "timing_s": timing,

@@ -47,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
 
     engine_dir = demo_engine_all_precisions()
-    calibration = Manifest.load(engine_dir).defaults["calibration"]
+    calibration = Manifest.load(engine_dir).calibration
     split = load_digits_split()
     images, truth = list(split.test_images[: args.limit]), split.test_labels[: args.limit]
     labels = list(CLASS_NAMES)
@@ -84,9 +84,9 @@ def main() -> None:
                    "seconds": seconds[p]}
     engine = engines["fp32"]
     result = {
-        "images": len(images), "rounds": args.rounds, "stages": engine.defaults["stages"], "loss": engine.defaults["loss"],
+        "images": len(images), "rounds": args.rounds, "stages": engine.defaults.stages, "loss": engine.defaults.loss,
         "workers": workers(engine), "batch_size": engine.default_batch_size(),
-        "int8_calibration": {k: calibration[k] for k in ("method", "samples", "source", "float_layers", "gate")},
+        "int8_calibration": {k: getattr(calibration, k) for k in ("method", "samples", "source", "float_layers", "gate")},
         "rows": rows,
     }
     if args.profile:
@@ -122,7 +122,7 @@ def profile(engine_dir: Path, batch: int = 128, repeats: int = 5) -> dict:
     from diffscore.calibration.dataset import CalibrationSet
 
     manifest = Manifest.load(engine_dir)
-    cal = CalibrationSet.load(engine_dir / manifest.defaults["calibration"]["file"])
+    cal = CalibrationSet.load(engine_dir / manifest.calibration.file)
     idx = np.arange(batch) % len(cal)
     feed = {"sample": cal.sample[idx], "timestep": cal.timestep[idx],
             "encoder_hidden_states": cal.embeddings[cal.prompt_row[idx]]}
@@ -162,7 +162,7 @@ def int8_variants(engine_dir: Path, feed: dict, repeats: int = 3) -> dict:
     from diffscore.calibration.dataset import CalibrationSet
 
     manifest = Manifest.load(engine_dir)
-    cal = CalibrationSet.load(engine_dir / manifest.defaults["calibration"]["file"])
+    cal = CalibrationSet.load(engine_dir / manifest.calibration.file)
     fp32 = engine_dir / manifest.graphs["unet"].file
     layers = quantize.quantizable_layers(onnx.load(str(fp32), load_external_data=False))
     fragile = quantize.select_float(layers)

@@ -87,12 +87,12 @@ def split_images(n_images: int, n_validation: int, n_calibration: int, seed: int
     return order[:n_validation], order[n_validation:][:n_calibration]
 
 
-def workload_timesteps(defaults: dict, num_train_timesteps: int) -> tuple[np.ndarray, np.ndarray]:
+def workload_timesteps(defaults, num_train_timesteps: int) -> tuple[np.ndarray, np.ndarray]:
     """(timesteps, their scorer) in each scorer's evaluation order: the classifier's staged grid, then DSD's."""
-    stages = [tuple(s) for s in defaults["stages"]]
+    stages = [tuple(s) for s in defaults.stages]
     try:
         classify = [t for ts in stage_timesteps(stages, num_train_timesteps) for t in ts]
-        match = dsd_timesteps(int(defaults.get("dsd_steps", 10)), num_train_timesteps)
+        match = dsd_timesteps(int(defaults.dsd_steps), num_train_timesteps)
     except ValueError as e:
         raise EngineError(f"the engine's scoring defaults are invalid: {e}") from None
     ts = np.array(classify + match, dtype=np.int64)
@@ -117,7 +117,7 @@ def collect(engine, images: list, labels: list[str], samples: int, seed: int = 0
     if not images:
         raise EngineError("no calibration images given")
     defaults = engine.defaults
-    template = defaults.get("template", "{}")
+    template = defaults.template
     prompts = [template.format(label) for label in labels]
     T = len(engine.alphas_cumprod)
     ts, scorer = workload_timesteps(defaults, T)
@@ -144,7 +144,7 @@ def collect(engine, images: list, labels: list[str], samples: int, seed: int = 0
                 sample[rows] = add_noise(x0[j], noise[positions[k]], engine.alphas_cumprod, ts[k])
             advance(len(chunk))
     meta = {"seed": seed, "source": source, "prompts": prompts, "labels": labels, "template": template,
-            "stages": [list(s) for s in defaults["stages"]], "dsd_steps": int(defaults.get("dsd_steps", 10)),
+            "stages": [list(s) for s in defaults.stages], "dsd_steps": int(defaults.dsd_steps),
             "images": len(images)}
     log.info("calibration set: %d samples from %d images, %d prompts, %d timesteps", samples, len(used), len(prompts),
              len(np.unique(ts[pick])))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffscore.errors import EngineError
-from diffscore.engine.manifest import GraphSpec, Manifest, sha256_files
+from diffscore.engine.manifest import CalibrationRecord, GraphSpec, Manifest, resolve_inside, sha256_files
 
 log = logging.getLogger("diffscore")
 
@@ -29,10 +29,10 @@ SENSITIVITY_IMAGES = 16  # of the validation images, for the per-layer report: a
 class CalibrationResult:
     engine_dir: Path
     graph: GraphSpec
-    record: dict  # what the manifest says about the calibration (defaults["calibration"])
+    record: CalibrationRecord  # what the manifest says about the calibration (manifest.calibration)
     float_layers: list[str]  # quantizable layers kept in float
     quantized: list[str]  # layers with int8 weights and activations
-    gate: object | None  # sensitivity.Gate, None when no validation images were used
+    gate: object | None  # the decision gate's Verdict, None when no validation images were used
     sensitivity: list = field(default_factory=list)  # sensitivity.LayerSensitivity rows, most sensitive first
     auto_steps: list = field(default_factory=list)  # (number of layers kept float, Gate) per gate run
     total: object | None = None  # sensitivity.LayerSensitivity of the written UNet (--report only)
@@ -136,7 +136,7 @@ def calibrate(engine_dir: str | Path, *, images, labels: list[str] | None, sourc
 
 
 def _install(engine_dir: Path, manifest: Manifest, work: Path, model, cal, *, method, keep, gate, auto,
-             smoothquant: dict | None) -> dict:
+             smoothquant: dict | None) -> CalibrationRecord:
     """Move the calibration set and the INT8 graph into the engine directory and record them."""
     from diffscore.calibration.dataset import CALIBRATION_FILE
     from diffscore.export.onnx_export import save_graph
@@ -148,18 +148,17 @@ def _install(engine_dir: Path, manifest: Manifest, work: Path, model, cal, *, me
     (work / CALIBRATION_FILE).replace(engine_dir / CALIBRATION_FILE)
     for key, plan in list(manifest.plans.items()):  # plans built from an older INT8 graph are stale now
         if plan.graph == INT8_GRAPH:
-            (engine_dir / plan.file).unlink(missing_ok=True)
+            resolve_inside(engine_dir, plan.file, f"plan {key}", must_exist=False).unlink(missing_ok=True)
             del manifest.plans[key]
     path = engine_dir / CALIBRATION_FILE
-    record = {
-        "file": CALIBRATION_FILE, "sha256": sha256_files([path]), "size": path.stat().st_size, "samples": len(cal),
-        "method": method, **{k: cal.meta[k] for k in ("seed", "source", "labels", "template", "stages", "dsd_steps")},
-        "graph": INT8_GRAPH, "float_layers": list(keep), "auto": auto, "smoothquant": smoothquant,
-        "gate": None if gate is None else {"agreement": gate.agreement, "images": gate.images,
-                                           "min_agreement": gate.min_agreement},
-    }
+    record = CalibrationRecord(
+        file=CALIBRATION_FILE, sha256=sha256_files([path]), size=path.stat().st_size, samples=len(cal), method=method,
+        **{k: cal.meta[k] for k in ("seed", "source", "labels", "template", "stages", "dsd_steps")},
+        graph=INT8_GRAPH, float_layers=list(keep), auto=auto, smoothquant=smoothquant,
+        gate=None if gate is None else {"agreement": gate.measured, "images": gate.images, "min_agreement": gate.bound},
+    )
     manifest.graphs[INT8_GRAPH] = spec
-    manifest.defaults["calibration"] = record
+    manifest.calibration = record
     manifest.save(engine_dir)
     log.info("wrote %s and %s (%d layers float)", INT8_FILE, CALIBRATION_FILE, len(keep))
     return record

@@ -24,10 +24,10 @@ import onnx
 
 from diffscore.calibration.quantize import quantizable_layers, quantize_unet
 from diffscore.errors import EngineError
+from diffscore.export.verdicts import Verdict, agreement
 
 log = logging.getLogger("diffscore")
 
-MIN_AGREEMENT = 0.99  # a compiled variant that flips more than 1% of decisions fails (DESIGN §4)
 SENSITIVITY_TIMESTEPS = 4  # evenly spaced over [0, T): every class at each, no pruning
 
 
@@ -38,19 +38,9 @@ class LayerSensitivity:
     flips: float  # fraction of validation images whose best class changes
 
 
-@dataclass
-class Gate:
-    agreement: float  # top-1 agreement with fp32 on the validation images
-    images: int
-    min_agreement: float = MIN_AGREEMENT
-
-    @property
-    def passed(self) -> bool:
-        return self.agreement >= self.min_agreement
-
-    def __str__(self) -> str:
-        return (f"{'PASSED' if self.passed else 'FAILED'} | int8 decisions | top-1 agreement with fp32 = "
-                f"{self.agreement:.2%} on {self.images} validation images (≥ {self.min_agreement:.0%})")
+def gate_verdict(got: list[str], want: list[str]) -> Verdict:
+    """The INT8 decision gate: top-1 agreement with the fp32 UNet's decisions on validation images."""
+    return agreement("int8", got, want, against="fp32", source="validation images")
 
 
 class UnetSwap:
@@ -60,23 +50,30 @@ class UnetSwap:
         import diffscore
         from diffscore.engine.engine import CONCURRENT_MAX_ELEMENTS
 
-        self.engine = diffscore.load(engine_dir, backend="ort-cpu")
-        self.fp32 = self.engine.runners["unet"]
+        self.engine_dir = Path(engine_dir)
+        self.fp32_engine = self.engine = diffscore.load(engine_dir, backend="ort-cpu")
         small = int(np.prod(self.engine.manifest.sample_shape)) <= CONCURRENT_MAX_ELEMENTS
         self.threads = 1 if small else None  # as `load` does: concurrent single-threaded runs on CPU
         self._tmp = Path(tempfile.mkdtemp(prefix="diffscore-swap-"))
 
     def use(self, model: onnx.ModelProto | None) -> "UnetSwap":
-        """Score with `model` (None: the fp32 UNet)."""
+        """Score with `model` (None: the fp32 UNet): an engine whose UNet runner is the candidate's,
+        sharing the fp32 engine's text and image encoders."""
+        import diffscore
         from diffscore.engine.backends.onnxruntime import OnnxRuntimeRunner
 
+        if self.engine is not self.fp32_engine:
+            self.engine.runner("unet").close()
+            self.engine.close()
         if model is None:
-            self.engine.runners["unet"] = self.fp32
+            self.engine = self.fp32_engine
             return self
         path = self._tmp / "candidate.onnx"
         onnx.save(model, str(path))
-        spec = self.engine.manifest.graphs["unet"]
-        self.engine.runners["unet"] = OnnxRuntimeRunner(path, spec, "ort-cpu", 0, self.threads)
+        base = self.fp32_engine
+        runners = {"unet": OnnxRuntimeRunner(path, base.manifest.graphs["unet"], "ort-cpu", 0, self.threads)}
+        runners.update({role: base.runner(role) for role in ("text_encoder", "vae_encoder") if role in base.runners})
+        self.engine = diffscore.load(self.engine_dir, backend="ort-cpu", runners=runners)
         return self
 
     def scores(self, images, labels, seed: int = 0) -> np.ndarray:
@@ -92,6 +89,7 @@ class UnetSwap:
         import shutil
 
         self.use(None)
+        self.fp32_engine.close()
         shutil.rmtree(self._tmp, ignore_errors=True)
 
 
@@ -123,14 +121,14 @@ def layer_sensitivity(swap: UnetSwap, fp32_path: Path, calibration_set, images, 
     return sorted(rows, key=lambda r: (-r.flips, -r.score_error))
 
 
-def decision_gate(swap: UnetSwap, model: onnx.ModelProto, images, labels, reference: list[str] | None = None) -> Gate:
+def decision_gate(swap: UnetSwap, model: onnx.ModelProto, images, labels, reference: list[str] | None = None) -> Verdict:
     """Top-1 agreement of the staged classifier with `model` as UNet vs fp32 (`reference` if given)."""
     if not images:
         raise EngineError("the decision gate needs validation images")
     want = reference if reference is not None else swap.use(None).decisions(images, labels)
     got = swap.use(model).decisions(images, labels)
     swap.use(None)
-    return Gate(float(np.mean([a == b for a, b in zip(got, want)])), len(images))
+    return gate_verdict(got, want)
 
 
 def auto_keep_float(swap: UnetSwap, fp32_path: Path, calibration_set, images, labels, *, method: str, ranges_cache: Path,

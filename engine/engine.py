@@ -17,16 +17,15 @@ import numpy as np
 from diffscore.engine.backends.base import Runner
 from diffscore.engine.images import preprocess_batch
 from diffscore.errors import EngineError
-from diffscore.engine.manifest import Manifest
+from diffscore.engine.manifest import PRECISIONS, Manifest, ScoringDefaults, resolve_inside, unet_graph
 from diffscore.engine.progress import progress_bar
-from diffscore.engine.results import Classification
+from diffscore.engine.results import Classification, ClassifyOptions, MatchOptions, MatchResult
 from diffscore.kernels import (LOSSES, StagedPruning, add_noise, class_ranking, denoising_error, dsd_timesteps,
                                pool_layer_scores, shared_noise)
 
 log = logging.getLogger("diffscore")
 
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8")
 IMAGE_WINDOW = 16  # images advanced through the stages together: fuller batches, bounded memory
 # On CPU, small UNets (samples of at most this many elements) run faster as several concurrent
 # single-threaded runs of one session than as one multi-threaded run: measured on the demo UNet,
@@ -35,15 +34,27 @@ CONCURRENT_MAX_ELEMENTS = 4096
 
 
 def load(engine_dir: str | Path, backend: str = "auto", device: int = 0, precision: str = "fp32",
-         threads: int | None = None) -> "Engine":
-    """Open an engine directory on a backend; `auto` picks the fastest one available here."""
+         threads: int | None = None, runners: dict[str, Runner] | None = None) -> "Engine":
+    """Open an engine directory made by `diffscore export`.
+
+    engine_dir: the directory (manifest.json + graphs).
+    backend: "auto" (TensorRT plan, then ORT TensorRT/CUDA providers, then CPU), "ort-cpu", "ort-cuda",
+        "ort-trt" or "tensorrt".
+    device: GPU index for the GPU backends.
+    precision: the UNet graph to run: "fp32", "fp16" (`export --precision fp16`) or "int8" (`diffscore calibrate`).
+    threads: intra-op threads per runner (default: the backend's choice).
+    runners: graph role ("text_encoder", "vae_encoder", "unet") -> a runner to use instead of the one the
+        backend would open (any object with the runner contract of engine/backends/base.py), e.g. a
+        candidate INT8 UNet under test or the torch reference.
+    Use it as a context manager (or call `close()`) to release the sessions and worker threads.
+    """
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
         raise EngineError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     engine_dir = Path(engine_dir)
     manifest = Manifest.load(engine_dir)
-    unet = "unet" if precision == "fp32" else f"unet.{precision}"
+    unet = unet_graph(precision)
     if unet not in manifest.graphs:
         how = "diffscore export --precision fp16" if precision == "fp16" else "diffscore calibrate"
         raise EngineError(f"{engine_dir} has no {precision} UNet ({unet}); create it with `{how}`")
@@ -52,11 +63,18 @@ def load(engine_dir: str | Path, backend: str = "auto", device: int = 0, precisi
     if backend == "ort-cpu" and int(np.prod(manifest.sample_shape)) <= CONCURRENT_MAX_ELEMENTS:
         workers = threads or os.cpu_count() or 1
     names = [g for g in ("text_encoder", "vae_encoder") if g in manifest.graphs] + [unet]
+    given = dict(runners or {})
+    unknown = set(given) - {"text_encoder", "vae_encoder", "unet"}
+    if unknown:
+        raise EngineError(f"runner overrides for {sorted(unknown)}: only text_encoder, vae_encoder and unet can be replaced")
     runners = {
-        name.split(".")[0]: make_runner(engine_dir, manifest, name, backend, device, 1 if workers > 1 else threads)
+        name.split(".")[0]: given.get(name.split(".")[0])
+        or make_runner(engine_dir, manifest, name, backend, device, 1 if workers > 1 else threads)
         for name in names
     }
-    return Engine(engine_dir, manifest, runners, backend, precision, workers, device, 1 if workers > 1 else threads)
+    engine = Engine(engine_dir, manifest, runners, backend, precision, workers, device, 1 if workers > 1 else threads)
+    engine._borrowed = set(given)  # the caller's runners: the caller closes them
+    return engine
 
 
 def resolve_backend(manifest: Manifest, backend: str, unet: str) -> str:
@@ -85,10 +103,10 @@ def make_runner(engine_dir: Path, manifest: Manifest, graph: str, backend: str, 
         plan = matching_plan(manifest, graph)
         if plan is None:
             raise EngineError(f"{engine_dir} has no TensorRT plan of {graph} for this GPU and TensorRT; run `diffscore build-trt {engine_dir}`")
-        return TensorRTRunner(engine_dir / plan.file, plan, spec)
+        return TensorRTRunner(resolve_inside(engine_dir, plan.file, f"plan of {graph}"), plan, spec)
     from diffscore.engine.backends.onnxruntime import OnnxRuntimeRunner
 
-    return OnnxRuntimeRunner(engine_dir / spec.file, spec, backend, device, threads)
+    return OnnxRuntimeRunner(resolve_inside(engine_dir, spec.file, f"graph {graph}"), spec, backend, device, threads, graph)
 
 
 @dataclass
@@ -114,22 +132,52 @@ class Engine:
         self._pool = ThreadPoolExecutor(workers) if workers > 1 else None  # concurrent UNet runs (CPU)
         from tokenizers import Tokenizer
 
-        self.tokenizer = Tokenizer.from_file(str(engine_dir / manifest.tokenizer))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(resolve_inside(engine_dir, manifest.tokenizer, "tokenizer")))
+        except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise EngineError(f"{manifest.tokenizer} in {engine_dir} is not a tokenizer the `tokenizers` library can read "
+                              f"({str(e).splitlines()[0][:120]}); re-export the engine") from None
         self.alphas_cumprod = np.asarray(manifest.alphas_cumprod, dtype=np.float64)
         self._text_cache: dict[str, np.ndarray] = {}
+        self._borrowed: set[str] = set()
         log.info("loaded %s on %s (%s)", engine_dir, backend, precision)
 
     def __repr__(self) -> str:
         return f"Engine({str(self.engine_dir)!r}, backend={self.backend!r}, precision={self.precision!r})"
 
+    def runner(self, role: str) -> Runner:
+        """The runner of a graph role: "text_encoder", "vae_encoder", "unet", or a head's name."""
+        if role in self.manifest.heads:
+            return self.head_runner(role)
+        if role not in self.runners:
+            raise EngineError(f"{self.engine_dir} has no {role} runner; it has {', '.join(self.runners)}")
+        return self.runners[role]
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release every runner's session and the worker threads; the engine is unusable afterwards."""
+        for role, runner in self.runners.items():
+            close = getattr(runner, "close", None)
+            if close is not None and role not in self._borrowed:
+                close()
+        self.runners = {}
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
     @property
-    def defaults(self) -> dict:
+    def defaults(self) -> ScoringDefaults:
         return self.manifest.defaults
 
     @property
     def layer_weights(self) -> np.ndarray | None:
         """The DSD score weights prompt learning trained, in `attention_layers` order; None = plain mean."""
-        trained = self.manifest.adapters.get("prompt_learning", {}).get("score_weights")
+        trained = self.manifest.score_weights
         return None if not trained else np.array([trained[n] for n in self.manifest.attention_layers], np.float32)
 
     def default_batch_size(self) -> int:
@@ -186,12 +234,20 @@ class Engine:
                  template: str | None = None, templates: list[str] | None = None,
                  stages: list[tuple[int, int]] | None = None, loss: str | None = None, seed: int = 0,
                  batch_size: int | None = None, progress: bool = False) -> list[Classification]:
-        """One result per image, ranking best first.
+        """One Classification per image (ranking best first, UNet passes used, the options it ran with).
 
-        method="dc": the zero-shot Diffusion Classifier (DESIGN §3) among `labels`; ranking = mean
-        denoising error, lower is better. method="head": a trained head (`head`: its name, needed when
-        the engine has several), one UNet pass per noise step; labels are the head's (if given, they
-        must be the same set); ranking = softmax probability, higher is better.
+        images: paths, PIL images or uint8 arrays (H,W) / (H,W,C).
+        labels: the class names to choose among (method "head": optional, must be the head's own set).
+        method: "dc", the zero-shot Diffusion Classifier (DESIGN §3), ranking = mean denoising error, lower
+            is better; or "head", a trained head, one UNet pass per noise step, ranking = probability.
+        head: the head's name (method "head"), needed when the engine has several.
+        template / templates: prompt template(s) with one `{}` for the label (default: the engine's);
+            several templates make several candidates per class, a class scoring as its best one.
+        stages: [(n_samples, keep), ...] pruning stages (default: the engine's).
+        loss: "l2", "l1" or "huber" (default: the engine's).
+        seed: seed of the shared noise: same seed, same scores.
+        batch_size: UNet batch (default: chosen for the backend and sample size).
+        progress: show a progress bar on stderr.
         """
         if method == "head":
             return self._classify_head(images, labels, head, batch_size, progress)
@@ -200,9 +256,9 @@ class Engine:
         if labels is None:
             raise EngineError("the Diffusion Classifier needs labels: the class names to choose from")
         labels = check_labels(labels)
-        templates = list(templates or [template or self.defaults.get("template", "{}")])
-        stages = [tuple(s) for s in (stages or self.defaults["stages"])]
-        loss = loss or self.defaults.get("loss", "l2")
+        templates = list(templates or [template or self.defaults.template])
+        stages = [tuple(s) for s in (stages or self.defaults.stages)]
+        loss = loss or self.defaults.loss
         if loss not in LOSSES:
             raise EngineError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
         batch_size = batch_size or self.default_batch_size()
@@ -229,12 +285,14 @@ class Engine:
                         runs[i].submit(errors[done : done + size].reshape(len(cand), len(pos)))
                         done += size
                 advance(len(window))
+        options = ClassifyOptions("dc", tuple(labels), tuple(templates), tuple(stages), loss, seed,
+                                  backend=self.backend, precision=self.precision)
         results = []
         for run in runs:
             ranking = class_ranking(run, candidate_class)
             results.append(Classification(
                 label=labels[ranking[0][0]], ranking=[(labels[c], m) for c, m, _ in ranking],
-                passes=run.passes, evaluated={labels[c]: n for c, _, n in ranking},
+                passes=run.passes, evaluated={labels[c]: n for c, _, n in ranking}, options=options,
             ))
         return results
 
@@ -255,7 +313,7 @@ class Engine:
     # --- trained heads: one UNet pass per noise step -------------------------------------------
     def head_logits(self, images, head: str | None = None, *, batch_size: int | None = None,
                     progress: bool = False) -> np.ndarray:
-        """(N, classes) logits of a trained head, classes in `manifest.heads[head]["labels"]` order.
+        """(N, classes) logits of a trained head, classes in `manifest.heads[head].labels` order.
 
         Each image is noised at the head's steps with its fixed ε (seeded, shared by all images); the head
         graph holds the UNet layers it reads (on its prompt, empty unless set) and the head: one UNet
@@ -263,13 +321,13 @@ class Engine:
         """
         name = self.head_name(head)
         spec = self.manifest.heads[name]
-        steps = np.asarray(spec["steps"], dtype=np.int64)
+        steps = np.asarray(spec.steps, dtype=np.int64)
         x0 = self.encode_images(images)
-        noise = shared_noise(spec["seed"], len(steps), tuple(x0.shape[1:]))
-        runner = self._head_runner(spec["graph"])
+        noise = shared_noise(spec.seed, len(steps), tuple(x0.shape[1:]))
+        runner = self.head_runner(name)
         per_call = max(1, (batch_size or self.default_batch_size()) // len(steps))  # images per call
         per_call = min(per_call, -(-len(x0) // self.workers))  # a few images still keep every worker busy
-        logits = np.empty((len(x0), len(spec["labels"])), dtype=np.float32)
+        logits = np.empty((len(x0), len(spec.labels)), dtype=np.float32)
 
         def run(lo: int) -> int:
             x = x0[lo : lo + per_call]
@@ -296,9 +354,10 @@ class Engine:
             raise EngineError(f"{self.engine_dir} has no head {head!r}; it has {', '.join(heads)}")
         return head
 
-    def _head_runner(self, graph: str) -> Runner:
-        """Head graphs are fp32 ONNX (whatever the UNet precision), on ONNX Runtime; under the native
-        TensorRT backend on its CUDA provider when there is one."""
+    def head_runner(self, head: str | None = None) -> Runner:
+        """The runner of a head's graph (x_t -> logits). Head graphs are fp32 ONNX (whatever the UNet
+        precision), on ONNX Runtime; under the native TensorRT backend on its CUDA provider when there is one."""
+        graph = self.manifest.heads[self.head_name(head)].graph
         if graph not in self.runners:
             backend = self.backend
             if backend == "tensorrt":
@@ -311,28 +370,35 @@ class Engine:
     def _classify_head(self, images, labels, head, batch_size, progress) -> list[Classification]:
         name = self.head_name(head)
         spec = self.manifest.heads[name]
-        classes = spec["labels"]
+        classes = spec.labels
         if labels is not None and set(check_labels(labels)) != set(classes):
             raise EngineError(f"head {name} was trained on the labels {classes}, not {labels}; leave labels out to use its own")
         logits = self.head_logits(images, name, batch_size=batch_size, progress=progress).astype(np.float64)
         p = np.exp(logits - logits.max(axis=1, keepdims=True))
         p /= p.sum(axis=1, keepdims=True)
+        options = ClassifyOptions("head", tuple(classes), seed=spec.seed, head=name, backend=self.backend,
+                                  precision="fp32")
         results = []
         for row in p:
             order = np.argsort(-row, kind="stable")
             results.append(Classification(label=classes[order[0]], ranking=[(classes[c], float(row[c])) for c in order],
-                                          passes=len(spec["steps"])))
+                                          passes=len(spec.steps), options=options))
         return results
 
     # --- DSD matching -------------------------------------------------------------------------
     def match(self, images, texts: list[str], *, steps: int | None = None, bias_weight: float = 0.0, seed: int = 0,
-              batch_size: int | None = None, progress: bool = False) -> np.ndarray:
-        """(images, texts) DSD scores: mean over timesteps of attention score + λ·denoising bias. Higher = better.
+              batch_size: int | None = None, progress: bool = False) -> MatchResult:
+        """DSD scores of every (image, text) pair as a MatchResult (higher = better match).
 
-        The attention score pools the captured layers with the engine's learned score weights when
-        prompt learning trained some (`train-prompts --score-weights`), else their mean."""
+        score = mean over timesteps of the attention score + bias_weight · denoising bias. The attention
+        score pools the captured layers with the engine's learned score weights when prompt learning
+        trained some (`train-prompts --score-weights`), else their mean.
+        images: paths, PIL images or uint8 arrays. texts: the captions.
+        steps: timesteps per pair (default: the engine's). bias_weight: λ (0 skips the extra
+        empty-prompt pass). seed: seed of the shared noise. batch_size: UNet batch (default: automatic).
+        progress: show a progress bar on stderr."""
         texts = check_labels(texts, what="texts")
-        ts = np.array(dsd_timesteps(steps or self.defaults.get("dsd_steps", 10), len(self.alphas_cumprod)))
+        ts = np.array(dsd_timesteps(steps or self.defaults.dsd_steps, len(self.alphas_cumprod)))
         batch_size = batch_size or self.default_batch_size()
         use_bias = bias_weight != 0.0
         prompts = texts + ([""] if use_bias else [])
@@ -359,7 +425,9 @@ class Engine:
                     score = attn + bias_weight * (norm[:, -1:, :] - norm[:, : len(texts)])
                 out[lo : lo + w] = score.mean(axis=2)
                 advance(w)
-        return out
+        weights = None if layer_weights is None else tuple(float(v) for v in layer_weights)
+        return MatchResult(out, texts, MatchOptions(tuple(int(t) for t in ts), float(bias_weight), seed, weights,
+                                                    self.backend, self.precision))
 
 
 def check_labels(labels, what: str = "labels") -> list[str]:

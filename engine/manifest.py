@@ -1,8 +1,10 @@
 """The engine directory's manifest: the one contract between export (writer) and runtime (reader).
 
-Kept to plain dataclasses + JSON so a Jetson with only the runtime extra can read it. Loading checks
-the format version and each file's presence and size; full sha256 checks are one call away
-(`verify`), because hashing a multi-GB graph on every load is slow.
+Plain typed dataclasses + JSON, so a Jetson with only the runtime extra can read it. `Manifest.load`
+is the one place a manifest is read and checked: format version, types, every file named by the
+manifest resolving *inside* the engine directory (symlinks included) and present with its size.
+Full sha256 checks of every file are one call away (`verify`), because hashing a multi-GB graph on
+every load is slow.
 """
 
 from __future__ import annotations
@@ -15,15 +17,24 @@ from pathlib import Path
 
 from diffscore.errors import EngineError
 
-FORMAT_VERSION = 1
+# 2: typed heads / adapters / calibration records, scoring defaults as their own record, every
+# non-graph file (tokenizer, head weights, calibration set) listed with its sha256
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
+BATCH = "batch"  # the symbolic batch axis of every graph input and output
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def unet_graph(precision: str) -> str:
+    """The manifest key of the UNet graph of a precision: "unet" (fp32), "unet.fp16", "unet.int8"."""
+    return "unet" if precision == "fp32" else f"unet.{precision}"
 
 
 @dataclass
 class TensorSpec:
     name: str
     dtype: str  # numpy dtype name: "float32", "float16", "int64"
-    shape: list  # ints, or strings for symbolic axes ("batch")
+    shape: list  # ints, or BATCH for the symbolic batch axis
 
 
 @dataclass
@@ -62,6 +73,87 @@ class PlanSpec:
 
 
 @dataclass
+class FileSpec:
+    """A non-graph file of the engine (tokenizer, head weights and config, calibration set)."""
+
+    sha256: str
+    size: int
+
+
+@dataclass
+class ScoringDefaults:
+    """What `classify` and `match` use when the caller does not say."""
+
+    template: str = "{}"  # prompt template, one {} for the label
+    stages: list[list[int]] = field(default_factory=lambda: [[50, 5], [500, 1]])  # (n_samples, keep) per stage
+    loss: str = "l2"  # l2 | l1 | huber
+    dsd_steps: int = 10  # DSD timesteps per pair
+
+
+@dataclass
+class HeadSpec:
+    """A trained head shipped as one graph (the UNet layers it reads + the head)."""
+
+    graph: str  # key in Manifest.graphs
+    kind: str  # linear | attention | difformer
+    labels: list[str]
+    blocks: list[str]  # diffusers module names it reads
+    steps: list[int]  # noise steps, one UNet pass each
+    seed: int  # of the fixed ε shared by all images
+    prompt: str  # conditioning of the feature passes ("" = empty prompt)
+    weights: str  # head weights file (parity rebuilds the torch head from it)
+    config: str  # head config file
+
+
+@dataclass
+class AdapterSpec:
+    """A LoRA run merged into the UNet weights at export (prompt learning)."""
+
+    adapters: str  # the run directory it came from
+    lora_rank: int
+    adapter_sha256: str
+    merged: bool = True
+    # DSD pools the attention layers with these weights instead of their mean; None = plain mean
+    score_weights: dict[str, float] | None = None
+    config: dict = field(default_factory=dict)  # the training configuration, as recorded by the run
+    captions: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CalibrationRecord:
+    """How the INT8 UNet was made (`diffscore calibrate`)."""
+
+    file: str  # the calibration set (npz)
+    sha256: str
+    size: int
+    samples: int
+    method: str  # minmax | entropy | percentile
+    seed: int
+    source: str  # where the calibration images came from
+    labels: list[str]
+    template: str
+    stages: list[list[int]]
+    dsd_steps: int
+    graph: str  # the INT8 graph's key
+    float_layers: list[str]
+    auto: bool
+    smoothquant: dict | None = None  # {"alpha", "norms"} when SmoothQuant scaling was folded in
+    gate: dict | None = None  # {"agreement", "images", "min_agreement"} of the decision gate
+
+
+def _typed(cls, value, where: str):
+    """Build dataclass `cls` from a JSON object; one line naming the record when it does not fit."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise EngineError(f"manifest {where} is {type(value).__name__}, expected an object; re-export the engine")
+    try:
+        return cls(**value)
+    except TypeError as e:
+        raise EngineError(f"manifest {where} does not fit engine format {FORMAT_VERSION} ({e}); re-export the engine") from None
+
+
+@dataclass
 class Manifest:
     diffscore_version: str
     source_path: str
@@ -76,23 +168,51 @@ class Manifest:
     text_hidden_size: int
     attention_layers: list[str]  # diffusers module names of captured cross-attention layers
     feature_blocks: list[str]  # diffusers module names whose outputs the UNet graph returns
-    graphs: dict[str, GraphSpec]  # "text_encoder", "vae_encoder", "unet", "unet.fp16", ...
+    graphs: dict[str, GraphSpec]  # "text_encoder", "vae_encoder", "unet", "unet.fp16", "head.<name>", ...
+    files: dict[str, FileSpec] = field(default_factory=dict)  # every other file of the engine, by name
     plans: dict[str, PlanSpec] = field(default_factory=dict)
-    # trained heads: name -> {graph, kind, labels, blocks, steps, seed (of the fixed ε), prompt, weights, config}
-    heads: dict = field(default_factory=dict)
-    # LoRA runs merged into the UNet weights at export: name -> {adapters (run dir), adapter_sha256, lora_rank, config,
-    # score_weights ({attention layer: weight} or None: DSD pools the layers with these instead of their mean)}
-    adapters: dict = field(default_factory=dict)
-    defaults: dict = field(default_factory=dict)  # scoring defaults: template, stages, loss, ...
+    heads: dict[str, HeadSpec] = field(default_factory=dict)
+    adapters: dict[str, AdapterSpec] = field(default_factory=dict)  # "prompt_learning" -> its merged LoRA
+    defaults: ScoringDefaults = field(default_factory=ScoringDefaults)
+    calibration: CalibrationRecord | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
-        self.graphs = {k: g if isinstance(g, GraphSpec) else GraphSpec(**g) for k, g in self.graphs.items()}
-        self.plans = {k: p if isinstance(p, PlanSpec) else PlanSpec(**p) for k, p in self.plans.items()}
+        self.graphs = {k: _typed(GraphSpec, g, f"graph {k}") for k, g in self.graphs.items()}
+        self.files = {k: _typed(FileSpec, f, f"file {k}") for k, f in self.files.items()}
+        self.plans = {k: _typed(PlanSpec, p, f"plan {k}") for k, p in self.plans.items()}
+        self.heads = {k: _typed(HeadSpec, h, f"head {k}") for k, h in self.heads.items()}
+        self.adapters = {k: _typed(AdapterSpec, a, f"adapter {k}") for k, a in self.adapters.items()}
+        self.defaults = _typed(ScoringDefaults, self.defaults, "defaults")
+        if self.calibration is not None:
+            self.calibration = _typed(CalibrationRecord, self.calibration, "calibration")
 
     @property
     def pixel_space(self) -> bool:
         return "vae_encoder" not in self.graphs
+
+    @property
+    def score_weights(self) -> dict[str, float] | None:
+        """The DSD layer weights prompt learning trained, if any."""
+        trained = self.adapters.get("prompt_learning")
+        return trained.score_weights if trained else None
+
+    def all_files(self) -> dict[str, str]:
+        """Every file the manifest names -> what it is (for containment and presence checks)."""
+        named = {f: f"graph {k}" for k, g in self.graphs.items() for f in g.files}
+        named.update({p.file: f"plan {k}" for k, p in self.plans.items()})
+        named.update({f: "engine file" for f in self.files})
+        named[self.tokenizer] = "tokenizer"
+        for k, h in self.heads.items():
+            named.update({h.weights: f"head {k} weights", h.config: f"head {k} config"})
+        if self.calibration is not None:
+            named[self.calibration.file] = "calibration set"
+        return named
+
+    def record_file(self, engine_dir: Path, name: str) -> None:
+        """List a non-graph file (already inside engine_dir) with its sha256 and size."""
+        path = resolve_inside(engine_dir, name, "engine file")
+        self.files[name] = FileSpec(sha256_files([path]), path.stat().st_size)
 
     def save(self, engine_dir: Path) -> None:
         """Write manifest.json atomically (temp file, then rename)."""
@@ -103,7 +223,8 @@ class Manifest:
 
     @classmethod
     def load(cls, engine_dir: Path | str) -> "Manifest":
-        """Read and check an engine directory: format version, every file present with its size."""
+        """Read and check an engine directory: format version, types, containment, every file present
+        with its size. Each problem is one EngineError line."""
         engine_dir = Path(engine_dir)
         path = engine_dir / MANIFEST_NAME
         if not engine_dir.is_dir():
@@ -111,41 +232,71 @@ class Manifest:
         if not path.is_file():
             raise EngineError(f"{engine_dir} is not a diffscore engine (no {MANIFEST_NAME}); create one with `diffscore export`")
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise EngineError(f"{path} is not UTF-8 text; re-export the engine") from None
         except json.JSONDecodeError as e:
             raise EngineError(f"{path} is not valid JSON ({e}); re-export the engine") from None
+        if not isinstance(raw, dict):
+            raise EngineError(f"{path} holds a JSON {type(raw).__name__}, not an object; re-export the engine")
         version = raw.get("format_version")
         if version != FORMAT_VERSION:
+            older = isinstance(version, int) and version < FORMAT_VERSION
             raise EngineError(
                 f"{engine_dir} has engine format {version}, this diffscore ({_version()}) reads format "
-                f"{FORMAT_VERSION}; re-export it with `diffscore export`"
+                f"{FORMAT_VERSION}; {'re-export it' if older else 'upgrade diffscore or re-export it'} with `diffscore export`"
             )
-        try:
-            manifest = cls(**raw)
-        except TypeError as e:
-            raise EngineError(f"{path} does not match engine format {FORMAT_VERSION} ({e}); re-export it") from None
+        manifest = _typed(cls, raw, "")
+        for key, kind in (("image_size", int), ("image_channels", int), ("max_length", int)):
+            value = getattr(manifest, key)
+            if not isinstance(value, kind) or isinstance(value, bool) or value < 1:
+                raise EngineError(f"{path}: {key} is {value!r}, expected a positive integer; re-export the engine")
+        for name, what in manifest.all_files().items():
+            resolve_inside(engine_dir, name, what)
         for name, graph in manifest.graphs.items():
-            for file in graph.files:
-                _check_file(engine_dir / file, name)
             size = sum((engine_dir / f).stat().st_size for f in graph.files)
             if size != graph.size:
                 raise EngineError(
                     f"graph {name} ({', '.join(graph.files)}) is {size} bytes, the manifest says {graph.size}: "
                     "the engine directory is damaged or from another export; re-export it"
                 )
-        _check_file(engine_dir / manifest.tokenizer, "tokenizer")
+        for name, spec in manifest.files.items():
+            if (engine_dir / name).stat().st_size != spec.size:
+                raise EngineError(f"engine file {name} is not the size the manifest says: the engine directory is "
+                                  "damaged; re-export it")
+        for key, head in manifest.heads.items():
+            if head.graph not in manifest.graphs:
+                raise EngineError(f"head {key} names graph {head.graph!r}, which the manifest does not list; re-export it")
         return manifest
 
     def verify(self, engine_dir: Path | str) -> list[str]:
-        """Full sha256 check of every graph and plan; returns the names that do not match."""
+        """Full sha256 check of every file the manifest lists; returns the names that do not match."""
         engine_dir = Path(engine_dir)
         bad = [n for n, g in self.graphs.items() if sha256_files([engine_dir / f for f in g.files]) != g.sha256]
-        return bad + [n for n, p in self.plans.items() if sha256_files([engine_dir / p.file]) != p.sha256]
+        bad += [n for n, p in self.plans.items() if sha256_files([engine_dir / p.file]) != p.sha256]
+        bad += [n for n, f in self.files.items() if sha256_files([engine_dir / n]) != f.sha256]
+        hashed = {f for g in self.graphs.values() for f in g.files} | {p.file for p in self.plans.values()} | set(self.files)
+        if self.calibration is not None:
+            hashed.add(self.calibration.file)
+            if sha256_files([engine_dir / self.calibration.file]) != self.calibration.sha256:
+                bad.append(self.calibration.file)
+        unlisted = sorted(set(self.all_files()) - hashed)
+        return bad + [f"{n} (no sha256 in the manifest)" for n in unlisted]
 
 
-def _check_file(path: Path, what: str) -> None:
-    if not path.is_file():
-        raise EngineError(f"engine file {path.name} ({what}) is missing from {path.parent}; re-export the engine")
+def resolve_inside(engine_dir: Path | str, name: str, what: str = "engine file", must_exist: bool = True) -> Path:
+    """The path of a file the manifest names, refused in one line unless it stays inside the engine
+    directory (after resolving symlinks) and, with must_exist, is a regular file there."""
+    engine_dir = Path(engine_dir)
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or "\\" in name:
+        raise EngineError(f"the manifest's {what} {name!r} is not a file name inside the engine directory; refusing it")
+    root = engine_dir.resolve()
+    path = (engine_dir / name).resolve()
+    if root not in path.parents:
+        raise EngineError(f"the manifest's {what} {name!r} points outside the engine directory {engine_dir}; refusing it")
+    if must_exist and not path.is_file():
+        raise EngineError(f"engine file {name} ({what}) is missing from {engine_dir}; re-export the engine")
+    return path
 
 
 def sha256_files(paths: list[Path], chunk: int = 1 << 20) -> str:

@@ -1,8 +1,30 @@
-"""What the scorers return: plain dataclasses, identical for the torch reference and the runtime."""
+"""What the scorers return: plain dataclasses, identical for the torch reference and the runtime.
+
+Each result carries the options that produced it, so a saved result says how it was made."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ClassifyOptions:
+    """The options one `classify` call ran with, defaults resolved (what a result needs to be reproduced)."""
+
+    method: str  # "dc" (Diffusion Classifier) | "head"
+    labels: tuple[str, ...]
+    templates: tuple[str, ...] = ()  # dc: prompt templates, one candidate per (label, template)
+    stages: tuple[tuple[int, int], ...] = ()  # dc: (n_samples, keep) per pruning stage
+    loss: str = ""  # dc: l2 | l1 | huber
+    seed: int = 0  # of the shared noise
+    head: str = ""  # head: its name in the engine
+    backend: str = ""  # where it ran ("torch" for the reference)
+    precision: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -12,8 +34,58 @@ class Classification:
     # (class, softmax probability) for a trained head
     ranking: list[tuple[str, float]]
     passes: int  # UNet evaluations used for this image (a head: one per noise step)
-    evaluated: dict[str, int] = field(default_factory=dict)  # class -> timesteps its best prompt saw
+    # class -> timesteps its best prompt's mean is over: after pruning, classes are ranked first by how
+    # far they got, then by mean error, so means over different counts are not compared directly
+    evaluated: dict[str, int] = field(default_factory=dict)
+    options: ClassifyOptions | None = None
 
     @property
     def scores(self) -> dict[str, float]:
         return dict(self.ranking)
+
+    def to_dict(self) -> dict:
+        """JSON-ready: label, ranking as [class, score, timesteps evaluated], passes, options."""
+        return {"label": self.label, "passes": self.passes,
+                "ranking": [[c, float(s), self.evaluated.get(c)] if self.evaluated else [c, float(s)]
+                            for c, s in self.ranking],
+                "options": self.options.to_dict() if self.options else None}
+
+
+@dataclass(frozen=True)
+class MatchOptions:
+    timesteps: tuple[int, ...]  # the DSD timesteps every pair was scored at
+    bias_weight: float  # λ of the denoising bias
+    seed: int
+    layer_weights: tuple[float, ...] | None = None  # learned per-layer score weights; None = plain mean
+    backend: str = ""
+    precision: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class MatchResult:
+    """DSD scores of every (image, text) pair: higher = better match. Behaves as the (images, texts)
+    array where one is expected (``np.asarray(result)``, ``result[i, j]``, ``result.shape``)."""
+
+    scores: np.ndarray  # (images, texts) float64
+    texts: list[str]
+    options: MatchOptions
+
+    def __array__(self, dtype=None, copy=None):
+        return self.scores if dtype is None else self.scores.astype(dtype)
+
+    def __getitem__(self, index):
+        return self.scores[index]
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.scores.shape
+
+    def best(self) -> list[str]:
+        """The best-matching text of each image."""
+        return [self.texts[j] for j in self.scores.argmax(axis=1)]

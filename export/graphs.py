@@ -6,11 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffscore.engine.manifest import TensorSpec
+from diffscore.engine.manifest import BATCH, TensorSpec
 from diffscore.reference.loading import Components
 from diffscore.reference.scoring_unet import ScoringUNet
 
-BATCH = "batch"
 
 
 class TextEncoderGraph(nn.Module):

@@ -22,9 +22,11 @@ import torch
 
 from diffscore import __version__
 from diffscore.errors import EngineError
-from diffscore.engine.manifest import GraphSpec, Manifest, folder_sha256, sha256_files
+from diffscore.engine.manifest import (AdapterSpec, GraphSpec, HeadSpec, Manifest, ScoringDefaults, folder_sha256,
+                                       sha256_files)
 from diffscore.engine.progress import progress_bar
-from diffscore.export.graphs import BATCH, graph_contracts, head_contract
+from diffscore.engine.manifest import BATCH
+from diffscore.export.graphs import graph_contracts, head_contract
 from diffscore.reference.heads import CONFIG as HEAD_CONFIG, WEIGHTS as HEAD_WEIGHTS
 from diffscore.reference.loading import Components, load_components
 from diffscore.reference.scoring_unet import ScoringUNet
@@ -32,7 +34,6 @@ from diffscore.reference.scoring_unet import ScoringUNet
 log = logging.getLogger("diffscore")
 OPSET = 18  # 17-19 are all parsed by TensorRT 10/11; 18 has ReduceLogSumExp with axes as input
 PROTOBUF_LIMIT = 2**31 - 1  # a single .onnx file cannot exceed 2 GB: larger graphs use external data
-DEFAULT_SCORING = {"template": "{}", "stages": [[50, 5], [500, 1]], "loss": "l2", "dsd_steps": 10}
 
 
 def export_engine(
@@ -43,7 +44,7 @@ def export_engine(
     attention_layers: list[str] | None = None,
     feature_blocks: list[str] = (),
     heads: list[str | Path] = (),
-    defaults: dict | None = None,
+    defaults: dict | ScoringDefaults | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
     adapters: str | Path | None = None,
@@ -72,9 +73,9 @@ def export_engine(
         from diffscore.reference.prompt_learning import apply_adapters
 
         run = apply_adapters(comp, adapters)
-        merged["prompt_learning"] = {"adapters": str(Path(adapters).resolve()), "lora_rank": run["lora"]["rank"],
-                                    "merged": True, "score_weights": run.get("score_weights"),
-                                    **{k: run[k] for k in ("adapter_sha256", "config", "captions") if k in run}}
+        merged["prompt_learning"] = AdapterSpec(
+            adapters=str(Path(adapters).resolve()), lora_rank=run["lora"]["rank"], adapter_sha256=run["adapter_sha256"],
+            score_weights=run.get("score_weights"), config=run.get("config", {}), captions=run.get("captions", []))
         trained_layers = run["config"]["attention_layers"]
         if run.get("score_weights") and attention_layers and list(attention_layers) != trained_layers:
             raise EngineError(f"{adapters} learned score weights for the layers {trained_layers}; export with those "
@@ -119,9 +120,11 @@ def export_engine(
                 feature_blocks=scoring_unet.feature_blocks,
                 graphs=graphs,
                 heads={name: head_entry(name, config) for name, (_, config, _) in trained.items()},
-                defaults={**DEFAULT_SCORING, **(defaults or {})},
+                defaults=defaults if isinstance(defaults, ScoringDefaults) else ScoringDefaults(**(defaults or {})),
                 adapters=merged,
             )
+            for name in [manifest.tokenizer, *(f for h in manifest.heads.values() for f in (h.weights, h.config))]:
+                manifest.record_file(tmp, name)
             manifest.save(tmp)
             tmp.chmod(0o755)  # mkdtemp makes it private; an engine directory is shared like any folder
             advance()
@@ -158,12 +161,12 @@ def load_trained_heads(head_dirs, source_sha256: str) -> dict:
     return trained
 
 
-def head_entry(name: str, config) -> dict:
+def head_entry(name: str, config) -> HeadSpec:
     """What the runtime needs to run a head, for manifest.heads."""
     f = config.features
-    return {"graph": f"head.{name}", "kind": config.kind, "labels": list(config.labels), "blocks": list(f.blocks),
-            "steps": list(f.steps), "seed": f.seed, "prompt": f.prompt, "weights": f"head.{name}.safetensors",
-            "config": f"head.{name}.json"}
+    return HeadSpec(graph=f"head.{name}", kind=config.kind, labels=list(config.labels), blocks=list(f.blocks),
+                    steps=list(f.steps), seed=f.seed, prompt=f.prompt, weights=f"head.{name}.safetensors",
+                    config=f"head.{name}.json")
 
 
 def export_graph(module, sample, inputs, outputs, out_dir: Path, name: str) -> GraphSpec:

@@ -8,7 +8,6 @@ max|a − b| / max|b| per output (elementwise ratios are meaningless where the r
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,39 +15,14 @@ import torch
 
 from diffscore.engine.engine import load, make_runner
 from diffscore.errors import EngineError
-from diffscore.engine.manifest import Manifest
+from diffscore.engine.manifest import BATCH, Manifest, unet_graph
 from diffscore.export.graphs import TextEncoderGraph, VaeEncoderGraph
+from diffscore.export.verdicts import RTOL, Verdict, agreement, compare
 from diffscore.reference.loading import load_components
+from diffscore.reference.runner import TorchRunner
 from diffscore.reference.scoring_unet import ScoringUNet
 
 log = logging.getLogger("diffscore")
-RTOL = {"fp32": 1e-4, "fp16": 2e-2}  # int8 is judged by decisions, not tensors
-MAX_FLIPS = 0.01  # a compiled variant that flips more than 1% of decisions fails
-
-
-@dataclass
-class Verdict:
-    name: str  # "ort-cpu fp32 unet:eps"
-    max_abs: float
-    max_rel: float
-    nonfinite: int
-    rtol: float | None
-
-    @property
-    def passed(self) -> bool:
-        return self.nonfinite == 0 and (self.rtol is None or self.max_rel <= self.rtol)
-
-    def __str__(self) -> str:
-        bound = f"rtol={self.rtol:g}" if self.rtol is not None else "decisions only"
-        return (f"{'PASSED' if self.passed else 'FAILED'} | {self.name} | max_abs={self.max_abs:.3g} "
-                f"max_rel={self.max_rel:.3g} nonfinite={self.nonfinite} ({bound})")
-
-
-def compare(name: str, got: np.ndarray, want: np.ndarray, rtol: float | None) -> Verdict:
-    diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
-    max_abs = float(diff.max()) if diff.size else 0.0
-    return Verdict(name, max_abs, max_abs / max(float(np.abs(want).max()), 1e-12) if diff.size else 0.0,
-                   int((~np.isfinite(got)).sum()), rtol)
 
 
 def available_backends(manifest: Manifest) -> list[str]:
@@ -76,7 +50,7 @@ def feeds(manifest: Manifest, comp, engine_dir: Path, seed: int = 0, batch: int 
     from diffscore.engine.engine import Engine
 
     rng = np.random.default_rng(seed)
-    spec = {k: {t.name: [batch if d == "batch" else d for d in t.shape] for t in g.inputs} for k, g in manifest.graphs.items()}
+    spec = {k: {t.name: [batch if d == BATCH else d for d in t.shape] for t in g.inputs} for k, g in manifest.graphs.items()}
     random = {
         "text_encoder": {"input_ids": rng.integers(0, 49406, spec["text_encoder"]["input_ids"]).astype(np.int64)},
         "unet": {"sample": rng.standard_normal(spec["unet"]["sample"], dtype=np.float32),
@@ -117,13 +91,12 @@ def real_images(manifest: Manifest, n: int, rng, images=None) -> list:
 
 
 def tensor_parity(engine_dir: Path, manifest: Manifest, comp, images=None) -> list[Verdict]:
-    modules = torch_modules(comp, manifest)
+    """Each graph's feed through the torch runner and through every backend's runner of every precision."""
+    torch_runners = {g: TorchRunner(m, manifest.graphs[g], g) for g, m in torch_modules(comp, manifest).items()}
     verdicts = []
     for kind, per_graph in feeds(manifest, comp, engine_dir, images=images).items():
         for graph, feed in per_graph.items():
-            with torch.no_grad():
-                want = modules[graph](*(torch.from_numpy(v) for v in feed.values()))
-            want = [want] if isinstance(want, torch.Tensor) else list(want)
+            want = torch_runners[graph].infer(feed)
             variants = [g for g in manifest.graphs if g == graph or g.startswith(f"{graph}.")]
             for backend in available_backends(manifest):
                 for variant in variants:
@@ -133,10 +106,11 @@ def tensor_parity(engine_dir: Path, manifest: Manifest, comp, images=None) -> li
                     except EngineError as e:
                         log.warning("skip %s on %s: %s", variant, backend, e)
                         continue
-                    got = runner.infer(feed)
-                    for spec, w in zip(manifest.graphs[variant].outputs, want):
+                    with runner:
+                        got = runner.infer(feed)
+                    for spec in manifest.graphs[variant].outputs:
                         verdicts.append(compare(f"{backend} {precision} {graph}:{spec.name} ({kind})",
-                                                got[spec.name], w.numpy(), RTOL.get(precision)))
+                                                got[spec.name], want[spec.name], RTOL.get(precision)))
     return verdicts
 
 
@@ -145,7 +119,7 @@ def torch_head(engine_dir: Path, manifest: Manifest, name: str):
     from diffscore.reference.heads import load_head
 
     spec = manifest.heads[name]
-    return load_head(engine_dir, weights=spec["weights"], config=spec["config"])
+    return load_head(engine_dir, weights=spec.weights, config=spec.config)
 
 
 def head_parity(engine_dir: Path, manifest: Manifest, comp, seed: int = 0, batch: int = 6, images=None) -> list[Verdict]:
@@ -160,8 +134,8 @@ def head_parity(engine_dir: Path, manifest: Manifest, comp, seed: int = 0, batch
     verdicts = []
     for name, spec in manifest.heads.items():
         head, config = torch_head(engine_dir, manifest, name)
-        graph = manifest.graphs[spec["graph"]]
-        sample = rng.standard_normal([batch if d == "batch" else d for d in graph.inputs[0].shape], dtype=np.float32)
+        graph = manifest.graphs[spec.graph]
+        sample = rng.standard_normal([batch if d == BATCH else d for d in graph.inputs[0].shape], dtype=np.float32)
         module = HeadGraph(comp.unet, head, config, encode_prompts(comp, [config.features.prompt])).eval()
         with torch.no_grad():
             want = module(torch.from_numpy(sample)).numpy()
@@ -169,14 +143,14 @@ def head_parity(engine_dir: Path, manifest: Manifest, comp, seed: int = 0, batch
         want_real = head_logits_reference(comp, head, config, images).numpy()
         for backend in available_backends(manifest):
             eng = load(engine_dir, backend=backend)
-            got = eng._head_runner(spec["graph"]).infer({"sample": sample})["logits"]
-            verdicts.append(compare(f"{backend} fp32 {spec['graph']}:logits (random)", got, want, RTOL["fp32"]))
-            verdicts.append(compare(f"{backend} fp32 {spec['graph']}:logits (real images, end to end)",
+            got = eng.head_runner(name).infer({"sample": sample})["logits"]
+            verdicts.append(compare(f"{backend} fp32 {spec.graph}:logits (random)", got, want, RTOL["fp32"]))
+            verdicts.append(compare(f"{backend} fp32 {spec.graph}:logits (real images, end to end)",
                                     eng.head_logits(images, name), want_real, RTOL["fp32"]))
     return verdicts
 
 
-def head_decision_parity(engine_dir: Path, manifest: Manifest, comp, images: list) -> list[tuple[str, float, bool]]:
+def head_decision_parity(engine_dir: Path, manifest: Manifest, comp, images: list, source: str = "images") -> list[Verdict]:
     """Top-1 agreement of each head on each backend with the torch head, on the caller's images."""
     from diffscore.reference.heads import head_logits_reference
 
@@ -186,29 +160,27 @@ def head_decision_parity(engine_dir: Path, manifest: Manifest, comp, images: lis
         want = head_logits_reference(comp, head, config, images).numpy().argmax(1)
         for backend in available_backends(manifest):
             got = load(engine_dir, backend=backend).head_logits(images, name).argmax(1)
-            agree = float(np.mean(got == want))
-            rows.append((f"{backend} fp32 head {name}", agree, agree >= 1 - MAX_FLIPS))
+            rows.append(agreement(f"{backend} fp32 head {name}", got.tolist(), want.tolist(), "torch fp32", source))
     return rows
 
 
 def decision_parity(engine_dir: Path, manifest: Manifest, comp, images: list, labels: list[str],
-                    seed: int = 0) -> list[tuple[str, float, bool]]:
+                    source: str = "images", seed: int = 0) -> list[Verdict]:
     """Top-1 agreement of each backend/precision with the fp32 torch reference on the caller's images."""
     from diffscore.reference.classifier import classify_reference
 
-    opts = dict(templates=[manifest.defaults["template"]], stages=[tuple(s) for s in manifest.defaults["stages"]],
-                loss=manifest.defaults["loss"], seed=seed)
+    opts = dict(templates=[manifest.defaults.template], stages=[tuple(s) for s in manifest.defaults.stages],
+                loss=manifest.defaults.loss, seed=seed)
     want = [r.label for r in classify_reference(comp, images, list(labels), **opts)]
     rows = []
     for backend in available_backends(manifest):
         for precision in ("fp32", "fp16", "int8"):
-            if ("unet" if precision == "fp32" else f"unet.{precision}") not in manifest.graphs:
+            if unet_graph(precision) not in manifest.graphs:
                 continue
             eng = load(engine_dir, backend=backend, precision=precision)
             got = [r.label for r in eng.classify(images, list(labels), template=opts["templates"][0],
                                                  stages=opts["stages"], loss=opts["loss"], seed=seed)]
-            agree = float(np.mean([a == b for a, b in zip(got, want)]))
-            rows.append((f"{backend} {precision}", agree, agree >= 1 - MAX_FLIPS))
+            rows.append(agreement(f"{backend} {precision}", got, want, "torch fp32", source))
     return rows
 
 
@@ -221,10 +193,10 @@ def match_parity(engine_dir: Path, manifest: Manifest, comp, images=None, seed: 
     if not trained:
         return []
     images = real_images(manifest, 3, np.random.default_rng(seed), images)
-    texts = (trained.get("captions") or [f"a photo of a {w}" for w in ("cat", "dog", "seven")])[:5]
+    texts = (trained.captions or [f"a photo of a {w}" for w in ("cat", "dog", "seven")])[:5]
     opts = dict(steps=3, seed=seed)
     want = match_reference(comp, ScoringUNet(comp.unet, manifest.attention_layers), images, texts,
-                           layer_weights=trained.get("score_weights"), **opts)
+                           layer_weights=trained.score_weights, **opts)
     return [compare(f"{backend} fp32 match (prompt learning)", load(engine_dir, backend=backend).match(images, texts, **opts),
                     want, RTOL["fp32"]) for backend in available_backends(manifest)]
 
@@ -236,9 +208,9 @@ def reference_components(manifest: Manifest, model_dir: str | Path | None = None
     if trained:
         from diffscore.reference.prompt_learning import apply_adapters
 
-        run = apply_adapters(comp, trained["adapters"])
-        if run["adapter_sha256"] != trained.get("adapter_sha256", run["adapter_sha256"]):
-            raise EngineError(f"{trained['adapters']} changed since the engine was exported (sha256 differs); "
+        run = apply_adapters(comp, trained.adapters)
+        if run["adapter_sha256"] != trained.adapter_sha256:
+            raise EngineError(f"{trained.adapters} changed since the engine was exported (sha256 differs); "
                               "re-export with --adapters to compare like with like")
     return comp
 
@@ -258,13 +230,12 @@ def run_parity(engine_dir: str | Path, model_dir: str | Path | None = None, imag
         echo(str(v))
     decisions = []
     if images and labels:
-        decisions = decision_parity(engine_dir, manifest, comp, images, labels)
+        decisions = decision_parity(engine_dir, manifest, comp, images, labels, source)
     if images and manifest.heads:
-        decisions += head_decision_parity(engine_dir, manifest, comp, images)
-    for name, agree, ok in decisions:
-        echo(f"{'PASSED' if ok else 'FAILED'} | {name} decisions | top-1 agreement with torch fp32 = "
-             f"{agree:.2%} on {len(images)} {source} (≥ {1 - MAX_FLIPS:.0%})")
-    failed = sum(not v.passed for v in verdicts) + sum(not ok for *_, ok in decisions)
+        decisions += head_decision_parity(engine_dir, manifest, comp, images, source)
+    for v in decisions:
+        echo(str(v))
+    failed = sum(not v.passed for v in verdicts + decisions)
     total = len(verdicts) + len(decisions)
     echo(f"{'PASSED' if not failed else 'FAILED'} | {total - failed}/{total} checks passed")
     return failed == 0

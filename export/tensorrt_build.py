@@ -24,7 +24,7 @@ from diffscore.engine.backends.tensorrt import (
     tensorrt_version,
 )
 from diffscore.errors import EngineError
-from diffscore.engine.manifest import GraphSpec, Manifest, PlanSpec, sha256_file
+from diffscore.engine.manifest import GraphSpec, Manifest, PlanSpec, sha256_file, unet_graph
 
 log = logging.getLogger("diffscore")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -44,7 +44,7 @@ def graphs_for(manifest: Manifest, precision: str) -> list[str]:
     """Manifest graph keys that run at `precision`: the text and VAE encoders only exist in fp32."""
     if precision not in PRECISIONS:
         raise EngineError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    unet = "unet" if precision == "fp32" else f"unet.{precision}"
+    unet = unet_graph(precision)
     if unet not in manifest.graphs:
         raise EngineError(
             f"the engine has no {precision} UNet graph ({unet}), only {sorted(manifest.graphs)}; "

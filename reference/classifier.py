@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from diffscore.engine.images import preprocess_batch
 from diffscore.engine.results import Classification
 from diffscore.kernels import StagedPruning, class_ranking, shared_noise
-from diffscore.reference.loading import Components, encode_images, encode_prompts
+from diffscore.reference.loading import Components, add_noise, encode_images, encode_prompts
 
 
 def torch_error(eps: torch.Tensor, eps_hat: torch.Tensor, loss: str) -> torch.Tensor:
@@ -52,9 +52,7 @@ def classify_reference(
         t_all = torch.from_numpy(run.timesteps)
         while (req := run.request()) is not None:
             cand, pos = req
-            a = abar[t_all[pos]].sqrt().float().view(-1, 1, 1, 1)
-            s = (1 - abar[t_all[pos]]).sqrt().float().view(-1, 1, 1, 1)
-            x_t = a * x0[None] + s * eps[pos]  # (K, C, H, W): once per timestep, shared by candidates
+            x_t = add_noise(x0, eps[pos], abar, t_all[pos])  # (K, C, H, W): once per timestep, shared by candidates
             # pairs in (candidate, timestep) order
             ci = torch.from_numpy(np.repeat(cand, len(pos)))
             ki = torch.arange(len(pos)).repeat(len(cand))

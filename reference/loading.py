@@ -129,3 +129,13 @@ def encode_images(components: Components, pixels: torch.Tensor) -> torch.Tensor:
     if components.vae is None:
         return pixels
     return components.vae.encode(pixels).latent_dist.mean * components.vae.config.scaling_factor
+
+
+def add_noise(x0: torch.Tensor, eps: torch.Tensor, alphas_cumprod: torch.Tensor, t) -> torch.Tensor:
+    """x_t = sqrt(ā_t)·x0 + sqrt(1−ā_t)·ε (DESIGN §3), in float32: the torch twin of kernels.add_noise.
+
+    t: one timestep for the whole batch, or a (K,) tensor with one timestep per row of `eps`;
+    x0 broadcasts against eps (one image (C, H, W) against K noises, or a batch against a batch)."""
+    abar = alphas_cumprod[t]
+    shape = (-1,) + (1,) * (eps.dim() - 1) if abar.dim() else ()
+    return abar.sqrt().float().reshape(shape) * x0 + (1 - abar).sqrt().float().reshape(shape) * eps

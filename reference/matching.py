@@ -13,7 +13,7 @@ import torch
 
 from diffscore.engine.images import preprocess_batch
 from diffscore.kernels import dsd_timesteps, shared_noise
-from diffscore.reference.loading import Components, encode_images, encode_prompts
+from diffscore.reference.loading import Components, add_noise, encode_images, encode_prompts
 from diffscore.reference.scoring_unet import ScoringUNet
 
 
@@ -31,14 +31,11 @@ def match_reference(comp: Components, scoring_unet: ScoringUNet, images, texts: 
     x0s = encode_images(comp, torch.from_numpy(pixels))
     noise = torch.from_numpy(shared_noise(seed, len(ts), tuple(x0s.shape[1:])))
     emb = encode_prompts(comp, list(texts) + [""])
-    abar = comp.alphas_cumprod[ts]
-    a = abar.sqrt().float().view(-1, 1, 1, 1)
-    s = (1 - abar).sqrt().float().view(-1, 1, 1, 1)
     K = len(ts)
     w = None if not layer_weights else torch.tensor([layer_weights[n] for n in scoring_unet.attention_layers])
     scores = np.zeros((len(x0s), len(texts)))
     for i, x0 in enumerate(x0s):
-        x_t = a * x0[None] + s * noise  # (K, C, H, W)
+        x_t = add_noise(x0, noise, comp.alphas_cumprod, ts)  # (K, C, H, W)
         def run(j):
             eps_hat, attn, *_ = scoring_unet(x_t, ts.float(), emb[j : j + 1].expand(K, -1, -1))
             return pool_layers(attn, w).double(), (noise - eps_hat).flatten(1).double().norm(dim=1)

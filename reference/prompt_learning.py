@@ -32,7 +32,7 @@ from diffscore.engine.images import preprocess_batch
 from diffscore.errors import EngineError
 from diffscore.engine.manifest import sha256_files
 from diffscore.engine.progress import progress_bar
-from diffscore.reference.loading import Components, encode_images, encode_prompts, load_components
+from diffscore.reference.loading import Components, add_noise, encode_images, encode_prompts, load_components
 from diffscore.reference.matching import pool_layers
 from diffscore.reference.scoring_unet import ScoringUNet
 
@@ -226,7 +226,7 @@ def train_prompts(model_dir: str | Path, pairs: Pairs, out_dir: str | Path, conf
         for _ in range(cfg.steps):
             batch = torch.from_numpy(rng.choice(len(x0), B, replace=False))
             t = int(rng.integers(0, comp.num_train_timesteps))
-            x_t = abar[t].sqrt() * x0[batch] + (1 - abar[t]).sqrt() * noise[batch]  # (B, C, H, W)
+            x_t = add_noise(x0[batch], noise[batch], abar, t)  # (B, C, H, W)
             negatives = torch.stack([_negatives(rng, int(target[b]), P, N) for b in batch])  # (B, N) caption ids
             # The hinge's (sub)gradient flows only through the positive and the hardest negative, so find
             # that negative without a graph, then backpropagate through 2B passes instead of B(N+1).

@@ -77,6 +77,18 @@ def demo_model() -> Path:
     return DEMO_MODEL
 
 
+@pytest.fixture(scope="session")
+def demo_engine(demo_model, tmp_path_factory) -> Path:
+    """The demo model exported (fp32 + fp16) with the demo's scoring defaults, shared by the tests that need it."""
+    from diffscore.app.demo import DEMO_LOSS, DEMO_STAGES
+    from diffscore.app.digits import DEFAULT_TEMPLATE
+    from diffscore.export.onnx_export import export_engine
+
+    return export_engine(demo_model, tmp_path_factory.mktemp("demo") / "engine", precisions=("fp32", "fp16"),
+                         defaults={"template": DEFAULT_TEMPLATE, "stages": [list(s) for s in DEMO_STAGES], "loss": DEMO_LOSS},
+                         show_progress=False)
+
+
 @pytest.fixture
 def run_cli(monkeypatch, capsys):
     """Run `diffscore ARGS...` in this process; returns (exit code, stderr), 0 when it returns normally."""
@@ -84,9 +96,8 @@ def run_cli(monkeypatch, capsys):
     def run(*args) -> tuple[int, str]:
         from diffscore.app import cli
 
-        monkeypatch.setattr(sys, "argv", ["diffscore", *map(str, args)])
         try:
-            cli.main()
+            cli.main([*map(str, args)])
         except SystemExit as exit_info:
             return exit_info.code or 0, capsys.readouterr().err
         return 0, capsys.readouterr().err

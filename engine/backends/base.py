@@ -1,7 +1,10 @@
 """The runner contract every backend meets (borrowed from Polygraphy).
 
 A runner wraps one compiled graph: `infer(feed) -> outputs` with numpy arrays in and out, named as in
-the manifest. Torch, ONNX Runtime and TensorRT all fit it, so parity is "same feed, two runners".
+the manifest; it is a context manager and `close()` releases it. Torch (the reference), ONNX Runtime
+and TensorRT all fit it, so parity is "same feed, two runners". `RunnerBase` does the checks every
+backend shares: the feed against the manifest's inputs before each call, and the outputs against
+the manifest's outputs on the first call (a graph swapped for another one is refused, not broadcast).
 """
 
 from __future__ import annotations
@@ -10,16 +13,49 @@ from typing import Protocol
 
 import numpy as np
 
+from diffscore.engine.manifest import BATCH, TensorSpec
 from diffscore.errors import EngineError
-from diffscore.engine.manifest import TensorSpec
 
 
 class Runner(Protocol):
-    name: str  # e.g. "onnxruntime:CPUExecutionProvider", "tensorrt"
+    name: str  # e.g. "onnxruntime:CPUExecutionProvider", "tensorrt", "torch"
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
+class RunnerBase:
+    """Shared behaviour: validated `infer`, `close`, context manager. Subclasses implement `_infer`."""
+
+    name: str = "runner"
+    graph: str = "graph"  # the manifest key, for messages
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    _outputs_checked = False
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feed(feed, self.inputs, f"{self.graph} ({self.name})")
+        out = self._infer(feed)
+        if not self._outputs_checked:
+            batch = next((feed[t.name].shape[t.shape.index(BATCH)] for t in self.inputs if BATCH in t.shape), None)
+            check_outputs(out, self.outputs, f"{self.graph} ({self.name})", batch)
+            self._outputs_checked = True
+        return out
+
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the backend's resources; the runner is unusable afterwards."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def check_feed(feed: dict[str, np.ndarray], inputs: list[TensorSpec], graph: str) -> None:
@@ -33,3 +69,27 @@ def check_feed(feed: dict[str, np.ndarray], inputs: list[TensorSpec], graph: str
             raise EngineError(
                 f"{graph}: input {spec.name} is {array.dtype}{list(array.shape)}, expected {spec.dtype}{spec.shape}"
             )
+
+
+def check_outputs(out: dict[str, np.ndarray], outputs: list[TensorSpec], graph: str, batch: int | None) -> None:
+    """Every output the manifest lists, with its dtype and shape (the batch axis = the feed's batch)."""
+    missing = [t.name for t in outputs if t.name not in out]
+    if missing:
+        raise EngineError(f"{graph}: the graph does not produce {missing} (it produces {sorted(out)}): it is not the "
+                          "graph this engine was exported with; re-export the engine")
+    for spec in outputs:
+        array = np.asarray(out[spec.name])
+        want = [batch if d == BATCH else d for d in spec.shape]
+        shape_ok = array.ndim == len(want) and all(w is None or isinstance(w, str) or a == w
+                                                   for a, w in zip(array.shape, want))
+        if not shape_ok or np.dtype(array.dtype) != np.dtype(spec.dtype):
+            raise EngineError(f"{graph}: output {spec.name} is {array.dtype}{list(array.shape)}, the manifest says "
+                              f"{spec.dtype}{want}: the graph does not match this engine; re-export it")
+
+
+def check_signature(graph: str, what: str, got: list[tuple[str, str, int]], want: list[TensorSpec]) -> None:
+    """At load: a backend's (name, numpy dtype, rank) per input or output against the manifest's."""
+    expected = [(t.name, np.dtype(t.dtype).name, len(t.shape)) for t in want]
+    if sorted(got) != sorted(expected):
+        raise EngineError(f"{graph}: the graph's {what} are {sorted(got)}, the manifest says {sorted(expected)}: "
+                          "it is not the graph this engine was exported with; re-export the engine")

@@ -7,12 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
-from diffscore.engine.backends.base import check_feed
+from diffscore.engine.backends.base import RunnerBase, check_signature
 from diffscore.errors import EngineError
 from diffscore.engine.manifest import GraphSpec
 
 log = logging.getLogger("diffscore")
 
+ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+             "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(uint8)": "uint8", "tensor(int8)": "int8",
+             "tensor(bool)": "bool"}
 PROVIDERS = {
     "ort-cpu": ["CPUExecutionProvider"],
     "ort-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -26,10 +29,11 @@ def available_providers() -> list[str]:
     return ort.get_available_providers()
 
 
-class OnnxRuntimeRunner:
+class OnnxRuntimeRunner(RunnerBase):
     """One InferenceSession; on GPU providers, I/O binding keeps outputs on the device until copied once."""
 
-    def __init__(self, path: Path, spec: GraphSpec, backend: str = "ort-cpu", device_id: int = 0, threads: int | None = None):
+    def __init__(self, path: Path, spec: GraphSpec, backend: str = "ort-cpu", device_id: int = 0, threads: int | None = None,
+                 graph: str | None = None):
         import onnxruntime as ort
 
         missing = PROVIDERS[backend][0] not in ort.get_available_providers()
@@ -54,13 +58,25 @@ class OnnxRuntimeRunner:
             else:
                 providers.append(name)
         self.name = f"onnxruntime:{PROVIDERS[backend][0]}"
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.graph = graph or Path(path).name
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types for a file it cannot read
+            raise EngineError(f"onnxruntime cannot load {Path(path).name} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]}); the engine directory is damaged: re-export it") from None
         self.inputs, self.outputs = spec.inputs, spec.outputs
+        meta = lambda args: [(a.name, ORT_TYPES.get(a.type, a.type), len(a.shape)) for a in args]
+        check_signature(self.graph, "inputs", meta(self.session.get_inputs()), self.inputs)
+        check_signature(self.graph, "outputs", meta(self.session.get_outputs()), self.outputs)
         self._gpu = backend != "ort-cpu"
         self._device_id = device_id
 
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        check_feed(feed, self.inputs, self.name)
+    def close(self) -> None:
+        self.session = None
+
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.session is None:
+            raise EngineError(f"{self.graph}: this runner was closed")
         if not self._gpu:
             values = self.session.run(None, feed)
             return {o.name: v for o, v in zip(self.session.get_outputs(), values)}

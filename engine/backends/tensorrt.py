@@ -12,13 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from diffscore.engine.backends.base import check_feed
+from diffscore.engine.backends.base import RunnerBase
 from diffscore.errors import EngineError
-from diffscore.engine.manifest import GraphSpec, Manifest, PlanSpec
+from diffscore.engine.manifest import BATCH, GraphSpec, Manifest, PlanSpec
 
 PIP_HINT = "pip install 'diffscore[tensorrt]' on a machine with an NVIDIA GPU (TensorRT 10 or 11)"
 INSTALL_HINT = f"TensorRT is not installed: {PIP_HINT}"
-BATCH = "batch"  # the symbolic axis name in the manifest's tensor shapes
 
 
 def import_tensorrt():
@@ -83,7 +82,7 @@ def shape_at(shape: list, batch: int) -> tuple[int, ...]:
     return tuple(batch if dim == BATCH else dim for dim in shape)
 
 
-class TensorRTRunner:
+class TensorRTRunner(RunnerBase):
     """One TensorRT plan behind the runner contract. Device buffers are sized for the plan's
     max_batch and allocated once; the engine's caller chunks larger batches by `max_batch`."""
 
@@ -131,9 +130,8 @@ class TensorRTRunner:
             self._device[n] = cuda_call(self._cudart.cudaMalloc(max(nbytes, 1)), f"cudaMalloc({nbytes} bytes) for {n}")
             self._context.set_tensor_address(n, int(self._device[n]))
 
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Copy the feed to the GPU, run the plan on one stream, copy the outputs back."""
-        check_feed(feed, self.inputs, self.graph)
         batches = {name: feed[name].shape[axis] for name, axis in self._batch_axis.items()}
         if len(set(batches.values())) != 1:
             raise EngineError(f"{self.graph}: the inputs disagree on the batch size: {batches}")
@@ -178,12 +176,6 @@ class TensorRTRunner:
         if self._stream is not None:
             self._cudart.cudaStreamDestroy(self._stream)
             self._stream = None
-
-    def __enter__(self) -> "TensorRTRunner":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __del__(self):
         self.close()

@@ -12,17 +12,9 @@ from PIL import Image
 import diffscore
 from diffscore.app.demo import DEMO_LOSS, DEMO_STAGES
 from diffscore.app.digits import CLASS_NAMES, DEFAULT_TEMPLATE, load_digits_split
-from diffscore.export.onnx_export import export_engine
 
 N_HELD_OUT = 120  # the first 120 held-out digits: enough to see a 1% flip rate, quick on 2 cores
 OPTS = dict(stages=DEMO_STAGES, loss=DEMO_LOSS, seed=0)
-
-
-@pytest.fixture(scope="module")
-def demo_engine(demo_model, tmp_path_factory):
-    return export_engine(demo_model, tmp_path_factory.mktemp("demo") / "engine", precisions=("fp32", "fp16"),
-                         defaults={"template": DEFAULT_TEMPLATE, "stages": [list(s) for s in DEMO_STAGES], "loss": DEMO_LOSS},
-                         show_progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -84,16 +76,20 @@ def test_cli_classify_formats(demo_engine, digit_files, reference_results):
     rows = json.loads(proc.stdout)
     assert [r["label"] for r in rows] == [r.label for r in reference_results[:3]]
     assert all(r["passes"] > 0 and len(r["ranking"]) == 10 for r in rows)
+    # each ranking entry says how many timesteps its mean is over (pruned classes saw fewer)
+    assert all(len(entry) == 3 and entry[2] >= 1 for r in rows for entry in r["ranking"])
+    assert rows[0]["options"]["stages"] == [list(s) for s in DEMO_STAGES] and rows[0]["options"]["seed"] == 0
     proc = run_cli("classify", demo_engine, *digit_files, "--labels", ",".join(CLASS_NAMES), "--format", "csv")
-    assert proc.returncode == 0 and proc.stdout.splitlines()[0] == "image,label,error,runner_up,passes"
+    assert proc.returncode == 0 and proc.stdout.splitlines()[0] == "image,label,error,runner_up,passes,ranking,options"
 
 
 def test_cli_match(demo_engine, digit_files):
-    proc = run_cli("match", demo_engine, "--images", digit_files[0], "--texts", "a handwritten digit one",
-                   "--texts", "a handwritten digit two", "--steps", "3", "--format", "json")
+    proc = run_cli("match", demo_engine, digit_files[0], "--text", "a handwritten digit one",
+                   "--text", "a handwritten digit two", "--timesteps", "3", "--format", "json")
     assert proc.returncode == 0, proc.stderr
     row = json.loads(proc.stdout)[0]
-    assert set(row) == {"image", "a handwritten digit one", "a handwritten digit two", "best"}
+    assert set(row) == {"image", "best", "scores", "options"} and row["options"]["timesteps"] == [10, 340, 670]
+    assert set(row["scores"]) == {"a handwritten digit one", "a handwritten digit two"}
 
 
 @pytest.mark.parametrize("args,message", [
@@ -101,7 +97,7 @@ def test_cli_match(demo_engine, digit_files):
     (["classify", "{engine}", "{image}", "--labels", ","], "non-empty"),
     (["classify", "{engine}", "{image}"], "exactly one of --labels"),
     (["classify", "{engine}", "{bad}", "--labels", "a,b"], "cannot read image"),
-    (["classify", "{engine}", "{image}", "--labels", "a,b", "--backend", "gpu9"], "unknown backend"),
+    (["classify", "{engine}", "{image}", "--labels", "a,b", "--backend", "gpu9"], "'gpu9' is not one of"),
     (["classify", "{engine}", "{image}", "--labels", "a,b", "--stages", "ten"], "not like '50:5,500:1'"),
     (["info", "{old}"], "engine format 0"),
     (["info", "/nonexistent"], "does not exist"),

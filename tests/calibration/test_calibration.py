@@ -77,11 +77,11 @@ def test_calibrate_records_int8_in_engine(engine_dir, calibrated):
     graph = manifest.graphs["unet.int8"]
     assert graph.file == "unet.int8.onnx" and graph.precision == "int8"
     assert [t.name for t in graph.inputs] == [t.name for t in manifest.graphs["unet"].inputs]
-    record = manifest.defaults["calibration"]
-    assert record["samples"] == SAMPLES and record["source"] == "demo training digits" and record["method"] == "minmax"
-    assert sha256_files([engine_dir / record["file"]]) == record["sha256"]
-    assert manifest.defaults["stages"] == [list(s) for s in DEMO_STAGES]  # the scoring defaults are untouched
-    cal = dataset.CalibrationSet.load(engine_dir / record["file"])
+    record = manifest.calibration
+    assert record.samples == SAMPLES and record.source == "demo training digits" and record.method == "minmax"
+    assert sha256_files([engine_dir / record.file]) == record.sha256
+    assert manifest.defaults.stages == [list(s) for s in DEMO_STAGES]  # the scoring defaults are untouched
+    cal = dataset.CalibrationSet.load(engine_dir / record.file)
     train = load_digits_split().train_images
     assert len(cal) == SAMPLES and cal.image_row.max() < len(train)  # ids into the TRAINING digits
     # the runtime picks the INT8 UNet up by precision alone
@@ -142,18 +142,19 @@ def test_calibrate_with_smoothquant(engine_dir, calibrated, tmp_path):
 
     engine = shutil.copytree(engine_dir, tmp_path / "engine")
     result = calibrate(engine, images=training_images(), labels=list(CLASS_NAMES), source="demo training digits", samples=SAMPLES, validation=VALIDATION, seed=0, smoothquant_alpha=0.5)
-    record = Manifest.load(engine).defaults["calibration"]
-    assert record["smoothquant"]["alpha"] == 0.5 and len(record["smoothquant"]["norms"]) > 0
+    record = Manifest.load(engine).calibration
+    assert record.smoothquant["alpha"] == 0.5 and len(record.smoothquant["norms"]) > 0
     assert result.gate.passed and set(result.quantized) == set(calibrated.quantized)
-    assert Manifest.load(engine_dir).defaults["calibration"]["smoothquant"] is None  # off by default
+    assert Manifest.load(engine_dir).calibration.smoothquant is None  # off by default
     got = diffscore.load(engine, backend="ort-cpu", precision="int8").classify(list(load_digits_split().train_images[-2:]), LABELS)
     assert len(got) == 2
 
 
 def test_decision_gate(engine_dir, calibrated):
     assert calibrated.gate.passed and calibrated.gate.images == VALIDATION
-    assert Manifest.load(engine_dir).defaults["calibration"]["gate"]["agreement"] >= 0.99
-    assert not sensitivity.Gate(0.985, 200).passed and sensitivity.Gate(0.99, 100).passed
+    assert Manifest.load(engine_dir).calibration.gate["agreement"] >= 0.99
+    gate = lambda n_same, n: sensitivity.gate_verdict(["a"] * n_same + ["b"] * (n - n_same), ["a"] * n)
+    assert not gate(197, 200).passed and gate(99, 100).passed and gate(99, 100).images == 100
     # a UNet that predicts -ε̂ flips decisions: the gate must catch it
     model = onnx.load(str(engine_dir / "unet.onnx"))
     conv_out = next(n for n in model.graph.node if n.name.endswith("conv_out/Conv"))
@@ -193,7 +194,7 @@ def test_auto_keeps_most_sensitive_layers_until_gate_holds(monkeypatch):
     tried = []
     monkeypatch.setattr(sensitivity, "quantize_unet", lambda *a, keep_float, **k: list(keep_float))
     monkeypatch.setattr(sensitivity, "decision_gate",
-                        lambda swap, model, *a: tried.append(model) or sensitivity.Gate(1.0 if "b" in model else 0.9, 100))
+                        lambda swap, model, *a: tried.append(model) or sensitivity.gate_verdict(["a"] * (100 if "b" in model else 90) + ["b"] * (0 if "b" in model else 10), ["a"] * 100))
     ranking = [sensitivity.LayerSensitivity(x, e, 0.0) for x, e in (("a", 3.0), ("conv_in", 2.0), ("b", 1.0), ("c", 0.5))]
     keep, _, gate, steps = sensitivity.auto_keep_float(None, None, None, [], LABELS, method="minmax", ranges_cache=None,
                                                        start=["conv_in"], ranking=ranking, reference=[])
@@ -201,19 +202,19 @@ def test_auto_keeps_most_sensitive_layers_until_gate_holds(monkeypatch):
 
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--images", "{empty}", "--labels", "a,b"], "has no images"),
-    (["--images", "{missing}", "--labels", "a,b"], "does not exist"),
-    (["--images", "{folder}", "--labels", ","], "non-empty"),
-    (["--images", "{folder}"], "--labels"),
-    (["--demo", "--labels", "cat,dog"], "does not match"),
-    (["--demo", "--samples", "4"], "too few"),
-    (["--demo", "--method", "kl"], "unknown calibration method"),
-    (["--demo", "--smoothquant", "1.5"], "--smoothquant takes α in (0, 1)"),
-    (["--demo", "--images", "{folder}", "--labels", "a"], "exactly one of --images DIR or --demo"),
-    (["--images", "{one}", "--labels", "a,b"], "too few to hold some out"),
+@pytest.mark.parametrize("args,exit_code,message", [
+    (["{empty}", "--labels", "a,b"], 1, "has no image files"),
+    (["{missing}", "--labels", "a,b"], 1, "does not exist"),
+    (["{folder}", "--labels", ","], 1, "non-empty"),
+    (["{folder}"], 1, "--labels"),
+    (["--demo", "--labels", "cat,dog"], 1, "does not match"),
+    (["--demo", "--samples", "4"], 1, "too few"),
+    (["--demo", "--ranges", "kl"], 2, "'kl' is not one of"),
+    (["--demo", "--smoothquant", "1.5"], 1, "--smoothquant takes α in (0, 1)"),
+    (["{folder}", "--demo", "--labels", "a"], 1, "give images (files, folders or globs) or --demo, not both"),
+    (["{one}", "--labels", "a,b"], 1, "too few to hold some out"),
 ])
-def test_bad_input_is_one_line(engine_dir, tmp_path, run_cli, args, message):
+def test_bad_input_is_one_line(engine_dir, tmp_path, run_cli, args, exit_code, message):
     from PIL import Image
 
     (tmp_path / "empty").mkdir()
@@ -223,5 +224,5 @@ def test_bad_input_is_one_line(engine_dir, tmp_path, run_cli, args, message):
             Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / name / f"{i}.png")
     fill = {k: tmp_path / k for k in ("empty", "missing", "folder", "one")}
     code, err = run_cli("calibrate", engine_dir, *[a.format(**fill) for a in args])
-    assert code == 1 and "Traceback" not in err
+    assert code == exit_code and "Traceback" not in err
     assert message in err and len(err.strip().splitlines()) == 1, err

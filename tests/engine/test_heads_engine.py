@@ -16,7 +16,9 @@ from diffscore.errors import EngineError
 from diffscore.engine.manifest import Manifest
 from diffscore.export.onnx_export import export_engine
 from diffscore.export.parity import head_decision_parity, head_parity
-from diffscore.reference.heads import FeatureSpec, TrainOptions, head_logits_reference, load_head, save_head, train_head_on_images
+from diffscore.reference.features import FeatureSpec
+from diffscore.reference.head_training import TrainOptions, train_head_on_images
+from diffscore.reference.heads import head_logits_reference, load_head, save_head
 from diffscore.reference.loading import load_components
 
 N_TRAIN, N_TEST = 300, 60  # a slice of the demo's training split; the first held-out digits
@@ -53,7 +55,7 @@ def test_export_records_heads(engine_dir):
     m = Manifest.load(engine_dir)
     assert set(m.heads) == {"probe", "fusion"}
     probe = m.heads["probe"]
-    assert probe["labels"] == list(CLASS_NAMES) and probe["steps"] == [50, 200] and probe["kind"] == "linear"
+    assert probe.labels == list(CLASS_NAMES) and probe.steps == [50, 200] and probe.kind == "linear"
     graph = m.graphs["head.probe"]  # the UNet layers the head reads + the head: x_t at each step -> logits
     assert [(t.name, t.shape) for t in graph.inputs] == [("sample", ["batch", 2, 1, 8, 8])]
     assert [(t.name, t.shape) for t in graph.outputs] == [("logits", ["batch", 10])]
@@ -84,7 +86,7 @@ def test_head_parity(engine_dir, demo_model):
     assert len(verdicts) == 2 * 2  # per head: its graph on random x_t, the whole path on real digits
     assert all(v.passed for v in verdicts), [str(v) for v in verdicts if not v.passed]
     decisions = head_decision_parity(engine_dir, m, comp, list(load_digits_split().test_images[:N_TEST]))
-    assert [agree for _, agree, _ in decisions] == [1.0, 1.0], decisions
+    assert [v.measured for v in decisions] == [1.0, 1.0] and all(decisions), [str(v) for v in decisions]
 
 
 def test_classify_with_a_head(engine_dir, demo_model, digits, heads):
@@ -152,8 +154,8 @@ def digit_folder(tmp_path_factory, digits):
 
 
 def test_cli_train_head_and_classify(demo_model, digit_folder, engine_dir, tmp_path):
-    proc = run_cli_process("train-head", demo_model, "--data", digit_folder, "--head", "linear", "--blocks", "mid_block",
-                   "--steps", "100", "--epochs", "3", "--out", tmp_path / "h", env={"DIFFSCORE_CACHE": str(tmp_path)})
+    proc = run_cli_process("train-head", demo_model, "--data", digit_folder, "--kind", "linear", "--blocks", "mid_block",
+                   "--noise-steps", "100", "--epochs", "3", "--out", tmp_path / "h", env={"DIFFSCORE_CACHE": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     config = json.loads((tmp_path / "h" / "head.json").read_text())
     assert config["labels"] == sorted(CLASS_NAMES) and config["features"]["steps"] == [100]
@@ -165,19 +167,21 @@ def test_cli_train_head_and_classify(demo_model, digit_folder, engine_dir, tmp_p
     assert [r["passes"] for r in rows] == [2, 2] and all(r["label"] in CLASS_NAMES and "probability" in r for r in rows)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--data", "{empty}"], "no class subfolders"),
-    (["--data", "{folder}", "--blocks", "middle"], "unknown block 'middle'"),
-    (["--data", "{folder}", "--steps", "fifty"], "not like '50,200'"),
-    (["--data", "{folder}", "--steps", "5000"], "outside [0, 1000)"),
-    (["--data", "{folder}", "--head", "knn"], "unknown head 'knn'"),
-    (["--data", "{folder}", "--head", "attention", "--blocks", "mid_block,up_blocks.0", "--steps", "50"], "one block at one step"),
-    ([], "exactly one of --data FOLDER or --demo"),
+@pytest.mark.parametrize("args,exit_code,message", [
+    (["--data", "{empty}"], 1, "no class subfolders"),
+    (["--data", "{folder}", "--blocks", "middle"], 1, "unknown block 'middle'"),
+    (["--data", "{folder}", "--noise-steps", "fifty"], 1, "not like '50,200'"),
+    (["--data", "{folder}", "--noise-steps", "5000"], 1, "outside [0, 1000)"),
+    (["--data", "{folder}", "--kind", "knn"], 2, "'knn' is not one of"),
+    (["--data", "{folder}", "--kind", "attention", "--blocks", "mid_block,up_blocks.0", "--noise-steps", "50"], 1,
+     "one block at one step"),
+    ([], 1, "exactly one of --data FOLDER or --demo"),
 ])
-def test_cli_train_head_mistakes_are_one_line(demo_model, digit_folder, tmp_path, monkeypatch, run_cli, args, message):
+def test_cli_train_head_mistakes_are_one_line(demo_model, digit_folder, tmp_path, monkeypatch, run_cli, args, exit_code,
+                                              message):
     (tmp_path / "empty").mkdir()
     monkeypatch.setenv("DIFFSCORE_CACHE", str(tmp_path))
     code, stderr = run_cli("train-head", demo_model, *[a.format(empty=tmp_path / "empty", folder=digit_folder) for a in args],
                            "--out", tmp_path / "h")
-    assert code == 1 and "Traceback" not in stderr
+    assert code == exit_code and "Traceback" not in stderr
     assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr

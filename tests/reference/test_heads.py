@@ -9,18 +9,9 @@ import torch.nn.functional as F
 from diffscore.engine.images import image_folder
 from diffscore.errors import EngineError
 from diffscore.kernels import shared_noise
-from diffscore.reference.heads import (
-    FeatureSpec,
-    HeadConfig,
-    Pool,
-    TrainOptions,
-    extract_features,
-    load_head,
-    save_head,
-    tappable_blocks,
-    train_head,
-    validation_split,
-)
+from diffscore.reference.features import FeatureSpec, extract_features, tappable_blocks
+from diffscore.reference.head_training import TrainOptions, train_head, validation_split
+from diffscore.reference.heads import HeadConfig, Pool, load_head, save_head
 from diffscore.reference.loading import encode_prompts, load_components
 from diffscore.reference.scoring_unet import ScoringUNet
 

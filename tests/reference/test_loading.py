@@ -47,3 +47,21 @@ def test_error_is_one_line(tmp_path):
     with pytest.raises(EngineError) as info:
         load_components(tmp_path / "missing")
     assert "\n" not in str(info.value)
+
+
+def test_torch_noising_is_diffusers_add_noise():
+    """reference.loading.add_noise = diffusers' DDPMScheduler.add_noise, per-row timesteps and one shared t."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from diffscore.reference.loading import add_noise
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([1, 500, 999])
+    want = sched.add_noise(x0.expand(3, -1, -1, -1), eps, t)
+    torch.testing.assert_close(add_noise(x0, eps, sched.alphas_cumprod.double(), t), want, rtol=1e-6, atol=1e-6)
+    batch = torch.randn(3, 4, 8, 8, generator=g)
+    torch.testing.assert_close(add_noise(batch, eps, sched.alphas_cumprod.double(), 700),
+                               sched.add_noise(batch, eps, torch.tensor([700] * 3)), rtol=1e-6, atol=1e-6)

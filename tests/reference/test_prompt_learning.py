@@ -51,7 +51,7 @@ def pairs_file(tmp_path_factory):
 
 def train_cli_args(model, pairs_file, out):
     return ["train-prompts", model, "--data", pairs_file, "--shots", FAST["shots"], "--out", out,
-            "--steps", FAST["steps"], "--lr", FAST["lr"], "--batch-size", FAST["batch_size"]]
+            "--train-steps", FAST["steps"], "--lr", FAST["lr"], "--batch-size", FAST["batch_size"]]
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_export_with_adapters_matches_reference(monkeypatch, tiny_models, traine
     cli.main()
     eng = diffscore.load(tmp_path / "eng", backend="ort-cpu")
     head = eng.manifest.adapters["prompt_learning"]
-    assert head["lora_rank"] == 4 and head["merged"] and head["adapters"] == str(trained_run.resolve())
+    assert head.lora_rank == 4 and head.merged and head.adapters == str(trained_run.resolve())
     images = random_pairs(seed=5).images[:3]
     got = eng.match(images, CAPTIONS, steps=3, seed=2)
 
@@ -146,19 +146,19 @@ def test_export_with_adapters_matches_reference(monkeypatch, tiny_models, traine
 
 
 
-@pytest.mark.parametrize("data,shots,message", [
-    ("{missing}", 2, "does not exist"),
-    ("demo", 0, "--shots must be ≥ 1, got 0"),
-    ("{bad}", 2, "is not a JSON object"),
-    ("{one_caption}", 2, "at least 2"),
+@pytest.mark.parametrize("data,shots,exit_code,message", [
+    ("{missing}", 2, 1, "does not exist"),
+    ("--demo", 0, 2, "Invalid value for '--shots'"),
+    ("{bad}", 2, 1, "is not a JSON object"),
+    ("{one_caption}", 2, 1, "at least 2"),
 ])
-def test_cli_errors_are_one_line(run_cli, tiny_models, tmp_path, data, shots, message):
+def test_cli_errors_are_one_line(run_cli, tiny_models, tmp_path, data, shots, exit_code, message):
     (tmp_path / "bad.jsonl").write_text('{"image": "a.png"}\n')
     (tmp_path / "one.jsonl").write_text('{"image": "a.png", "caption": "a cat"}\n' * 2)
     data = data.format(missing=tmp_path / "missing.jsonl", bad=tmp_path / "bad.jsonl", one_caption=tmp_path / "one.jsonl")
-    code, err = run_cli("train-prompts", tiny_models["pixel"], "--data", data,
+    code, err = run_cli("train-prompts", tiny_models["pixel"], *([data] if data == "--demo" else ["--data", data]),
                         "--shots", shots, "--out", tmp_path / "run")
-    assert code == 1 and message in err
+    assert code == exit_code and message in err
     assert len(err.strip().splitlines()) == 1, err
 
 
@@ -205,7 +205,7 @@ def test_score_weights_are_learned_exported_and_used(run_cli, tiny_models, pairs
     assert code == 0, err
     eng = diffscore.load(tmp_path / "eng", backend="ort-cpu")
     assert list(learned) == eng.manifest.attention_layers
-    assert eng.manifest.adapters["prompt_learning"]["score_weights"] == learned
+    assert eng.manifest.adapters["prompt_learning"].score_weights == learned
     np.testing.assert_allclose(eng.layer_weights, w, rtol=1e-6)
     images = random_pairs(seed=5).images[:3]
     got = eng.match(images, CAPTIONS, steps=3, seed=2)
@@ -226,7 +226,7 @@ def test_score_weights_are_learned_exported_and_used(run_cli, tiny_models, pairs
 
 def test_export_refuses_other_layers_than_the_weights_were_learned_on(run_cli, tiny_models, pairs_file, tmp_path):
     run = tmp_path / "run"
-    assert run_cli(*train_cli_args(tiny_models["pixel"], pairs_file, run), "--score-weights", "--steps", 1)[0] == 0
+    assert run_cli(*train_cli_args(tiny_models["pixel"], pairs_file, run), "--score-weights", "--train-steps", 1)[0] == 0
     layers = json.loads((run / "training_log.json").read_text())["config"]["attention_layers"]
     code, err = run_cli("export", tiny_models["pixel"], tmp_path / "eng", "--adapters", run,
                         "--attention-layers", layers[0])
