@@ -511,7 +511,10 @@ def main(argv: list[str] | None = None) -> None:
         error_line(usage_line(e))
         sys.exit(2)
     except (Abort, KeyboardInterrupt):
-        error_line("terminated" if stopped_by["signal"] else "interrupted")
+        code = 130
+    if stopped_by["signal"] or code == 130:  # typer turns Ctrl-C into exit code 130
+        error_line("terminated (SIGTERM); nothing half-written was left" if stopped_by["signal"]
+                   else "interrupted; nothing half-written was left")
         sys.exit(143 if stopped_by["signal"] else 130)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -108,7 +108,7 @@ def collect(engine, images: list, labels: list[str], samples: int, seed: int = 0
     from the labels: the mix of inputs the scorers send to the UNet, at the shared noise they use.
     `image_ids` (default 0..n-1) are what `image_row` records for each image, e.g. its index in a folder.
     """
-    from diffscore.engine.engine import check_labels
+    from diffscore.engine.options import check_labels
     from diffscore.engine.progress import progress_bar
 
     labels = check_labels(labels)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import shutil
-import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffscore.errors import EngineError
+from diffscore.export.atomic import disk_errors, exclusive, temp_dir
 from diffscore.engine.manifest import CalibrationRecord, GraphSpec, Manifest, resolve_inside, sha256_files
 
 log = logging.getLogger("diffscore")
@@ -65,7 +66,7 @@ def calibrate(engine_dir: str | Path, *, images, labels: list[str] | None, sourc
     import onnx
 
     from diffscore.calibration import dataset, quantize, sensitivity, smoothquant
-    from diffscore.engine.engine import check_labels
+    from diffscore.engine.options import check_labels
 
     engine_dir = Path(engine_dir)
     manifest = Manifest.load(engine_dir)
@@ -86,9 +87,12 @@ def calibrate(engine_dir: str | Path, *, images, labels: list[str] | None, sourc
     val_ids, cal_ids = dataset.split_images(len(pool), n_val, samples, seed)
     val_images = [pool[i] for i in val_ids]
 
-    fp32_path = engine_dir / manifest.graphs["unet"].file
+    fp32_path = resolve_inside(engine_dir, manifest.graphs["unet"].file, "graph unet")
+    guard = ExitStack()  # one writer per engine directory; the work folder is removed on any exit
+    guard.enter_context(exclusive(engine_dir, "writing"))
+    guard.enter_context(disk_errors(engine_dir))
     swap = sensitivity.UnetSwap(engine_dir)
-    work = Path(tempfile.mkdtemp(prefix=".calibrate-", dir=engine_dir))
+    work = temp_dir(engine_dir, ".calibrate-")
     try:
         cal = dataset.collect(swap.engine, [pool[i] for i in cal_ids], labels, samples, seed=seed, source=source,
                               image_ids=cal_ids, progress=progress)
@@ -131,6 +135,7 @@ def calibrate(engine_dir: str | Path, *, images, labels: list[str] | None, sourc
     finally:
         swap.close()
         shutil.rmtree(work, ignore_errors=True)
+        guard.close()
     return CalibrationResult(engine_dir, manifest.graphs[INT8_GRAPH], result, keep, quantize.quantized_layers(model),
                              gate, rows, steps, total)
 

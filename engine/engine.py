@@ -18,6 +18,8 @@ from diffscore.engine.backends.base import Runner
 from diffscore.engine.images import preprocess_batch
 from diffscore.errors import EngineError
 from diffscore.engine.manifest import PRECISIONS, Manifest, ScoringDefaults, resolve_inside, unet_graph
+from diffscore.engine.options import (check_count, check_distinct_tokens, check_finite, check_labels, check_seed,
+                                      check_template)
 from diffscore.engine.progress import progress_bar
 from diffscore.engine.results import Classification, ClassifyOptions, MatchOptions, MatchResult
 from diffscore.kernels import (LOSSES, StagedPruning, add_noise, class_ranking, denoising_error, dsd_timesteps,
@@ -34,7 +36,7 @@ CONCURRENT_MAX_ELEMENTS = 4096
 
 
 def load(engine_dir: str | Path, backend: str = "auto", device: int = 0, precision: str = "fp32",
-         threads: int | None = None, runners: dict[str, Runner] | None = None) -> "Engine":
+         threads: int | None = None, runners: dict[str, Runner] | None = None, verify: bool = False) -> "Engine":
     """Open an engine directory made by `diffscore export`.
 
     engine_dir: the directory (manifest.json + graphs).
@@ -46,6 +48,8 @@ def load(engine_dir: str | Path, backend: str = "auto", device: int = 0, precisi
     runners: graph role ("text_encoder", "vae_encoder", "unet") -> a runner to use instead of the one the
         backend would open (any object with the runner contract of engine/backends/base.py), e.g. a
         candidate INT8 UNet under test or the torch reference.
+    verify: also check every file's sha256 against the manifest (slow for multi-GB graphs; loading
+        always checks containment, presence, sizes and each graph's input/output signature).
     Use it as a context manager (or call `close()`) to release the sessions and worker threads.
     """
     if backend not in BACKENDS:
@@ -54,6 +58,9 @@ def load(engine_dir: str | Path, backend: str = "auto", device: int = 0, precisi
         raise EngineError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     engine_dir = Path(engine_dir)
     manifest = Manifest.load(engine_dir)
+    if verify and (bad := manifest.verify(engine_dir)):
+        raise EngineError(f"sha256 mismatch in {', '.join(bad)}: the engine directory is damaged; re-export it")
+    threads = check_count("threads", threads, optional=True)
     unet = unet_graph(precision)
     if unet not in manifest.graphs:
         how = "diffscore export --precision fp16" if precision == "fp16" else "diffscore calibrate"
@@ -189,6 +196,10 @@ class Engine:
         return int(np.clip(2**13 // elements, 1, 128)) if self.backend == "ort-cpu" else 32
 
     # --- inputs ---------------------------------------------------------------------------------
+    def check_prompts(self, prompts: list[str], what: str) -> None:
+        """Refuse prompts the text encoder cannot tell apart (same token ids after truncation)."""
+        check_distinct_tokens(prompts, [e.ids for e in self.tokenizer.encode_batch(prompts)], what)
+
     def encode_text(self, prompts: list[str]) -> np.ndarray:
         """(P, L, D) text embeddings; each distinct prompt is encoded once and cached."""
         missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
@@ -249,6 +260,7 @@ class Engine:
         batch_size: UNet batch (default: chosen for the backend and sample size).
         progress: show a progress bar on stderr.
         """
+        batch_size = check_count("batch_size", batch_size, optional=True)
         if method == "head":
             return self._classify_head(images, labels, head, batch_size, progress)
         if method != "dc":
@@ -256,13 +268,15 @@ class Engine:
         if labels is None:
             raise EngineError("the Diffusion Classifier needs labels: the class names to choose from")
         labels = check_labels(labels)
-        templates = list(templates or [template or self.defaults.template])
+        templates = [check_template(t) for t in (templates or [template or self.defaults.template])]
         stages = [tuple(s) for s in (stages or self.defaults.stages)]
         loss = loss or self.defaults.loss
+        seed = check_seed(seed)
         if loss not in LOSSES:
             raise EngineError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
         batch_size = batch_size or self.default_batch_size()
         prompts = [t.format(label) for label in labels for t in templates]
+        self.check_prompts(prompts, "prompts")
         candidate_class = np.repeat(np.arange(len(labels)), len(templates))
         emb = self.encode_text(prompts)
         x0 = self.encode_images(images)
@@ -398,6 +412,10 @@ class Engine:
         empty-prompt pass). seed: seed of the shared noise. batch_size: UNet batch (default: automatic).
         progress: show a progress bar on stderr."""
         texts = check_labels(texts, what="texts")
+        self.check_prompts(texts, "texts")
+        steps = check_count("steps", steps, optional=True)
+        batch_size = check_count("batch_size", batch_size, optional=True)
+        bias_weight, seed = check_finite("bias_weight", bias_weight), check_seed(seed)
         ts = np.array(dsd_timesteps(steps or self.defaults.dsd_steps, len(self.alphas_cumprod)))
         batch_size = batch_size or self.default_batch_size()
         use_bias = bias_weight != 0.0
@@ -429,13 +447,3 @@ class Engine:
         return MatchResult(out, texts, MatchOptions(tuple(int(t) for t in ts), float(bias_weight), seed, weights,
                                                     self.backend, self.precision))
 
-
-def check_labels(labels, what: str = "labels") -> list[str]:
-    if isinstance(labels, str):
-        labels = [labels]
-    labels = [str(x).strip() for x in labels]
-    if not labels or any(not x for x in labels):
-        raise EngineError(f"{what} must be a non-empty list of non-empty strings, got {labels!r}")
-    if len(set(labels)) != len(labels):
-        raise EngineError(f"{what} contain duplicates: {sorted({x for x in labels if labels.count(x) > 1})}")
-    return labels

@@ -288,12 +288,12 @@ def resolve_inside(engine_dir: Path | str, name: str, what: str = "engine file",
     """The path of a file the manifest names, refused in one line unless it stays inside the engine
     directory (after resolving symlinks) and, with must_exist, is a regular file there."""
     engine_dir = Path(engine_dir)
+    outside = EngineError(f"the manifest's {what} {name!r} is not inside the engine directory {engine_dir}; refusing it")
     if not isinstance(name, str) or not name or Path(name).is_absolute() or "\\" in name:
-        raise EngineError(f"the manifest's {what} {name!r} is not a file name inside the engine directory; refusing it")
-    root = engine_dir.resolve()
+        raise outside
     path = (engine_dir / name).resolve()
-    if root not in path.parents:
-        raise EngineError(f"the manifest's {what} {name!r} points outside the engine directory {engine_dir}; refusing it")
+    if engine_dir.resolve() not in path.parents:
+        raise outside
     if must_exist and not path.is_file():
         raise EngineError(f"engine file {name} ({what}) is missing from {engine_dir}; re-export the engine")
     return path

@@ -10,7 +10,6 @@ torch.export re-traces the module, so the outputs our attention processors recor
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -26,6 +25,7 @@ from diffscore.engine.manifest import (AdapterSpec, GraphSpec, HeadSpec, Manifes
                                        sha256_files)
 from diffscore.engine.progress import progress_bar
 from diffscore.engine.manifest import BATCH
+from diffscore.export.atomic import build_dir, check_replaceable
 from diffscore.export.graphs import graph_contracts, head_contract
 from diffscore.reference.heads import CONFIG as HEAD_CONFIG, WEIGHTS as HEAD_WEIGHTS
 from diffscore.reference.loading import Components, load_components
@@ -60,8 +60,7 @@ def export_engine(
     unknown = set(precisions) - {"fp32", "fp16"}
     if unknown:
         raise EngineError(f"unknown precision {sorted(unknown)}; choose from fp32, fp16 (int8: `diffscore calibrate`)")
-    if out_dir.exists() and not overwrite:
-        raise EngineError(f"{out_dir} already exists; pass --overwrite to replace it")
+    check_replaceable(out_dir, overwrite)
     if heads and adapters is not None:  # a LoRA changes the block features a head was trained on
         raise EngineError("heads are trained on the plain model's features: export them without --adapters "
                           "(or into a separate engine)")
@@ -85,9 +84,7 @@ def export_engine(
     contracts = graph_contracts(comp, scoring_unet)
     for name, (head, config, _) in trained.items():
         contracts[f"head.{name}"] = head_contract(comp, head, config)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with build_dir(out_dir, overwrite) as tmp:
         steps = len(contracts) + 2 + ("fp16" in precisions)
         with progress_bar(f"export {out_dir.name}", steps, show_progress) as advance:
             graphs = {}
@@ -126,18 +123,7 @@ def export_engine(
             for name in [manifest.tokenizer, *(f for h in manifest.heads.values() for f in (h.weights, h.config))]:
                 manifest.record_file(tmp, name)
             manifest.save(tmp)
-            tmp.chmod(0o755)  # mkdtemp makes it private; an engine directory is shared like any folder
             advance()
-        if out_dir.exists():  # overwrite: swap in the new directory, then drop the old one
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("exported %s -> %s (%s)", model_dir, out_dir, ", ".join(graphs))
     return out_dir
 

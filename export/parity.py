@@ -47,8 +47,6 @@ def torch_modules(comp, manifest: Manifest) -> dict[str, torch.nn.Module]:
 
 def feeds(manifest: Manifest, comp, engine_dir: Path, seed: int = 0, batch: int = 6, images=None) -> dict[str, dict]:
     """Per graph: fresh random inputs, and real ones (tokenized prompts, encoded images, x_t at real t)."""
-    from diffscore.engine.engine import Engine
-
     rng = np.random.default_rng(seed)
     spec = {k: {t.name: [batch if d == BATCH else d for d in t.shape] for t in g.inputs} for k, g in manifest.graphs.items()}
     random = {
