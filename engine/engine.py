@@ -19,9 +19,10 @@ from diffscore.engine.images import preprocess_batch
 from diffscore.errors import EngineError
 from diffscore.engine.manifest import Manifest
 from diffscore.engine.progress import progress_bar
-from diffscore.engine.results import Classification
-from diffscore.kernels import (LOSSES, StagedPruning, add_noise, class_ranking, denoising_error, dsd_timesteps,
-                               pool_layer_scores, shared_noise)
+from diffscore.engine.results import Classification, classification
+from diffscore.kernels import (DEFAULT_STRATEGY, LOSSES, PairedRace, RaceConfig, add_noise, denoising_error,
+                               dsd_timesteps, new_run, pool_layer_scores, race_plan, shared_noise)
+from diffscore.kernels.racing import DEFAULT_GRID
 
 log = logging.getLogger("diffscore")
 
@@ -185,13 +186,21 @@ class Engine:
     def classify(self, images, labels: list[str] | None = None, *, method: str = "dc", head: str | None = None,
                  template: str | None = None, templates: list[str] | None = None,
                  stages: list[tuple[int, int]] | None = None, loss: str | None = None, seed: int = 0,
-                 batch_size: int | None = None, progress: bool = False) -> list[Classification]:
+                 batch_size: int | None = None, progress: bool = False, strategy: str | None = None,
+                 z: float | None = None, min_rounds: int | None = None, round_size: int | None = None,
+                 budget: int | None = None, timesteps: int | None = None, use_profile: bool = True,
+                 ) -> list[Classification]:
         """One result per image, ranking best first.
 
         method="dc": the zero-shot Diffusion Classifier (DESIGN §3) among `labels`; ranking = mean
         denoising error, lower is better. method="head": a trained head (`head`: its name, needed when
         the engine has several), one UNet pass per noise step; labels are the head's (if given, they
         must be the same set); ranking = softmax probability, higher is better.
+
+        strategy (dc): "stages" = fixed stages (`stages`); "race" = adaptive paired racing over a
+        `timesteps`-point grid (default: the engine's profile, else 100) in rounds of `round_size`,
+        dropping a candidate `z` standard errors behind the leader after `min_rounds` rounds, at most
+        `budget` passes per image. Default: the explicit `stages` if given, else the engine's default.
         """
         if method == "head":
             return self._classify_head(images, labels, head, batch_size, progress)
@@ -201,20 +210,56 @@ class Engine:
             raise EngineError("the Diffusion Classifier needs labels: the class names to choose from")
         labels = check_labels(labels)
         templates = list(templates or [template or self.defaults.get("template", "{}")])
+        explicit_stages = stages is not None
         stages = [tuple(s) for s in (stages or self.defaults["stages"])]
         loss = loss or self.defaults.get("loss", "l2")
         if loss not in LOSSES:
             raise EngineError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
+        strategy = strategy or ("stages" if explicit_stages else self.defaults.get("strategy", DEFAULT_STRATEGY))
+        race = self.defaults.get("race", {})
+        T = len(self.alphas_cumprod)
+        try:
+            pick = lambda value, key, default: race.get(key, default) if value is None else value  # noqa: E731
+            config = RaceConfig(z=pick(z, "z", 3.0), min_rounds=pick(min_rounds, "min_rounds", 2),
+                                round_size=pick(round_size, "round_size", 5), budget=pick(budget, "budget", None))
+            make = lambda n: new_run(strategy, n, T, stages=stages, race=config, grid_size=timesteps,  # noqa: E731
+                                     profile=self.manifest.timestep_profile if use_profile else None)
+            make(len(labels) * len(templates))  # bad options fail here, before any image is encoded
+        except ValueError as e:
+            raise EngineError(str(e)) from None
+        runs, candidate_class = self._score_runs(images, labels, templates, make, loss, seed, batch_size, progress)
+        return [classification(run, labels, candidate_class) for run in runs]
+
+    def grid_errors(self, images, labels: list[str], *, templates: list[str] | None = None, timesteps: int | None = None,
+                    loss: str | None = None, seed: int = 0, batch_size: int | None = None,
+                    progress: bool = False) -> np.ndarray:
+        """(images, candidates, grid) errors of every candidate at every timestep of the race's grid
+        (`timesteps` points, default 100), with the race's (t, ε) pairs: the exhaustive decision is the
+        lowest row mean. Candidates are labels × templates, label-major. What `diffscore profile` scores."""
+        labels = check_labels(labels)
+        templates = list(templates or [self.defaults.get("template", "{}")])
+        loss = loss or self.defaults.get("loss", "l2")
+        if loss not in LOSSES:
+            raise EngineError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
+        try:
+            grid, _ = race_plan(len(self.alphas_cumprod), timesteps or DEFAULT_GRID)
+        except ValueError as e:
+            raise EngineError(str(e)) from None
+        every = RaceConfig(z=float("inf"), round_size=len(grid))  # one round of everything, nobody leaves
+        make = lambda n: PairedRace(n, grid, np.arange(len(grid)), every)  # noqa: E731
+        runs, _ = self._score_runs(images, labels, templates, make, loss, seed, batch_size, progress)
+        return np.stack([run.errors for run in runs])
+
+    def _score_runs(self, images, labels, templates, make_run, loss, seed, batch_size, progress):
+        """Drive one StagedPruning/PairedRace per image to the end, windows of images batched together."""
         batch_size = batch_size or self.default_batch_size()
         prompts = [t.format(label) for label in labels for t in templates]
         candidate_class = np.repeat(np.arange(len(labels)), len(templates))
         emb = self.encode_text(prompts)
         x0 = self.encode_images(images)
-        T = len(self.alphas_cumprod)
-        try:
-            runs = [StagedPruning(len(prompts), stages, T) for _ in x0]
-        except ValueError as e:
-            raise EngineError(str(e)) from None
+        runs = [make_run(len(prompts)) for _ in x0]
+        if not runs:
+            return runs, candidate_class
         ts = runs[0].timesteps
         noise = shared_noise(seed, len(ts), tuple(x0.shape[1:]))
         with progress_bar("classify", len(x0), progress) as advance:
@@ -229,14 +274,7 @@ class Engine:
                         runs[i].submit(errors[done : done + size].reshape(len(cand), len(pos)))
                         done += size
                 advance(len(window))
-        results = []
-        for run in runs:
-            ranking = class_ranking(run, candidate_class)
-            results.append(Classification(
-                label=labels[ranking[0][0]], ranking=[(labels[c], m) for c, m, _ in ranking],
-                passes=run.passes, evaluated={labels[c]: n for c, _, n in ranking},
-            ))
-        return results
+        return runs, candidate_class
 
     def _classify_pairs(self, x0, jobs, noise, ts) -> _Pairs:
         """Pairs in (candidate, timestep) order per job; x_t once per (image, timestep)."""

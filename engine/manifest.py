@@ -83,7 +83,9 @@ class Manifest:
     # LoRA runs merged into the UNet weights at export: name -> {adapters (run dir), adapter_sha256, lora_rank, config,
     # score_weights ({attention layer: weight} or None: DSD pools the layers with these instead of their mean)}
     adapters: dict = field(default_factory=dict)
-    defaults: dict = field(default_factory=dict)  # scoring defaults: template, stages, loss, ...
+    defaults: dict = field(default_factory=dict)  # scoring defaults: template, stages, loss, strategy, race, ...
+    # the race's visiting order: grid timesteps, best separating first (`diffscore profile`); None = spread order
+    timestep_profile: list[int] | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):

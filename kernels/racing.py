@@ -21,6 +21,8 @@ import numpy as np
 from diffscore.kernels.timesteps import timestep_grid
 
 DEFAULT_GRID = 100  # timesteps in the race's grid when the engine has no profile
+STRATEGIES = ("stages", "race")
+DEFAULT_STRATEGY = "stages"
 
 
 @dataclass(frozen=True)
@@ -194,3 +196,16 @@ def timestep_profile(errors: np.ndarray, candidate_class: np.ndarray) -> np.ndar
         score += (d / np.where(sd > 0, sd, 1.0)).sum(axis=0)
         total += len(d)
     return np.argsort(-score / max(total, 1), kind="stable")
+
+
+def new_run(strategy: str, n_candidates: int, num_train_timesteps: int, *, stages=None, race: RaceConfig = RaceConfig(),
+            grid_size: int | None = None, profile: list[int] | None = None):
+    """One image's driver: StagedPruning for strategy "stages", PairedRace for "race" (ValueError on bad input)."""
+    if strategy == "stages":
+        from diffscore.kernels.pruning import StagedPruning
+
+        return StagedPruning(n_candidates, list(stages), num_train_timesteps)
+    if strategy == "race":
+        grid, order = race_plan(num_train_timesteps, grid_size, profile)
+        return PairedRace(n_candidates, grid, order, race)
+    raise ValueError(f"unknown strategy {strategy!r}; choose {' or '.join(STRATEGIES)}")
