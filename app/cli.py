@@ -33,6 +33,10 @@ Backend = typer.Option("auto", "--backend", "-b", help="auto | ort-cpu | ort-cud
 Precision = typer.Option("fp32", "--precision", "-p", help="UNet precision: fp32 | fp16 | int8")
 Format = typer.Option("table", "--format", "-f", help="table | json | csv")
 Seed = typer.Option(0, help="seed of the shared noise: same seed, same scores")
+Strategy = typer.Option(None, help="stages: fixed pruning stages | race: adaptive paired racing, stops when the "
+                        "leader is z standard errors ahead (default: the engine's; --stages implies stages)")
+Z = typer.Option(None, "--z", help="race: standard errors behind the leader that drop a candidate (default: the engine's)")
+Budget = typer.Option(None, help="race: at most this many UNet passes per image")
 
 
 def require_torch(command: str) -> None:
@@ -48,6 +52,15 @@ def parse_stages(text: str | None) -> list[tuple[int, int]] | None:
         return [tuple(int(v) for v in part.split(":")) for part in text.split(",")]  # type: ignore[misc]
     except ValueError:
         raise EngineError(f"--stages {text!r} is not like '50:5,500:1' (n_samples:keep, comma separated)") from None
+
+
+def race_options(strategy: str | None, z: float | None, budget: int | None) -> dict:
+    """classify's race keywords from --strategy/--z/--budget; the race flags need the race."""
+    if (z is not None or budget is not None) and strategy not in (None, "race"):
+        raise EngineError("--z and --budget tune the race; use them with --strategy race")
+    if strategy is None and (z is not None or budget is not None):
+        strategy = "race"
+    return {"strategy": strategy, "z": z, "budget": budget}
 
 
 def split(text: str | None) -> list[str] | None:
@@ -109,17 +122,22 @@ def classify(
     loss: Optional[str] = typer.Option(None, help="l2 | l1 | huber (default: the engine's)"),
     seed: int = Seed, batch_size: Optional[int] = typer.Option(None, help="UNet batch (default: automatic)"),
     backend: str = Backend, precision: str = Precision, fmt: str = Format,
+    strategy: Optional[str] = Strategy, z: Optional[float] = Z, budget: Optional[int] = Budget,
 ):
-    """Classify images: the zero-shot Diffusion Classifier (default) or a trained head (--method head)."""
+    """Classify images: the zero-shot Diffusion Classifier (default) or a trained head (--method head).
+
+    confidence: the winner's lead over the best other class in standard errors of their paired errors."""
     import diffscore
 
     label_list = read_labels(labels, labels_file, required=method != "head")  # a head has its own labels
     eng = diffscore.load(engine, backend=backend, precision=precision)
     results = eng.classify([str(p) for p in images], label_list, method=method, head=head, template=template,
-                           stages=parse_stages(stages), loss=loss, seed=seed, batch_size=batch_size, progress=True)
+                           stages=parse_stages(stages), loss=loss, seed=seed, batch_size=batch_size, progress=True,
+                           **race_options(strategy, z, budget))
     score = "probability" if method == "head" else "error"
     rows = [{"image": str(p), "label": r.label, score: r.ranking[0][1],
-             "runner_up": r.ranking[1][0] if len(r.ranking) > 1 else "", "passes": r.passes}
+             "runner_up": r.ranking[1][0] if len(r.ranking) > 1 else "", "passes": r.passes,
+             **({} if r.confidence is None else {"confidence": r.confidence})}
             for p, r in zip(images, results)]
     if fmt == "json":
         rows = [{**row, "ranking": r.ranking} for row, r in zip(rows, results)]
@@ -277,6 +295,7 @@ def demo(
     limit: Optional[int] = typer.Option(None, help="classify only the first N held-out images"),
     backend: str = Backend, precision: str = Precision,
     stages: Optional[str] = typer.Option(None, help="override the demo's stages, e.g. 10:3,40:1"),
+    strategy: Optional[str] = Strategy, z: Optional[float] = Z, budget: Optional[int] = Budget,
 ):
     """The main job: zero-shot classification of held-out handwritten digits on the demo model."""
     import diffscore
@@ -284,7 +303,7 @@ def demo(
 
     engine_dir = demo_engine_dir(precisions=("fp32", precision) if precision == "fp16" else ("fp32",))
     eng = diffscore.load(engine_dir, backend=backend, precision=precision)
-    res = run_demo(eng, limit=limit, stages=parse_stages(stages))
+    res = run_demo(eng, limit=limit, stages=parse_stages(stages), **race_options(strategy, z, budget))
     from diffscore.app.digits import load_digits_split
 
     baseline = logistic_baseline(load_digits_split())
@@ -295,6 +314,39 @@ def demo(
          "images/s": float("nan")},
     ]
     emit(rows, "table", f"held-out digits: {res['images']} images, wall {res['seconds']:.1f} s")
+
+
+@app.command()
+def profile(
+    engine: Path = typer.Argument(..., help="engine directory: its manifest records the profile"),
+    images: List[str] = typer.Argument(..., help="images to learn from: files, folders or glob patterns; no "
+                                       "ground truth needed (keep your test images out)"),
+    labels: Optional[str] = typer.Option(None, help="class names, comma separated"),
+    labels_file: Optional[Path] = typer.Option(None, help="class names, one per line"),
+    template: Optional[str] = typer.Option(None, help="prompt template (default: the engine's)"),
+    timesteps: Optional[int] = typer.Option(None, help="points of the race's timestep grid (default 100)"),
+    limit: Optional[int] = typer.Option(None, help="use only the first N images"),
+    loss: Optional[str] = typer.Option(None, help="l2 | l1 | huber (default: the engine's)"),
+    seed: int = Seed, batch_size: Optional[int] = typer.Option(None, help="UNet batch (default: automatic)"),
+    backend: str = Backend,
+):
+    """Learn the race's timestep order for an engine and record it in the manifest.
+
+    Scores every label at every grid timestep of the images (labels × timesteps UNet passes per image),
+    takes the exhaustive decision as the reference and orders the timesteps by how well they separate
+    each image's winner from the other labels. `classify --strategy race` then visits them in that order."""
+    import diffscore
+    from diffscore.engine.images import expand_images
+    from diffscore.engine.profiling import make_profile, save_profile
+
+    label_list = read_labels(labels, labels_file)
+    paths = expand_images(images)[:limit]
+    eng = diffscore.load(engine, backend=backend)
+    order = make_profile(eng, [str(p) for p in paths], label_list, templates=[template] if template else None,
+                         timesteps=timesteps, loss=loss, seed=seed, batch_size=batch_size, progress=True)
+    save_profile(engine, order)
+    out.print(f"profile of {len(order)} timesteps from {len(paths)} images saved in {engine}; first ten: "
+              f"{', '.join(map(str, order[:10]))}", markup=False)
 
 
 @app.command()
