@@ -346,7 +346,7 @@ def profile(
                          timesteps=timesteps, loss=loss, seed=seed, batch_size=batch_size, progress=True)
     save_profile(engine, order)
     out.print(f"profile of {len(order)} timesteps from {len(paths)} images saved in {engine}; first ten: "
-              f"{', '.join(map(str, order[:10]))}", markup=False)
+              f"{', '.join(map(str, order[:10]))}", markup=False, soft_wrap=True)
 
 
 @app.command()
