@@ -216,12 +216,11 @@ class Engine:
         if loss not in LOSSES:
             raise EngineError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
         strategy = strategy or ("stages" if explicit_stages else self.defaults.get("strategy", DEFAULT_STRATEGY))
-        race = self.defaults.get("race", {})
+        given = {k: v for k, v in dict(z=z, min_rounds=min_rounds, round_size=round_size, budget=budget).items()
+                 if v is not None}
         T = len(self.alphas_cumprod)
         try:
-            pick = lambda value, key, default: race.get(key, default) if value is None else value  # noqa: E731
-            config = RaceConfig(z=pick(z, "z", 3.0), min_rounds=pick(min_rounds, "min_rounds", 2),
-                                round_size=pick(round_size, "round_size", 5), budget=pick(budget, "budget", None))
+            config = RaceConfig(**{**self.defaults.get("race", {}), **given})  # call > engine default > RaceConfig
             make = lambda n: new_run(strategy, n, T, stages=stages, race=config, grid_size=timesteps,  # noqa: E731
                                      profile=self.manifest.timestep_profile if use_profile else None)
             make(len(labels) * len(templates))  # bad options fail here, before any image is encoded
