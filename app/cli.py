@@ -27,7 +27,7 @@ from rich.text import Text
 from diffscore.app.render import Format, emit, err, error_line, output_format, say, write_rows
 from diffscore.engine.engine import BACKENDS, PRECISIONS
 from diffscore.errors import EngineError
-from diffscore.kernels import LOSSES
+from diffscore.kernels import LOSSES, STRATEGIES
 
 try:  # recent typer bundles its own click (not installed beside it); older typer raises click's exceptions
     from typer._click.exceptions import NoArgsIsHelpError, UsageError
@@ -52,6 +52,12 @@ Loss = choices("Loss", LOSSES)
 Method = choices("Method", ("dc", "head"))
 HeadKind = choices("HeadKind", ("linear", "attention", "difformer"))  # = reference.heads.HEAD_KINDS (tested)
 RangeMethod = choices("RangeMethod", ("minmax", "entropy", "percentile"))  # = calibration.quantize.METHODS (tested)
+Strategy = choices("Strategy", STRATEGIES)
+StrategyOpt = typer.Option(None, help="stages: fixed pruning stages | race: adaptive paired racing, stops when the "
+                           "leader is z standard errors ahead (default: the engine's; --stages implies stages)")
+ZOpt = typer.Option(None, "--z", help="race: standard errors behind the leader that drop a candidate "
+                    "(default: the engine's)")
+BudgetOpt = typer.Option(None, min=1, help="race: at most this many UNet passes per image")
 
 BackendOpt = typer.Option(Backend.auto.value, "--backend", "-b", help="where to run")
 PrecisionOpt = typer.Option(Precision.fp32.value, "--precision", "-p", help="UNet precision")
@@ -93,6 +99,16 @@ def parse_stages(text: str | None) -> list[tuple[int, int]] | None:
     if not stages or any(len(s) != 2 or min(s) < 1 for s in stages):
         raise EngineError(f"--stages {text!r} is not like '50:5,500:1' (n_samples:keep, positive, comma separated)")
     return stages  # type: ignore[return-value]
+
+
+def race_options(strategy, z: float | None, budget: int | None) -> dict:
+    """classify's race keywords from --strategy/--z/--budget; the race flags need the race."""
+    strategy = getattr(strategy, "value", strategy)
+    if (z is not None or budget is not None) and strategy not in (None, "race"):
+        raise EngineError("--z and --budget tune the race; use them with --strategy race")
+    if strategy is None and (z is not None or budget is not None):
+        strategy = "race"
+    return {"strategy": strategy, "z": z, "budget": budget}
 
 
 def split(text: str | None) -> list[str] | None:
@@ -163,8 +179,11 @@ def classify(
     seed: int = SeedOpt, batch_size: Optional[int] = BatchOpt,
     backend: Backend = BackendOpt, precision: Precision = PrecisionOpt,
     fmt: Format = FormatOpt, output: Optional[Path] = OutputOpt,
+    strategy: Optional[Strategy] = StrategyOpt, z: Optional[float] = ZOpt, budget: Optional[int] = BudgetOpt,
 ):
-    """Classify images: the zero-shot Diffusion Classifier (default) or a trained head (--method head)."""
+    """Classify images: the zero-shot Diffusion Classifier (default) or a trained head (--method head).
+
+    confidence: the winner's lead over the best other class in standard errors of their paired errors."""
     import diffscore
 
     output_format(output)
@@ -174,14 +193,15 @@ def classify(
     with diffscore.load(engine, backend=backend.value, precision=precision.value) as eng:
         results = eng.classify([str(p) for p in paths], label_list, method=method.value, head=head, template=template,
                                stages=stage_list, loss=loss.value if loss else None, seed=seed, batch_size=batch_size,
-                               progress=True)
+                               progress=True, **race_options(strategy, z, budget))
         title = (f"head {eng.head_name(head)} (higher probability = better)" if method is Method.head
                  else "Diffusion Classifier (lower mean error = better)")
     score = "probability" if method is Method.head else "error"
     rows = []
     for p, r in zip(paths, results):
         row = {"image": str(p), "label": r.label, score: r.ranking[0][1],
-               "runner_up": r.ranking[1][0] if len(r.ranking) > 1 else "", "passes": r.passes}
+               "runner_up": r.ranking[1][0] if len(r.ranking) > 1 else "", "passes": r.passes,
+               **({} if r.confidence is None else {"confidence": r.confidence})}
         rows.append({**row, **r.to_dict()})
     finish(rows, fmt, output, title, [{k: v for k, v in row.items() if k not in ("ranking", "options")} for row in rows])
 
@@ -269,6 +289,7 @@ def demo(
     limit: Optional[int] = typer.Option(None, min=1, help="classify only the first N held-out images"),
     backend: Backend = BackendOpt, precision: Precision = PrecisionOpt,
     stages: Optional[str] = typer.Option(None, help="override the demo's stages, e.g. 10:3,40:1"),
+    strategy: Optional[Strategy] = StrategyOpt, z: Optional[float] = ZOpt, budget: Optional[int] = BudgetOpt,
 ):
     """The main job: zero-shot classification of held-out handwritten digits on the demo model."""
     import diffscore
@@ -278,7 +299,7 @@ def demo(
     stage_list = parse_stages(stages)
     engine_dir = demo_engine_dir(precisions=("fp32", precision.value) if precision is Precision.fp16 else ("fp32",))
     with diffscore.load(engine_dir, backend=backend.value, precision=precision.value) as eng:
-        res = run_demo(eng, limit=limit, stages=stage_list)
+        res = run_demo(eng, limit=limit, stages=stage_list, **race_options(strategy, z, budget))
         where = f"{eng.backend}, {precision.value}"
     baseline = logistic_baseline(load_digits_split())
     rows = [
@@ -391,6 +412,39 @@ def parity(
 
 
 @app.command()
+def profile(
+    engine: Path = typer.Argument(..., help="engine directory: its manifest records the profile"),
+    images: List[str] = typer.Argument(..., help="images to learn from: files, folders or glob patterns; no "
+                                       "ground truth needed (keep your test images out)"),
+    labels: Optional[str] = LabelsOpt, labels_file: Optional[Path] = LabelsFileOpt,
+    template: Optional[str] = typer.Option(None, help="prompt template with one {} (default: the engine's)"),
+    timesteps: Optional[int] = typer.Option(None, min=2, help="points of the race's timestep grid (default 100)"),
+    limit: Optional[int] = typer.Option(None, min=1, help="use only the first N images"),
+    loss: Optional[Loss] = typer.Option(None, help="denoising error (default: the engine's)"),
+    seed: int = SeedOpt, batch_size: Optional[int] = BatchOpt,
+    backend: Backend = BackendOpt,
+):
+    """Learn the race's timestep order for an engine and record it in the manifest.
+
+    Scores every label at every grid timestep of the images (labels × timesteps UNet passes per image),
+    takes the exhaustive decision as the reference and orders the timesteps by how well they separate
+    each image's winner from the other labels. `classify --strategy race` then visits them in that order."""
+    import diffscore
+    from diffscore.engine.images import expand_images
+    from diffscore.engine.profiling import make_profile, save_profile
+
+    label_list = read_labels(labels, labels_file)
+    paths = expand_images(images)[:limit]
+    with diffscore.load(engine, backend=backend.value) as eng:
+        order = make_profile(eng, [str(p) for p in paths], label_list, templates=[template] if template else None,
+                             timesteps=timesteps, loss=loss.value if loss else None, seed=seed, batch_size=batch_size,
+                             progress=True)
+    save_profile(engine, order)
+    say(f"profile of {len(order)} timesteps from {len(paths)} images saved in {engine}; first ten: "
+        f"{', '.join(map(str, order[:10]))}")
+
+
+@app.command()
 def calibrate(
     engine: Path = typer.Argument(..., help="engine directory made by `diffscore export`"),
     images: Optional[List[str]] = typer.Argument(None, help="images like the ones you will score: files, folders or globs"),
@@ -497,8 +551,7 @@ def main(argv: list[str] | None = None) -> None:
         stopped_by["signal"] = signum
         terminated(signum, frame)
 
-    if hasattr(signal, "SIGTERM"):
-        signal.signal(signal.SIGTERM, on_term)
+    previous = signal.signal(signal.SIGTERM, on_term)
     try:
         code = app(args=argv, prog_name="diffscore", standalone_mode=False)
     except EngineError as e:
@@ -512,6 +565,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except (Abort, KeyboardInterrupt):
         code = 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # in-process callers (tests, notebooks) get their handler back
     if stopped_by["signal"] or code == 130:  # typer turns Ctrl-C into exit code 130
         error_line("terminated (SIGTERM); nothing half-written was left" if stopped_by["signal"]
                    else "interrupted; nothing half-written was left")

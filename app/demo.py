@@ -17,6 +17,12 @@ DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo"
 # Chosen on a validation split carved from the training digits (models/train_demo.py's report).
 DEMO_STAGES = [(10, 3), (40, 1)]
 DEMO_LOSS = "l2"
+# The race's defaults and the default strategy, chosen on the training split's validation slice (bench/adaptive.py:
+# the cheapest z x min_rounds with >= 99.5 % agreement with the exhaustive decision: 100 % at 51 passes/image, where
+# the stages above need 190 for 100 %; bench/results/adaptive.json "validation").
+DEMO_STRATEGY = "race"
+DEMO_RACE = {"z": 1.0, "min_rounds": 1, "round_size": 5}
+PROFILE_IMAGES = 40  # training digits (outside the validation slice) the shipped timestep profile is learned on
 
 
 def cache_root() -> Path:
@@ -35,11 +41,33 @@ def demo_engine_dir(model_dir: Path = DEMO_MODEL, precisions=("fp32",)) -> Path:
         except EngineError:  # an engine of an older format (or damaged): export it again
             manifest = None
         if manifest is not None and all(unet_graph(p) in manifest.graphs for p in precisions):
-            return out
+            return add_demo_profile(out) if manifest.timestep_profile is None else out
     from diffscore.export.onnx_export import export_engine
 
-    defaults = {"template": DEFAULT_TEMPLATE, "stages": [list(s) for s in DEMO_STAGES], "loss": DEMO_LOSS}
-    return export_engine(model_dir, out, precisions=tuple(precisions), defaults=defaults, overwrite=True)
+    defaults = {"template": DEFAULT_TEMPLATE, "stages": [list(s) for s in DEMO_STAGES], "loss": DEMO_LOSS,
+                "strategy": DEMO_STRATEGY, "race": DEMO_RACE}
+    return add_demo_profile(export_engine(model_dir, out, precisions=tuple(precisions), defaults=defaults, overwrite=True))
+
+
+def profile_digits() -> list:
+    """The training digits the demo's timestep profile is learned on: never held-out, never validation."""
+    from diffscore.app.digits import validation_indices
+
+    fit, _ = validation_indices()
+    return list(load_digits_split().train_images[fit[:PROFILE_IMAGES]])
+
+
+def add_demo_profile(engine_dir: Path) -> Path:
+    """Learn the race's timestep profile on training digits and record it in the engine (once, cached with it)."""
+    from diffscore.engine.engine import load
+    from diffscore.engine.profiling import make_profile, save_profile
+
+    engine = load(engine_dir, backend="ort-cpu")
+    save_profile(engine_dir, make_profile(engine, profile_digits(), list(CLASS_NAMES), progress=True))
+    manifest = Manifest.load(engine_dir)  # an engine cached before the race existed gets its defaults too
+    manifest.defaults.strategy, manifest.defaults.race = DEMO_STRATEGY, dict(DEMO_RACE)
+    manifest.save(engine_dir)
+    return engine_dir
 
 
 def logistic_baseline(split) -> float:

@@ -50,6 +50,19 @@ def load_digits_split() -> DigitsSplit:
     return DigitsSplit(tr_x, tr_y, te_x, te_y)
 
 
+VALIDATION_FRACTION = 0.1  # models/train_demo.py's VAL_FRACTION: the slice of the training split it held back
+
+
+def validation_indices(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(fitting, validation) indices into the training split: the same stratified slice models/train_demo.py
+    (seed 0) held back, so choices made on it (the race's defaults) never see a held-out digit."""
+    from sklearn.model_selection import train_test_split
+
+    labels = load_digits_split().train_labels
+    fit, val = train_test_split(np.arange(len(labels)), test_size=VALIDATION_FRACTION, random_state=seed, stratify=labels)
+    return fit, val
+
+
 def caption(label: int, template: str) -> str:
     """Fill a template with the class word and/or numeral."""
     return template.format(CLASS_NAMES[label], word=CLASS_NAMES[label], num=str(label))

@@ -21,9 +21,10 @@ from diffscore.engine.manifest import PRECISIONS, Manifest, ScoringDefaults, res
 from diffscore.engine.options import (check_count, check_distinct_tokens, check_finite, check_labels, check_seed,
                                       check_template)
 from diffscore.engine.progress import progress_bar
-from diffscore.engine.results import Classification, ClassifyOptions, MatchOptions, MatchResult
-from diffscore.kernels import (LOSSES, StagedPruning, add_noise, class_ranking, denoising_error, dsd_timesteps,
-                               pool_layer_scores, shared_noise)
+from diffscore.engine.results import Classification, ClassifyOptions, MatchOptions, MatchResult, classification
+from diffscore.kernels import (LOSSES, PairedRace, RaceConfig, add_noise, denoising_error, dsd_timesteps, new_run,
+                               pool_layer_scores, race_plan, shared_noise)
+from diffscore.kernels.racing import DEFAULT_GRID
 
 log = logging.getLogger("diffscore")
 
@@ -244,52 +245,119 @@ class Engine:
     def classify(self, images, labels: list[str] | None = None, *, method: str = "dc", head: str | None = None,
                  template: str | None = None, templates: list[str] | None = None,
                  stages: list[tuple[int, int]] | None = None, loss: str | None = None, seed: int = 0,
-                 batch_size: int | None = None, progress: bool = False) -> list[Classification]:
-        """One Classification per image (ranking best first, UNet passes used, the options it ran with).
+                 batch_size: int | None = None, progress: bool = False, strategy: str | None = None,
+                 z: float | None = None, min_rounds: int | None = None, round_size: int | None = None,
+                 budget: int | None = None, timesteps: int | None = None, use_profile: bool = True,
+                 ) -> list[Classification]:
+        """One Classification per image (ranking best first, UNet passes used, confidence, the options it
+        ran with). `classify_iter` takes the same arguments and yields them one by one, in bounded memory.
 
-        images: paths, PIL images or uint8 arrays (H,W) / (H,W,C).
+        images: paths, PIL images or uint8 arrays (H,W) / (H,W,C); any iterable.
         labels: the class names to choose among (method "head": optional, must be the head's own set).
         method: "dc", the zero-shot Diffusion Classifier (DESIGN §3), ranking = mean denoising error, lower
             is better; or "head", a trained head, one UNet pass per noise step, ranking = probability.
         head: the head's name (method "head"), needed when the engine has several.
         template / templates: prompt template(s) with one `{}` for the label (default: the engine's);
             several templates make several candidates per class, a class scoring as its best one.
-        stages: [(n_samples, keep), ...] pruning stages (default: the engine's).
+        stages: [(n_samples, keep), ...] fixed pruning stages (default: the engine's).
         loss: "l2", "l1" or "huber" (default: the engine's).
         seed: seed of the shared noise: same seed, same scores.
         batch_size: UNet batch (default: chosen for the backend and sample size).
         progress: show a progress bar on stderr.
+        strategy: "stages" (fixed stages) or "race" (adaptive paired racing over a `timesteps`-point grid,
+            default: the engine's profile, else 100, in rounds of `round_size`, dropping a candidate `z`
+            standard errors behind the leader after `min_rounds` rounds, at most `budget` passes per
+            image; `use_profile`: visit the grid in the engine's profiled order). Default: "stages" when
+            `stages` is given, else the engine's default strategy.
         """
+        return list(self.classify_iter(images, labels, method=method, head=head, template=template,
+                                       templates=templates, stages=stages, loss=loss, seed=seed,
+                                       batch_size=batch_size, progress=progress, strategy=strategy, z=z,
+                                       min_rounds=min_rounds, round_size=round_size, budget=budget,
+                                       timesteps=timesteps, use_profile=use_profile))
+
+    def classify_iter(self, images, labels: list[str] | None = None, *, method: str = "dc", head: str | None = None,
+                      template: str | None = None, templates: list[str] | None = None,
+                      stages: list[tuple[int, int]] | None = None, loss: str | None = None, seed: int = 0,
+                      batch_size: int | None = None, progress: bool = False, strategy: str | None = None,
+                      z: float | None = None, min_rounds: int | None = None, round_size: int | None = None,
+                      budget: int | None = None, timesteps: int | None = None, use_profile: bool = True):
+        """`classify` as a generator: results in input order as windows of images finish; images are read,
+        decoded and encoded one window at a time, so memory does not grow with their number. Options are
+        checked before the first image is read."""
         batch_size = check_count("batch_size", batch_size, optional=True)
         if method == "head":
-            return self._classify_head(images, labels, head, batch_size, progress)
+            yield from self._classify_head(images, labels, head, batch_size, progress)
+            return
         if method != "dc":
             raise EngineError(f"unknown method {method!r}; choose dc (Diffusion Classifier) or head (a trained head)")
         if labels is None:
             raise EngineError("the Diffusion Classifier needs labels: the class names to choose from")
         labels = check_labels(labels)
         templates = [check_template(t) for t in (templates or [template or self.defaults.template])]
+        explicit_stages = stages is not None
         stages = [tuple(s) for s in (stages or self.defaults.stages)]
         loss = loss or self.defaults.loss
         seed = check_seed(seed)
         if loss not in LOSSES:
             raise EngineError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
+        strategy = strategy or ("stages" if explicit_stages else self.defaults.strategy)
+        given = {k: v for k, v in dict(z=z, min_rounds=min_rounds, round_size=round_size, budget=budget).items()
+                 if v is not None}
+        T = len(self.alphas_cumprod)
+        profile = self.manifest.timestep_profile if use_profile else None
+        try:
+            config = RaceConfig(**{**self.defaults.race, **given})  # call > engine default > RaceConfig
+            make = lambda n: new_run(strategy, n, T, stages=stages, race=config, grid_size=timesteps,  # noqa: E731
+                                     profile=profile)
+            make(len(labels) * len(templates))  # bad options fail here, before any image is read
+        except (ValueError, TypeError) as e:
+            raise EngineError(str(e)) from None
+        race = None if strategy != "race" else {**config.__dict__, "timesteps": timesteps, "profile": profile is not None}
+        options = ClassifyOptions("dc", tuple(labels), tuple(templates), tuple(stages) if strategy == "stages" else (),
+                                  loss, seed, strategy=strategy, race=race, backend=self.backend, precision=self.precision)
+        for run, candidate_class in self._score_runs(images, labels, templates, make, loss, seed, batch_size, progress):
+            yield classification(run, labels, candidate_class, options)
+
+    def grid_errors(self, images, labels: list[str], *, templates: list[str] | None = None, timesteps: int | None = None,
+                    loss: str | None = None, seed: int = 0, batch_size: int | None = None,
+                    progress: bool = False) -> np.ndarray:
+        """(images, candidates, grid) errors of every candidate at every timestep of the race's grid
+        (`timesteps` points, default 100), with the race's (t, ε) pairs: the exhaustive decision is the
+        lowest row mean. Candidates are labels × templates, label-major. What `diffscore profile` scores."""
+        labels = check_labels(labels)
+        templates = [check_template(t) for t in (templates or [self.defaults.template])]
+        loss = loss or self.defaults.loss
+        if loss not in LOSSES:
+            raise EngineError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
+        seed = check_seed(seed)
+        try:
+            grid, _ = race_plan(len(self.alphas_cumprod), timesteps or DEFAULT_GRID)
+        except ValueError as e:
+            raise EngineError(str(e)) from None
+        every = RaceConfig(z=float("inf"), round_size=len(grid))  # one round of everything, nobody leaves
+        make = lambda n: PairedRace(n, grid, np.arange(len(grid)), every)  # noqa: E731
+        runs = [run for run, _ in self._score_runs(images, labels, templates, make, loss, seed, batch_size, progress)]
+        return np.stack([run.errors for run in runs])
+
+    def _score_runs(self, images, labels, templates, make_run, loss, seed, batch_size, progress):
+        """Yields (finished run, candidate classes) per image, in order: one StagedPruning/PairedRace per
+        image, IMAGE_WINDOW images read, encoded and driven to the end together (full UNet batches,
+        bounded memory)."""
         batch_size = batch_size or self.default_batch_size()
         prompts = [t.format(label) for label in labels for t in templates]
         self.check_prompts(prompts, "prompts")
         candidate_class = np.repeat(np.arange(len(labels)), len(templates))
         emb = self.encode_text(prompts)
-        x0 = self.encode_images(images)
-        T = len(self.alphas_cumprod)
-        try:
-            runs = [StagedPruning(len(prompts), stages, T) for _ in x0]
-        except ValueError as e:
-            raise EngineError(str(e)) from None
-        ts = runs[0].timesteps
-        noise = shared_noise(seed, len(ts), tuple(x0.shape[1:]))
-        with progress_bar("classify", len(x0), progress) as advance:
-            for lo in range(0, len(x0), IMAGE_WINDOW):
-                window = list(range(lo, min(lo + IMAGE_WINDOW, len(x0))))
+        noise = ts = None
+        with progress_bar("classify", _length(images), progress) as advance:
+            for window_images in _windows(images, IMAGE_WINDOW):
+                x0 = self.encode_images(window_images)
+                runs = [make_run(len(prompts)) for _ in x0]
+                if noise is None:
+                    ts = runs[0].timesteps
+                    noise = shared_noise(seed, len(ts), tuple(x0.shape[1:]))
+                window = list(range(len(x0)))
                 while jobs := [(i, *req) for i in window if (req := runs[i].request()) is not None]:
                     pairs = self._classify_pairs(x0, jobs, noise, ts)
                     errors, _ = self._run_pairs(pairs, emb, noise, loss, batch_size)
@@ -299,16 +367,10 @@ class Engine:
                         runs[i].submit(errors[done : done + size].reshape(len(cand), len(pos)))
                         done += size
                 advance(len(window))
-        options = ClassifyOptions("dc", tuple(labels), tuple(templates), tuple(stages), loss, seed,
-                                  backend=self.backend, precision=self.precision)
-        results = []
-        for run in runs:
-            ranking = class_ranking(run, candidate_class)
-            results.append(Classification(
-                label=labels[ranking[0][0]], ranking=[(labels[c], m) for c, m, _ in ranking],
-                passes=run.passes, evaluated={labels[c]: n for c, _, n in ranking}, options=options,
-            ))
-        return results
+                for run in runs:
+                    yield run, candidate_class
+        if noise is None:
+            raise EngineError("no images given")
 
     def _classify_pairs(self, x0, jobs, noise, ts) -> _Pairs:
         """Pairs in (candidate, timestep) order per job; x_t once per (image, timestep)."""
@@ -336,24 +398,29 @@ class Engine:
         name = self.head_name(head)
         spec = self.manifest.heads[name]
         steps = np.asarray(spec.steps, dtype=np.int64)
-        x0 = self.encode_images(images)
-        noise = shared_noise(spec.seed, len(steps), tuple(x0.shape[1:]))
+        noise = shared_noise(spec.seed, len(steps), tuple(self.manifest.sample_shape))
         runner = self.head_runner(name)
         per_call = max(1, (batch_size or self.default_batch_size()) // len(steps))  # images per call
-        per_call = min(per_call, -(-len(x0) // self.workers))  # a few images still keep every worker busy
-        logits = np.empty((len(x0), len(spec.labels)), dtype=np.float32)
+        chunks = []
+        with progress_bar(f"head {name}", _length(images), progress) as advance:
+            for window_images in _windows(images, max(per_call * self.workers, IMAGE_WINDOW)):
+                x0 = self.encode_images(window_images)
+                size = min(per_call, -(-len(x0) // self.workers))  # a few images still keep every worker busy
+                logits = np.empty((len(x0), len(spec.labels)), dtype=np.float32)
 
-        def run(lo: int) -> int:
-            x = x0[lo : lo + per_call]
-            xt = np.stack([add_noise(xi, noise, self.alphas_cumprod, steps) for xi in x])  # (n, steps, C, H, W)
-            logits[lo : lo + len(x)] = runner.infer({"sample": xt})["logits"]
-            return len(x)
+                def run(lo: int) -> int:
+                    x = x0[lo : lo + size]
+                    xt = np.stack([add_noise(xi, noise, self.alphas_cumprod, steps) for xi in x])  # (n, steps, C, H, W)
+                    logits[lo : lo + len(x)] = runner.infer({"sample": xt})["logits"]
+                    return len(x)
 
-        starts = range(0, len(x0), per_call)
-        with progress_bar(f"head {name}", len(x0), progress) as advance:
-            for n in self._pool.map(run, starts) if self._pool else map(run, starts):
-                advance(n)
-        return logits
+                starts = range(0, len(x0), size)
+                for n in self._pool.map(run, starts) if self._pool else map(run, starts):
+                    advance(n)
+                chunks.append(logits)
+        if not chunks:
+            raise EngineError("no images given")
+        return np.concatenate(chunks)
 
     def head_name(self, head: str | None = None) -> str:
         heads = self.manifest.heads
@@ -421,17 +488,17 @@ class Engine:
         use_bias = bias_weight != 0.0
         prompts = texts + ([""] if use_bias else [])
         emb = self.encode_text(prompts)
-        x0 = self.encode_images(images)
-        noise = shared_noise(seed, len(ts), tuple(x0.shape[1:]))
-        numel = int(np.prod(x0.shape[1:]))
+        sample = tuple(self.manifest.sample_shape)
+        noise = shared_noise(seed, len(ts), sample)
+        numel = int(np.prod(sample))
         K, P = len(ts), len(prompts)
         layer_weights = self.layer_weights
-        out = np.empty((len(x0), len(texts)), dtype=np.float64)
-        with progress_bar("match", len(x0), progress) as advance:
-            for lo in range(0, len(x0), IMAGE_WINDOW):
-                window = range(lo, min(lo + IMAGE_WINDOW, len(x0)))
-                xt = np.concatenate([add_noise(x0[i], noise, self.alphas_cumprod, ts) for i in window])
-                w = len(window)
+        out = []
+        with progress_bar("match", _length(images), progress) as advance:
+            for window_images in _windows(images, IMAGE_WINDOW):  # read and encoded a window at a time
+                x0 = self.encode_images(window_images)
+                xt = np.concatenate([add_noise(x, noise, self.alphas_cumprod, ts) for x in x0])
+                w = len(x0)
                 # pairs in (image, prompt, timestep) order
                 img, prm, k = np.meshgrid(np.arange(w), np.arange(P), np.arange(K), indexing="ij")
                 pairs = _Pairs(xt, (img * K + k).ravel(), ts[k.ravel()].astype(np.float32), prm.ravel(), k.ravel())
@@ -441,9 +508,32 @@ class Engine:
                 if use_bias:
                     norm = np.sqrt(l2.astype(np.float64) * numel).reshape(w, P, K)  # ||ε - ε̂||₂
                     score = attn + bias_weight * (norm[:, -1:, :] - norm[:, : len(texts)])
-                out[lo : lo + w] = score.mean(axis=2)
+                out.append(score.mean(axis=2))
                 advance(w)
+        if not out:
+            raise EngineError("no images given")
         weights = None if layer_weights is None else tuple(float(v) for v in layer_weights)
-        return MatchResult(out, texts, MatchOptions(tuple(int(t) for t in ts), float(bias_weight), seed, weights,
+        return MatchResult(np.concatenate(out), texts, MatchOptions(tuple(int(t) for t in ts), float(bias_weight), seed, weights,
                                                     self.backend, self.precision))
 
+
+def _windows(images, size: int):
+    """Lists of at most `size` images from any iterable (a list, a generator of paths, ...)."""
+    if isinstance(images, (str, Path)) or not hasattr(images, "__iter__") or hasattr(images, "shape"):
+        images = [images]  # one image given alone (a path, a PIL image or an array)
+    window = []
+    for image in images:
+        window.append(image)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def _length(images) -> int | None:
+    """How many images, when the iterable knows (for the progress bar); None for a generator."""
+    try:
+        return len(images)
+    except TypeError:
+        return None

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffscore.errors import EngineError
+from diffscore.kernels.racing import DEFAULT_STRATEGY
 
 # 2: typed heads / adapters / calibration records, scoring defaults as their own record, every
 # non-graph file (tokenizer, head weights, calibration set) listed with its sha256
@@ -88,6 +89,8 @@ class ScoringDefaults:
     stages: list[list[int]] = field(default_factory=lambda: [[50, 5], [500, 1]])  # (n_samples, keep) per stage
     loss: str = "l2"  # l2 | l1 | huber
     dsd_steps: int = 10  # DSD timesteps per pair
+    strategy: str = DEFAULT_STRATEGY  # "stages" | "race"
+    race: dict = field(default_factory=dict)  # the race's z, min_rounds, round_size, budget (else RaceConfig's)
 
 
 @dataclass
@@ -175,6 +178,8 @@ class Manifest:
     adapters: dict[str, AdapterSpec] = field(default_factory=dict)  # "prompt_learning" -> its merged LoRA
     defaults: ScoringDefaults = field(default_factory=ScoringDefaults)
     calibration: CalibrationRecord | None = None
+    # the race's visiting order: grid timesteps, best separating first (`diffscore profile`); None = spread order
+    timestep_profile: list[int] | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):

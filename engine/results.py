@@ -4,6 +4,7 @@ Each result carries the options that produced it, so a saved result says how it 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -19,6 +20,8 @@ class ClassifyOptions:
     stages: tuple[tuple[int, int], ...] = ()  # dc: (n_samples, keep) per pruning stage
     loss: str = ""  # dc: l2 | l1 | huber
     seed: int = 0  # of the shared noise
+    strategy: str = ""  # dc: "stages" (fixed pruning stages) | "race" (adaptive paired racing)
+    race: dict | None = None  # dc race: z, min_rounds, round_size, budget, grid size, profile used
     head: str = ""  # head: its name in the engine
     backend: str = ""  # where it ran ("torch" for the reference)
     precision: str = ""
@@ -38,14 +41,20 @@ class Classification:
     # far they got, then by mean error, so means over different counts are not compared directly
     evaluated: dict[str, int] = field(default_factory=dict)
     options: ClassifyOptions | None = None
+    # Diffusion Classifier: the winner's lead over the best prompt of another class, in standard errors of their
+    # paired error differences on the timesteps both saw (kernels.ranking.confidence); ~3 and above: more
+    # timesteps would rarely flip the decision. inf with one class; None for a trained head.
+    confidence: float | None = None
 
     @property
     def scores(self) -> dict[str, float]:
         return dict(self.ranking)
 
     def to_dict(self) -> dict:
-        """JSON-ready: label, ranking as [class, score, timesteps evaluated], passes, options."""
-        return {"label": self.label, "passes": self.passes,
+        """JSON-ready: label, ranking as [class, score, timesteps evaluated], passes, confidence (None when
+        infinite: one class), options."""
+        finite = self.confidence is not None and math.isfinite(self.confidence)
+        return {"label": self.label, "passes": self.passes, "confidence": self.confidence if finite else None,
                 "ranking": [[c, float(s), self.evaluated.get(c)] if self.evaluated else [c, float(s)]
                             for c, s in self.ranking],
                 "options": self.options.to_dict() if self.options else None}
@@ -89,3 +98,13 @@ class MatchResult:
     def best(self) -> list[str]:
         """The best-matching text of each image."""
         return [self.texts[j] for j in self.scores.argmax(axis=1)]
+
+
+def classification(run, labels: list[str], candidate_class, options: ClassifyOptions | None = None) -> Classification:
+    """A finished StagedPruning or PairedRace run as a result: class ranking, passes, confidence."""
+    from diffscore.kernels import class_ranking, confidence
+
+    ranking = class_ranking(run, candidate_class)
+    return Classification(label=labels[ranking[0][0]], ranking=[(labels[c], m) for c, m, _ in ranking],
+                          passes=run.passes, evaluated={labels[c]: n for c, _, n in ranking},
+                          confidence=confidence(run, candidate_class), options=options)

@@ -2,14 +2,26 @@
 
 from diffscore.kernels.noise import add_noise, shared_noise
 from diffscore.kernels.reductions import LOSSES, denoising_error, pool_layer_scores
-from diffscore.kernels.timesteps import dsd_timesteps, stage_timesteps
+from diffscore.kernels.timesteps import dsd_timesteps, stage_timesteps, timestep_grid
 from diffscore.kernels.pruning import StagedPruning
-from diffscore.kernels.ranking import class_ranking
+from diffscore.kernels.racing import (DEFAULT_STRATEGY, STRATEGIES, PairedRace, RaceConfig, new_run, race_plan,
+                                     spread_order, timestep_profile)
+from diffscore.kernels.ranking import class_ranking, confidence
 
 __all__ = [
+    "DEFAULT_STRATEGY",
     "LOSSES",
+    "STRATEGIES",
+    "PairedRace",
+    "RaceConfig",
     "StagedPruning",
     "class_ranking",
+    "confidence",
+    "new_run",
+    "race_plan",
+    "spread_order",
+    "timestep_grid",
+    "timestep_profile",
     "add_noise",
     "denoising_error",
     "dsd_timesteps",

@@ -33,6 +33,8 @@ class StagedPruning:
         self._stage_positions = [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
         self._keeps = [keep for _, keep in stages]
         self.sums = np.zeros(n_candidates, dtype=np.float64)
+        # per (candidate, timestep) errors for the confidence; a candidate's columns are a prefix of the order
+        self.errors = np.zeros((n_candidates, len(self.timesteps)), dtype=np.float64)
         self.counts = np.zeros(n_candidates, dtype=np.int64)
         self.alive = np.arange(n_candidates)
         self.pruned_at = np.full(n_candidates, -1)  # stage index at which a candidate was dropped
@@ -54,6 +56,7 @@ class StagedPruning:
         assert errors.shape == (len(self.alive), len(positions)), (
             f"errors {errors.shape} != (alive {len(self.alive)}, timesteps {len(positions)})"
         )
+        self.errors[np.ix_(self.alive, positions)] = errors
         self.sums[self.alive] += errors.sum(axis=1)
         self.counts[self.alive] += len(positions)
         self.passes += errors.size

@@ -11,11 +11,7 @@ def stage_timesteps(stages: list[tuple[int, int]], num_train_timesteps: int = 10
     the global evaluation order that indexes the shared noise.
     """
     check_stages(stages)
-    T = num_train_timesteps
-    m = max(n for n, _ in stages)
-    if m > T:
-        raise ValueError(f"stages ask for {m} timesteps but the model has only {T}")
-    grid = list(range(T // m // 2, T, T // m))[:m]
+    grid = timestep_grid(max(n for n, _ in stages), num_train_timesteps)
     done: set[int] = set()
     per_stage = []
     for n, _ in stages:
@@ -24,6 +20,14 @@ def stage_timesteps(stages: list[tuple[int, int]], num_train_timesteps: int = 10
         done.update(new)
         per_stage.append(new)
     return per_stage
+
+
+def timestep_grid(m: int, num_train_timesteps: int = 1000) -> list[int]:
+    """The Diffusion Classifier's m-point grid ``range(T//m//2, T, T//m)[:m]`` (fixed stages and the race)."""
+    T = num_train_timesteps
+    if m < 1 or m > T:
+        raise ValueError(f"asked for {m} timesteps but the model has {T}; choose 1 to {T}")
+    return list(range(T // m // 2, T, T // m))[:m]
 
 
 def check_stages(stages: list[tuple[int, int]]) -> None:

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from diffscore.engine.images import preprocess_batch
-from diffscore.engine.results import Classification
-from diffscore.kernels import StagedPruning, class_ranking, shared_noise
+from diffscore.engine.results import Classification, classification
+from diffscore.kernels import RaceConfig, new_run, shared_noise
 from diffscore.reference.loading import Components, add_noise, encode_images, encode_prompts
 
 
@@ -37,8 +37,14 @@ def classify_reference(
     seed: int = 0,
     batch_size: int = 256,
     progress=None,
+    strategy: str = "stages",
+    race: RaceConfig = RaceConfig(),
+    timesteps: int | None = None,
+    profile: list[int] | None = None,
 ) -> list[Classification]:
-    """Classify images among `labels`; each (label, template) prompt is one candidate."""
+    """Classify images among `labels`; each (label, template) prompt is one candidate.
+
+    strategy "stages": fixed `stages`; "race": the paired race (`race`, over a `timesteps` grid or `profile`)."""
     prompts = [tmpl.format(label) for label in labels for tmpl in templates]
     candidate_class = np.repeat(np.arange(len(labels)), len(templates))
     embeddings = encode_prompts(components, prompts)  # (P, L, D), once per label set
@@ -47,7 +53,8 @@ def classify_reference(
     abar = components.alphas_cumprod
     results = []
     for x0 in x0s:
-        run = StagedPruning(len(prompts), list(stages), components.num_train_timesteps)
+        run = new_run(strategy, len(prompts), components.num_train_timesteps, stages=stages, race=race,
+                      grid_size=timesteps, profile=profile)
         eps = torch.from_numpy(shared_noise(seed, len(run.timesteps), tuple(x0.shape)))
         t_all = torch.from_numpy(run.timesteps)
         while (req := run.request()) is not None:
@@ -62,15 +69,7 @@ def classify_reference(
                 eps_hat = components.unet(x_t[k], t_all[pos][k], encoder_hidden_states=embeddings[c]).sample
                 errors[lo : lo + batch_size] = torch_error(eps[pos][k], eps_hat, loss)
             run.submit(errors.view(len(cand), len(pos)).double().numpy())
-        ranking = class_ranking(run, candidate_class)
-        results.append(
-            Classification(
-                label=labels[ranking[0][0]],
-                ranking=[(labels[c], m) for c, m, _ in ranking],
-                passes=run.passes,
-                evaluated={labels[c]: n for c, _, n in ranking},
-            )
-        )
+        results.append(classification(run, labels, candidate_class))
         if progress is not None:
             progress(1)
     return results

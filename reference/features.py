@@ -84,7 +84,7 @@ def extract_features(comp: Components, images, spec: FeatureSpec, batch_size: in
         with progress_bar("features", len(x0), progress) as advance:
             for lo in range(0, len(x0), per_image):
                 x = x0[lo : lo + per_image]
-                x_t = add_noise(x[:, None], eps[None], comp.alphas_cumprod, t).flatten(0, 1)  # (n*S, C, H, W), image-major
+                x_t = torch.cat([add_noise(xi, eps, comp.alphas_cumprod, t) for xi in x])  # (n*S, C, H, W), image-major
                 _, _, *feats = unet(x_t, t.repeat(len(x)).float(), emb.expand(len(x_t), -1, -1))
                 for b, f in zip(blocks, feats):
                     out[b].append(f.reshape(len(x), S, *f.shape[1:]))
