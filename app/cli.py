@@ -29,8 +29,8 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True)
 
-Backend = typer.Option("auto", "--backend", "-b", help="auto | ort-cpu | ort-cuda | ort-trt | tensorrt")
-Precision = typer.Option("fp32", "--precision", "-p", help="UNet precision: fp32 | fp16 | int8")
+Backend = typer.Option("auto", "--backend", "-b", help="auto (a GPU backend if any, else the CPU backend measured fastest for this engine here) | ort-cpu | ort-cuda | ort-trt | tensorrt | openvino")
+Precision = typer.Option("fp32", "--precision", "-p", help="UNet precision: fp32 | fp16 | int8 | bf16 (OpenVINO on CPUs with AVX-512 BF16 or AMX)")
 Format = typer.Option("table", "--format", "-f", help="table | json | csv")
 Seed = typer.Option(0, help="seed of the shared noise: same seed, same scores")
 
@@ -172,6 +172,10 @@ def info(engine: Path = typer.Argument(..., help="engine directory"),
         out.print(f"head {name}: {h['kind']} on {', '.join(h['blocks'])} at steps {h['steps']}, "
                   f"{len(h['labels'])} labels ({', '.join(h['labels'][:5])}{', …' if len(h['labels']) > 5 else ''})")
     out.print(f"defaults: {json.dumps(m.defaults)}")
+    from diffscore.engine.autoselect import auto_lines
+
+    for line in auto_lines(m):
+        out.print(line, markup=False)
     if verify:
         bad = m.verify(engine)
         if bad:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffscore.engine.backends.openvino import cpu_flags, cpuinfo, openvino_version
+from diffscore.engine.backends.openvino import cpu_flags, cpu_has_bf16, cpuinfo, openvino_version
 from diffscore.engine.cache import cache_root
 from diffscore.engine.manifest import Manifest
 from diffscore.errors import EngineError
@@ -93,8 +93,17 @@ def label(backend: str, workers: int) -> str:
     return f"{backend} x{workers}"
 
 
+def auto_lines(manifest: Manifest) -> list[str]:
+    """For `diffscore info`: per UNet precision the engine has, what auto picks on this CPU and why."""
+    from diffscore.engine.engine import PRECISIONS, unet_graph
+
+    bf16 = openvino_version() is not None and cpu_has_bf16()
+    return [describe(cached_choice(manifest, p), p) for p in PRECISIONS
+            if unet_graph(p) in manifest.graphs and (p != "bf16" or bf16)]
+
+
 def describe(choice: dict | None, precision: str) -> str:
-    """One line for `diffscore info`: what auto picks on this CPU, and the figures it picked by."""
+    """One line: what auto picks on this CPU for `precision`, and the figures it picked by."""
     if choice is None:
         return f"auto on this CPU, {precision}: not measured yet (the first load with backend auto measures it)"
     rates = ", ".join(f"{k} {v:,.0f}" for k, v in sorted(choice["samples_per_s"].items(), key=lambda kv: -kv[1]))
