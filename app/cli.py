@@ -59,8 +59,10 @@ ZOpt = typer.Option(None, "--z", help="race: standard errors behind the leader t
                     "(default: the engine's)")
 BudgetOpt = typer.Option(None, min=1, help="race: at most this many UNet passes per image")
 
-BackendOpt = typer.Option(Backend.auto.value, "--backend", "-b", help="where to run")
-PrecisionOpt = typer.Option(Precision.fp32.value, "--precision", "-p", help="UNet precision")
+BackendOpt = typer.Option(Backend.auto.value, "--backend", "-b", help="where to run (auto: a GPU backend if any, else "
+                          "the CPU backend measured fastest for this engine on this machine)")
+PrecisionOpt = typer.Option(Precision.fp32.value, "--precision", "-p", help="UNet precision (bf16: OpenVINO on CPUs "
+                            "with AVX-512 BF16 or AMX)")
 FormatOpt = typer.Option(Format.table.value, "--format", "-f", help="stdout format")
 OutputOpt = typer.Option(None, "--output", "-o", help="also write the results to FILE (.json, .jsonl or .csv)")
 SeedOpt = typer.Option(0, min=0, max=2**32 - 1, help="seed of the shared noise: same seed, same scores")
@@ -278,6 +280,10 @@ def info(engine: Path = typer.Argument(..., help="engine directory"),
             c = m.calibration
             say(f"int8: {c.method} on {c.samples} samples from {c.source}; {len(c.float_layers)} layers float"
                 + (f"; gate {c.gate['agreement']:.2%} on {c.gate['images']} images" if c.gate else ""))
+        from diffscore.engine.autoselect import auto_lines
+
+        for line in auto_lines(m):
+            say(line)
     if bad:
         raise EngineError(f"sha256 mismatch in {', '.join(bad)}: the engine directory is damaged; re-export it")
     if verify and fmt is Format.table:

@@ -3,7 +3,6 @@ next to a logistic-regression baseline trained on the same training split."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 
 from diffscore.app.digits import CLASS_NAMES, DEFAULT_TEMPLATE, load_digits_split
 from diffscore.errors import EngineError
+from diffscore.engine.cache import cache_root
 from diffscore.engine.manifest import Manifest, folder_sha256, unet_graph
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo"
@@ -23,10 +23,6 @@ DEMO_LOSS = "l2"
 DEMO_STRATEGY = "race"
 DEMO_RACE = {"z": 1.0, "min_rounds": 1, "round_size": 5}
 PROFILE_IMAGES = 40  # training digits (outside the validation slice) the shipped timestep profile is learned on
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("DIFFSCORE_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffscore"))
 
 
 def demo_engine_dir(model_dir: Path = DEMO_MODEL, precisions=("fp32",)) -> Path:

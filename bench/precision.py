@@ -1,5 +1,6 @@
-"""fp32 vs fp16 vs int8 UNet on ONNX Runtime CPU for the demo classification job, in one run:
-images/s, ratio to fp32, held-out accuracy and top-1 agreement with fp32.
+"""fp32 vs fp16 vs int8 UNet on ONNX Runtime CPU, and fp32 vs bf16 vs int8 on OpenVINO, for the demo
+classification job, in one run: images/s, ratio to ONNX Runtime fp32, held-out accuracy and top-1
+agreement with ONNX Runtime fp32.
 
     .venv/bin/python bench/precision.py [--limit N] [--rounds R] [--profile] [--smoothquant A] [--update-readme]
 
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from classify import cpu_variants  # noqa: E402
 from common import demo_engine_all_precisions, machine, machine_line, publish  # noqa: E402
 
 import diffscore  # noqa: E402
@@ -52,6 +54,8 @@ def main() -> None:
     images, truth = list(split.test_images[: args.limit]), split.test_labels[: args.limit]
     labels = list(CLASS_NAMES)
     engines = {p: diffscore.load(engine_dir, backend="ort-cpu", precision=p) for p in PRECISIONS}
+    engines.update({name: diffscore.load(engine_dir, backend=backend, precision=p)
+                    for name, backend, p in cpu_variants() if backend == "openvino"})
     scratch = tempfile.TemporaryDirectory(prefix="diffscore-precision-")
     if args.smoothquant:  # the same calibration on a copy of the engine, smoothed first
         from diffscore.calibration.pipeline import calibrate
@@ -87,18 +91,22 @@ def main() -> None:
         "images": len(images), "rounds": args.rounds, "stages": engine.defaults.stages, "loss": engine.defaults.loss,
         "workers": workers(engine), "batch_size": engine.default_batch_size(),
         "int8_calibration": {k: getattr(calibration, k) for k in ("method", "samples", "source", "float_layers", "gate")},
+        "load_average_1min_at_end": os.getloadavg()[0],
         "rows": rows,
     }
     if args.profile:
         result["profile"] = profile(engine_dir)
-    table = ["| UNet precision (ONNX Runtime CPU) | images/s | ratio to fp32 | held-out accuracy | top-1 agreement with fp32 |",
+    table = ["| UNet precision (backend: ONNX Runtime CPU unless named) | images/s | ratio to fp32 | held-out accuracy | "
+             "top-1 agreement with fp32 |",
              "|---|---:|---:|---:|---:|"]
     for p, row in rows.items():
         table.append(f"| {p} | {row['images_per_s']:.2f} | {row['ratio_to_fp32']:.2f}x | {row['accuracy']:.2%} | "
                      f"{row['agreement_with_fp32']:.2%} |")
     table.append("")
     table.append(f"One run, {len(images)} held-out digits in {args.rounds} interleaved rounds, stages {result['stages']}, "
-                 f"{result['workers']} concurrent single-threaded UNet runs, batch {result['batch_size']}; INT8: "
+                 f"{result['workers']} concurrent single-threaded UNet runs (OpenVINO: as many streams), batch "
+                 f"{result['batch_size']}, load average {result['load_average_1min_at_end']:.1f} at the end (2 cores shared "
+                 f"with other jobs); fp32 = ONNX Runtime fp32; INT8: "
                  f"{calibration['method']} on {calibration['samples']} UNet inputs from training digits, "
                  f"{len(calibration['float_layers'])} layers kept float. Measured on {machine_line(machine())} by "
                  "`bench/precision.py`.")

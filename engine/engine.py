@@ -28,7 +28,7 @@ from diffscore.kernels.racing import DEFAULT_GRID
 
 log = logging.getLogger("diffscore")
 
-BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
+BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt", "openvino")
 IMAGE_WINDOW = 16  # images advanced through the stages together: fuller batches, bounded memory
 # On CPU, small UNets (samples of at most this many elements) run faster as several concurrent
 # single-threaded runs of one session than as one multi-threaded run: measured on the demo UNet,
@@ -57,6 +57,8 @@ def load(engine_dir: str | Path, backend: str = "auto", device: int = 0, precisi
         raise EngineError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
         raise EngineError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if precision == "bf16" and backend not in ("auto", "openvino"):
+        raise EngineError(f"precision bf16 runs on the openvino backend only, not {backend}; use --backend openvino")
     engine_dir = Path(engine_dir)
     manifest = Manifest.load(engine_dir)
     if verify and (bad := manifest.verify(engine_dir)):
@@ -66,10 +68,19 @@ def load(engine_dir: str | Path, backend: str = "auto", device: int = 0, precisi
     if unet not in manifest.graphs:
         how = "diffscore export --precision fp16" if precision == "fp16" else "diffscore calibrate"
         raise EngineError(f"{engine_dir} has no {precision} UNet ({unet}); create it with `{how}`")
-    backend = resolve_backend(manifest, backend, unet)
-    workers = 1
-    if backend == "ort-cpu" and int(np.prod(manifest.sample_shape)) <= CONCURRENT_MAX_ELEMENTS:
-        workers = threads or os.cpu_count() or 1
+    if precision == "bf16":
+        from diffscore.engine.backends.openvino import require_bf16
+
+        require_bf16()
+    workers = None
+    if precision != "bf16":  # bf16 exists on the CPU only
+        backend = resolve_backend(manifest, backend, unet)
+    if backend == "auto":  # a CPU: the backend and threading measured fastest for this engine here (cached)
+        from diffscore.engine.autoselect import choose_cpu_backend
+
+        backend, workers = choose_cpu_backend(engine_dir, manifest, precision, threads)
+    if workers is None:
+        workers = cpu_workers(manifest, backend, threads)
     names = [g for g in ("text_encoder", "vae_encoder") if g in manifest.graphs] + [unet]
     given = dict(runners or {})
     unknown = set(given) - {"text_encoder", "vae_encoder", "unet"}
@@ -77,15 +88,24 @@ def load(engine_dir: str | Path, backend: str = "auto", device: int = 0, precisi
         raise EngineError(f"runner overrides for {sorted(unknown)}: only text_encoder, vae_encoder and unet can be replaced")
     runners = {
         name.split(".")[0]: given.get(name.split(".")[0])
-        or make_runner(engine_dir, manifest, name, backend, device, 1 if workers > 1 else threads)
+        or make_runner(engine_dir, manifest, name, backend, device, threads, workers=workers,
+                       precision=precision if name == unet else "fp32")
         for name in names
     }
-    engine = Engine(engine_dir, manifest, runners, backend, precision, workers, device, 1 if workers > 1 else threads)
+    engine = Engine(engine_dir, manifest, runners, backend, precision, workers, device, threads)
     engine._borrowed = set(given)  # the caller's runners: the caller closes them
     return engine
 
 
+def cpu_workers(manifest: Manifest, backend: str, threads: int | None) -> int:
+    """Concurrent UNet runs on CPU backends: several single-threaded ones for small samples."""
+    if backend in ("ort-cpu", "openvino") and int(np.prod(manifest.sample_shape)) <= CONCURRENT_MAX_ELEMENTS:
+        return threads or os.cpu_count() or 1
+    return 1
+
+
 def resolve_backend(manifest: Manifest, backend: str, unet: str) -> str:
+    """A GPU backend when `auto` finds one, else "auto" still (load() then measures the CPU backends)."""
     if backend != "auto":
         return backend
     from diffscore.engine.backends.onnxruntime import available_providers
@@ -99,11 +119,19 @@ def resolve_backend(manifest: Manifest, backend: str, unet: str) -> str:
     for name, provider in (("ort-trt", "TensorrtExecutionProvider"), ("ort-cuda", "CUDAExecutionProvider")):
         if provider in providers:
             return name
-    return "ort-cpu"
+    return "auto"  # a CPU: load() measures the CPU backends
 
 
-def make_runner(engine_dir: Path, manifest: Manifest, graph: str, backend: str, device: int, threads) -> Runner:
+def make_runner(engine_dir: Path, manifest: Manifest, graph: str, backend: str, device: int, threads, *,
+                workers: int = 1, precision: str = "fp32") -> Runner:
+    """threads: all the graph's threads together; workers: concurrent infer calls it serves (CPU backends).
+    precision: "bf16" asks OpenVINO for bf16 inference of the fp32 graph."""
     spec = manifest.graphs[graph]
+    if backend == "openvino":
+        from diffscore.engine.backends.openvino import OpenVINORunner
+
+        return OpenVINORunner(resolve_inside(engine_dir, spec.file, f"graph {graph}"), spec, precision, threads,
+                              streams=workers, graph=graph)
     if backend == "tensorrt":
         from diffscore.engine.backends.tensorrt import TensorRTRunner, import_tensorrt, matching_plan
 
@@ -114,7 +142,8 @@ def make_runner(engine_dir: Path, manifest: Manifest, graph: str, backend: str, 
         return TensorRTRunner(resolve_inside(engine_dir, plan.file, f"plan of {graph}"), plan, spec)
     from diffscore.engine.backends.onnxruntime import OnnxRuntimeRunner
 
-    return OnnxRuntimeRunner(resolve_inside(engine_dir, spec.file, f"graph {graph}"), spec, backend, device, threads, graph)
+    return OnnxRuntimeRunner(resolve_inside(engine_dir, spec.file, f"graph {graph}"), spec, backend, device,
+                             1 if workers > 1 else threads, graph)
 
 
 @dataclass
@@ -194,7 +223,7 @@ class Engine:
         if self.backend == "tensorrt" and plans:
             return min(p.max_batch for p in plans)
         elements = int(np.prod(self.manifest.sample_shape))
-        return int(np.clip(2**13 // elements, 1, 128)) if self.backend == "ort-cpu" else 32
+        return int(np.clip(2**13 // elements, 1, 128)) if self.backend in ("ort-cpu", "openvino") else 32
 
     # --- inputs ---------------------------------------------------------------------------------
     def check_prompts(self, prompts: list[str], what: str) -> None:
@@ -445,7 +474,8 @@ class Engine:
                 from diffscore.engine.backends.onnxruntime import available_providers
 
                 backend = "ort-cuda" if "CUDAExecutionProvider" in available_providers() else "ort-cpu"
-            self.runners[graph] = make_runner(self.engine_dir, self.manifest, graph, backend, self._device, self._threads)
+            self.runners[graph] = make_runner(self.engine_dir, self.manifest, graph, backend, self._device, self._threads,
+                                              workers=self.workers)
         return self.runners[graph]
 
     def _classify_head(self, images, labels, head, batch_size, progress) -> list[Classification]:

@@ -23,12 +23,13 @@ from diffscore.kernels.racing import DEFAULT_STRATEGY
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 BATCH = "batch"  # the symbolic batch axis of every graph input and output
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "bf16")  # bf16: OpenVINO's inference hint on the fp32 graph
 
 
 def unet_graph(precision: str) -> str:
-    """The manifest key of the UNet graph of a precision: "unet" (fp32), "unet.fp16", "unet.int8"."""
-    return "unet" if precision == "fp32" else f"unet.{precision}"
+    """The manifest key of the UNet graph a precision runs: "unet" (fp32, and bf16, which is the fp32 graph
+    under OpenVINO's bf16 hint), "unet.fp16", "unet.int8"."""
+    return "unet" if precision in ("fp32", "bf16") else f"unet.{precision}"
 
 
 @dataclass

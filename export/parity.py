@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from diffscore.engine.engine import load, make_runner
+from diffscore.engine.manifest import BATCH, PRECISIONS, Manifest, unet_graph
 from diffscore.errors import EngineError
-from diffscore.engine.manifest import BATCH, Manifest, unet_graph
 from diffscore.export.graphs import TextEncoderGraph, VaeEncoderGraph
 from diffscore.export.verdicts import RTOL, Verdict, agreement, compare
 from diffscore.reference.loading import load_components
@@ -34,7 +34,22 @@ def available_backends(manifest: Manifest) -> list[str]:
     found += [b for b, p in (("ort-cuda", "CUDAExecutionProvider"), ("ort-trt", "TensorrtExecutionProvider")) if p in providers]
     if any(matching_plan(manifest, g) for g in manifest.graphs):
         found.append("tensorrt")
+    from diffscore.engine.backends.openvino import openvino_version
+
+    if openvino_version():
+        found.append("openvino")
     return found
+
+
+def precisions_on(backend: str, manifest: Manifest, variant: str) -> list[str]:
+    """The precisions a graph variant runs at on a backend: its own, and bf16 for the fp32 UNet on OpenVINO
+    where the CPU has bf16 instructions."""
+    precisions = [manifest.graphs[variant].precision]
+    if backend == "openvino" and variant == "unet":
+        from diffscore.engine.backends.openvino import cpu_has_bf16
+
+        precisions += ["bf16"] if cpu_has_bf16() else []
+    return precisions
 
 
 def torch_modules(comp, manifest: Manifest) -> dict[str, torch.nn.Module]:
@@ -97,10 +112,9 @@ def tensor_parity(engine_dir: Path, manifest: Manifest, comp, images=None) -> li
             want = torch_runners[graph].infer(feed)
             variants = [g for g in manifest.graphs if g == graph or g.startswith(f"{graph}.")]
             for backend in available_backends(manifest):
-                for variant in variants:
-                    precision = manifest.graphs[variant].precision
+                for variant, precision in ((v, p) for v in variants for p in precisions_on(backend, manifest, v)):
                     try:
-                        runner = make_runner(engine_dir, manifest, variant, backend, 0, None)
+                        runner = make_runner(engine_dir, manifest, variant, backend, 0, None, precision=precision)
                     except EngineError as e:
                         log.warning("skip %s on %s: %s", variant, backend, e)
                         continue
@@ -172,8 +186,10 @@ def decision_parity(engine_dir: Path, manifest: Manifest, comp, images: list, la
     want = [r.label for r in classify_reference(comp, images, list(labels), **opts)]
     rows = []
     for backend in available_backends(manifest):
-        for precision in ("fp32", "fp16", "int8"):
+        for precision in PRECISIONS:
             if unet_graph(precision) not in manifest.graphs:
+                continue
+            if precision == "bf16" and "bf16" not in precisions_on(backend, manifest, "unet"):
                 continue
             eng = load(engine_dir, backend=backend, precision=precision)
             got = [r.label for r in eng.classify(images, list(labels), template=opts["templates"][0],

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# per-precision tolerance on every output's relative error; int8 (and bf16 where a backend runs it)
-# are judged by decisions, not tensors
-RTOL = {"fp32": 1e-4, "fp16": 2e-2}
+# per-precision tolerance on every output's relative error. int8 is judged by decisions, not tensors;
+# bf16 too: its bound only catches gross failures (random-weight tiny UNets reach 7e-2 on random inputs,
+# the demo UNet 7e-3), the decision check is its gate
+RTOL = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1}
 # a compiled variant that flips more than 1% of decisions fails
 MIN_AGREEMENT = 0.99
 
@@ -43,6 +44,12 @@ class Verdict:
 
     @property
     def agreement(self) -> float:
+        """Decisions: the top-1 agreement measured."""
+        return self.measured
+
+    @property
+    def max_rel(self) -> float:
+        """Tensors: max|got − want| / max|want|, the measured value."""
         return self.measured
 
     def __str__(self) -> str:

@@ -15,7 +15,7 @@ from diffscore.app.digits import CLASS_NAMES, load_digits_split
 from diffscore.errors import EngineError
 from diffscore.engine.manifest import Manifest
 from diffscore.export.onnx_export import export_engine
-from diffscore.export.parity import head_decision_parity, head_parity
+from diffscore.export.parity import available_backends, head_decision_parity, head_parity
 from diffscore.reference.features import FeatureSpec
 from diffscore.reference.head_training import TrainOptions, train_head_on_images
 from diffscore.reference.heads import head_logits_reference, load_head, save_head
@@ -83,10 +83,11 @@ def test_head_parity(engine_dir, demo_model):
     m = Manifest.load(engine_dir)
     comp = load_components(demo_model)
     verdicts = head_parity(engine_dir, m, comp)
-    assert len(verdicts) == 2 * 2  # per head: its graph on random x_t, the whole path on real digits
+    backends = len(available_backends(m))  # ort-cpu, and openvino where it is installed
+    assert len(verdicts) == 2 * 2 * backends  # per head and backend: its graph on random x_t, the whole path on real digits
     assert all(v.passed for v in verdicts), [str(v) for v in verdicts if not v.passed]
     decisions = head_decision_parity(engine_dir, m, comp, list(load_digits_split().test_images[:N_TEST]))
-    assert [v.measured for v in decisions] == [1.0, 1.0] and all(decisions), [str(v) for v in decisions]
+    assert [v.measured for v in decisions] == [1.0, 1.0] * backends and all(decisions), [str(v) for v in decisions]
 
 
 def test_classify_with_a_head(engine_dir, demo_model, digits, heads):

@@ -9,7 +9,8 @@ import pytest
 from diffscore.errors import EngineError
 from diffscore.engine.manifest import Manifest
 from diffscore.export.onnx_export import export_engine
-from diffscore.export.parity import run_parity, tensor_parity
+from diffscore.engine.backends.openvino import cpu_has_bf16
+from diffscore.export.parity import available_backends, run_parity, tensor_parity
 from diffscore.export.tensorrt_ops import unsupported_ops
 from diffscore.reference.loading import load_components
 
@@ -46,10 +47,14 @@ def test_fp32_and_fp16_parity_with_torch(engines, tiny_models, kind):
     verdicts = tensor_parity(engines[kind], m, load_components(tiny_models[kind]))
     failed = [str(v) for v in verdicts if not v.passed]
     assert not failed, failed
-    fp32 = [v for v in verdicts if " fp32 unet:" in v.name]
-    fp16 = [v for v in verdicts if " fp16 unet:" in v.name]
+    fp32 = [v for v in verdicts if v.name.startswith("ort-cpu fp32 unet:")]
+    fp16 = [v for v in verdicts if v.name.startswith("ort-cpu fp16 unet:")]
     assert len(fp32) == len(fp16) == 8  # 4 outputs x (random, real)
     assert max(v.measured for v in fp32) <= 1e-4 and max(v.measured for v in fp16) <= 2e-2
+    if "openvino" in available_backends(m):  # OpenVINO x every precision, bf16 where the CPU has it
+        ov = {p: [v for v in verdicts if v.name.startswith(f"openvino {p} unet:")] for p in ("fp32", "fp16", "bf16")}
+        assert len(ov["fp32"]) == len(ov["fp16"]) == 8 and max(v.measured for v in ov["fp32"]) <= 1e-4
+        assert len(ov["bf16"]) == (8 if cpu_has_bf16() else 0)
 
 
 @pytest.mark.parametrize("kind", KINDS)
