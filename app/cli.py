@@ -19,6 +19,7 @@ import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from diffscore.errors import EngineError
 
@@ -384,12 +385,91 @@ def train_prompts(
               f"loss {run['loss'][0]:.4f} -> {run['final_loss_mean20']:.4f} (mean of last 20), {run['wall_time_s']:.0f} s)")
 
 
+Address = typer.Option(None, "--address", help="a running Ray cluster ('auto', 'ray://head:10001'); "
+                       "default: start a local Ray on this machine")
+CpusPerActor = typer.Option(1.0, help="CPUs Ray reserves for each engine (ONNX Runtime threads on CPU)")
+GpusPerActor = typer.Option(0.0, help="GPUs for each engine: 1 = one engine per GPU")
+
+
+@app.command()
+def batch(
+    engine: Path = typer.Argument(..., help="engine directory (on a cluster: at the same path on every node)"),
+    images: List[str] = typer.Argument(..., help="image files, folders or glob patterns (every Ray node must see them)"),
+    output: Path = typer.Option(..., "--output", "-o", help="results file: .parquet or .jsonl (written at the end)"),
+    labels: Optional[str] = typer.Option(None, help="class names, comma separated (method head: the head's own)"),
+    labels_file: Optional[Path] = typer.Option(None, help="class names, one per line"),
+    texts: Optional[str] = typer.Option(None, help="DSD matching instead of classifying: captions, comma separated"),
+    method: str = typer.Option("dc", help="dc: zero-shot Diffusion Classifier | head: a trained head"),
+    head: Optional[str] = typer.Option(None, help="which head (method head), when the engine has several"),
+    template: Optional[str] = typer.Option(None, help="prompt template, e.g. 'a photo of a {}' (default: the engine's)"),
+    stages: Optional[str] = typer.Option(None, help="pruning stages n_samples:keep, e.g. 50:5,500:1"),
+    loss: Optional[str] = typer.Option(None, help="l2 | l1 | huber (default: the engine's)"),
+    seed: int = Seed,
+    address: Optional[str] = Address,
+    actors: int = typer.Option(1, help="engines running at once, each one Ray actor"),
+    cpus_per_actor: float = CpusPerActor, gpus_per_actor: float = GpusPerActor,
+    batch_images: int = typer.Option(16, help="images per actor call"),
+    backend: str = Backend, precision: str = Precision,
+):
+    """Score many images with Ray Data: an actor pool of engines, results in one Parquet/JSONL file.
+
+    Rows: path, label, ranking (best first), passes, error (why an image could not be read), or with
+    --texts: path, scores (one per text), best, error."""
+    from diffscore.app import scale
+
+    scale.check_output(output)
+    common = dict(actors=actors, batch_images=batch_images, num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
+                  backend=backend, precision=precision, address=address)
+    if texts is not None:
+        dataset = scale.match_dataset(images, engine, split(texts) or [], seed=seed, **common)
+    else:
+        label_list = read_labels(labels, labels_file, required=method != "head")
+        dataset = scale.classify_dataset(images, engine, label_list, method=method, head=head, template=template,
+                                         stages=parse_stages(stages), loss=loss, seed=seed, **common)
+    rows, failed = scale.write_results(dataset, output)
+    out.print(Text(f"wrote {rows} rows to {output}" + (f"; {failed} images could not be read (see the error column)" if failed else "")))
+
+
+@app.command()
+def serve(
+    engine: Path = typer.Argument(..., help="engine directory"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
+    port: int = typer.Option(8000, help="HTTP port"),
+    replicas: int = typer.Option(1, help="engine replicas behind the one HTTP address"),
+    cpus_per_replica: float = CpusPerActor, gpus_per_replica: float = GpusPerActor,
+    max_batch: int = typer.Option(16, help="concurrent requests batched into one engine call, at most"),
+    address: Optional[str] = Address,
+    backend: str = Backend, precision: str = Precision,
+):
+    """Serve an engine over HTTP with Ray Serve: POST /classify, /head, /match (JSON, images base64);
+    GET /health, /info. Runs until Ctrl-C."""
+    import time
+
+    from diffscore.app.scale import import_ray
+
+    import_ray("diffscore serve")
+    from ray import serve as ray_serve
+
+    from diffscore.app.serve import start_server
+
+    url = start_server(engine, host=host, port=port, address=address, replicas=replicas, num_cpus=cpus_per_replica,
+                       num_gpus=gpus_per_replica, backend=backend, precision=precision, max_batch_size=max_batch)
+    out.print(Text(f"serving {engine} at {url} ({replicas} replica{'s' * (replicas > 1)}); Ctrl-C stops"))
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ray_serve.shutdown()
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         app(standalone_mode=False)
     except EngineError as e:
-        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print("[red]error:[/]", Text(str(e)), highlight=False, soft_wrap=True)  # the message literally: no markup
         sys.exit(1)
     except click.exceptions.Abort:
         err.print("aborted")
