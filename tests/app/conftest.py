@@ -33,15 +33,15 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def scale_engine(demo_model, tmp_path_factory):
-    """The demo engine plus a linear head (mid_block at t=50, 150 training digits, a few epochs)."""
+    """The demo engine plus a linear head (mid_block at t=50, 100 training digits, a few epochs)."""
     from diffscore.export.onnx_export import export_engine
     from diffscore.reference.heads import FeatureSpec, TrainOptions, save_head, train_head_on_images
 
     root = tmp_path_factory.mktemp("scale")
     split = load_digits_split()
-    head, config = train_head_on_images(demo_model, list(split.train_images[:150]), split.train_labels[:150],
+    head, config = train_head_on_images(demo_model, list(split.train_images[:100]), split.train_labels[:100],
                                         list(CLASS_NAMES), "linear", FeatureSpec(["mid_block"], [50]),
-                                        TrainOptions(epochs=20))
+                                        TrainOptions(epochs=10))
     save_head(head, config, root / "digits")
     return export_engine(demo_model, root / "engine", heads=[root / "digits"], show_progress=False,
                          defaults={"template": DEFAULT_TEMPLATE, "stages": [list(s) for s in DEMO_STAGES], "loss": DEMO_LOSS})
