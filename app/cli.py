@@ -442,7 +442,8 @@ def serve(
     backend: str = Backend, precision: str = Precision,
 ):
     """Serve an engine over HTTP with Ray Serve: POST /classify, /head, /match (JSON, images base64);
-    GET /health, /info. Runs until Ctrl-C."""
+    GET /health, /info. Runs until Ctrl-C or SIGTERM."""
+    import signal
     import time
 
     from diffscore.app.scale import import_ray
@@ -455,6 +456,7 @@ def serve(
     url = start_server(engine, host=host, port=port, address=address, replicas=replicas, num_cpus=cpus_per_replica,
                        num_gpus=gpus_per_replica, backend=backend, precision=precision, max_batch_size=max_batch)
     out.print(Text(f"serving {engine} at {url} ({replicas} replica{'s' * (replicas > 1)}); Ctrl-C stops"))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a service manager's stop: shut Serve down too
     try:
         while True:
             time.sleep(3600)
