@@ -57,6 +57,20 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, object_st
     return ray
 
 
+def check_engine_dir(engine_dir) -> Path:
+    """The engine directory as an absolute path (actors and replicas may run elsewhere), checked here
+    so that a wrong path is one line before Ray starts anything."""
+    engine_dir = Path(engine_dir).resolve()
+    if not (engine_dir / "manifest.json").is_file():
+        raise EngineError(f"{engine_dir} is not an engine directory (no manifest.json); make one with `diffscore export`")
+    return engine_dir
+
+
+def engine_threads(num_cpus: float, num_gpus: float) -> int | None:
+    """ONNX Runtime threads of an actor or replica: the CPUs Ray reserved for it (on a GPU: ORT's default)."""
+    return None if num_gpus else max(1, int(num_cpus))
+
+
 def is_dataset(images) -> bool:
     return type(images).__module__.startswith("ray.data")
 
@@ -166,20 +180,17 @@ def classification_columns(results) -> dict:
 def _score_dataset(images, engine_dir, task: str, options: dict, *, actors: int, batch_images: int,
                    num_cpus: float, num_gpus: float, backend: str, precision: str, address: str | None,
                    ray_options: dict | None):
-    engine_dir = Path(engine_dir).resolve()
-    if not (engine_dir / "manifest.json").is_file():
-        raise EngineError(f"{engine_dir} is not an engine directory (no manifest.json); make one with `diffscore export`")
+    engine_dir = check_engine_dir(engine_dir)
     if actors < 1 or batch_images < 1:
         raise EngineError(f"actors and batch_images must be ≥ 1, got {actors} and {batch_images}")
     rows = image_rows(images)  # a user's mistake shows before Ray starts
     ray = start_ray(address)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     dataset = rows if is_dataset(rows) else ray.data.from_items(rows)
-    threads = None if num_gpus else max(1, int(num_cpus))  # ONNX Runtime threads = the CPUs Ray gave the actor
     return dataset.map_batches(
         EngineActor, batch_size=batch_images, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
         fn_constructor_kwargs=dict(engine_dir=str(engine_dir), task=task, options=options, backend=backend,
-                                   precision=precision, threads=threads),
+                                   precision=precision, threads=engine_threads(num_cpus, num_gpus)),
         num_cpus=num_cpus, num_gpus=num_gpus, **(ray_options or {}),
     )
 

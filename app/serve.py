@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffscore.app.scale import import_ray, start_ray
+from diffscore.app.scale import check_engine_dir, engine_threads, import_ray, start_ray
 from diffscore.errors import EngineError
 
 import_ray("diffscore serve")  # the install hint, before the imports below fail less clearly
@@ -281,16 +281,13 @@ class DiffscoreServer:
 def build_app(engine_dir, *, replicas: int = 1, num_cpus: float = 1, num_gpus: float = 0, backend: str = "auto",
               precision: str = "fp32", limits: Limits = Limits(), max_batch_size: int = 16, batch_wait_s: float = 0.01):
     """The Serve application: `replicas` copies of the engine, each with `num_cpus` / `num_gpus`."""
-    engine_dir = Path(engine_dir).resolve()
-    if not (engine_dir / "manifest.json").is_file():
-        raise EngineError(f"{engine_dir} is not an engine directory (no manifest.json); make one with `diffscore export`")
+    engine_dir = check_engine_dir(engine_dir)
     if replicas < 1 or max_batch_size < 1:
         raise EngineError(f"replicas and max_batch_size must be ≥ 1, got {replicas} and {max_batch_size}")
-    threads = None if num_gpus else max(1, int(num_cpus))
     return DiffscoreServer.options(
         num_replicas=replicas, max_ongoing_requests=2 * max_batch_size,
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
-    ).bind(str(engine_dir), backend, precision, threads, limits, max_batch_size, batch_wait_s)
+    ).bind(str(engine_dir), backend, precision, engine_threads(num_cpus, num_gpus), limits, max_batch_size, batch_wait_s)
 
 
 def start_server(engine_dir, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None, **options):

@@ -87,6 +87,14 @@ def test_a_killed_actor_is_restarted_and_nothing_is_lost(ray_session, scale_engi
     assert_same(rows, expected)
 
 
+def test_an_engine_error_in_an_actor_is_one_line(ray_session, run_cli, scale_engine, digit_files, tmp_path):
+    """Options the engine refuses fail inside the actors; the CLI still shows one line, writes nothing."""
+    code, err = run_cli("batch", scale_engine, digit_files[0], "--labels", "a,b", "--loss", "l7", "--batch-images", 12,
+                        "--cpus-per-actor", 0.5, "-o", tmp_path / "r.parquet")
+    assert code == 1 and "unknown loss 'l7'" in err and len(err.strip().splitlines()) == 1, err
+    assert not list(tmp_path.iterdir())
+
+
 def test_batch_mistakes_are_one_line(run_cli, scale_engine, digit_files, tmp_path, monkeypatch):
     """Checked before Ray starts (no Ray needed), and a missing Ray says how to install it."""
     folder = digit_files[0]
