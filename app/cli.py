@@ -385,6 +385,14 @@ def train_prompts(
               f"loss {run['loss'][0]:.4f} -> {run['final_loss_mean20']:.4f} (mean of last 20), {run['wall_time_s']:.0f} s)")
 
 
+# The classify options `batch` shares (classify may take them too).
+Labels = typer.Option(None, help="class names, comma separated (method head: the head's own)")
+LabelsFile = typer.Option(None, help="class names, one per line")
+Method = typer.Option("dc", help="dc: zero-shot Diffusion Classifier | head: a trained head, one UNet pass per step")
+Head = typer.Option(None, help="which head (method head), when the engine has several")
+Template = typer.Option(None, help="prompt template, e.g. 'a photo of a {}' (default: the engine's)")
+Stages = typer.Option(None, help="pruning stages n_samples:keep, e.g. 50:5,500:1")
+Loss = typer.Option(None, help="l2 | l1 | huber (default: the engine's)")
 Address = typer.Option(None, "--address", help="a running Ray cluster ('auto', 'ray://head:10001'); "
                        "default: start a local Ray on this machine")
 CpusPerActor = typer.Option(1.0, help="CPUs Ray reserves for each engine (ONNX Runtime threads on CPU)")
@@ -396,15 +404,10 @@ def batch(
     engine: Path = typer.Argument(..., help="engine directory (on a cluster: at the same path on every node)"),
     images: List[str] = typer.Argument(..., help="image files, folders or glob patterns (every Ray node must see them)"),
     output: Path = typer.Option(..., "--output", "-o", help="results file: .parquet or .jsonl (written at the end)"),
-    labels: Optional[str] = typer.Option(None, help="class names, comma separated (method head: the head's own)"),
-    labels_file: Optional[Path] = typer.Option(None, help="class names, one per line"),
+    labels: Optional[str] = Labels, labels_file: Optional[Path] = LabelsFile,
     texts: Optional[str] = typer.Option(None, help="DSD matching instead of classifying: captions, comma separated"),
-    method: str = typer.Option("dc", help="dc: zero-shot Diffusion Classifier | head: a trained head"),
-    head: Optional[str] = typer.Option(None, help="which head (method head), when the engine has several"),
-    template: Optional[str] = typer.Option(None, help="prompt template, e.g. 'a photo of a {}' (default: the engine's)"),
-    stages: Optional[str] = typer.Option(None, help="pruning stages n_samples:keep, e.g. 50:5,500:1"),
-    loss: Optional[str] = typer.Option(None, help="l2 | l1 | huber (default: the engine's)"),
-    seed: int = Seed,
+    method: str = Method, head: Optional[str] = Head, template: Optional[str] = Template,
+    stages: Optional[str] = Stages, loss: Optional[str] = Loss, seed: int = Seed,
     address: Optional[str] = Address,
     actors: int = typer.Option(1, help="engines running at once, each one Ray actor"),
     cpus_per_actor: float = CpusPerActor, gpus_per_actor: float = GpusPerActor,
