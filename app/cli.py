@@ -537,6 +537,84 @@ def train_prompts(
         f"loss {run['loss'][0]:.4f} -> {run['final_loss_mean20']:.4f} (mean of last 20), {run['wall_time_s']:.0f} s)")
 
 
+AddressOpt = typer.Option(None, "--address", help="a running Ray cluster ('auto', 'ray://head:10001'); "
+                          "default: start a local Ray on this machine")
+CpusPerActorOpt = typer.Option(1.0, help="CPUs Ray reserves for each engine (ONNX Runtime threads on CPU)")
+GpusPerActorOpt = typer.Option(0.0, help="GPUs for each engine: 1 = one engine per GPU")
+
+
+@app.command()
+def batch(
+    engine: Path = typer.Argument(..., help="engine directory (on a cluster: at the same path on every node)"),
+    images: List[str] = typer.Argument(..., help="image files, folders or glob patterns (every Ray node must see them)"),
+    output: Path = typer.Option(..., "--output", "-o", help="results file: .parquet or .jsonl (written at the end)"),
+    labels: Optional[str] = LabelsOpt, labels_file: Optional[Path] = LabelsFileOpt,
+    texts: Optional[List[str]] = typer.Option(None, "--text", "-t", help="DSD matching instead of classifying: a "
+                                              "caption (repeat the option)"),
+    method: Method = typer.Option(Method.dc.value, help="dc: zero-shot Diffusion Classifier | head: a trained head"),
+    head: Optional[str] = typer.Option(None, help="the head's name (--method head), when the engine has several"),
+    template: Optional[str] = typer.Option(None, help="prompt template with one {} (default: the engine's)"),
+    stages: Optional[str] = typer.Option(None, help="pruning stages n_samples:keep, e.g. 50:5,500:1"),
+    loss: Optional[Loss] = typer.Option(None, help="denoising error (default: the engine's)"),
+    seed: int = SeedOpt, address: Optional[str] = AddressOpt,
+    actors: int = typer.Option(1, help="engines running at once, each one Ray actor"),
+    cpus_per_actor: float = CpusPerActorOpt, gpus_per_actor: float = GpusPerActorOpt,
+    batch_images: int = typer.Option(16, help="images per actor call"),
+    backend: Backend = BackendOpt, precision: Precision = PrecisionOpt,
+):
+    """Score many images with Ray Data: an actor pool of engines, results in one Parquet/JSONL file.
+
+    Rows: path, label, ranking (best first), passes, error (why an image could not be read), or with
+    --text: path, scores (one per text), best, error."""
+    from diffscore.app import scale
+
+    scale.check_output(output)
+    common = dict(actors=actors, batch_images=batch_images, num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
+                  backend=backend.value, precision=precision.value, address=address)
+    if texts:
+        dataset = scale.match_dataset(images, engine, list(texts), seed=seed, **common)
+    else:
+        label_list = read_labels(labels, labels_file, required=method is Method.dc)
+        dataset = scale.classify_dataset(images, engine, label_list, method=method.value, head=head, template=template,
+                                         stages=parse_stages(stages), loss=loss.value if loss else None, seed=seed,
+                                         **common)
+    rows, failed = scale.write_results(dataset, output)
+    say(f"wrote {rows} rows to {output}" + (f"; {failed} images could not be read (see the error column)" if failed else ""))
+
+
+@app.command()
+def serve(
+    engine: Path = typer.Argument(..., help="engine directory"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
+    port: int = typer.Option(8000, min=1, max=65535, help="HTTP port"),
+    replicas: int = typer.Option(1, min=1, help="engine replicas behind the one HTTP address"),
+    cpus_per_replica: float = CpusPerActorOpt, gpus_per_replica: float = GpusPerActorOpt,
+    max_batch: int = typer.Option(16, min=1, help="concurrent requests batched into one engine call, at most"),
+    address: Optional[str] = AddressOpt,
+    backend: Backend = BackendOpt, precision: Precision = PrecisionOpt,
+):
+    """Serve an engine over HTTP with Ray Serve: POST /classify, /head, /match (JSON, images base64);
+    GET /health, /info. Runs until Ctrl-C or SIGTERM."""
+    import time
+
+    from diffscore.app.scale import import_ray
+
+    import_ray("diffscore serve")
+    from ray import serve as ray_serve
+
+    from diffscore.app.serve import start_server
+
+    url = start_server(engine, host=host, port=port, address=address, replicas=replicas, num_cpus=cpus_per_replica,
+                       num_gpus=gpus_per_replica, backend=backend.value, precision=precision.value,
+                       max_batch_size=max_batch)
+    say(f"serving {engine} at {url} ({replicas} replica{'s' * (replicas > 1)}); Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    finally:  # Ctrl-C or SIGTERM (main turns it into KeyboardInterrupt): shut Serve down too
+        ray_serve.shutdown()
+
+
 # --- entry point ----------------------------------------------------------------------------------
 def usage_line(e: UsageError) -> str:
     where = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) is not None else ""

@@ -1,0 +1,300 @@
+"""Online scoring with Ray Serve: replicas each holding one loaded Engine, behind HTTP JSON endpoints.
+
+Importing this module needs Ray (`pip install 'diffscore[ray]'`); without it the import raises an
+EngineError that says so. Requests carry the image bytes, base64-encoded in JSON (server paths and
+URLs are refused). Concurrent requests are batched (`@serve.batch`): those with the same options
+(labels, template, stages, loss, seed, or texts for match) go through one engine call, so they share
+UNet batches. Endpoints, all JSON:
+
+  POST /classify {"images": [b64, ...], "labels": [...], "template"?, "stages"?: [[n, keep], ...], "loss"?, "seed"?}
+       -> {"results": [{"label", "ranking": [[label, error], ...], "passes"}, ...]}  (Diffusion Classifier)
+  POST /head     {"images": [...], "head"?: name} -> {"results": [... probability ...]}  (a trained head)
+  POST /match    {"images": [...], "texts": [...], "steps"?, "bias_weight"?, "seed"?}
+       -> {"texts": [...], "scores": [[...], ...], "best": [...]}  (DSD, higher = better)
+  GET  /health   -> {"status": "ok"};  GET /info -> the engine, the limits, what this replica has served
+
+A user mistake is a 4xx with {"error": "one line"}: 400 bad JSON, field, image or option; 413 too
+many bytes or images.
+"""
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from diffscore.app.scale import check_engine_dir, engine_threads, import_ray, start_ray
+from diffscore.errors import EngineError
+
+import_ray("diffscore serve")  # the install hint, before the imports below fail less clearly
+from fastapi import FastAPI, Request  # noqa: E402  (fastapi comes with ray[serve])
+from fastapi.responses import JSONResponse  # noqa: E402
+from ray import serve  # noqa: E402
+
+log = logging.getLogger("diffscore")
+APP_NAME = "diffscore"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may carry; beyond it the answer is a 413 or 400, never a 500."""
+
+    max_bytes: int = 16 * 2**20  # request body
+    max_images: int = 64  # images per request
+    max_labels: int = 256  # labels (classify) or texts (match) per request
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+FIELDS = {
+    "classify": {"images", "labels", "template", "stages", "loss", "seed"},
+    "head": {"images", "head"},
+    "match": {"images", "texts", "steps", "bias_weight", "seed"},
+}
+
+api = FastAPI(title="diffscore", description=__doc__)
+
+
+@api.exception_handler(BadRequest)
+async def _bad_request(request: Request, exc: BadRequest):
+    return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+
+async def read_body(request: Request, task: str, limits: Limits) -> dict:
+    """The request's JSON object, checked against the task's fields and the size limit."""
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limits.max_bytes:
+        raise BadRequest(f"request body of {int(length)} bytes is over the limit of {limits.max_bytes}", 413)
+    raw = await request.body()
+    if len(raw) > limits.max_bytes:
+        raise BadRequest(f"request body of {len(raw)} bytes is over the limit of {limits.max_bytes}", 413)
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"the body is not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"the body must be a JSON object with the fields {', '.join(sorted(FIELDS[task]))}")
+    unknown = sorted(set(body) - FIELDS[task])
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r}; /{task} takes {', '.join(sorted(FIELDS[task]))}")
+    return body
+
+
+def decode_images(value, limits: Limits) -> list:
+    """PIL images from a list of base64 strings; one line naming the first bad one."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(value, list) or not value:
+        raise BadRequest('"images" must be a non-empty list of base64-encoded image files')
+    if len(value) > limits.max_images:
+        raise BadRequest(f"{len(value)} images in one request; the limit is {limits.max_images}", 413)
+    images = []
+    for i, item in enumerate(value):
+        try:
+            data = base64.b64decode(item, validate=True) if isinstance(item, str) else None
+        except (binascii.Error, ValueError):
+            data = None
+        if not data:
+            raise BadRequest(f"images[{i}] is not base64-encoded image bytes (send the file's bytes; "
+                             "server paths and URLs are refused)")
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                images.append(im.copy())
+        except Exception as e:  # Pillow raises many types for bad files, including decompression bombs
+            why = "unknown format" if isinstance(e, UnidentifiedImageError) else str(e).splitlines()[0]
+            raise BadRequest(f"images[{i}] is not an image Pillow can read ({why})") from None
+    return images
+
+
+def text_list(body: dict, key: str, limits: Limits, required: bool = True) -> list[str] | None:
+    from diffscore.engine.engine import check_labels
+
+    value = body.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise BadRequest(f'"{key}" must be a list of strings')
+    if len(value) > limits.max_labels:
+        raise BadRequest(f"{len(value)} {key} in one request; the limit is {limits.max_labels}")
+    try:
+        return check_labels(value, what=key)
+    except EngineError as e:
+        raise BadRequest(str(e)) from None
+
+
+def typed(body: dict, key: str, kind, default=None, minimum=None):
+    """body[key] if it has the JSON type `kind` (and is ≥ minimum), else one line saying what it should be."""
+    value = body.get(key, default)
+    if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise BadRequest(f'"{key}" must be {names}, got {json.dumps(value)}')
+    if value is not None and minimum is not None and value < minimum:
+        raise BadRequest(f'"{key}" must be ≥ {minimum}, got {value}')
+    return value
+
+
+def classify_options(body: dict, limits: Limits) -> dict:
+    template = typed(body, "template", str)
+    if template is not None:
+        try:
+            template.format("x")
+        except (KeyError, IndexError, ValueError):
+            raise BadRequest(f'"template" {template!r} must have one {{}} where the label goes') from None
+    stages = body.get("stages")
+    if stages is not None:
+        if not (isinstance(stages, list) and stages and all(
+                isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in s)
+                for s in stages)):
+            raise BadRequest('"stages" must be a list of [n_samples, keep] integer pairs, e.g. [[50, 5], [500, 1]]')
+        stages = tuple(tuple(s) for s in stages)
+    return dict(method="dc", labels=tuple(text_list(body, "labels", limits)), template=template, stages=stages,
+                loss=typed(body, "loss", str), seed=typed(body, "seed", int, 0, minimum=0))
+
+
+def result_json(r) -> dict:
+    return {"label": r.label, "ranking": [[c, float(s)] for c, s in r.ranking], "passes": int(r.passes)}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request's share of a batch: its images and the options that decide which engine call it joins."""
+
+    task: str  # classify | match
+    options: tuple  # sorted (name, value) pairs, hashable: requests with equal options share one call
+    images: list
+
+
+@serve.deployment(name="Diffscore", health_check_period_s=5)
+@serve.ingress(api)
+class DiffscoreServer:
+    """One replica: a loaded engine, request batching across concurrent requests, the HTTP endpoints."""
+
+    def __init__(self, engine_dir: str, backend: str = "auto", precision: str = "fp32", threads: int | None = None,
+                 limits: Limits = Limits(), max_batch_size: int = 16, batch_wait_s: float = 0.01):
+        import diffscore
+
+        self.engine = diffscore.load(engine_dir, backend=backend, precision=precision, threads=threads)
+        self.limits = limits
+        self._score.set_max_batch_size(max_batch_size)
+        self._score.set_batch_wait_timeout_s(batch_wait_s)
+        self.served = {"requests": 0, "batches": 0, "engine_calls": 0, "images": 0}
+
+    # --- batching -----------------------------------------------------------------------------
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _score(self, jobs: list[Job]) -> list:
+        self.served["batches"] += 1
+        return await asyncio.get_running_loop().run_in_executor(None, self._run_jobs, jobs)
+
+    def _run_jobs(self, jobs: list[Job]) -> list:
+        """Jobs with equal options run as one engine call; an EngineError answers only its own group."""
+        answers: list = [None] * len(jobs)
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault((job.task, job.options), []).append(i)
+        for (task, options), members in groups.items():
+            images = [im for i in members for im in jobs[i].images]
+            self.served["engine_calls"] += 1
+            self.served["images"] += len(images)
+            try:
+                if task == "match":
+                    out = np.asarray(self.engine.match(images, **dict(options)))  # (images, texts)
+                else:
+                    opts = dict(options)
+                    opts["labels"] = list(opts["labels"]) if opts.get("labels") else None
+                    out = self.engine.classify(images, **opts)
+            except EngineError as e:
+                for i in members:
+                    answers[i] = e
+                continue
+            start = 0
+            for i in members:
+                answers[i] = out[start : start + len(jobs[i].images)]
+                start += len(jobs[i].images)
+        return answers
+
+    async def _submit(self, task: str, options: dict, images: list):
+        self.served["requests"] += 1
+        answer = await self._score(Job(task, tuple(sorted(options.items())), images))
+        if isinstance(answer, EngineError):
+            raise BadRequest(str(answer).splitlines()[0])
+        return answer
+
+    # --- endpoints ----------------------------------------------------------------------------
+    @api.post("/classify")
+    async def classify(self, request: Request):
+        body = await read_body(request, "classify", self.limits)
+        images = decode_images(body.get("images"), self.limits)
+        results = await self._submit("classify", classify_options(body, self.limits), images)
+        return {"results": [result_json(r) for r in results]}
+
+    @api.post("/head")
+    async def head(self, request: Request):
+        body = await read_body(request, "head", self.limits)
+        images = decode_images(body.get("images"), self.limits)
+        try:
+            name = self.engine.head_name(typed(body, "head", str))
+        except EngineError as e:
+            raise BadRequest(str(e)) from None
+        results = await self._submit("classify", dict(method="head", head=name), images)
+        return {"head": name, "results": [result_json(r) for r in results]}
+
+    @api.post("/match")
+    async def match(self, request: Request):
+        body = await read_body(request, "match", self.limits)
+        images = decode_images(body.get("images"), self.limits)
+        texts = text_list(body, "texts", self.limits)
+        options = dict(texts=tuple(texts), steps=typed(body, "steps", int, minimum=1),
+                       seed=typed(body, "seed", int, 0, minimum=0),
+                       bias_weight=float(typed(body, "bias_weight", (int, float), 0.0)))
+        scores = await self._submit("match", options, images)
+        return {"texts": texts, "scores": scores.tolist(), "best": [texts[j] for j in scores.argmax(axis=1)]}
+
+    @api.get("/health")
+    async def health(self):
+        return {"status": "ok"}
+
+    @api.get("/info")
+    async def info(self):
+        import diffscore
+
+        m = self.engine.manifest
+        return {
+            "diffscore": diffscore.__version__, "engine": Path(self.engine.engine_dir).name,
+            "backend": self.engine.backend, "precision": self.engine.precision,
+            "image_size": m.image_size, "image_channels": m.image_channels, "defaults": m.defaults,
+            "heads": {name: h["labels"] for name, h in m.heads.items()},
+            "limits": asdict(self.limits), "replica": serve.get_replica_context().replica_id.unique_id,
+            "served": self.served,
+        }
+
+
+def build_app(engine_dir, *, replicas: int = 1, num_cpus: float = 1, num_gpus: float = 0, backend: str = "auto",
+              precision: str = "fp32", limits: Limits = Limits(), max_batch_size: int = 16, batch_wait_s: float = 0.01):
+    """The Serve application: `replicas` copies of the engine, each with `num_cpus` / `num_gpus`."""
+    engine_dir = check_engine_dir(engine_dir)
+    if replicas < 1 or max_batch_size < 1:
+        raise EngineError(f"replicas and max_batch_size must be ≥ 1, got {replicas} and {max_batch_size}")
+    return DiffscoreServer.options(
+        num_replicas=replicas, max_ongoing_requests=2 * max_batch_size,
+        ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
+    ).bind(str(engine_dir), backend, precision, engine_threads(num_cpus, num_gpus), limits, max_batch_size, batch_wait_s)
+
+
+def start_server(engine_dir, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None, **options):
+    """Start Ray (or join `address`), start Serve's HTTP proxy on host:port and deploy the engine; returns
+    when every replica is up. `serve.shutdown()` stops it."""
+    app = build_app(engine_dir, **options)
+    start_ray(address)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(app, name=APP_NAME, route_prefix="/")
+    return f"http://{host}:{port}"
