@@ -25,7 +25,8 @@ from diffscore import __version__
 from rich.text import Text
 
 from diffscore.app.render import Format, emit, err, error_line, output_format, say, write_rows
-from diffscore.engine.engine import BACKENDS, PRECISIONS
+from diffscore.engine.backends.choice import BACKENDS
+from diffscore.engine.manifest import PRECISIONS
 from diffscore.errors import EngineError
 from diffscore.kernels import LOSSES, STRATEGIES
 

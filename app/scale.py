@@ -219,7 +219,7 @@ def classify_dataset(images, engine_dir, labels: list[str] | None = None, *, met
     `.take_all()` or any Ray Data writer.
     """
     if method == "dc":
-        from diffscore.engine.engine import check_labels
+        from diffscore.engine.options import check_labels
 
         labels = check_labels(labels or [])  # refuse bad labels here, not in every actor
     options = dict(labels=labels, method=method, head=head, template=template,
@@ -235,7 +235,7 @@ def match_dataset(images, engine_dir, texts: list[str], *, steps: int | None = N
                   address: str | None = None, ray_options: dict | None = None):
     """A lazy Ray Dataset of DSD scores: the input's columns + scores (one per text, in `texts`
     order, higher = better) and best (the best-matching text). Same as `Engine.match`."""
-    from diffscore.engine.engine import check_labels
+    from diffscore.engine.options import check_labels
 
     options = dict(texts=check_labels(texts, what="texts"), steps=steps, bias_weight=bias_weight, seed=seed,
                    batch_size=batch_size)

@@ -117,7 +117,7 @@ def decode_images(value, limits: Limits) -> list:
 
 
 def text_list(body: dict, key: str, limits: Limits, required: bool = True) -> list[str] | None:
-    from diffscore.engine.engine import check_labels
+    from diffscore.engine.options import check_labels
 
     value = body.get(key)
     if value is None and not required:

@@ -118,7 +118,7 @@ def main() -> None:
 
 def workers(engine) -> int:
     """Concurrent UNet runs `diffscore.load` chose (engine.py's rule for ort-cpu)."""
-    from diffscore.engine.engine import CONCURRENT_MAX_ELEMENTS
+    from diffscore.engine.backends.choice import CONCURRENT_MAX_ELEMENTS
 
     return (os.cpu_count() or 1) if int(np.prod(engine.manifest.sample_shape)) <= CONCURRENT_MAX_ELEMENTS else 1
 

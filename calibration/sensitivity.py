@@ -48,7 +48,7 @@ class UnetSwap:
 
     def __init__(self, engine_dir: Path):
         import diffscore
-        from diffscore.engine.engine import CONCURRENT_MAX_ELEMENTS
+        from diffscore.engine.backends.choice import CONCURRENT_MAX_ELEMENTS
 
         self.engine_dir = Path(engine_dir)
         self.fp32_engine = self.engine = diffscore.load(engine_dir, backend="ort-cpu")

@@ -42,7 +42,7 @@ def choice_path(manifest: Manifest, precision: str, threads: int | None) -> Path
     """Where the verdict for this UNet, precision and thread count on this machine lives."""
     import onnxruntime
 
-    from diffscore.engine.engine import unet_graph
+    from diffscore.engine.manifest import unet_graph
 
     key = [manifest.graphs[unet_graph(precision)].sha256, precision, threads, cpuinfo("model name") or platform.processor(),
            os.cpu_count(),
@@ -95,7 +95,7 @@ def label(backend: str, workers: int) -> str:
 
 def auto_lines(manifest: Manifest) -> list[str]:
     """For `diffscore info`: per UNet precision the engine has, what auto picks on this CPU and why."""
-    from diffscore.engine.engine import PRECISIONS, unet_graph
+    from diffscore.engine.manifest import PRECISIONS, unet_graph
 
     bf16 = openvino_version() is not None and cpu_has_bf16()
     return [describe(cached_choice(manifest, p), p) for p in PRECISIONS
@@ -116,7 +116,8 @@ def describe(choice: dict | None, precision: str) -> str:
 def measure(engine_dir: Path, manifest: Manifest, precision: str, backend: str, workers: int,
             threads: int | None) -> float:
     """UNet samples/s of one setting: `workers` concurrent calls of one engine batch each, best round of CALLS."""
-    from diffscore.engine.engine import make_runner, unet_graph
+    from diffscore.engine.backends.choice import make_runner
+    from diffscore.engine.manifest import unet_graph
 
     graph = unet_graph(precision)
     runner = make_runner(engine_dir, manifest, graph, backend, 0, threads, workers=workers, precision=precision)

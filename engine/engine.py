@@ -7,7 +7,6 @@ is full; x_t is computed once per (image, timestep) and shared by all candidates
 from __future__ import annotations
 
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from diffscore.engine.backends.base import Runner
-from diffscore.engine.images import preprocess_batch
+from diffscore.engine.backends.choice import BACKENDS, cpu_workers, make_runner, resolve_backend
+from diffscore.engine.heads import HeadScoring
+from diffscore.engine.images import IMAGE_WINDOW, count_images, image_windows, preprocess_batch
 from diffscore.errors import EngineError
 from diffscore.engine.manifest import PRECISIONS, Manifest, ScoringDefaults, resolve_inside, unet_graph
 from diffscore.engine.options import (check_count, check_distinct_tokens, check_finite, check_labels, check_seed,
@@ -28,12 +29,6 @@ from diffscore.kernels.racing import DEFAULT_GRID
 
 log = logging.getLogger("diffscore")
 
-BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt", "openvino")
-IMAGE_WINDOW = 16  # images advanced through the stages together: fuller batches, bounded memory
-# On CPU, small UNets (samples of at most this many elements) run faster as several concurrent
-# single-threaded runs of one session than as one multi-threaded run: measured on the demo UNet,
-# 2 cores, batch 128: 855 vs 691 samples/s. Big latents keep ONNX Runtime's intra-op threading.
-CONCURRENT_MAX_ELEMENTS = 4096
 
 
 def load(engine_dir: str | Path, backend: str = "auto", device: int = 0, precision: str = "fp32",
@@ -97,55 +92,6 @@ def load(engine_dir: str | Path, backend: str = "auto", device: int = 0, precisi
     return engine
 
 
-def cpu_workers(manifest: Manifest, backend: str, threads: int | None) -> int:
-    """Concurrent UNet runs on CPU backends: several single-threaded ones for small samples."""
-    if backend in ("ort-cpu", "openvino") and int(np.prod(manifest.sample_shape)) <= CONCURRENT_MAX_ELEMENTS:
-        return threads or os.cpu_count() or 1
-    return 1
-
-
-def resolve_backend(manifest: Manifest, backend: str, unet: str) -> str:
-    """A GPU backend when `auto` finds one, else "auto" still (load() then measures the CPU backends)."""
-    if backend != "auto":
-        return backend
-    from diffscore.engine.backends.onnxruntime import available_providers
-
-    providers = available_providers()
-    if any(p.graph == unet for p in manifest.plans.values()):
-        from diffscore.engine.backends.tensorrt import matching_plan
-
-        if matching_plan(manifest, unet) is not None:
-            return "tensorrt"
-    for name, provider in (("ort-trt", "TensorrtExecutionProvider"), ("ort-cuda", "CUDAExecutionProvider")):
-        if provider in providers:
-            return name
-    return "auto"  # a CPU: load() measures the CPU backends
-
-
-def make_runner(engine_dir: Path, manifest: Manifest, graph: str, backend: str, device: int, threads, *,
-                workers: int = 1, precision: str = "fp32") -> Runner:
-    """threads: all the graph's threads together; workers: concurrent infer calls it serves (CPU backends).
-    precision: "bf16" asks OpenVINO for bf16 inference of the fp32 graph."""
-    spec = manifest.graphs[graph]
-    if backend == "openvino":
-        from diffscore.engine.backends.openvino import OpenVINORunner
-
-        return OpenVINORunner(resolve_inside(engine_dir, spec.file, f"graph {graph}"), spec, precision, threads,
-                              streams=workers, graph=graph)
-    if backend == "tensorrt":
-        from diffscore.engine.backends.tensorrt import TensorRTRunner, import_tensorrt, matching_plan
-
-        import_tensorrt()  # the install message first, when TensorRT itself is missing
-        plan = matching_plan(manifest, graph)
-        if plan is None:
-            raise EngineError(f"{engine_dir} has no TensorRT plan of {graph} for this GPU and TensorRT; run `diffscore build-trt {engine_dir}`")
-        return TensorRTRunner(resolve_inside(engine_dir, plan.file, f"plan of {graph}"), plan, spec)
-    from diffscore.engine.backends.onnxruntime import OnnxRuntimeRunner
-
-    return OnnxRuntimeRunner(resolve_inside(engine_dir, spec.file, f"graph {graph}"), spec, backend, device,
-                             1 if workers > 1 else threads, graph)
-
-
 @dataclass
 class _Pairs:
     """A flat list of UNet evaluations: rows into the x_t stack, the embeddings and the noise."""
@@ -157,7 +103,7 @@ class _Pairs:
     eps_row: np.ndarray  # (n,) row of the noise table
 
 
-class Engine:
+class Engine(HeadScoring):
     """A loaded engine directory: `classify` (Diffusion Classifier or a trained head) and `match` (DSD scores)."""
 
     def __init__(self, engine_dir: Path, manifest: Manifest, runners: dict[str, Runner], backend: str, precision: str,
@@ -379,8 +325,8 @@ class Engine:
         candidate_class = np.repeat(np.arange(len(labels)), len(templates))
         emb = self.encode_text(prompts)
         noise = ts = None
-        with progress_bar("classify", _length(images), progress) as advance:
-            for window_images in _windows(images, IMAGE_WINDOW):
+        with progress_bar("classify", count_images(images), progress) as advance:
+            for window_images in image_windows(images, IMAGE_WINDOW):
                 x0 = self.encode_images(window_images)
                 runs = [make_run(len(prompts)) for _ in x0]
                 if noise is None:
@@ -415,87 +361,6 @@ class Engine:
         return _Pairs(np.concatenate(blocks), np.concatenate(xt_row), ts[eps_row].astype(np.float32),
                       np.concatenate(emb_row), eps_row)
 
-    # --- trained heads: one UNet pass per noise step -------------------------------------------
-    def head_logits(self, images, head: str | None = None, *, batch_size: int | None = None,
-                    progress: bool = False) -> np.ndarray:
-        """(N, classes) logits of a trained head, classes in `manifest.heads[head].labels` order.
-
-        Each image is noised at the head's steps with its fixed ε (seeded, shared by all images); the head
-        graph holds the UNet layers it reads (on its prompt, empty unless set) and the head: one UNet
-        pass per step.
-        """
-        name = self.head_name(head)
-        spec = self.manifest.heads[name]
-        steps = np.asarray(spec.steps, dtype=np.int64)
-        noise = shared_noise(spec.seed, len(steps), tuple(self.manifest.sample_shape))
-        runner = self.head_runner(name)
-        per_call = max(1, (batch_size or self.default_batch_size()) // len(steps))  # images per call
-        chunks = []
-        with progress_bar(f"head {name}", _length(images), progress) as advance:
-            for window_images in _windows(images, max(per_call * self.workers, IMAGE_WINDOW)):
-                x0 = self.encode_images(window_images)
-                size = min(per_call, -(-len(x0) // self.workers))  # a few images still keep every worker busy
-                logits = np.empty((len(x0), len(spec.labels)), dtype=np.float32)
-
-                def run(lo: int) -> int:
-                    x = x0[lo : lo + size]
-                    xt = np.stack([add_noise(xi, noise, self.alphas_cumprod, steps) for xi in x])  # (n, steps, C, H, W)
-                    logits[lo : lo + len(x)] = runner.infer({"sample": xt})["logits"]
-                    return len(x)
-
-                starts = range(0, len(x0), size)
-                for n in self._pool.map(run, starts) if self._pool else map(run, starts):
-                    advance(n)
-                chunks.append(logits)
-        if not chunks:
-            raise EngineError("no images given")
-        return np.concatenate(chunks)
-
-    def head_name(self, head: str | None = None) -> str:
-        heads = self.manifest.heads
-        if not heads:
-            raise EngineError(f"{self.engine_dir} has no trained head; train one with `diffscore train-head` and "
-                              "export it with `diffscore export MODEL OUT --head HEAD_DIR`")
-        if head is None:
-            if len(heads) > 1:
-                raise EngineError(f"{self.engine_dir} has several heads ({', '.join(heads)}); choose one (--head NAME)")
-            return next(iter(heads))
-        if head not in heads:
-            raise EngineError(f"{self.engine_dir} has no head {head!r}; it has {', '.join(heads)}")
-        return head
-
-    def head_runner(self, head: str | None = None) -> Runner:
-        """The runner of a head's graph (x_t -> logits). Head graphs are fp32 ONNX (whatever the UNet
-        precision), on ONNX Runtime; under the native TensorRT backend on its CUDA provider when there is one."""
-        graph = self.manifest.heads[self.head_name(head)].graph
-        if graph not in self.runners:
-            backend = self.backend
-            if backend == "tensorrt":
-                from diffscore.engine.backends.onnxruntime import available_providers
-
-                backend = "ort-cuda" if "CUDAExecutionProvider" in available_providers() else "ort-cpu"
-            self.runners[graph] = make_runner(self.engine_dir, self.manifest, graph, backend, self._device, self._threads,
-                                              workers=self.workers)
-        return self.runners[graph]
-
-    def _classify_head(self, images, labels, head, batch_size, progress) -> list[Classification]:
-        name = self.head_name(head)
-        spec = self.manifest.heads[name]
-        classes = spec.labels
-        if labels is not None and set(check_labels(labels)) != set(classes):
-            raise EngineError(f"head {name} was trained on the labels {classes}, not {labels}; leave labels out to use its own")
-        logits = self.head_logits(images, name, batch_size=batch_size, progress=progress).astype(np.float64)
-        p = np.exp(logits - logits.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-        options = ClassifyOptions("head", tuple(classes), seed=spec.seed, head=name, backend=self.backend,
-                                  precision="fp32")
-        results = []
-        for row in p:
-            order = np.argsort(-row, kind="stable")
-            results.append(Classification(label=classes[order[0]], ranking=[(classes[c], float(row[c])) for c in order],
-                                          passes=len(spec.steps), options=options))
-        return results
-
     # --- DSD matching -------------------------------------------------------------------------
     def match(self, images, texts: list[str], *, steps: int | None = None, bias_weight: float = 0.0, seed: int = 0,
               batch_size: int | None = None, progress: bool = False) -> MatchResult:
@@ -524,8 +389,8 @@ class Engine:
         K, P = len(ts), len(prompts)
         layer_weights = self.layer_weights
         out = []
-        with progress_bar("match", _length(images), progress) as advance:
-            for window_images in _windows(images, IMAGE_WINDOW):  # read and encoded a window at a time
+        with progress_bar("match", count_images(images), progress) as advance:
+            for window_images in image_windows(images, IMAGE_WINDOW):  # read and encoded a window at a time
                 x0 = self.encode_images(window_images)
                 xt = np.concatenate([add_noise(x, noise, self.alphas_cumprod, ts) for x in x0])
                 w = len(x0)
@@ -546,24 +411,3 @@ class Engine:
         return MatchResult(np.concatenate(out), texts, MatchOptions(tuple(int(t) for t in ts), float(bias_weight), seed, weights,
                                                     self.backend, self.precision))
 
-
-def _windows(images, size: int):
-    """Lists of at most `size` images from any iterable (a list, a generator of paths, ...)."""
-    if isinstance(images, (str, Path)) or not hasattr(images, "__iter__") or hasattr(images, "shape"):
-        images = [images]  # one image given alone (a path, a PIL image or an array)
-    window = []
-    for image in images:
-        window.append(image)
-        if len(window) == size:
-            yield window
-            window = []
-    if window:
-        yield window
-
-
-def _length(images) -> int | None:
-    """How many images, when the iterable knows (for the progress bar); None for a generator."""
-    try:
-        return len(images)
-    except TypeError:
-        return None

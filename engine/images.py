@@ -64,6 +64,7 @@ def preprocess_batch(images, size: int, channels: int) -> np.ndarray:
     return np.stack([preprocess(im, size, channels) for im in images])
 
 
+IMAGE_WINDOW = 16  # images read, decoded and scored together: full UNet batches, bounded memory
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -117,3 +118,25 @@ def expand_images(inputs) -> list[Path]:
     if not found:
         raise EngineError("no images given: pass image files, folders or glob patterns")
     return found
+
+
+def image_windows(images, size: int):
+    """Lists of at most `size` images from any iterable (a list, a generator of paths, ...)."""
+    if isinstance(images, (str, Path)) or not hasattr(images, "__iter__") or hasattr(images, "shape"):
+        images = [images]  # one image given alone (a path, a PIL image or an array)
+    window = []
+    for image in images:
+        window.append(image)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def count_images(images) -> int | None:
+    """How many images, when the iterable knows (for the progress bar); None for a generator."""
+    try:
+        return len(images)
+    except TypeError:
+        return None

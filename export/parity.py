@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffscore.engine.engine import load, make_runner
+from diffscore.engine.backends.choice import make_runner
+from diffscore.engine.engine import load
 from diffscore.engine.manifest import BATCH, PRECISIONS, Manifest, unet_graph
 from diffscore.errors import EngineError
 from diffscore.export.graphs import TextEncoderGraph, VaeEncoderGraph

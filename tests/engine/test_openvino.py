@@ -12,7 +12,7 @@ import diffscore
 from diffscore.calibration.pipeline import calibrate
 from diffscore.engine import autoselect
 from diffscore.engine.backends import openvino as ovb
-from diffscore.engine.engine import make_runner
+from diffscore.engine.backends.choice import make_runner
 from diffscore.engine.manifest import Manifest
 from diffscore.errors import EngineError
 from diffscore.export.onnx_export import export_engine
