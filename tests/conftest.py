@@ -4,7 +4,6 @@ pixel space) and the shipped demo model. Tiny means seconds, not minutes, on 2 C
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -68,6 +67,28 @@ def build_tiny_model(path: Path, kind: str, seed: int = 0) -> Path:
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     return {kind: build_tiny_model(root / kind, kind) for kind in KINDS}
+
+
+@pytest.fixture(scope="session")
+def engines(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    """The tiny SD1 and pixel models exported once (fp32), shared by the runtime tests."""
+    from diffscore.export.onnx_export import export_engine
+
+    root = tmp_path_factory.mktemp("engines")
+    return {k: export_engine(tiny_models[k], root / k, show_progress=False) for k in ("sd1", "pixel")}
+
+
+@pytest.fixture(scope="session")
+def images_for():
+    """images_for(components, n, seed=0): n random uint8 images of the model's size and channels."""
+    import numpy as np
+
+    def make(comp, n, seed=0):
+        rng = np.random.default_rng(seed)
+        shape = (comp.image_size, comp.image_size) + ((3,) if comp.image_channels == 3 else ())
+        return [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(n)]
+
+    return make
 
 
 @pytest.fixture(scope="session")

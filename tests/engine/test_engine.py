@@ -12,7 +12,6 @@ import torch
 import diffscore
 from diffscore.engine.images import preprocess
 from diffscore.errors import EngineError
-from diffscore.export.onnx_export import export_engine
 from diffscore.reference.classifier import classify_reference
 from diffscore.reference.loading import load_components
 from diffscore.reference.matching import match_reference
@@ -21,20 +20,12 @@ from diffscore.reference.scoring_unet import ScoringUNet
 LABELS = ["cat", "dog", "bird", "car"]
 
 
-@pytest.fixture(scope="module")
-def engines(tiny_models, tmp_path_factory):
-    root = tmp_path_factory.mktemp("rt")
-    return {k: export_engine(tiny_models[k], root / k, show_progress=False) for k in ("sd1", "pixel")}
 
 
-def images_for(comp, n, seed=0):
-    rng = np.random.default_rng(seed)
-    shape = (comp.image_size, comp.image_size) + ((3,) if comp.image_channels == 3 else ())
-    return [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(n)]
 
 
 @pytest.mark.parametrize("kind", ["sd1", "pixel"])
-def test_classify_equals_reference(engines, tiny_models, kind):
+def test_classify_equals_reference(engines, tiny_models, kind, images_for):
     comp = load_components(tiny_models[kind])
     imgs = images_for(comp, 5)
     opts = dict(stages=[(6, 2), (12, 1)], loss="l1", seed=3)
@@ -47,7 +38,7 @@ def test_classify_equals_reference(engines, tiny_models, kind):
 
 
 @pytest.mark.parametrize("bias_weight", [0.0, 0.5])
-def test_match_equals_reference(engines, tiny_models, bias_weight):
+def test_match_equals_reference(engines, tiny_models, bias_weight, images_for):
     comp = load_components(tiny_models["sd1"])
     eng = diffscore.load(engines["sd1"], backend="ort-cpu")
     imgs = images_for(comp, 3, seed=1)
@@ -58,7 +49,7 @@ def test_match_equals_reference(engines, tiny_models, bias_weight):
     np.testing.assert_allclose(got, want, rtol=1e-4)
 
 
-def test_batching_and_windows_do_not_change_results(engines, tiny_models):
+def test_batching_and_windows_do_not_change_results(engines, tiny_models, images_for):
     eng = diffscore.load(engines["pixel"], backend="ort-cpu")
     imgs = images_for(load_components(tiny_models["pixel"]), 3)
     a = eng.classify(imgs, LABELS, stages=[(4, 2), (8, 1)], batch_size=3)

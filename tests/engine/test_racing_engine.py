@@ -7,7 +7,6 @@ import diffscore
 from diffscore.engine.manifest import Manifest
 from diffscore.engine.profiling import make_profile, save_profile
 from diffscore.errors import EngineError
-from diffscore.export.onnx_export import export_engine
 from diffscore.kernels import RaceConfig
 from diffscore.reference.classifier import classify_reference
 from diffscore.reference.loading import load_components
@@ -16,16 +15,8 @@ LABELS = ["cat", "dog", "bird", "car"]
 RACE = dict(z=1.0, min_rounds=1, round_size=3, timesteps=20)  # a low z: candidates do leave on a tiny model
 
 
-@pytest.fixture(scope="module")
-def engines(tiny_models, tmp_path_factory):
-    root = tmp_path_factory.mktemp("race")
-    return {k: export_engine(tiny_models[k], root / k, show_progress=False) for k in ("sd1", "pixel")}
 
 
-def images_for(comp, n, seed=0):
-    rng = np.random.default_rng(seed)
-    shape = (comp.image_size, comp.image_size) + ((3,) if comp.image_channels == 3 else ())
-    return [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(n)]
 
 
 def reference_race(comp, imgs, templates, loss, seed, profile=None, **race):
@@ -43,7 +34,7 @@ def assert_same(got, want):
 
 
 @pytest.mark.parametrize("kind, templates, loss", [("pixel", ["a {}"], "l2"), ("sd1", ["a {}", "a photo of a {}"], "huber")])
-def test_race_equals_reference(engines, tiny_models, kind, templates, loss):
+def test_race_equals_reference(engines, tiny_models, kind, templates, loss, images_for):
     comp = load_components(tiny_models[kind])
     imgs = images_for(comp, 4)
     eng = diffscore.load(engines[kind], backend="ort-cpu")
@@ -54,7 +45,7 @@ def test_race_equals_reference(engines, tiny_models, kind, templates, loss):
     assert any(r.passes < full for r in got), "nobody left the race: the test does not exercise elimination"
 
 
-def test_race_is_deterministic_under_a_seed_and_respects_the_budget(engines, tiny_models):
+def test_race_is_deterministic_under_a_seed_and_respects_the_budget(engines, tiny_models, images_for):
     eng = diffscore.load(engines["pixel"], backend="ort-cpu")
     imgs = images_for(load_components(tiny_models["pixel"]), 4, seed=1)
     a, b = (eng.classify(imgs, LABELS, strategy="race", seed=5, **RACE) for _ in range(2))
@@ -67,7 +58,7 @@ def test_race_is_deterministic_under_a_seed_and_respects_the_budget(engines, tin
         eng.classify(imgs, LABELS, strategy="race", budget=3)
 
 
-def test_exhaustive_grid_errors_give_the_race_without_elimination(engines, tiny_models):
+def test_exhaustive_grid_errors_give_the_race_without_elimination(engines, tiny_models, images_for):
     eng = diffscore.load(engines["pixel"], backend="ort-cpu")
     imgs = images_for(load_components(tiny_models["pixel"]), 3, seed=2)
     errors = eng.grid_errors(imgs, LABELS, timesteps=10, seed=4)
@@ -78,7 +69,7 @@ def test_exhaustive_grid_errors_give_the_race_without_elimination(engines, tiny_
         np.testing.assert_allclose(sorted(s for _, s in r.ranking), np.sort(e.mean(axis=1)), rtol=1e-6)
 
 
-def test_profile_round_trip_through_the_manifest(engines, tiny_models, tmp_path):
+def test_profile_round_trip_through_the_manifest(engines, tiny_models, tmp_path, images_for):
     import shutil
 
     engine_dir = shutil.copytree(engines["pixel"], tmp_path / "engine")
