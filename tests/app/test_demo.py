@@ -85,7 +85,7 @@ def test_cli_classify_formats(demo_engine, digit_files, reference_results):
     assert [r["label"] for r in rows] == [r.label for r in reference_results[:3]]
     assert all(r["passes"] > 0 and len(r["ranking"]) == 10 for r in rows)
     proc = run_cli("classify", demo_engine, *digit_files, "--labels", ",".join(CLASS_NAMES), "--format", "csv")
-    assert proc.returncode == 0 and proc.stdout.splitlines()[0] == "image,label,error,runner_up,passes"
+    assert proc.returncode == 0 and proc.stdout.splitlines()[0] == "image,label,error,runner_up,passes,confidence"
 
 
 def test_cli_match(demo_engine, digit_files):
