@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, machine_line, publish  # noqa: E402
+from common import RESULTS, machine, machine_line, publish, update_readme  # noqa: E402
 
 import diffscore  # noqa: E402
 from diffscore.app.demo import DEMO_STAGES, cache_root, demo_engine_dir  # noqa: E402
@@ -150,7 +151,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--update-readme", action="store_true")
     parser.add_argument("--limit", type=int, default=None, help="a smoke run: at most N images per split")
+    parser.add_argument("--render", action="store_true", help="only re-render README's table from bench/results/adaptive.json")
     args = parser.parse_args()
+    if args.render:
+        saved = json.loads((RESULTS / "adaptive.json").read_text())
+        update_readme("adaptive", "\n".join(render(saved, saved["machine"])))
+        return
 
     split = load_digits_split()
     engine = diffscore.load(demo_engine_dir(), backend="ort-cpu")
@@ -196,25 +202,52 @@ def main() -> None:
     rows.append(row(f"race, profile, z={z:g}, {len(TEMPLATES)} templates/class (vs the 1-template exhaustive)", "engine", winners, reference[:n],
                     truth[:n], passes, speed))
 
-    info = machine()
     png = RESULTS / "adaptive.png"
     RESULTS.mkdir(exist_ok=True)
     plot(rows, png)
+    result = {"rows": rows, "validation": chosen, "engine_equals_replay": checks, "grid": GRID, "round_size": ROUND_SIZE,
+              "plot": png.name}
+    publish("adaptive", result, render(result, machine()), args.update_readme)
+
+
+def render(result: dict, info: dict) -> list[str]:
+    """The README table and the summary lines, all computed from the result."""
+    rows, chosen, checks = result["rows"], result["validation"], result["engine_equals_replay"]
+    z, min_rounds = chosen["chosen"]["z"], chosen["chosen"]["min_rounds"]
     table = ["| strategy | run | images | agreement | accuracy | passes/image | images/s |", "|---|---|---:|---:|---:|---:|---:|"]
     table += [f"| {r['strategy']} | {r['how']} | {r['images']} | {100 * r['agreement']:.2f} % | {100 * r['accuracy']:.2f} % | "
               f"{r['passes_per_image']:.0f} | {'' if r['images_per_s'] is None else format(r['images_per_s'], '.2f')} |"
               for r in rows]
-    table += ["", f"Defaults chosen on the validation slice ({chosen['images']} training digits): z = {z:g}, min_rounds = "
-              f"{min_rounds}, rounds of {ROUND_SIZE} ({100 * chosen['chosen']['agreement']:.1f} % agreement, "
+    n = rows[0]["images"]
+    race = next(r for r in rows if r["strategy"].startswith("race, profile") and r["strategy"].endswith("(default)"))
+    fixed = [r for r in rows if r["strategy"].startswith(("fixed", "seed"))]
+    enough = [r for r in fixed if r["images"] == n and r["agreement"] >= race["agreement"]]
+    cheapest = min(enough, key=lambda r: r["passes_per_image"]) if enough else None
+    demo = next(r for r in rows if r["strategy"].startswith("fixed, demo"))
+    cifar = next(r for r in rows if r["strategy"].startswith("seed CIFAR"))
+    summary = (f"The default race: {100 * race['agreement']:.2f} % agreement with the exhaustive decision at "
+               f"{race['passes_per_image']:.0f} passes/image; ")
+    if cheapest:
+        summary += (f"the cheapest fixed schedule with at least that agreement, {cheapest['strategy']}, needs "
+                    f"{cheapest['passes_per_image']:.0f} ({cheapest['passes_per_image'] / race['passes_per_image']:.1f}x); ")
+    summary += (f"the seed's CIFAR-10 schedule {cifar['passes_per_image']:.0f} "
+                f"({cifar['passes_per_image'] / race['passes_per_image']:.0f}x); the demo's stages {demo['passes_per_image']:.0f} "
+                f"({demo['passes_per_image'] / race['passes_per_image']:.1f}x) at {100 * demo['agreement']:.2f} %. On the engine, "
+                f"in this run: {race['images_per_s']:.2f} images/s against {demo['images_per_s']:.2f} for the demo's stages "
+                f"({race['images_per_s'] / demo['images_per_s']:.1f}x) and {cifar['images_per_s']:.3f} for the CIFAR-10 schedule "
+                f"({race['images_per_s'] / cifar['images_per_s']:.0f}x).")
+    table += ["", summary, "",
+              f"Defaults chosen on the validation slice ({chosen['images']} training digits): z = {z:g}, min_rounds = "
+              f"{min_rounds}, rounds of {result['round_size']} ({100 * chosen['chosen']['agreement']:.1f} % agreement, "
               f"{chosen['chosen']['passes_per_image']:.0f} passes/image; the demo's stages: "
               f"{100 * chosen['demo_stages']['agreement']:.1f} %, {chosen['demo_stages']['passes_per_image']:.0f}); "
               f"default strategy: {chosen['default_strategy']}. Engine race = replay: "
-              + ", ".join(f"{k} {v['same_decisions']}/{len(images)} decisions, {v['same_passes']}/{len(images)} pass counts"
-                          for k, v in checks.items()) + ".",
+              + ", ".join(f"{k} {v['same_decisions']}/{n} decisions, {v['same_passes']}/{n} pass counts"
+                          for k, v in checks.items()) + ". The seed's schedules ran on the first "
+              f"{SEED_IMAGES} digits only (1,375-2,750 passes an image); the templates row on the first {TEMPLATE_IMAGES}.",
               "", f"Machine: {machine_line(info)} (shared with other jobs: timings are ratios within this one run).",
               "", "![agreement and accuracy against UNet passes per image](bench/results/adaptive.png)"]
-    publish("adaptive", {"rows": rows, "validation": chosen, "engine_equals_replay": checks, "grid": GRID,
-                         "round_size": ROUND_SIZE, "plot": str(png.name)}, table, args.update_readme)
+    return table
 
 
 if __name__ == "__main__":
