@@ -21,7 +21,7 @@ from diffscore.engine.manifest import Manifest
 from diffscore.engine.progress import progress_bar
 from diffscore.engine.results import Classification
 from diffscore.kernels import (LOSSES, StagedPruning, add_noise, class_ranking, denoising_error, dsd_timesteps,
-                               pool_layer_scores, shared_noise)
+                               epsilon_from_output, pool_layer_scores, shared_noise)
 
 log = logging.getLogger("diffscore")
 
@@ -169,12 +169,15 @@ class Engine:
         scores = np.empty((n, len(self.manifest.attention_layers)), dtype=np.float32)
 
         def run(sl: slice):
+            x_t = pairs.xt[pairs.xt_row[sl]]
             out = unet.infer({
-                "sample": pairs.xt[pairs.xt_row[sl]],
+                "sample": x_t,
                 "timestep": pairs.timestep[sl],
                 "encoder_hidden_states": emb[pairs.emb_row[sl]],
             })
-            errors[sl] = denoising_error(noise[pairs.eps_row[sl]], out["eps"], loss)
+            eps_hat = epsilon_from_output(out["eps"], x_t, self.alphas_cumprod[pairs.timestep[sl].astype(np.int64)],
+                                          self.manifest.prediction_type)  # the graph returns the raw UNet output
+            errors[sl] = denoising_error(noise[pairs.eps_row[sl]], eps_hat, loss)
             scores[sl] = out["attn_scores"]
 
         chunks = [slice(lo, lo + batch_size) for lo in range(0, n, batch_size)]

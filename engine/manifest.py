@@ -84,6 +84,8 @@ class Manifest:
     # score_weights ({attention layer: weight} or None: DSD pools the layers with these instead of their mean)}
     adapters: dict = field(default_factory=dict)
     defaults: dict = field(default_factory=dict)  # scoring defaults: template, stages, loss, ...
+    # what the UNet predicts (the scheduler config's prediction_type): errors are taken on ε̂ converted from it
+    prediction_type: str = "epsilon"
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):

@@ -121,6 +121,7 @@ def export_engine(
                 heads={name: head_entry(name, config) for name, (_, config, _) in trained.items()},
                 defaults={**DEFAULT_SCORING, **(defaults or {})},
                 adapters=merged,
+                prediction_type=comp.prediction_type,
             )
             manifest.save(tmp)
             tmp.chmod(0o755)  # mkdtemp makes it private; an engine directory is shared like any folder

@@ -1,6 +1,7 @@
 """Numeric building blocks shared by the runtime and the checks: numpy only, no torch."""
 
 from diffscore.kernels.noise import add_noise, shared_noise
+from diffscore.kernels.prediction import PREDICTION_TYPES, epsilon_from_output
 from diffscore.kernels.reductions import LOSSES, denoising_error, pool_layer_scores
 from diffscore.kernels.timesteps import dsd_timesteps, stage_timesteps
 from diffscore.kernels.pruning import StagedPruning
@@ -8,10 +9,12 @@ from diffscore.kernels.ranking import class_ranking
 
 __all__ = [
     "LOSSES",
+    "PREDICTION_TYPES",
     "StagedPruning",
     "class_ranking",
     "add_noise",
     "denoising_error",
+    "epsilon_from_output",
     "dsd_timesteps",
     "pool_layer_scores",
     "shared_noise",

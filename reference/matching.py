@@ -13,7 +13,7 @@ import torch
 
 from diffscore.engine.images import preprocess_batch
 from diffscore.kernels import dsd_timesteps, shared_noise
-from diffscore.reference.loading import Components, encode_images, encode_prompts
+from diffscore.reference.loading import Components, encode_images, encode_prompts, epsilon_hat
 from diffscore.reference.scoring_unet import ScoringUNet
 
 
@@ -40,7 +40,8 @@ def match_reference(comp: Components, scoring_unet: ScoringUNet, images, texts: 
     for i, x0 in enumerate(x0s):
         x_t = a * x0[None] + s * noise  # (K, C, H, W)
         def run(j):
-            eps_hat, attn, *_ = scoring_unet(x_t, ts.float(), emb[j : j + 1].expand(K, -1, -1))
+            out, attn, *_ = scoring_unet(x_t, ts.float(), emb[j : j + 1].expand(K, -1, -1))
+            eps_hat = epsilon_hat(comp, out, x_t, ts)
             return pool_layers(attn, w).double(), (noise - eps_hat).flatten(1).double().norm(dim=1)
         _, null_norm = run(len(texts)) if bias_weight else (None, None)
         for j in range(len(texts)):
