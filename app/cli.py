@@ -260,15 +260,31 @@ def build_trt(
 @app.command()
 def parity(
     engine: Path = typer.Argument(..., help="engine directory"),
+    images: Optional[List[str]] = typer.Argument(
+        None, help="your images (files, folders or glob patterns) for the decision checks, with --labels; "
+                   "default: the held-out digits on a demo-shaped engine, else random images (tensor checks only)"),
+    labels: Optional[str] = typer.Option(None, help="class names for the decision checks on your images, comma separated"),
+    labels_file: Optional[Path] = typer.Option(None, help="class names, one per line"),
     model: Optional[Path] = typer.Option(None, help="source model folder (default: the one recorded in the manifest)"),
-    images: int = typer.Option(100, help="held-out demo images for the decision check (demo engines only)"),
+    limit: int = typer.Option(100, help="use at most N images for the decision checks"),
 ):
-    """Torch vs every available backend and precision: tensor errors and decision agreement."""
+    """Torch vs every available backend and precision: tensor errors, and top-1 decision agreement of
+    fp32/fp16/int8 with torch fp32 on your images (or the demo digits)."""
     require_torch("parity")
     from diffscore.app.demo import demo_parity_inputs
     from diffscore.export.parity import run_parity
 
-    if not run_parity(engine, model, **demo_parity_inputs(engine, images)):
+    if images:
+        from diffscore.engine.images import expand_images
+
+        paths = expand_images(images)[:limit]
+        inputs = dict(images=[str(p) for p in paths], labels=read_labels(labels, labels_file),
+                      source="of your images")
+    elif labels or labels_file:
+        raise EngineError("--labels needs images to judge: diffscore parity ENGINE IMAGES... --labels a,b,c")
+    else:
+        inputs = demo_parity_inputs(engine, limit)
+    if not run_parity(engine, model, **inputs):
         raise typer.Exit(1)
 
 

@@ -106,9 +106,9 @@ def feeds(manifest: Manifest, comp, engine_dir: Path, seed: int = 0, batch: int 
 
 
 def real_images(manifest: Manifest, n: int, rng, images=None) -> list:
-    """The first n of the caller's images; smooth random images when it gives none."""
+    """The first n of the caller's images (repeated when it gives fewer); smooth random images when it gives none."""
     if images:
-        return list(images[:n])
+        return [images[i % len(images)] for i in range(n)]
     size = manifest.image_size
     base = rng.integers(0, 256, (n, 4, 4, manifest.image_channels), dtype=np.uint8)
     from PIL import Image
