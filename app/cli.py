@@ -134,7 +134,7 @@ def match(
     images: List[Path] = typer.Option(..., "--images", "-i", help="image files (repeat the option)"),
     texts: List[str] = typer.Option(..., "--texts", "-t", help="captions (repeat the option)"),
     steps: Optional[int] = typer.Option(None, help="timesteps per pair (default: the engine's)"),
-    bias_weight: float = typer.Option(0.0, help="λ of the denoising bias (needs one extra pass per timestep)"),
+    bias_weight: Optional[float] = typer.Option(None, help="λ of the denoising bias (default: the engine's DSD preset's: diffscore 0, discffusion 1)"),
     seed: int = Seed, batch_size: Optional[int] = typer.Option(None, help="UNet batch (default: automatic)"),
     backend: str = Backend, precision: str = Precision, fmt: str = Format,
 ):
@@ -189,6 +189,8 @@ def export(
     head: List[Path] = typer.Option([], "--head", help="a head folder from `diffscore train-head` to ship (repeat)"),
     overwrite: bool = typer.Option(False, help="replace an existing engine directory"),
     adapters: Optional[Path] = typer.Option(None, help="a `diffscore train-prompts` run directory: its LoRA is merged into the UNet"),
+    dsd_preset: Optional[str] = typer.Option(None, help="DSD scoring preset: diffscore | discffusion (the seed's: its layers, "
+                                                        "timesteps, λ=1, conditional+unconditional attention); default: the adapters', else diffscore"),
 ):
     """Export a diffusers model to an engine directory (ONNX graphs + manifest), atomically."""
     require_torch("export")
@@ -196,7 +198,8 @@ def export(
 
     precisions = tuple(dict.fromkeys(["fp32", *precision]))
     path = export_engine(model, out_dir, precisions=precisions, attention_layers=split(attention_layers),
-                         feature_blocks=split(feature_blocks) or [], heads=head, overwrite=overwrite, adapters=adapters)
+                         feature_blocks=split(feature_blocks) or [], heads=head, overwrite=overwrite, adapters=adapters,
+                         dsd_preset=dsd_preset)
     out.print(f"[green]wrote[/] {path}")
 
 
@@ -383,6 +386,8 @@ def train_prompts(
     seed: int = typer.Option(0, help="seed of the shots, timesteps, noise and LoRA init"),
     score_weights: bool = typer.Option(False, "--score-weights", help="also learn how much each scored attention layer counts (the engine pools the layers with these weights)"),
     overwrite: bool = typer.Option(False, help="replace an existing run directory's adapter"),
+    preset: str = typer.Option("diffscore", help="DSD preset trained for: diffscore (attention score) | discffusion "
+                                                 "(attention + bias, a new t and ε per pair, gradients clipped at 1.0)"),
 ):
     """Few-shot prompt learning for DSD matching: a rank-4 LoRA on the attention projections (export with --adapters)."""
     require_torch("train-prompts")
@@ -394,7 +399,7 @@ def train_prompts(
         raise EngineError(f"--shots must be ≥ 1, got {shots}")
     pairs = demo_pairs() if data == "demo" else read_pairs(Path(data))
     cfg = PromptLearningConfig(shots=shots, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-                               score_weights=score_weights)
+                               score_weights=score_weights, preset=preset)
     run = run_training(model, pairs, out_dir, cfg, overwrite=overwrite)
     out.print(f"[green]wrote[/] {out_dir} ({run['pairs']} pairs, {len(run['captions'])} captions, {steps} steps, "
               f"loss {run['loss'][0]:.4f} -> {run['final_loss_mean20']:.4f} (mean of last 20), {run['wall_time_s']:.0f} s)")

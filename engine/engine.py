@@ -20,8 +20,8 @@ from diffscore.errors import EngineError
 from diffscore.engine.manifest import Manifest
 from diffscore.engine.progress import progress_bar
 from diffscore.engine.results import Classification
-from diffscore.kernels import (LOSSES, StagedPruning, add_noise, class_ranking, denoising_error, dsd_timesteps,
-                               epsilon_from_output, pool_layer_scores, shared_noise)
+from diffscore.kernels import (LOSSES, StagedPruning, add_noise, class_ranking, denoising_error, dsd_pair_scores,
+                               dsd_preset, dsd_timesteps, epsilon_from_output, pool_layer_scores, shared_noise)
 
 log = logging.getLogger("diffscore")
 
@@ -131,6 +131,14 @@ class Engine:
         """The DSD score weights prompt learning trained, in `attention_layers` order; None = plain mean."""
         trained = self.manifest.adapters.get("prompt_learning", {}).get("score_weights")
         return None if not trained else np.array([trained[n] for n in self.manifest.attention_layers], np.float32)
+
+    def dsd_preset(self, preset: str | None = None):
+        """The engine's DSD preset (recorded at export); another one needs its own attention layers: refused."""
+        own = self.defaults.get("dsd_preset", "diffscore")
+        if preset is not None and preset != own:
+            raise EngineError(f"{self.engine_dir} was exported with the {own} DSD preset's attention layers; "
+                              f"export the model with --dsd-preset {preset} to score with that preset")
+        return dsd_preset(own)
 
     def default_batch_size(self) -> int:
         """Pairs per UNet call: small samples batch wide on CPU; GPUs and big latents less so."""
@@ -328,17 +336,23 @@ class Engine:
         return results
 
     # --- DSD matching -------------------------------------------------------------------------
-    def match(self, images, texts: list[str], *, steps: int | None = None, bias_weight: float = 0.0, seed: int = 0,
-              batch_size: int | None = None, progress: bool = False) -> np.ndarray:
+    def match(self, images, texts: list[str], *, steps: int | None = None, bias_weight: float | None = None,
+              seed: int = 0, batch_size: int | None = None, progress: bool = False,
+              preset: str | None = None) -> np.ndarray:
         """(images, texts) DSD scores: mean over timesteps of attention score + λ·denoising bias. Higher = better.
 
         The attention score pools the captured layers with the engine's learned score weights when
-        prompt learning trained some (`train-prompts --score-weights`), else their mean."""
+        prompt learning trained some (`train-prompts --score-weights`), else their mean. `preset`
+        (kernels.dsd: diffscore | discffusion) is the engine's, chosen at export with its attention layers;
+        `bias_weight` defaults to the preset's λ."""
         texts = check_labels(texts, what="texts")
-        ts = np.array(dsd_timesteps(steps or self.defaults.get("dsd_steps", 10), len(self.alphas_cumprod)))
+        spec = self.dsd_preset(preset)
+        bias_weight = spec.bias_weight if bias_weight is None else float(bias_weight)
+        ts = np.array(dsd_timesteps(steps or self.defaults.get("dsd_steps", 10), len(self.alphas_cumprod),
+                                    reverse=spec.reversed_timesteps))
         batch_size = batch_size or self.default_batch_size()
         use_bias = bias_weight != 0.0
-        prompts = texts + ([""] if use_bias else [])
+        prompts = texts + ([""] if use_bias or spec.pool_unconditional else [])
         emb = self.encode_text(prompts)
         x0 = self.encode_images(images)
         noise = shared_noise(seed, len(ts), tuple(x0.shape[1:]))
@@ -355,12 +369,9 @@ class Engine:
                 img, prm, k = np.meshgrid(np.arange(w), np.arange(P), np.arange(K), indexing="ij")
                 pairs = _Pairs(xt, (img * K + k).ravel(), ts[k.ravel()].astype(np.float32), prm.ravel(), k.ravel())
                 l2, scores = self._run_pairs(pairs, emb, noise, "l2", batch_size)
-                attn = pool_layer_scores(scores, layer_weights).reshape(w, P, K)[:, : len(texts)]
-                score = attn
-                if use_bias:
-                    norm = np.sqrt(l2.astype(np.float64) * numel).reshape(w, P, K)  # ||ε - ε̂||₂
-                    score = attn + bias_weight * (norm[:, -1:, :] - norm[:, : len(texts)])
-                out[lo : lo + w] = score.mean(axis=2)
+                attn = pool_layer_scores(scores, layer_weights).reshape(w, P, K).astype(np.float64)
+                norm = np.sqrt(l2.astype(np.float64) * numel).reshape(w, P, K)  # ||ε - ε̂||₂
+                out[lo : lo + w] = dsd_pair_scores(attn, norm, len(texts), spec, bias_weight)
                 advance(w)
         return out
 
