@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from diffscore.errors import EngineError
+from diffscore.kernels.dsd import DEFAULT_DSD_PRESET
 
 app = typer.Typer(
     help="diffscore: diffusion models as compiled zero-shot classifiers and image-text matchers.",
@@ -134,7 +135,7 @@ def match(
     images: List[Path] = typer.Option(..., "--images", "-i", help="image files (repeat the option)"),
     texts: List[str] = typer.Option(..., "--texts", "-t", help="captions (repeat the option)"),
     steps: Optional[int] = typer.Option(None, help="timesteps per pair (default: the engine's)"),
-    bias_weight: Optional[float] = typer.Option(None, help="λ of the denoising bias (default: the engine's DSD preset's: diffscore 0, discffusion 1)"),
+    bias_weight: Optional[float] = typer.Option(None, help="λ of the denoising bias (default: the engine's DSD preset's: discffusion 1, diffscore 0)"),
     seed: int = Seed, batch_size: Optional[int] = typer.Option(None, help="UNet batch (default: automatic)"),
     backend: str = Backend, precision: str = Precision, fmt: str = Format,
 ):
@@ -190,7 +191,7 @@ def export(
     overwrite: bool = typer.Option(False, help="replace an existing engine directory"),
     adapters: Optional[Path] = typer.Option(None, help="a `diffscore train-prompts` run directory: its LoRA is merged into the UNet"),
     dsd_preset: Optional[str] = typer.Option(None, help="DSD scoring preset: diffscore | discffusion (the seed's: its layers, "
-                                                        "timesteps, λ=1, conditional+unconditional attention); default: the adapters', else diffscore"),
+                                                        "timesteps, λ=1, conditional+unconditional attention); default: the adapters', else discffusion"),
 ):
     """Export a diffusers model to an engine directory (ONNX graphs + manifest), atomically."""
     require_torch("export")
@@ -386,8 +387,8 @@ def train_prompts(
     seed: int = typer.Option(0, help="seed of the shots, timesteps, noise and LoRA init"),
     score_weights: bool = typer.Option(False, "--score-weights", help="also learn how much each scored attention layer counts (the engine pools the layers with these weights)"),
     overwrite: bool = typer.Option(False, help="replace an existing run directory's adapter"),
-    preset: str = typer.Option("diffscore", help="DSD preset trained for: diffscore (attention score) | discffusion "
-                                                 "(attention + bias, a new t and ε per pair, gradients clipped at 1.0)"),
+    preset: str = typer.Option(DEFAULT_DSD_PRESET, help="DSD preset trained for: discffusion (the default: attention + bias, a new "
+                                                   "t and ε per pair, gradients clipped at 1.0) | diffscore (attention score)"),
 ):
     """Few-shot prompt learning for DSD matching: a rank-4 LoRA on the attention projections (export with --adapters)."""
     require_torch("train-prompts")

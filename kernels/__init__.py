@@ -1,6 +1,6 @@
 """Numeric building blocks shared by the runtime and the checks: numpy only, no torch."""
 
-from diffscore.kernels.dsd import DSD_PRESETS, DsdPreset, dsd_pair_scores, dsd_preset
+from diffscore.kernels.dsd import DEFAULT_DSD_PRESET, DSD_PRESETS, DsdPreset, dsd_pair_scores, dsd_preset
 from diffscore.kernels.noise import add_noise, shared_noise
 from diffscore.kernels.prediction import PREDICTION_TYPES, epsilon_from_output
 from diffscore.kernels.reductions import LOSSES, denoising_error, pool_layer_scores
@@ -9,6 +9,7 @@ from diffscore.kernels.pruning import StagedPruning
 from diffscore.kernels.ranking import class_ranking
 
 __all__ = [
+    "DEFAULT_DSD_PRESET",
     "DSD_PRESETS",
     "DsdPreset",
     "LOSSES",

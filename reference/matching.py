@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from diffscore.engine.images import preprocess_batch
-from diffscore.kernels import dsd_preset, dsd_timesteps, shared_noise
+from diffscore.kernels import DEFAULT_DSD_PRESET, dsd_preset, dsd_timesteps, shared_noise
 from diffscore.reference.loading import Components, encode_images, encode_prompts, epsilon_hat
 from diffscore.reference.scoring_unet import ScoringUNet
 
@@ -25,12 +25,12 @@ def pool_layers(scores: torch.Tensor, layer_weights: torch.Tensor | None = None)
 @torch.no_grad()
 def match_reference(comp: Components, scoring_unet: ScoringUNet, images, texts: list[str], steps: int = 10,
                     bias_weight: float | None = None, seed: int = 0, layer_weights: dict[str, float] | None = None,
-                    preset: str = "diffscore") -> np.ndarray:
+                    preset: str | None = None) -> np.ndarray:
     """(images, texts) scores, one image-text pair at a time over its K timesteps.
 
-    `preset` (kernels.dsd) sets the timesteps, the default λ and whether the empty prompt's attention score is
+    `preset` (kernels.dsd; default DEFAULT_DSD_PRESET, as export's) sets the timesteps, the default λ and whether the empty prompt's attention score is
     averaged in; the layers are `scoring_unet`'s (reference.scoring_unet.preset_attention_layers)."""
-    spec = dsd_preset(preset)
+    spec = dsd_preset(preset or DEFAULT_DSD_PRESET)
     bias_weight = spec.bias_weight if bias_weight is None else bias_weight
     ts = torch.tensor(dsd_timesteps(steps, comp.num_train_timesteps, reverse=spec.reversed_timesteps))
     pixels = preprocess_batch(images, comp.image_size, comp.image_channels)

@@ -32,7 +32,7 @@ from diffscore.engine.images import preprocess_batch
 from diffscore.errors import EngineError
 from diffscore.engine.manifest import sha256_files
 from diffscore.engine.progress import progress_bar
-from diffscore.kernels import DSD_PRESETS, DsdPreset, dsd_preset
+from diffscore.kernels import DEFAULT_DSD_PRESET, DSD_PRESETS, DsdPreset, dsd_preset
 from diffscore.reference.loading import Components, encode_images, encode_prompts, epsilon_hat, load_components
 from diffscore.reference.matching import pool_layers
 from diffscore.reference.scoring_unet import ScoringUNet, preset_attention_layers
@@ -56,7 +56,7 @@ class PromptLearningConfig:
     max_negatives: int = 15  # cap on negatives per image when there are many captions (random subset)
     seed: int = 0
     attention_layers: list[str] | None = None  # scored layers; None = the preset's
-    preset: str = "diffscore"  # DSD preset (kernels.dsd): its score, layers, noise sampling and gradient clipping
+    preset: str = DEFAULT_DSD_PRESET  # DSD preset (kernels.dsd): its score, layers, noise sampling and gradient clipping
     score_weights: bool = False  # also learn how much each scored layer counts (softmax weights, start uniform)
 
 
