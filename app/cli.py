@@ -160,7 +160,8 @@ def info(engine: Path = typer.Argument(..., help="engine directory"),
     out.print(f"[bold]{engine}[/] (format {m.format_version}, diffscore {m.diffscore_version})")
     out.print(f"source {m.source_path} sha256 {m.source_sha256[:12]}; "
               f"{'pixel space' if m.pixel_space else f'latent space (scaling {m.latent_scaling})'}; "
-              f"image {m.image_size}px x{m.image_channels}; sample {m.sample_shape}; T={len(m.alphas_cumprod)}")
+              f"image {m.image_size}px x{m.image_channels}; sample {m.sample_shape}; T={len(m.alphas_cumprod)}; "
+              f"predicts {m.prediction_type}; DSD preset {m.defaults.get('dsd_preset', 'diffscore')}", markup=False)
     rows = [{"graph": k, "file": g.file, "precision": g.precision, "MB": g.size / 1e6} for k, g in m.graphs.items()]
     rows += [{"graph": k, "file": p.file, "precision": p.precision, "MB": p.size / 1e6} for k, p in m.plans.items()]
     emit(rows, "table")
