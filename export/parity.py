@@ -224,7 +224,8 @@ def match_parity(engine_dir: Path, manifest: Manifest, comp, images=None, seed: 
     texts = (trained.get("captions") or [f"a photo of a {w}" for w in ("cat", "dog", "seven")])[:5]
     opts = dict(steps=3, seed=seed)
     want = match_reference(comp, ScoringUNet(comp.unet, manifest.attention_layers), images, texts,
-                           layer_weights=trained.get("score_weights"), **opts)
+                           layer_weights=trained.get("score_weights"),
+                           preset=manifest.defaults.get("dsd_preset", "diffscore"), **opts)
     return [compare(f"{backend} fp32 match (prompt learning)", load(engine_dir, backend=backend).match(images, texts, **opts),
                     want, RTOL["fp32"]) for backend in available_backends(manifest)]
 

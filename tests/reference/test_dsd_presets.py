@@ -120,3 +120,19 @@ def test_discffusion_prompt_learning(tiny_models, tmp_path):
     want = match_reference(fresh, ScoringUNet(fresh.unet, eng.manifest.attention_layers), imgs, TEXTS, steps=3,
                            preset="discffusion")
     np.testing.assert_allclose(eng.match(imgs, TEXTS, steps=3), want, rtol=1e-4)
+
+
+def test_parity_scores_the_reference_with_the_engines_preset(tiny_models, tmp_path):
+    """An adapter trained for the diffscore preset (not the default) passes the parity suite's match check."""
+    from diffscore.engine.manifest import Manifest
+    from diffscore.export.parity import match_parity, reference_components
+
+    rng = np.random.default_rng(1)
+    pairs = Pairs([rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(6)], [t for t in TEXTS for _ in range(2)])
+    train_prompts(tiny_models["sd1"], pairs, tmp_path / "run", progress=False,
+                  config=PromptLearningConfig(shots=2, steps=2, lr=1e-2, batch_size=3, preset="diffscore"))
+    engine_dir = export_engine(tiny_models["sd1"], tmp_path / "e", adapters=tmp_path / "run", show_progress=False)
+    manifest = Manifest.load(engine_dir)
+    assert manifest.defaults["dsd_preset"] == "diffscore"
+    verdicts = match_parity(engine_dir, manifest, reference_components(manifest), pairs.images[:2])
+    assert verdicts and all(v.passed for v in verdicts)
