@@ -20,15 +20,15 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-
-from diffscore import __version__
 from rich.text import Text
 
+from diffscore import __version__
 from diffscore.app.render import Format, emit, err, error_line, output_format, say, write_rows
 from diffscore.engine.backends.choice import BACKENDS
 from diffscore.engine.manifest import PRECISIONS
 from diffscore.errors import EngineError
 from diffscore.kernels import LOSSES, STRATEGIES
+from diffscore.kernels.dsd import DEFAULT_DSD_PRESET, DSD_PRESETS
 
 try:  # recent typer bundles its own click (not installed beside it); older typer raises click's exceptions
     from typer._click.exceptions import NoArgsIsHelpError, UsageError
@@ -54,6 +54,7 @@ Method = choices("Method", ("dc", "head"))
 HeadKind = choices("HeadKind", ("linear", "attention", "difformer"))  # = reference.heads.HEAD_KINDS (tested)
 RangeMethod = choices("RangeMethod", ("minmax", "entropy", "percentile"))  # = calibration.quantize.METHODS (tested)
 Strategy = choices("Strategy", STRATEGIES)
+DsdPresetChoice = choices("DsdPreset", DSD_PRESETS)
 StrategyOpt = typer.Option(None, help="stages: fixed pruning stages | race: adaptive paired racing, stops when the "
                            "leader is z standard errors ahead (default: the engine's; --stages implies stages)")
 ZOpt = typer.Option(None, "--z", help="race: standard errors behind the leader that drop a candidate "
@@ -216,7 +217,8 @@ def match(
     texts: Optional[List[str]] = typer.Option(None, "--text", "-t", help="a caption (repeat the option)"),
     texts_file: Optional[Path] = typer.Option(None, "--texts-file", help="captions, one per line (UTF-8)"),
     timesteps: Optional[int] = typer.Option(None, min=1, help="timesteps per pair (default: the engine's)"),
-    bias_weight: float = typer.Option(0.0, help="λ of the denoising bias (needs one extra pass per timestep)"),
+    bias_weight: Optional[float] = typer.Option(None, help="λ of the denoising bias (default: the engine's DSD preset's: "
+                                                "discffusion 1, diffscore 0)"),
     seed: int = SeedOpt, batch_size: Optional[int] = BatchOpt,
     backend: Backend = BackendOpt, precision: Precision = PrecisionOpt,
     fmt: Format = FormatOpt, output: Optional[Path] = OutputOpt,
@@ -264,7 +266,8 @@ def info(engine: Path = typer.Argument(..., help="engine directory"),
         say((str(engine), "bold"), f" (format {m.format_version}, diffscore {m.diffscore_version})")
         say(f"source {m.source_path} sha256 {m.source_sha256[:12]}; "
             f"{'pixel space' if m.pixel_space else f'latent space (scaling {m.latent_scaling})'}; "
-            f"image {m.image_size}px x{m.image_channels}; sample {m.sample_shape}; T={len(m.alphas_cumprod)}")
+            f"image {m.image_size}px x{m.image_channels}; sample {m.sample_shape}; T={len(m.alphas_cumprod)}; "
+            f"predicts {m.prediction_type}; DSD preset {m.defaults.dsd_preset}")
         rows = [{"graph": k, "file": g.file, "precision": g.precision, "MB": g.size / 1e6} for k, g in m.graphs.items()]
         rows += [{"graph": k, "file": p.file, "precision": p.precision, "MB": p.size / 1e6} for k, p in m.plans.items()]
         emit(rows)
@@ -330,6 +333,9 @@ def export(
     head_dir: List[Path] = typer.Option([], "--head-dir", help="a head folder from `diffscore train-head` to ship (repeat)"),
     adapters: Optional[Path] = typer.Option(None, help="a `diffscore train-prompts` run directory: its LoRA is merged into the UNet"),
     overwrite: bool = typer.Option(False, help="replace an existing engine directory"),
+    dsd_preset: Optional[DsdPresetChoice] = typer.Option(
+        None, help="DSD scoring preset: diffscore | discffusion (the seed's: its layers, timesteps, λ=1, conditional+"
+                   "unconditional attention); default: the adapters', else discffusion"),
 ):
     """Export a diffusers model to an engine directory (ONNX graphs + manifest), atomically."""
     if Precision.int8 in precision:
@@ -339,7 +345,8 @@ def export(
 
     precisions = tuple(dict.fromkeys(["fp32", *(p.value for p in precision)]))
     path = export_engine(model, out_dir, precisions=precisions, attention_layers=split(attention_layers),
-                         feature_blocks=split(feature_blocks) or [], heads=head_dir, overwrite=overwrite, adapters=adapters)
+                         feature_blocks=split(feature_blocks) or [], heads=head_dir, overwrite=overwrite, adapters=adapters,
+                         dsd_preset=dsd_preset.value if dsd_preset else None)
     say(("wrote ", "green"), str(path))
 
 
@@ -406,15 +413,27 @@ def build_trt(
 @app.command()
 def parity(
     engine: Path = typer.Argument(..., help="engine directory"),
+    images: Optional[List[str]] = typer.Argument(
+        None, help="your images (files, folders or glob patterns) for the decision checks, with --labels; "
+                   "default: the held-out digits on a demo-shaped engine, else random images (tensor checks only)"),
     model: Optional[Path] = typer.Option(None, help="source model folder (default: the one recorded in the manifest)"),
-    limit: int = typer.Option(100, min=0, help="held-out demo digits for the decision check (demo engines; 0: none)"),
+    limit: int = typer.Option(100, min=0, help="use at most N images for the decision checks (0: none)"),
+    labels: Optional[str] = LabelsOpt, labels_file: Optional[Path] = LabelsFileOpt,
 ):
-    """Torch vs every available backend and precision: tensor errors and decision agreement (exit 1 on a failure)."""
+    """Torch vs every available backend and precision: tensor errors, and top-1 decision agreement of
+    fp32/fp16/int8 with torch fp32 on your images (or the demo digits); exit 1 on a failure."""
     require_torch("parity")
     from diffscore.app.demo import demo_parity_inputs
     from diffscore.export.parity import run_parity
 
-    if not run_parity(engine, model, echo=say, **demo_parity_inputs(engine, limit)):
+    if images:
+        paths = image_paths(images)[:limit]
+        inputs = dict(images=[str(p) for p in paths], labels=read_labels(labels, labels_file), source="of your images")
+    elif labels or labels_file:
+        raise EngineError("--labels needs images to judge: diffscore parity ENGINE IMAGES... --labels a,b,c")
+    else:
+        inputs = demo_parity_inputs(engine, limit)
+    if not run_parity(engine, model, echo=say, **inputs):
         raise EngineError("parity failed: see the FAILED lines above")
 
 
@@ -521,6 +540,8 @@ def train_prompts(
     seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed of the shots, timesteps, noise and LoRA init"),
     score_weights: bool = typer.Option(False, "--score-weights", help="also learn how much each scored attention layer counts (the engine pools the layers with these weights)"),
     overwrite: bool = typer.Option(False, help="replace an existing run directory's adapter"),
+    preset: DsdPresetChoice = typer.Option(DEFAULT_DSD_PRESET, help="DSD preset trained for: discffusion (the default: attention + bias, a new "
+                                                   "t and ε per pair, gradients clipped at 1.0) | diffscore (attention score)"),
 ):
     """Few-shot prompt learning for DSD matching: a rank-4 LoRA on the attention projections (export with --adapters)."""
     if demo == (data is not None):
@@ -532,7 +553,7 @@ def train_prompts(
 
     pairs = demo_pairs() if demo else read_pairs(data)
     cfg = PromptLearningConfig(shots=shots, steps=train_steps, lr=lr, batch_size=batch_size, seed=seed,
-                               score_weights=score_weights)
+                               score_weights=score_weights, preset=preset.value)
     run = run_training(model, pairs, out_dir, cfg, overwrite=overwrite)
     say(("wrote ", "green"), f"{out_dir} ({run['pairs']} pairs, {len(run['captions'])} captions, {train_steps} steps, "
         f"loss {run['loss'][0]:.4f} -> {run['final_loss_mean20']:.4f} (mean of last 20), {run['wall_time_s']:.0f} s)")

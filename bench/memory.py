@@ -1,6 +1,6 @@
 """Peak memory of classification against the number of images: 100 and 2,000 photos of 512 x 512 on an
-engine with 64 x 64 x 4 latents (a tiny random-weight SD-layout model: the VAE and UNet are small, the
-images and latents are Stable Diffusion's size). Each run is a fresh process that classifies a generator
+engine with 64 x 64 x 4 latents (a tiny random-weight SD-layout model: the VAE (4 channels) and UNet are
+small so 2,000 images take minutes, the images and latents are Stable Diffusion's size). Each run is a fresh process that classifies a generator
 of file paths with `Engine.classify_iter`; the figure is its peak resident set size (ru_maxrss).
 
     .venv/bin/python bench/memory.py [--update-readme]
@@ -47,7 +47,7 @@ def build_model(path: Path) -> Path:
                          cross_attention_dim=16, norm_num_groups=8, attention_head_dim=2,
                          down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).save_pretrained(path / "unet")
-    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8), norm_num_groups=8,
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(4, 4, 4, 4), norm_num_groups=4,
                   down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                   sample_size=SIZE).save_pretrained(path / "vae")
     CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=16, intermediate_size=32, num_hidden_layers=1,

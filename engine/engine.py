@@ -23,8 +23,8 @@ from diffscore.engine.options import (check_count, check_distinct_tokens, check_
                                       check_template)
 from diffscore.engine.progress import progress_bar
 from diffscore.engine.results import Classification, ClassifyOptions, MatchOptions, MatchResult, classification
-from diffscore.kernels import (LOSSES, PairedRace, RaceConfig, add_noise, denoising_error, dsd_timesteps, new_run,
-                               pool_layer_scores, race_plan, shared_noise)
+from diffscore.kernels import (LOSSES, PairedRace, RaceConfig, add_noise, denoising_error, dsd_pair_scores, dsd_preset,
+                               dsd_timesteps, epsilon_from_output, new_run, pool_layer_scores, race_plan, shared_noise)
 from diffscore.kernels.racing import DEFAULT_GRID
 
 log = logging.getLogger("diffscore")
@@ -163,6 +163,14 @@ class Engine(HeadScoring):
         trained = self.manifest.score_weights
         return None if not trained else np.array([trained[n] for n in self.manifest.attention_layers], np.float32)
 
+    def dsd_preset(self, preset: str | None = None):
+        """The engine's DSD preset (recorded at export); another one needs its own attention layers: refused."""
+        own = self.defaults.dsd_preset
+        if preset is not None and preset != own:
+            raise EngineError(f"{self.engine_dir} was exported with the {own} DSD preset's attention layers; "
+                              f"export the model with --dsd-preset {preset} to score with that preset")
+        return dsd_preset(own)
+
     def default_batch_size(self) -> int:
         """Pairs per UNet call: small samples batch wide on CPU; GPUs and big latents less so."""
         plans = [p for p in self.manifest.plans.values() if p.graph.startswith("unet")]
@@ -204,12 +212,15 @@ class Engine(HeadScoring):
         scores = np.empty((n, len(self.manifest.attention_layers)), dtype=np.float32)
 
         def run(sl: slice):
+            x_t = pairs.xt[pairs.xt_row[sl]]
             out = unet.infer({
-                "sample": pairs.xt[pairs.xt_row[sl]],
+                "sample": x_t,
                 "timestep": pairs.timestep[sl],
                 "encoder_hidden_states": emb[pairs.emb_row[sl]],
             })
-            errors[sl] = denoising_error(noise[pairs.eps_row[sl]], out["eps"], loss)
+            eps_hat = epsilon_from_output(out["eps"], x_t, self.alphas_cumprod[pairs.timestep[sl].astype(np.int64)],
+                                          self.manifest.prediction_type)  # the graph returns the raw UNet output
+            errors[sl] = denoising_error(noise[pairs.eps_row[sl]], eps_hat, loss)
             scores[sl] = out["attn_scores"]
 
         chunks = [slice(lo, lo + batch_size) for lo in range(0, n, batch_size)]
@@ -362,26 +373,32 @@ class Engine(HeadScoring):
                       np.concatenate(emb_row), eps_row)
 
     # --- DSD matching -------------------------------------------------------------------------
-    def match(self, images, texts: list[str], *, steps: int | None = None, bias_weight: float = 0.0, seed: int = 0,
-              batch_size: int | None = None, progress: bool = False) -> MatchResult:
+    def match(self, images, texts: list[str], *, steps: int | None = None, bias_weight: float | None = None,
+              seed: int = 0, batch_size: int | None = None, progress: bool = False,
+              preset: str | None = None) -> MatchResult:
         """DSD scores of every (image, text) pair as a MatchResult (higher = better match).
 
         score = mean over timesteps of the attention score + bias_weight · denoising bias. The attention
         score pools the captured layers with the engine's learned score weights when prompt learning
         trained some (`train-prompts --score-weights`), else their mean.
-        images: paths, PIL images or uint8 arrays. texts: the captions.
-        steps: timesteps per pair (default: the engine's). bias_weight: λ (0 skips the extra
-        empty-prompt pass). seed: seed of the shared noise. batch_size: UNet batch (default: automatic).
-        progress: show a progress bar on stderr."""
+        images: paths, PIL images or uint8 arrays; any iterable. texts: the captions.
+        steps: timesteps per pair (default: the engine's). bias_weight: λ (default: the preset's; 0 skips
+        the extra empty-prompt pass where the preset allows). seed: seed of the shared noise. batch_size:
+        UNet batch (default: automatic). progress: show a progress bar on stderr.
+        preset: the DSD preset (kernels.dsd: diffscore | discffusion); only the engine's own, chosen at
+        export with its attention layers."""
         texts = check_labels(texts, what="texts")
         self.check_prompts(texts, "texts")
         steps = check_count("steps", steps, optional=True)
         batch_size = check_count("batch_size", batch_size, optional=True)
-        bias_weight, seed = check_finite("bias_weight", bias_weight), check_seed(seed)
-        ts = np.array(dsd_timesteps(steps or self.defaults.dsd_steps, len(self.alphas_cumprod)))
+        seed = check_seed(seed)
+        spec = self.dsd_preset(preset)
+        bias_weight = spec.bias_weight if bias_weight is None else check_finite("bias_weight", bias_weight)
+        ts = np.array(dsd_timesteps(steps or self.defaults.dsd_steps, len(self.alphas_cumprod),
+                                    reverse=spec.reversed_timesteps))
         batch_size = batch_size or self.default_batch_size()
         use_bias = bias_weight != 0.0
-        prompts = texts + ([""] if use_bias else [])
+        prompts = texts + ([""] if use_bias or spec.pool_unconditional else [])
         emb = self.encode_text(prompts)
         sample = tuple(self.manifest.sample_shape)
         noise = shared_noise(seed, len(ts), sample)
@@ -398,12 +415,9 @@ class Engine(HeadScoring):
                 img, prm, k = np.meshgrid(np.arange(w), np.arange(P), np.arange(K), indexing="ij")
                 pairs = _Pairs(xt, (img * K + k).ravel(), ts[k.ravel()].astype(np.float32), prm.ravel(), k.ravel())
                 l2, scores = self._run_pairs(pairs, emb, noise, "l2", batch_size)
-                attn = pool_layer_scores(scores, layer_weights).reshape(w, P, K)[:, : len(texts)]
-                score = attn
-                if use_bias:
-                    norm = np.sqrt(l2.astype(np.float64) * numel).reshape(w, P, K)  # ||ε - ε̂||₂
-                    score = attn + bias_weight * (norm[:, -1:, :] - norm[:, : len(texts)])
-                out.append(score.mean(axis=2))
+                attn = pool_layer_scores(scores, layer_weights).reshape(w, P, K).astype(np.float64)
+                norm = np.sqrt(l2.astype(np.float64) * numel).reshape(w, P, K)  # ||ε - ε̂||₂
+                out.append(dsd_pair_scores(attn, norm, len(texts), spec, bias_weight))
                 advance(w)
         if not out:
             raise EngineError("no images given")

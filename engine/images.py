@@ -1,20 +1,62 @@
 """Image input for both paths: one implementation, so reference and runtime see identical pixels.
 
-Pillow + numpy only. Resize the shorter side to the model's size (bicubic), centre-crop, scale to
-[-1, 1], channels first.
+Pillow + numpy only. Images are taken as users have them: EXIF orientation applied; alpha (RGBA, LA,
+transparent palettes) composited onto BACKGROUND (white); palette, CMYK and other colour modes converted
+to RGB; 16-bit (I;16, I) and float (F, values in [0, 1]) greyscale kept at full precision. Then exactly
+torchvision's ``Resize(size, BICUBIC)`` + ``CenterCrop(size)`` (the seed's preprocessing): shorter side to
+`size`, long side *truncated* (int(size·long/short)), crop offsets int(round((new − size)/2)); the
+conversion to the model's channels (RGB or greyscale) comes after the resize, as the seed's
+``_convert_image_to_rgb`` does; finally [-1, 1], channels first.
+
+Decompression bombs (images over MAX_IMAGE_PIXELS, Pillow's limit, ~89.5 M pixels) are refused in one
+line; the environment variable DIFFSCORE_MAX_IMAGE_PIXELS raises the limit.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from diffscore.errors import EngineError
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
+MAX_PIXELS_ENV = "DIFFSCORE_MAX_IMAGE_PIXELS"
+HIGH_BIT = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I": 65535.0}  # full-scale value per mode
+
+
+def max_image_pixels() -> int:
+    """The decompression-bomb limit: DIFFSCORE_MAX_IMAGE_PIXELS, else Pillow's default."""
+    raw = os.environ.get(MAX_PIXELS_ENV)
+    if raw is None:
+        return int(Image.MAX_IMAGE_PIXELS or 0) or 89_478_485
+    if not raw.strip().isdigit():
+        raise EngineError(f"{MAX_PIXELS_ENV}={raw!r} is not a whole number of pixels")
+    return int(raw)
+
+
+def open_image(path: Path) -> Image.Image:
+    """Read an image file fully, refusing decompression bombs in one line."""
+    limit, saved = max_image_pixels(), Image.MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow only warns up to 2x its limit
+            Image.MAX_IMAGE_PIXELS = limit
+            with Image.open(path) as im:
+                im.load()
+                return im.copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise EngineError(f"image {path} has more pixels than the limit of {limit:,} (a decompression-bomb guard); "
+                          f"if you trust it, raise the limit with {MAX_PIXELS_ENV}=N") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise EngineError(f"cannot read image {path}: {e}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 def to_pil(image: ImageInput) -> Image.Image:
@@ -25,12 +67,7 @@ def to_pil(image: ImageInput) -> Image.Image:
         path = Path(image)
         if not path.is_file():
             raise EngineError(f"image file {path} does not exist")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                return im.copy()
-        except (UnidentifiedImageError, OSError) as e:
-            raise EngineError(f"cannot read image {path}: {e}") from None
+        return open_image(path)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3):
             raise EngineError(
@@ -41,18 +78,48 @@ def to_pil(image: ImageInput) -> Image.Image:
     raise EngineError(f"unsupported image type {type(image).__name__}: give a path, a PIL image or a uint8 array")
 
 
-def preprocess(image: ImageInput, size: int, channels: int) -> np.ndarray:
-    """(channels, size, size) float32 in [-1, 1]: resize shorter side (bicubic), centre crop."""
-    im = to_pil(image).convert("L" if channels == 1 else "RGB")
+def canonical(im: Image.Image) -> Image.Image:
+    """Upright, opaque image in mode L or RGB (8-bit), or F (greyscale in [0, 1]) for 16-bit/float sources."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in HIGH_BIT:
+        return Image.fromarray(np.clip(np.asarray(im, dtype=np.float32) / HIGH_BIT[im.mode], 0.0, 1.0))  # float32 -> mode F
+    if im.mode in ("L", "RGB", "F"):
+        return im
+    if im.mode == "1":
+        return im.convert("L")
+    if im.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (im.mode == "P" and "transparency" in im.info):
+        grey = im.mode in ("LA", "La")
+        flat = Image.alpha_composite(Image.new("RGBA", im.size, (*BACKGROUND, 255)), im.convert("RGBA"))
+        return flat.convert("L" if grey else "RGB")
+    return im.convert("RGB")  # P, CMYK, YCbCr, LAB, HSV
+
+
+def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
+    """torchvision's Resize(size, BICUBIC) + CenterCrop(size) on a PIL image."""
     w, h = im.size
-    if (w, h) != (size, size):
-        scale = size / min(w, h)
-        im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-        w, h = im.size
-        left, top = (w - size) // 2, (h - size) // 2
-        im = im.crop((left, top, left + size, top + size))
-    x = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
-    return x[None] if channels == 1 else x.transpose(2, 0, 1).copy()
+    short, long = min(w, h), max(w, h)
+    new_long = int(size * long / short)  # truncated, as torchvision's _compute_resized_output_size
+    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    if (new_w, new_h) != (w, h):
+        im = im.resize((new_w, new_h), Image.BICUBIC)
+    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+    return im.crop((left, top, left + size, top + size))
+
+
+def preprocess(image: ImageInput, size: int, channels: int) -> np.ndarray:
+    """(channels, size, size) float32 in [-1, 1]: canonical mode, resize + centre crop, then channels."""
+    im = resize_center_crop(canonical(to_pil(image)), size)
+    if im.mode == "F":
+        x = np.clip(np.asarray(im, dtype=np.float32), 0.0, 1.0) * 2.0 - 1.0  # bicubic may overshoot, as 8-bit clips
+    else:
+        if channels == 1 and im.mode == "RGB":
+            im = im.convert("L")
+        x = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    if x.ndim == 2:
+        x = x[None] if channels == 1 else np.repeat(x[None], 3, axis=0)
+    else:
+        x = x.transpose(2, 0, 1)
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def preprocess_batch(images, size: int, channels: int) -> np.ndarray:

@@ -92,6 +92,7 @@ class ScoringDefaults:
     dsd_steps: int = 10  # DSD timesteps per pair
     strategy: str = DEFAULT_STRATEGY  # "stages" | "race"
     race: dict = field(default_factory=dict)  # the race's z, min_rounds, round_size, budget (else RaceConfig's)
+    dsd_preset: str = "diffscore"  # DSD scoring preset (kernels.dsd), fixed at export with its attention layers
 
 
 @dataclass
@@ -181,6 +182,8 @@ class Manifest:
     calibration: CalibrationRecord | None = None
     # the race's visiting order: grid timesteps, best separating first (`diffscore profile`); None = spread order
     timestep_profile: list[int] | None = None
+    # what the UNet predicts (the scheduler config's prediction_type): errors are taken on ε̂ converted from it
+    prediction_type: str = "epsilon"
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):

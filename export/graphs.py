@@ -24,14 +24,15 @@ class TextEncoderGraph(nn.Module):
 
 
 class VaeEncoderGraph(nn.Module):
-    """image (B, 3, H, W) in [-1, 1] -> x0 = posterior mean * scaling factor (deterministic)."""
+    """image (B, 3, H, W) in [-1, 1] -> x0 = (posterior mean − shift factor) * scaling factor (deterministic)."""
 
     def __init__(self, vae: nn.Module):
         super().__init__()
         self.vae, self.scaling = vae, float(vae.config.scaling_factor)
+        self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
 
     def forward(self, image):
-        return self.vae.encode(image).latent_dist.mean * self.scaling
+        return (self.vae.encode(image).latent_dist.mean - self.shift) * self.scaling
 
 
 def graph_contracts(comp: Components, scoring_unet: ScoringUNet) -> dict:

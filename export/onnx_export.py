@@ -27,9 +27,10 @@ from diffscore.engine.progress import progress_bar
 from diffscore.engine.manifest import BATCH
 from diffscore.export.atomic import build_dir, check_replaceable
 from diffscore.export.graphs import graph_contracts, head_contract
+from diffscore.kernels.dsd import DEFAULT_DSD_PRESET, DSD_PRESETS
 from diffscore.reference.heads import CONFIG as HEAD_CONFIG, WEIGHTS as HEAD_WEIGHTS
 from diffscore.reference.loading import Components, load_components
-from diffscore.reference.scoring_unet import ScoringUNet
+from diffscore.reference.scoring_unet import ScoringUNet, preset_attention_layers
 
 log = logging.getLogger("diffscore")
 OPSET = 18  # 17-19 are all parsed by TensorRT 10/11; 18 has ReduceLogSumExp with axes as input
@@ -44,10 +45,11 @@ def export_engine(
     attention_layers: list[str] | None = None,
     feature_blocks: list[str] = (),
     heads: list[str | Path] = (),
-    defaults: dict | ScoringDefaults | None = None,
+    defaults: dict | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
     adapters: str | Path | None = None,
+    dsd_preset: str | None = None,
 ) -> Path:
     """Write an engine directory; nothing is left half-written if anything fails.
 
@@ -55,8 +57,12 @@ def export_engine(
     `head.<folder name>.onnx` holding the UNet layers it reads and the head (+ its weights and config).
     ``adapters``: a `diffscore train-prompts` run directory whose LoRA is merged into the UNet weights
     right after loading, so the exported graph is a plain UNet and the runtime needs no change.
+    ``dsd_preset`` (kernels.dsd; default: the adapters' preset, else DEFAULT_DSD_PRESET) picks the attention
+    layers (unless given) and `Engine.match`'s scoring; the manifest records it.
     """
     out_dir = Path(out_dir)
+    if dsd_preset is not None and dsd_preset not in DSD_PRESETS:
+        raise EngineError(f"unknown DSD preset {dsd_preset!r}; choose from {', '.join(DSD_PRESETS)}")
     unknown = set(precisions) - {"fp32", "fp16"}
     if unknown:
         raise EngineError(f"unknown precision {sorted(unknown)}; choose from fp32, fp16 (int8: `diffscore calibrate`)")
@@ -80,6 +86,13 @@ def export_engine(
             raise EngineError(f"{adapters} learned score weights for the layers {trained_layers}; export with those "
                               "attention layers (leave --attention-layers out)")
         attention_layers = attention_layers or trained_layers  # the layers it was trained on
+        trained_preset = run["config"].get("preset", "diffscore")
+        if dsd_preset not in (None, trained_preset):
+            raise EngineError(f"{adapters} was trained with the {trained_preset} DSD preset; export it with that one")
+        dsd_preset = trained_preset
+    dsd_preset = dsd_preset or DEFAULT_DSD_PRESET
+    if attention_layers is None:
+        attention_layers = preset_attention_layers(comp.unet, dsd_preset)
     scoring_unet = ScoringUNet(comp.unet, attention_layers, list(feature_blocks)).eval()
     contracts = graph_contracts(comp, scoring_unet)
     for name, (head, config, _) in trained.items():
@@ -117,8 +130,9 @@ def export_engine(
                 feature_blocks=scoring_unet.feature_blocks,
                 graphs=graphs,
                 heads={name: head_entry(name, config) for name, (_, config, _) in trained.items()},
-                defaults=defaults if isinstance(defaults, ScoringDefaults) else ScoringDefaults(**(defaults or {})),
+                defaults=ScoringDefaults(**{"dsd_preset": dsd_preset, **(defaults or {})}),
                 adapters=merged,
+                prediction_type=comp.prediction_type,
             )
             for name in [manifest.tokenizer, *(f for h in manifest.heads.values() for f in (h.weights, h.config))]:
                 manifest.record_file(tmp, name)

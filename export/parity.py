@@ -94,9 +94,9 @@ def feeds(manifest: Manifest, comp, engine_dir: Path, seed: int = 0, batch: int 
 
 
 def real_images(manifest: Manifest, n: int, rng, images=None) -> list:
-    """The first n of the caller's images; smooth random images when it gives none."""
+    """The first n of the caller's images (repeated when it gives fewer); smooth random images when it gives none."""
     if images:
-        return list(images[:n])
+        return [images[i % len(images)] for i in range(n)]
     size = manifest.image_size
     base = rng.integers(0, 256, (n, 4, 4, manifest.image_channels), dtype=np.uint8)
     from PIL import Image
@@ -211,7 +211,7 @@ def match_parity(engine_dir: Path, manifest: Manifest, comp, images=None, seed: 
     texts = (trained.captions or [f"a photo of a {w}" for w in ("cat", "dog", "seven")])[:5]
     opts = dict(steps=3, seed=seed)
     want = match_reference(comp, ScoringUNet(comp.unet, manifest.attention_layers), images, texts,
-                           layer_weights=trained.score_weights, **opts)
+                           layer_weights=trained.score_weights, preset=manifest.defaults.dsd_preset, **opts)
     return [compare(f"{backend} fp32 match (prompt learning)", load(engine_dir, backend=backend).match(images, texts, **opts),
                     want, RTOL["fp32"]) for backend in available_backends(manifest)]
 

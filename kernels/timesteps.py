@@ -42,9 +42,11 @@ def check_stages(stages: list[tuple[int, int]]) -> None:
         raise ValueError(f"stage keep counts {keeps} must not increase")
 
 
-def dsd_timesteps(n_steps: int, num_train_timesteps: int = 1000) -> list[int]:
-    """DSD's evenly spaced timesteps: ``range(10, 990, T//S)``, the default of Discffusion."""
+def dsd_timesteps(n_steps: int, num_train_timesteps: int = 1000, reverse: bool = False) -> list[int]:
+    """DSD's evenly spaced timesteps: ``idx in range(10, 990, T//S)``, t = idx; with `reverse`,
+    t = T − 1 − idx (Discffusion's indexing of the descending scheduler timesteps), ascending."""
     if n_steps < 1:
         raise ValueError(f"n_steps must be ≥ 1, got {n_steps}")
     T = num_train_timesteps
-    return list(range(10 * T // 1000, 990 * T // 1000, max(1, T // n_steps)))[:n_steps]
+    idx = list(range(10 * T // 1000, 990 * T // 1000, max(1, T // n_steps)))[:n_steps]
+    return sorted(T - 1 - i for i in idx) if reverse else idx

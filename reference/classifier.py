@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from diffscore.engine.images import preprocess_batch
 from diffscore.engine.results import Classification, classification
 from diffscore.kernels import RaceConfig, new_run, shared_noise
-from diffscore.reference.loading import Components, add_noise, encode_images, encode_prompts
+from diffscore.reference.loading import Components, add_noise, encode_images, encode_prompts, epsilon_hat
 
 
 def torch_error(eps: torch.Tensor, eps_hat: torch.Tensor, loss: str) -> torch.Tensor:
@@ -66,7 +66,8 @@ def classify_reference(
             errors = torch.empty(len(ci))
             for lo in range(0, len(ci), batch_size):
                 c, k = ci[lo : lo + batch_size], ki[lo : lo + batch_size]
-                eps_hat = components.unet(x_t[k], t_all[pos][k], encoder_hidden_states=embeddings[c]).sample
+                out = components.unet(x_t[k], t_all[pos][k], encoder_hidden_states=embeddings[c]).sample
+                eps_hat = epsilon_hat(components, out, x_t[k], t_all[pos][k])
                 errors[lo : lo + batch_size] = torch_error(eps[pos][k], eps_hat, loss)
             run.submit(errors.view(len(cand), len(pos)).double().numpy())
         results.append(classification(run, labels, candidate_class))

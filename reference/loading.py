@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,16 @@ class Components:
     def latent_scaling(self) -> float | None:
         return None if self.vae is None else float(self.vae.config.scaling_factor)
 
+    @property
+    def latent_shift(self) -> float:
+        """The VAE's shift_factor (x0 = (mean − shift) · scale); 0 for VAEs without one."""
+        return 0.0 if self.vae is None else float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+
+    @property
+    def prediction_type(self) -> str:
+        """What the UNet was trained to predict: epsilon, v_prediction or sample (scheduler config)."""
+        return str(self.scheduler.config.get("prediction_type", "epsilon"))
+
 
 def load_components(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> Components:
     """UNet, text encoder, tokenizer, scheduler and (optional) VAE from a local diffusers folder."""
@@ -72,6 +83,7 @@ def load_components(model_dir: str | Path, dtype: torch.dtype = torch.float32) -
         raise EngineError(
             f"{path} is not a diffusers model folder (no model_index.json and no unet/config.json)"
         )
+    check_supported(path)
     for component in ("unet", "text_encoder", "tokenizer", "scheduler"):
         if not (path / component).is_dir():
             raise EngineError(f"model folder {path} has no {component}/ component")
@@ -86,16 +98,18 @@ def load_components(model_dir: str | Path, dtype: torch.dtype = torch.float32) -
     try:
         scheduler = scheduler_cls.from_pretrained(path, subfolder="scheduler", local_files_only=True)
         unet = diffusers.UNet2DConditionModel.from_pretrained(
-            path, subfolder="unet", torch_dtype=dtype, local_files_only=True
+            path, subfolder="unet", torch_dtype=dtype, local_files_only=True, variant=weights_variant(path / "unet")
         )
         text_cls = CLIPTextModel
         if "WithProjection" in str(_read_json(path / "text_encoder" / "config.json").get("architectures")):
             text_cls = CLIPTextModelWithProjection
-        text_encoder = text_cls.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype, local_files_only=True)
+        text_encoder = text_cls.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype, local_files_only=True,
+                                                variant=weights_variant(path / "text_encoder"))
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
         vae = None
         if (path / "vae").is_dir():
-            vae = diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, local_files_only=True)
+            vae = diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, local_files_only=True,
+                                                          variant=weights_variant(path / "vae"))
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EngineError(f"cannot load model from {path}: {first}") from None
@@ -104,6 +118,59 @@ def load_components(model_dir: str | Path, dtype: torch.dtype = torch.float32) -
             module.eval().requires_grad_(False)
     log.info("loaded %s (%s space)", path, "pixel" if vae is None else "latent")
     return Components(path, unet, text_encoder, tokenizer, scheduler, vae)
+
+
+WEIGHT_FILE = re.compile(r"(?:diffusion_pytorch_model|model|pytorch_model)(?:\.([\w-]+))?\.(?:safetensors|bin)(?:\.index\.json)?")
+
+
+def weights_variant(component: Path) -> str | None:
+    """The weights variant of a component folder (`fp16` for `diffusion_pytorch_model.fp16.safetensors`):
+    None when plain weights are there, else the one variant present; several and no plain: refused."""
+    found = {m.group(1) for f in component.iterdir() if (m := WEIGHT_FILE.fullmatch(f.name))} if component.is_dir() else set()
+    if not found or None in found:
+        return None
+    if len(found) > 1:
+        raise EngineError(f"{component} holds the weight variants {', '.join(sorted(found))} and no plain weights; "
+                          "keep the one variant to use")
+    return found.pop()
+
+
+def check_supported(path: Path) -> None:
+    """Refuse, from the config files alone and before any weights are read, the families diffscore cannot score
+    correctly: one line that names the reason."""
+    from diffscore.kernels import PREDICTION_TYPES
+
+    index = _read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
+    if (path / "transformer").is_dir() or "transformer" in index:
+        raise EngineError(f"{path} has a transformer denoiser ({index.get('_class_name', 'transformer/')}: SD3, Flux, "
+                          "PixArt ...); diffscore scores UNet (UNet2DConditionModel) models only")
+    unet_cfg = _read_json(path / "unet" / "config.json") if (path / "unet").is_dir() else {}
+    name = unet_cfg.get("_class_name", "UNet2DConditionModel")
+    if name != "UNet2DConditionModel":
+        raise EngineError(f"{path / 'unet'} is a {name}; diffscore scores text-conditioned UNet2DConditionModel models only")
+    if unet_cfg.get("class_embed_type") or unet_cfg.get("num_class_embeds"):
+        raise EngineError(f"{path / 'unet'} is class-conditional (class_embed_type={unet_cfg.get('class_embed_type')!r}, "
+                          f"num_class_embeds={unet_cfg.get('num_class_embeds')!r}): its extra class input has no "
+                          "text-prompt meaning, so it cannot be scored")
+    if unet_cfg.get("addition_embed_type"):
+        raise EngineError(f"{path / 'unet'} needs addition_embed_type={unet_cfg['addition_embed_type']!r} inputs "
+                          "(SDXL-style text_time conditioning), which diffscore does not build yet")
+    if (path / "vae").is_dir():
+        latent = _read_json(path / "vae" / "config.json").get("latent_channels", 4)
+        if unet_cfg.get("in_channels", 4) != latent:
+            raise EngineError(f"{path / 'unet'} takes {unet_cfg.get('in_channels')} input channels but the VAE makes "
+                              f"{latent}: an inpainting / depth / image-conditioned UNet, which needs inputs besides "
+                              "the noised image and cannot be scored")
+    if unet_cfg.get("in_channels", 4) != unet_cfg.get("out_channels", 4):
+        raise EngineError(f"{path / 'unet'} takes {unet_cfg.get('in_channels')} channels and predicts "
+                          f"{unet_cfg.get('out_channels')}: an image-conditioned UNet, which cannot be scored")
+    sched = _read_json(path / "scheduler" / "scheduler_config.json") if (path / "scheduler").is_dir() else {}
+    if "FlowMatch" in str(sched.get("_class_name")):
+        raise EngineError(f"{path / 'scheduler'} is a flow-matching scheduler ({sched['_class_name']}); diffscore scores "
+                          "DDPM-style (ᾱ_t) diffusion models only")
+    if sched.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
+        raise EngineError(f"{path / 'scheduler'} has prediction_type {sched['prediction_type']!r}; diffscore "
+                          f"understands {', '.join(PREDICTION_TYPES)}")
 
 
 def _read_json(path: Path) -> dict:
@@ -125,17 +192,32 @@ def encode_prompts(components: Components, prompts: list[str]) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_images(components: Components, pixels: torch.Tensor) -> torch.Tensor:
-    """x0: the VAE posterior mean times the scaling factor (deterministic), or the pixels themselves."""
+    """x0: (VAE posterior mean − shift factor) × scaling factor (deterministic), or the pixels themselves."""
     if components.vae is None:
         return pixels
-    return components.vae.encode(pixels).latent_dist.mean * components.vae.config.scaling_factor
+    return (components.vae.encode(pixels).latent_dist.mean - components.latent_shift) * components.latent_scaling
+
+
+def epsilon_hat(components: Components, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+    """ε̂ from the UNet output `out` at x_t (B, ...) and timesteps t (DESIGN §3; numpy twin: kernels.prediction).
+
+    epsilon: out; v_prediction: sqrt(ā)·out + sqrt(1−ā)·x_t; sample: (x_t − sqrt(ā)·out) / sqrt(1−ā)."""
+    kind = components.prediction_type
+    if kind == "epsilon":
+        return out
+    abar = components.alphas_cumprod[torch.as_tensor(t).long()].reshape(-1, *([1] * (out.ndim - 1)))
+    a, s = abar.sqrt().to(out.dtype), (1 - abar).sqrt().to(out.dtype)
+    if kind == "v_prediction":
+        return a * out + s * x_t
+    return (x_t - a * out) / s
 
 
 def add_noise(x0: torch.Tensor, eps: torch.Tensor, alphas_cumprod: torch.Tensor, t) -> torch.Tensor:
     """x_t = sqrt(ā_t)·x0 + sqrt(1−ā_t)·ε (DESIGN §3), in float32: the torch twin of kernels.add_noise.
 
-    t: one timestep for the whole batch, or a (K,) tensor with one timestep per row of `eps`;
-    x0 broadcasts against eps (one image (C, H, W) against K noises, or a batch against a batch)."""
+    t: one timestep for the whole batch, or a tensor of timesteps indexing the leading axes of `eps`
+    ((K,) for K noises, (B, P) for B images x P pairs); x0 broadcasts against eps (one image (C, H, W)
+    against K noises, a batch against a batch, or (B, 1, C, H, W) against (B, P, C, H, W))."""
     abar = alphas_cumprod[t]
-    shape = (-1,) + (1,) * (eps.dim() - 1) if abar.dim() else ()
+    shape = tuple(abar.shape) + (1,) * (eps.dim() - abar.dim())
     return abar.sqrt().float().reshape(shape) * x0 + (1 - abar).sqrt().float().reshape(shape) * eps

@@ -32,9 +32,10 @@ from diffscore.engine.images import preprocess_batch
 from diffscore.errors import EngineError
 from diffscore.engine.manifest import sha256_files
 from diffscore.engine.progress import progress_bar
-from diffscore.reference.loading import Components, add_noise, encode_images, encode_prompts, load_components
+from diffscore.kernels import DEFAULT_DSD_PRESET, DSD_PRESETS, DsdPreset, dsd_preset
+from diffscore.reference.loading import Components, add_noise, encode_images, encode_prompts, epsilon_hat, load_components
 from diffscore.reference.matching import pool_layers
-from diffscore.reference.scoring_unet import ScoringUNet
+from diffscore.reference.scoring_unet import ScoringUNet, preset_attention_layers
 
 log = logging.getLogger("diffscore")
 
@@ -54,7 +55,8 @@ class PromptLearningConfig:
     batch_size: int = 16  # images per step; each is scored against its caption and every negative
     max_negatives: int = 15  # cap on negatives per image when there are many captions (random subset)
     seed: int = 0
-    attention_layers: list[str] | None = None  # scored layers; None = DESIGN §3 default
+    attention_layers: list[str] | None = None  # scored layers; None = the preset's
+    preset: str = DEFAULT_DSD_PRESET  # DSD preset (kernels.dsd): its score, layers, noise sampling and gradient clipping
     score_weights: bool = False  # also learn how much each scored layer counts (softmax weights, start uniform)
 
 
@@ -172,12 +174,25 @@ def select_shots(captions: list[str], shots: int, seed: int = 0) -> np.ndarray:
 
 
 # --- training --------------------------------------------------------------------------------------
-def attention_score(scoring_unet: ScoringUNet, x_t: torch.Tensor, t: int, emb: torch.Tensor,
-                    layer_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """(B,) DSD attention score: the captured layers' scores (each a mean over heads and pixels) pooled
-    by their mean, or by ``layer_weights`` (layers,) when given."""
-    _, scores, *_ = scoring_unet(x_t, torch.full((len(x_t),), float(t)), emb)
-    return pool_layers(scores, layer_weights)
+def pair_scores(comp: Components, scoring_unet: ScoringUNet, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor,
+                eps: torch.Tensor, null_emb: torch.Tensor, preset: DsdPreset,
+                layer_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) DSD scores of B (x_t, t, caption) pairs as the preset scores them (kernels.dsd): the captured
+    layers' attention score pooled by their mean (or ``layer_weights``), with the empty prompt's averaged in
+    and λ·(||ε − ε̂(∅)|| − ||ε − ε̂(text)||) added where the preset says so."""
+    out, scores, *_ = scoring_unet(x_t, t.float(), emb)
+    a = pool_layers(scores, layer_weights)
+    if not (preset.pool_unconditional or preset.bias_weight):
+        return a
+    null_out, null_scores, *_ = scoring_unet(x_t, t.float(), null_emb.expand(len(x_t), -1, -1))
+    if preset.pool_unconditional:
+        a = (a + pool_layers(null_scores, layer_weights)) / 2
+    if preset.bias_weight:
+        def dist(o):
+            return (eps - epsilon_hat(comp, o, x_t, t)).flatten(1).norm(dim=1)
+
+        a = a + preset.bias_weight * (dist(null_out) - dist(out))
+    return a
 
 
 def train_prompts(model_dir: str | Path, pairs: Pairs, out_dir: str | Path, config: PromptLearningConfig | None = None,
@@ -187,13 +202,17 @@ def train_prompts(model_dir: str | Path, pairs: Pairs, out_dir: str | Path, conf
     Each step draws a batch of shot images and one timestep t; each image has a fixed ε (drawn once
     from the seed, shared by its true and negative captions so the comparison is fair, as in scoring)
     and is scored against its own caption and the other captions; the loss is the hinge on the
-    hardest negative. `comp` (already loaded) is modified: its UNet gets the LoRA.
+    hardest negative. `comp` (already loaded) is modified: its UNet gets the LoRA. ``config.preset``
+    discffusion scores as that preset does and draws a new (t, ε) per (image, caption) pair, clipping
+    the gradient norm at 1.0, as Discffusion's dsd_train.py does.
     """
     cfg = config or PromptLearningConfig()
     if cfg.steps < 1:
         raise EngineError(f"--steps must be ≥ 1, got {cfg.steps}")
     if not cfg.lr > 0:
         raise EngineError(f"--lr must be > 0, got {cfg.lr}")
+    if cfg.preset not in DSD_PRESETS:
+        raise EngineError(f"unknown DSD preset {cfg.preset!r}; choose from {', '.join(DSD_PRESETS)}")
     out_dir = Path(out_dir)
     if (out_dir / ADAPTER_FILE).exists() and not overwrite:
         raise EngineError(f"{out_dir} already holds a trained adapter; pass --overwrite to replace it")
@@ -207,8 +226,12 @@ def train_prompts(model_dir: str | Path, pairs: Pairs, out_dir: str | Path, conf
                                                                comp.image_channels)))
     torch.manual_seed(cfg.seed)
     params = add_lora(comp.unet, cfg.rank)
-    scoring_unet = ScoringUNet(comp.unet, cfg.attention_layers).eval()  # no dropout: the no-grad pass = the grad pass
+    preset = dsd_preset(cfg.preset)
+    layers = cfg.attention_layers or preset_attention_layers(comp.unet, cfg.preset)
+    scoring_unet = ScoringUNet(comp.unet, layers).eval()  # no dropout: the no-grad pass = the grad pass
+    null_emb = encode_prompts(comp, [""])
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(cfg.seed))  # one fixed ε per image
+    pair_noise = torch.Generator().manual_seed(cfg.seed + 1)  # discffusion: a new ε per pair
     abar = comp.alphas_cumprod.float()
     logits = torch.zeros(len(scoring_unet.attention_layers), requires_grad=True) if cfg.score_weights else None
 
@@ -225,20 +248,32 @@ def train_prompts(model_dir: str | Path, pairs: Pairs, out_dir: str | Path, conf
     with progress_bar("train-prompts", cfg.steps, enabled=progress) as advance:
         for _ in range(cfg.steps):
             batch = torch.from_numpy(rng.choice(len(x0), B, replace=False))
-            t = int(rng.integers(0, comp.num_train_timesteps))
-            x_t = add_noise(x0[batch], noise[batch], abar, t)  # (B, C, H, W)
+            # (B, 1 + N) pairs: own caption, then N negatives; each pair's t and ε
+            if preset.noise_per_pair:
+                t = torch.from_numpy(rng.integers(0, comp.num_train_timesteps, (B, 1 + N)))
+            else:
+                t = torch.full((B, 1 + N), int(rng.integers(0, comp.num_train_timesteps)))
             negatives = torch.stack([_negatives(rng, int(target[b]), P, N) for b in batch])  # (B, N) caption ids
+            captions_bn = torch.cat([target[batch, None], negatives], dim=1)
+            eps = (torch.randn((B, 1 + N, *x0.shape[1:]), generator=pair_noise) if preset.noise_per_pair
+                   else noise[batch, None].expand(-1, 1 + N, *x0.shape[1:]))
+            x_t = add_noise(x0[batch, None], eps, abar, t)  # (B, 1 + N, C, H, W)
+
+            def score(rows, cols):
+                return pair_scores(comp, scoring_unet, x_t[rows, cols], t[rows, cols], emb[captions_bn[rows, cols]],
+                                   eps[rows, cols], null_emb, preset, weights())
+
             # The hinge's (sub)gradient flows only through the positive and the hardest negative, so find
-            # that negative without a graph, then backpropagate through 2B passes instead of B(N+1).
+            # that negative without a graph, then backpropagate through 2B pairs instead of B(N+1).
+            rows = torch.arange(B)
             with torch.no_grad():
-                neg = attention_score(scoring_unet, x_t.repeat_interleave(N, dim=0), t, emb[negatives.flatten()],
-                                      weights())
-            hardest = negatives[torch.arange(B), neg.view(B, N).argmax(dim=1)]  # (B,)
-            scores = attention_score(scoring_unet, torch.cat([x_t, x_t]), t, emb[torch.cat([target[batch], hardest])],
-                                     weights())
+                neg = score(rows.repeat_interleave(N), torch.arange(1, 1 + N).repeat(B)).view(B, N)
+            scores = score(torch.cat([rows, rows]), torch.cat([torch.zeros(B, dtype=torch.long), 1 + neg.argmax(dim=1)]))
             loss = hinge_loss(scores[:B], scores[B:, None], cfg.margin)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
+            if preset.clip_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, preset.clip_grad_norm)
             optimiser.step()
             losses.append(loss.item())
             advance(note=f"loss {np.mean(losses[-20:]):.4f}")
@@ -250,8 +285,11 @@ def train_prompts(model_dir: str | Path, pairs: Pairs, out_dir: str | Path, conf
         "lora": {"rank": cfg.rank, "alpha": cfg.rank, "target_modules": list(TARGET_MODULES),
                  "trainable_params": sum(p.numel() for p in params)},
         "pairs": len(index), "captions": vocab, "shot_indices": index.tolist(),
-        "timestep_sampling": f"uniform integer in [0, {comp.num_train_timesteps}) per step",
-        "noise": "one fixed ε per training image from torch.Generator(seed), shared by its captions",
+        "timestep_sampling": f"uniform integer in [0, {comp.num_train_timesteps}) per "
+                             f"{'(image, caption) pair' if preset.noise_per_pair else 'step'}",
+        "noise": ("a new ε per (image, caption) pair from torch.Generator(seed + 1)" if preset.noise_per_pair else
+                  "one fixed ε per training image from torch.Generator(seed), shared by its captions"),
+        "clip_grad_norm": preset.clip_grad_norm,
         "score_weights": None if logits is None else dict(zip(scoring_unet.attention_layers, weights().tolist())),
         "loss": losses, "final_loss_mean20": float(np.mean(losses[-20:])),
         "wall_time_s": round(seconds, 2), "torch_threads": torch.get_num_threads(),

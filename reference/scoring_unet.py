@@ -76,6 +76,30 @@ def default_attention_layers(unet: nn.Module) -> list[str]:
     return sorted(last_per_block.values(), key=lambda n: section[n.split(".")[0]])  # stable: forward order
 
 
+def discffusion_attention_layers(unet: nn.Module) -> list[str]:
+    """Discffusion's layers: per down/mid/up section, the last block with cross-attention, every attention
+    (Transformer2D) of it, the last transformer block of each (its unet_2d_condition.py forward)."""
+    last_block: dict[str, str] = {}
+    for name in cross_attention_layers(unet):
+        parts = name.split(".")
+        last_block[parts[0]] = parts[0] if parts[0] == "mid_block" else ".".join(parts[:2])
+    chosen: dict[str, str] = {}  # attention module -> its last transformer block's attn2, in forward order
+    for name in cross_attention_layers(unet):
+        section = name.split(".")[0]
+        if name.startswith(last_block[section] + ".attentions."):
+            chosen[name.split(".transformer_blocks.")[0]] = name
+    section = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+    return sorted(chosen.values(), key=lambda n: section[n.split(".")[0]])  # stable: forward order
+
+
+def preset_attention_layers(unet: nn.Module, preset: str) -> list[str]:
+    """The attention layers a DSD preset (kernels.dsd) scores."""
+    from diffscore.kernels import dsd_preset
+
+    rule = dsd_preset(preset).layers
+    return discffusion_attention_layers(unet) if rule == "last-block-per-section" else default_attention_layers(unet)
+
+
 class ScoringUNet(nn.Module):
     """forward(sample, timestep, encoder_hidden_states) -> (eps, attn_scores (B, layers), *features)."""
 
