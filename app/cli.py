@@ -677,7 +677,8 @@ def main(argv: list[str] | None = None) -> None:
         error_line("terminated (SIGTERM); nothing half-written was left" if stopped_by["signal"]
                    else "interrupted; nothing half-written was left")
         sys.exit(143 if stopped_by["signal"] else 130)
-    sys.exit(code if isinstance(code, int) else 0)
+    if isinstance(code, int) and code:
+        sys.exit(code)  # success returns normally (exit 0), so in-process callers need not catch SystemExit
 
 
 if __name__ == "__main__":

@@ -229,7 +229,7 @@ def classify_dataset(images, engine_dir, labels: list[str] | None = None, *, met
                           address=address, ray_options=ray_options)
 
 
-def match_dataset(images, engine_dir, texts: list[str], *, steps: int | None = None, bias_weight: float = 0.0,
+def match_dataset(images, engine_dir, texts: list[str], *, steps: int | None = None, bias_weight: float | None = None,
                   seed: int = 0, batch_size: int | None = None, actors: int = 1, batch_images: int = 16,
                   num_cpus: float = 1, num_gpus: float = 0, backend: str = "auto", precision: str = "fp32",
                   address: str | None = None, ray_options: dict | None = None):

@@ -255,7 +255,7 @@ class DiffscoreServer:
         texts = text_list(body, "texts", self.limits)
         options = dict(texts=tuple(texts), steps=typed(body, "steps", int, minimum=1),
                        seed=typed(body, "seed", int, 0, minimum=0),
-                       bias_weight=float(typed(body, "bias_weight", (int, float), 0.0)))
+                       bias_weight=typed(body, "bias_weight", (int, float)))  # None: the engine's DSD preset's λ
         scores = await self._submit("match", options, images)
         return {"texts": texts, "scores": scores.tolist(), "best": [texts[j] for j in scores.argmax(axis=1)]}
 
@@ -271,8 +271,8 @@ class DiffscoreServer:
         return {
             "diffscore": diffscore.__version__, "engine": Path(self.engine.engine_dir).name,
             "backend": self.engine.backend, "precision": self.engine.precision,
-            "image_size": m.image_size, "image_channels": m.image_channels, "defaults": m.defaults,
-            "heads": {name: h["labels"] for name, h in m.heads.items()},
+            "image_size": m.image_size, "image_channels": m.image_channels, "defaults": asdict(m.defaults),
+            "heads": {name: h.labels for name, h in m.heads.items()},
             "limits": asdict(self.limits), "replica": serve.get_replica_context().replica_id.unique_id,
             "served": self.served,
         }

@@ -24,4 +24,8 @@ def progress_bar(description: str, total: int | None, enabled: bool = True):
         def advance(n=1, note=None):
             bar.update(task, advance=n, **({"description": f"{description} {note}"} if note else {}))
 
-        yield advance
+        try:
+            yield advance
+        except BaseException:
+            bar.live.transient = True  # a failure leaves its one error line, not a half-drawn bar
+            raise

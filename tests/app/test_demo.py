@@ -88,7 +88,7 @@ def test_cli_match(demo_engine, digit_files):
                    "--text", "a handwritten digit two", "--timesteps", "3", "--format", "json")
     assert proc.returncode == 0, proc.stderr
     row = json.loads(proc.stdout)[0]
-    assert set(row) == {"image", "best", "scores", "options"} and row["options"]["timesteps"] == [10, 343, 676]  # range(10, 990, 1000 // 3)
+    assert set(row) == {"image", "best", "scores", "options"} and row["options"]["timesteps"] == [323, 656, 989]  # the discffusion preset: 999 - idx, idx in range(10, 990, 1000 // 3)
     assert set(row["scores"]) == {"a handwritten digit one", "a handwritten digit two"}
 
 
