@@ -111,16 +111,29 @@ def demo_engine(demo_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def run_cli(monkeypatch, capsys):
-    """Run `diffscore ARGS...` in this process; returns (exit code, stderr), 0 when it returns normally."""
+def run_cli_out(capsys):
+    """Run `diffscore ARGS...` in this process; returns (exit code, stdout, stderr), 0 when it returns normally."""
 
-    def run(*args) -> tuple[int, str]:
+    def run(*args) -> tuple[int, str, str]:
         from diffscore.app import cli
 
         try:
             cli.main([*map(str, args)])
+            code = 0
         except SystemExit as exit_info:
-            return exit_info.code or 0, capsys.readouterr().err
-        return 0, capsys.readouterr().err
+            code = exit_info.code or 0
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+@pytest.fixture
+def run_cli(run_cli_out):
+    """Run `diffscore ARGS...` in this process; returns (exit code, stderr)."""
+
+    def run(*args) -> tuple[int, str]:
+        code, _, err = run_cli_out(*args)
+        return code, err
 
     return run

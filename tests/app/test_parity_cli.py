@@ -1,6 +1,5 @@
 """`diffscore parity ENGINE IMAGES... --labels a,b`: the decision checks run on the user's own images."""
 
-import sys
 
 import numpy as np
 import pytest
@@ -20,28 +19,20 @@ def setup(tiny_models, tmp_path_factory):
     return engine, root / "imgs"
 
 
-def parity(monkeypatch, capsys, *args):
-    from diffscore.app import cli
-
-    monkeypatch.setattr(sys, "argv", ["diffscore", "parity", *map(str, args)])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
+def parity(run_cli_out, *args):
+    code, out, err = run_cli_out("parity", *args)
+    return code, out + err
 
 
-def test_decisions_on_user_images(setup, monkeypatch, capsys):
+def test_decisions_on_user_images(setup, run_cli_out):
     engine, imgs = setup
-    code, text = parity(monkeypatch, capsys, engine, imgs, "--labels", "cat,dog")
+    code, text = parity(run_cli_out, engine, imgs, "--labels", "cat,dog")
     for precision in ("fp32", "fp16"):
         assert f"PASSED | ort-cpu {precision} decisions | top-1 agreement with torch fp32 = 100.00% on 3 of your images" in text
     assert code == 0
 
 
-def test_limit_and_a_disagreeing_model_fails(setup, tiny_models, tmp_path, monkeypatch, capsys):
+def test_limit_and_a_disagreeing_model_fails(setup, tiny_models, tmp_path, run_cli_out):
     import shutil
 
     import torch
@@ -54,15 +45,15 @@ def test_limit_and_a_disagreeing_model_fails(setup, tiny_models, tmp_path, monke
         for p in unet.parameters():
             p.add_(0.05 * torch.randn_like(p))
     unet.save_pretrained(other / "unet")
-    code, text = parity(monkeypatch, capsys, engine, str(imgs / "*.png"), "--labels", "cat,dog", "--limit", "2",
+    code, text = parity(run_cli_out, engine, str(imgs / "*.png"), "--labels", "cat,dog", "--limit", "2",
                         "--model", other)
     assert "on 2 of your images" in text
-    assert "FAILED | " in text  # (its exit code is main()'s to carry: the lead's fix of typer.Exit under standalone_mode=False)
+    assert "FAILED | " in text and code == 1 and "parity failed" in text  # a failing check exits non-zero
 
 
-def test_labels_without_images_and_images_without_labels(setup, monkeypatch, capsys):
+def test_labels_without_images_and_images_without_labels(setup, run_cli_out):
     engine, imgs = setup
-    code, text = parity(monkeypatch, capsys, engine, "--labels", "cat,dog")
+    code, text = parity(run_cli_out, engine, "--labels", "cat,dog")
     assert code == 1 and "--labels needs images" in text and "Traceback" not in text
-    code, text = parity(monkeypatch, capsys, engine, imgs)
+    code, text = parity(run_cli_out, engine, imgs)
     assert code == 1 and "give exactly one of --labels" in text

@@ -11,23 +11,8 @@ from diffscore.export.onnx_export import export_engine
 
 
 @pytest.fixture
-def run_cli(monkeypatch, capsys):
-    """`diffscore ARGS...` in this process: (exit code, stdout, stderr)."""
-    import sys
-
-    from diffscore.app import cli
-
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", ["diffscore", *map(str, args)])
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as exit_info:
-            code = exit_info.code or 0
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
+def run_cli(run_cli_out):
+    return run_cli_out
 
 
 @pytest.fixture(scope="module")
