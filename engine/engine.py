@@ -293,7 +293,7 @@ class Engine(HeadScoring):
         T = len(self.alphas_cumprod)
         profile = self.manifest.timestep_profile if use_profile else None
         try:
-            config = RaceConfig(**{**self.defaults.race, **given})  # call > engine default > RaceConfig
+            config = RaceConfig(**{**self.defaults.race.given(), **given})  # call > engine default > RaceConfig
             make = lambda n: new_run(strategy, n, T, stages=stages, race=config, grid_size=timesteps,  # noqa: E731
                                      profile=profile)
             make(len(labels) * len(templates))  # bad options fail here, before any image is read

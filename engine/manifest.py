@@ -83,6 +83,19 @@ class FileSpec:
 
 
 @dataclass
+class RaceDefaults:
+    """The engine's own race settings (kernels.racing.RaceConfig's fields); None = RaceConfig's default."""
+
+    z: float | None = None
+    min_rounds: int | None = None
+    round_size: int | None = None
+    budget: int | None = None
+
+    def given(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass
 class ScoringDefaults:
     """What `classify` and `match` use when the caller does not say."""
 
@@ -91,8 +104,11 @@ class ScoringDefaults:
     loss: str = "l2"  # l2 | l1 | huber
     dsd_steps: int = 10  # DSD timesteps per pair
     strategy: str = DEFAULT_STRATEGY  # "stages" | "race"
-    race: dict = field(default_factory=dict)  # the race's z, min_rounds, round_size, budget (else RaceConfig's)
+    race: RaceDefaults = field(default_factory=RaceDefaults)
     dsd_preset: str = "diffscore"  # DSD scoring preset (kernels.dsd), fixed at export with its attention layers
+
+    def __post_init__(self):
+        self.race = _typed(RaceDefaults, self.race, "defaults.race")
 
 
 @dataclass

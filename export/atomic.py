@@ -84,16 +84,27 @@ def check_replaceable(out_dir: Path, overwrite: bool) -> None:
                           "engine directories: choose another output path")
 
 
+def written_by_us(path, out_dir: Path) -> bool:
+    """Whether `path` is one of the places a build of `out_dir` writes: the directory itself, or its lock,
+    temporary and old siblings (`.OUT.*`)."""
+    path, out_dir = Path(path).absolute(), out_dir.absolute()
+    return (path == out_dir or out_dir in path.parents or path == out_dir.parent
+            or (path.parent == out_dir.parent and path.name.startswith(f".{out_dir.name}.")))
+
+
 @contextmanager
 def disk_errors(out_dir: Path):
-    """A full, read-only or forbidden disk is one line naming the path, not a traceback."""
+    """A full, read-only or forbidden disk is one line naming the path, not a traceback; an input that
+    cannot be read (a model file, an image) is named as such, not blamed on the output disk."""
     try:
         yield
     except OSError as e:
         if isinstance(e, (BlockingIOError, InterruptedError)):
             raise
-        where = getattr(e, "filename", None) or out_dir
-        raise EngineError(f"{e.strerror or e}: {where}; nothing was written to {out_dir}") from None
+        path = getattr(e, "filename", None)
+        if path is not None and not written_by_us(path, Path(out_dir)):
+            raise EngineError(f"cannot read {path}: {e.strerror or e}; nothing was written to {out_dir}") from None
+        raise EngineError(f"{e.strerror or e}: {path or out_dir}; nothing was written to {out_dir}") from None
 
 
 @contextmanager

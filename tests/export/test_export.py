@@ -1,9 +1,11 @@
 """Export: engine directory contents, fp32/fp16 parity with torch for every UNet kind, TensorRT op
 support of every exported graph, atomicity, and the tokenizer.json round trip."""
 
+import errno
 import json
 
 import numpy as np
+
 import pytest
 
 from diffscore.errors import EngineError
@@ -73,6 +75,27 @@ def test_failed_export_leaves_nothing(tiny_models, tmp_path, monkeypatch):
     monkeypatch.setattr(ex, "write_tokenizer", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         export_engine(tiny_models["pixel"], tmp_path / "eng", show_progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("error, says", [
+    (lambda model, out: OSError(errno.EACCES, "Permission denied", str(model / "tokenizer" / "vocab.json")),
+     "cannot read {model}/tokenizer/vocab.json: Permission denied"),
+    (lambda model, out: OSError(errno.ENOSPC, "No space left on device"), "No space left on device: {out}"),
+])
+def test_read_and_write_errors_are_told_apart(tiny_models, tmp_path, monkeypatch, error, says):
+    """An unreadable input is named as an input, a full disk as the output; either way nothing is left."""
+    import diffscore.export.onnx_export as ex
+
+    model, out = tiny_models["pixel"], tmp_path / "eng"
+
+    def fail(*a, **k):
+        raise error(model, out)
+
+    monkeypatch.setattr(ex, "write_tokenizer", fail)
+    with pytest.raises(EngineError) as caught:
+        export_engine(model, out, show_progress=False)
+    assert str(caught.value) == says.format(model=model, out=out) + f"; nothing was written to {out}"
     assert list(tmp_path.iterdir()) == []
 
 
