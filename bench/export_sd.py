@@ -1,12 +1,14 @@
 """Full-size check (not in CI): the real Stable Diffusion 1.5 architecture with random weights.
 
 Builds an SD 1.5-shaped model folder (UNet 860M params, CLIP ViT-L/14 text encoder, SD VAE), exports
-it (the fp32 UNet exceeds 2 GB, so it goes to external data), runs one batch through ONNX Runtime and
-torch, and reports export time, file sizes, peak memory, per-pass latency and parity.
+it (the fp32 UNet exceeds 2 GB, so it goes to external data), runs one batch through torch, ONNX Runtime
+and OpenVINO (fp32; bf16 where the CPU has it; INT8 Q/DQ from `diffscore calibrate`'s quantizer, calibrated on
+a few random latents: fine for timing, meaningless for accuracy) and reports export time, file sizes, peak
+memory after each stage, per-pass latency and parity.
 
-    .venv/bin/python bench/export_sd.py [--workdir /tmp/sd15] [--batch 2]
+    .venv/bin/python bench/export_sd.py [--workdir /tmp/sd15] [--batch 2] [--no-int8] [--update-readme]
 
-Writes bench/results/export_sd.json. Needs ~15 GB RAM and ~10 GB disk; takes several minutes on 2 cores.
+Writes bench/results/export_sd.json. Needs ~15 GB RAM and ~10 GB disk; takes 15-30 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import machine_line, update_readme, write_result  # noqa: E402
 
 DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "models" / "demo" / "tokenizer"
 
@@ -63,11 +65,14 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/diffscore-sd15"))
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--tokenizer", type=Path, default=DEMO_TOKENIZER, help="a CLIP tokenizer folder")
+    parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the INT8 UNet (quantizing takes minutes)")
+    parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()
 
     import torch
 
     from diffscore.engine.backends.onnxruntime import OnnxRuntimeRunner
+    from diffscore.engine.backends.openvino import OpenVINORunner, cpu_has_bf16
     from diffscore.engine.manifest import Manifest
     from diffscore.export.onnx_export import export_engine
     from diffscore.export.verdicts import compare
@@ -101,24 +106,82 @@ def main() -> None:
         start = time.perf_counter()
         want = unet(*tin)
         torch_s = time.perf_counter() - start
-    runner = OnnxRuntimeRunner(engine / manifest.graphs["unet"].file, manifest.graphs["unet"])
-    runner.infer(feed)
-    start = time.perf_counter()
-    got = runner.infer(feed)
-    ort_s = time.perf_counter() - start
-    verdicts = [compare(f"unet:{n}", got[n], w.numpy(), 1e-4) for n, w in zip(["eps", "attn_scores"], want)]
+    peaks = {"export": export_peak, "torch fp32": peak_rss_gb()}
+    del unet, comp
+    unet_spec = manifest.graphs["unet"]
+
+    def per_pass(runner) -> tuple[float, dict]:
+        runner.infer(feed)  # warm-up: session set-up, first-run allocations
+        start = time.perf_counter()
+        out = runner.infer(feed)
+        return 1000 * (time.perf_counter() - start) / B, out
+
+    ms, got = {}, {}
+    ms["torch fp32"] = 1000 * torch_s / B
+    ms["ONNX Runtime fp32"], got["ort"] = per_pass(OnnxRuntimeRunner(engine / unet_spec.file, unet_spec))
+    peaks["ONNX Runtime fp32"] = peak_rss_gb()
+    verdicts = [compare(f"unet:{n}", got["ort"][n], w.numpy(), 1e-4) for n, w in zip(["eps", "attn_scores"], want)]
+    ms["OpenVINO fp32"], _ = per_pass(OpenVINORunner(engine / unet_spec.file, unet_spec, "fp32"))
+    peaks["OpenVINO fp32"] = peak_rss_gb()
+    if cpu_has_bf16():
+        ms["OpenVINO bf16"], _ = per_pass(OpenVINORunner(engine / unet_spec.file, unet_spec, "bf16"))
+        peaks["OpenVINO bf16"] = peak_rss_gb()
+    if args.int8:
+        start = time.perf_counter()
+        int8_spec = quantize_for_timing(engine, manifest, feed)
+        quantize_s = time.perf_counter() - start
+        peaks["quantize"] = peak_rss_gb()
+        ms["ONNX Runtime int8"], _ = per_pass(OnnxRuntimeRunner(engine / int8_spec.file, int8_spec))
+        peaks["ONNX Runtime int8"] = peak_rss_gb()
+        ms["OpenVINO int8"], _ = per_pass(OpenVINORunner(engine / int8_spec.file, int8_spec, "int8"))
+        peaks["OpenVINO int8"] = peak_rss_gb()
     result = {
-        "unet_params_M": sum(p.numel() for p in comp.unet.parameters()) / 1e6,
-        "build_model_s": build_s, "export_s": export_s, "peak_rss_gb": max(export_peak, peak_rss_gb()),
+        "unet_params_M": sum(p.numel() for p in load_components(model).unet.parameters()) / 1e6,
+        "build_model_s": build_s, "export_s": export_s, "peak_rss_gb": max(peaks.values()),
+        "peak_rss_gb_after": peaks,
         "files_gb": files, "unet_external_data": manifest.graphs["unet"].data_files,
-        "batch": B, "torch_ms_per_pass": 1000 * torch_s / B, "ort_ms_per_pass": 1000 * ort_s / B,
-        "ort_speedup": torch_s / ort_s,
+        "batch": B, "ms_per_pass": ms, "speedup_vs_torch": {k: ms["torch fp32"] / v for k, v in ms.items()},
+        "torch_ms_per_pass": ms["torch fp32"], "ort_ms_per_pass": ms["ONNX Runtime fp32"],
+        "ort_speedup": ms["torch fp32"] / ms["ONNX Runtime fp32"],
+        "quantize_s": quantize_s if args.int8 else None,
         "parity": {v.name: {"max_abs": v.max_abs, "max_rel": v.max_rel, "passed": v.passed} for v in verdicts},
         "tensorrt_unsupported_ops": {g: unsupported_ops(engine / s.file) for g, s in manifest.graphs.items()},
     }
     path = write_result("export_sd", result)
     print(json.dumps(result, indent=1))
     print(f"wrote {path}")
+    if args.update_readme:
+        update_readme("export_sd", readme_table(json.loads(path.read_text())))
+
+
+def quantize_for_timing(engine: Path, manifest, feed: dict):
+    """The fp32 UNet in INT8 Q/DQ with `diffscore calibrate`'s quantizer (its default float layers), ranges
+    from a few random latents: the speed is real, the accuracy is not (random weights, random inputs)."""
+    from diffscore.calibration.dataset import CalibrationSet
+    from diffscore.calibration.quantize import quantize_unet
+    from diffscore.export.onnx_export import save_graph
+
+    n = 4
+    rng = np.random.default_rng(1)
+    cal = CalibrationSet(sample=rng.standard_normal((n,) + feed["sample"].shape[1:], dtype=np.float32),
+                         timestep=np.linspace(50, 950, n).astype(np.float32), prompt_row=np.arange(n) % len(feed["timestep"]),
+                         embeddings=feed["encoder_hidden_states"], image_row=np.arange(n), noise_row=np.arange(n),
+                         workload=np.zeros(n, dtype=np.int64))
+    fp32 = manifest.graphs["unet"]
+    model = quantize_unet(engine / fp32.file, cal)
+    return save_graph(model, engine, "unet.int8.onnx", fp32.inputs, fp32.outputs, "int8")
+
+
+def readme_table(result: dict) -> str:
+    ms, peaks = result["ms_per_pass"], result["peak_rss_gb_after"]
+    rows = "\n".join(f"| {k} | {v / 1000:.1f} s | {ms['torch fp32'] / v:.2f}× | {ms['ONNX Runtime fp32'] / v:.2f}× | "
+                     f"{peaks[k]:.1f} GB |"
+                     for k, v in ms.items())
+    return (f"SD 1.5-size UNet (859.5 M parameters, random weights), one pass at batch {result['batch']}, per image "
+            f"(`bench/export_sd.py`; {machine_line(result['machine'])}):\n\n"
+            "| path | per image-pass | vs torch | vs ONNX Runtime fp32 | process peak RSS after |\n|---|---|---|---|---|\n"
+            f"{rows}\n\nExport {result['export_s']:.0f} s; INT8 quantization {result['quantize_s'] or 0:.0f} s "
+            "(calibrated on 4 random latents: timing only).")
 
 
 if __name__ == "__main__":
