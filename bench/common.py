@@ -77,13 +77,14 @@ def publish(name: str, result: dict, table: list[str], readme: bool) -> Path:
     return path
 
 
-def demo_engine_all_precisions() -> Path:
-    """The demo engine with fp32, fp16 and the INT8 UNet that `diffscore calibrate --demo` makes with its
-    defaults (calibrated and gated on training digits only), calibrating first if the engine has none."""
-    from diffscore.app.demo import demo_engine_dir
+def demo_engine_all_precisions(model_dir: Path | None = None) -> Path:
+    """The demo engine (or that of another demo-task model: models/demo-latent) with fp32, fp16 and the INT8
+    UNet that `diffscore calibrate --demo` makes with its defaults (calibrated and gated on training digits
+    only), calibrating first if the engine has none."""
+    from diffscore.app.demo import DEMO_MODEL, demo_engine_dir
     from diffscore.engine.manifest import Manifest
 
-    engine_dir = demo_engine_dir(precisions=("fp32", "fp16"))
+    engine_dir = demo_engine_dir(model_dir or DEMO_MODEL, precisions=("fp32", "fp16"))
     if "unet.int8" not in Manifest.load(engine_dir).graphs:
         from diffscore.app.digits import CLASS_NAMES, training_images
         from diffscore.calibration.pipeline import calibrate
