@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffscore.engine.diffdis import MODES, check_mode, score_timesteps  # noqa: F401  (one definition each)
 from diffscore.engine.progress import progress_bar
 from diffscore.errors import EngineError
 from diffscore.kernels import shared_noise
@@ -50,7 +51,6 @@ from diffscore.reference.loading import Components
 log = logging.getLogger("diffscore")
 
 WEIGHTS, CONFIG = "diffdis.safetensors", "diffdis.json"
-MODES = ("denoise", "generate")
 
 
 # --- the text stream ----------------------------------------------------------------------------
@@ -181,22 +181,9 @@ def generate_schedule(T: int, steps: int) -> list[tuple[int, int]]:
     return [(int(t), int(ts[i + 1]) if i + 1 < len(ts) else -1) for i, t in enumerate(ts)]
 
 
-def score_timesteps(T: int, n: int) -> list[int]:
-    """Mode "denoise": the Diffusion Classifier's n-point grid range(T//n//2, T, T//n)[:n] (DESIGN §3)."""
-    if not 1 <= n <= T:
-        raise EngineError(f"--timesteps must be in [1, {T}], got {n}")
-    return list(range(T // n // 2, T, T // n))[:n]
-
-
 def score_noise(seed: int, n: int, text_dim: int) -> np.ndarray:
     """(n, text_dim) ε of the n shared timesteps of mode "denoise", shared by every candidate and image."""
     return shared_noise(seed, n, (text_dim,))
-
-
-def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise EngineError(f"unknown DiffDis mode {mode!r}; choose from {', '.join(MODES)}")
-    return mode
 
 
 # --- text queries ---------------------------------------------------------------------------------
