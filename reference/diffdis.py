@@ -363,3 +363,33 @@ def diffdis_scores_reference(comp: Components, model: DiffDis, images, texts: li
     q_t = torch.tensor(ts, dtype=torch.float32).repeat(P).expand(N, -1)
     error, _ = model_error(model, feats, q_text, q_eps, q_t)
     return -error.double().reshape(N, P, K).mean(-1).numpy()
+
+
+def train_diffdis_run(model_dir: str | Path, images, captions: list[str], out_dir: str | Path, *,
+                      blocks: list[str] = ("down_blocks.1", "mid_block", "up_blocks.1"), image_step: int = 50,
+                      seed: int = 0, options: DiffDisTrainOptions = DiffDisTrainOptions(), overwrite: bool = False,
+                      progress: bool = True, data: dict | None = None, **model_options) -> DiffDis:
+    """`diffscore train-diffdis`: load the model, train, write out_dir (diffdis.safetensors + diffdis.json).
+    model_options: dim, depth, heads, pool, timesteps, generate_steps, mode. data: a note on the data kept in
+    the config's training record."""
+    from diffscore.engine.manifest import folder_sha256
+    from diffscore.reference.loading import load_components
+
+    out_dir = Path(out_dir)
+    if (out_dir / WEIGHTS).exists() and not overwrite:
+        raise EngineError(f"{out_dir} already holds a DiffDis run; pass --overwrite to replace it")
+    if "mode" in model_options:
+        check_mode(model_options["mode"])
+    comp = load_components(model_dir)
+    blocks = check_blocks(comp.unet, list(blocks))
+    check_steps([image_step], comp.num_train_timesteps)
+    probe = extract_features(comp, images[:1], FeatureSpec(blocks=blocks, steps=[image_step], seed=seed))
+    config = DiffDisConfig(blocks=blocks, shapes=[list(probe[b].shape[2:]) for b in blocks],
+                           text_dim=int(comp.text_encoder.config.hidden_size),
+                           num_train_timesteps=comp.num_train_timesteps, eos_token_id=int(comp.tokenizer.eos_token_id),
+                           image_step=image_step, seed=seed, source_sha256=folder_sha256(Path(model_dir)),
+                           training={"data": data or {}}, **model_options)
+    score_timesteps(config.num_train_timesteps, config.timesteps)  # a bad count fails before training
+    model = train_diffdis(comp, images, captions, config, options, progress=progress)
+    save_diffdis(model, out_dir)
+    return model
