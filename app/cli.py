@@ -302,6 +302,10 @@ def info(engine: Path = typer.Argument(..., help="engine directory"),
             say(f"head {name}: {h.kind} on {', '.join(h.blocks)} at steps {h.steps}, "
                 f"{len(h.labels)} labels ({', '.join(h.labels[:5])}{', …' if len(h.labels) > 5 else ''})")
         say(f"defaults: {json.dumps(dataclasses.asdict(m.defaults))}")
+        if m.diffdis is not None:
+            d = m.diffdis
+            say(f"diffdis: on {', '.join(d.blocks)} at t = {d.image_step}; default mode {d.mode} ({d.timesteps} shared "
+                f"(t, ε); generate: {d.generate_steps} DDIM steps)")
         if m.calibration is not None:
             c = m.calibration
             say(f"int8: {c.method} on {c.samples} samples from {c.source}; {len(c.float_layers)} layers float"
