@@ -14,7 +14,7 @@ from diffscore.engine import diffdis as engine_diffdis
 from diffscore.engine.manifest import Manifest
 from diffscore.errors import EngineError
 from diffscore.export.onnx_export import export_engine
-from diffscore.export.parity import diffdis_parity
+from diffscore.export.parity import available_backends, diffdis_parity
 from diffscore.reference import diffdis as reference_diffdis
 from diffscore.reference.diffdis import DiffDisTrainOptions, diffdis_scores_reference, load_diffdis, train_diffdis_run
 from diffscore.reference.loading import load_components
@@ -74,8 +74,10 @@ def test_engine_equals_torch_reference(diffdis_engine, pixel, images):
 
 
 def test_parity_verdicts_pass(diffdis_engine, pixel, images):
-    verdicts = diffdis_parity(diffdis_engine, Manifest.load(diffdis_engine), load_components(pixel), images, LABELS)
-    assert len(verdicts) == 2 + 2 + 2 and all(v.passed for v in verdicts), [str(v) for v in verdicts]
+    manifest = Manifest.load(diffdis_engine)
+    verdicts = diffdis_parity(diffdis_engine, manifest, load_components(pixel), images, LABELS)
+    # per backend: the graph's two outputs on random inputs, both modes' scores, both modes' decisions
+    assert len(verdicts) == 6 * len(available_backends(manifest)) and all(v.passed for v in verdicts), [str(v) for v in verdicts]
 
 
 def test_modes_are_one_list():
