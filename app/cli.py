@@ -230,7 +230,8 @@ def match(
     images: List[str] = ImagesArg,
     texts: Optional[List[str]] = typer.Option(None, "--text", "-t", help="a caption (repeat the option)"),
     texts_file: Optional[Path] = typer.Option(None, "--texts-file", help="captions, one per line (UTF-8)"),
-    timesteps: Optional[int] = typer.Option(None, min=1, help="timesteps per pair (default: the engine's)"),
+    timesteps: Optional[int] = typer.Option(None, min=1, help="timesteps per pair (DSD), shared (t, ε) per text "
+                                            "(diffdis denoise) (default: the engine's)"),
     bias_weight: Optional[float] = typer.Option(None, help="λ of the denoising bias (default: the engine's DSD preset's: "
                                                 "discffusion 1, diffscore 0)"),
     seed: int = SeedOpt, batch_size: Optional[int] = BatchOpt,
