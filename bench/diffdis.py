@@ -63,8 +63,8 @@ def read_match_rows() -> tuple[list[dict], str]:
         data = json.loads(path.read_text())
         n, timing, pl = data["images"], data.get("timing_s", {}), data.get("prompt_learning", {})
         for method, r in data["r_at_1"].items():
-            if method.startswith("(e)"):
-                continue  # zero-shot DSD with the engine's (discffusion) preset: re-measured here
+            if method.startswith("(e)") or any(r["method"] == method for r in rows):
+                continue  # zero-shot DSD with the engine's (discffusion) preset: re-measured here; a row read twice
             seconds = (timing.get("bias_s") if method.startswith("(b)") else timing.get("dc_s") if method.startswith("(d)")
                        else next((t["eval_s"] for k, t in pl.items() if method.endswith(k.split(" (")[0])), None))
             rows.append({"method": method, "r_at_1": r, "images_per_s": n / seconds if seconds else None,
@@ -175,7 +175,8 @@ def main() -> None:
     table += [f"| {r['method']} | {r['r_at_1']:.2%} | {ips(r['images_per_s'])} | {r['source']} |" for r in match_rows]
     table += ["", f"DiffDis: frozen UNet, blocks {', '.join(cfg.blocks)} at t = {cfg.image_step}; text stream dim {cfg.dim}, "
               f"depth {cfg.depth}; trained on {t['pairs']} pairs ({t['images']} training digits x 6 templates, "
-              f"{t['val_pairs']} validation pairs), best epoch {t['best_epoch']} of {t['epochs']}, validation loss "
+              f"{t['val_pairs']} validation pairs), best epoch {t['best_epoch']}, stopped after {t['epochs']} of at most "
+              f"{t['max_epochs']}, validation loss "
               f"{t['val_loss']:.4f}, {train_s:.0f} s. Engine vs torch on {len(few)} digits: max rel. error "
               + ", ".join(f"{m} {p['max_rel']:.1e} (decisions {p['decisions_agree']:.0%})" for m, p in parity.items())
               + f". Rows marked with a results file are read from earlier runs ({read_note}); their images/s are from "

@@ -295,7 +295,8 @@ def train_diffdis(comp: Components, images, captions: list[str], config: DiffDis
     config.training = {**config.training, "pairs": len(tr), "val_pairs": len(va), "images": len(distinct),
                        "captions": len(vocab), "epochs": epoch, "best_epoch": best[1] or epoch,
                        "val_loss": best[0] if len(va) else None, "final_train_loss_mean20": float(np.mean(losses[-20:])),
-                       **asdict(options), "wall_time_s": round(time.perf_counter() - start, 2),
+                       **{k: v for k, v in asdict(options).items() if k != "epochs"}, "max_epochs": options.epochs,
+                       "wall_time_s": round(time.perf_counter() - start, 2),
                        "torch_threads": torch.get_num_threads()}
     log.info("trained DiffDis: %s", config.training)
     return model

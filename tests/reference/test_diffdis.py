@@ -113,6 +113,7 @@ def test_training_is_deterministic_and_saved(comp, images_for, tmp_path):
         assert torch.equal(v, same[k]), k
     assert not torch.equal(same["text_in.weight"], other["text_in.weight"])
     t = runs[0].config.training
+    assert t["epochs"] <= t["max_epochs"] == 3 and 1 <= t["best_epoch"] <= t["epochs"]
     assert t["images"] == 6 and t["captions"] == 12 and t["val_pairs"] == 4 and t["pairs"] == 8  # 2 images' 4 pairs
     save_diffdis(runs[0], tmp_path / "run")
     loaded = load_diffdis(tmp_path / "run")
