@@ -50,7 +50,12 @@ def choices(name: str, values) -> type[Enum]:
 Backend = choices("Backend", BACKENDS)
 Precision = choices("Precision", PRECISIONS)
 Loss = choices("Loss", LOSSES)
-Method = choices("Method", ("dc", "head"))
+Method = choices("Method", ("dc", "head", "diffdis"))
+MatchMethod = choices("MatchMethod", ("dsd", "diffdis"))
+DiffDisMode = choices("DiffDisMode", ("denoise", "generate"))  # = engine.diffdis.MODES (tested)
+DiffDisModeOpt = typer.Option(None, "--diffdis-mode", help="diffdis: denoise (lowest x0 error of the text embedding "
+                              "over shared (t, ε) wins) | generate (text embedding generated from the image, cosine "
+                              "similarity); default: the engine's")
 HeadKind = choices("HeadKind", ("linear", "attention", "difformer"))  # = reference.heads.HEAD_KINDS (tested)
 RangeMethod = choices("RangeMethod", ("minmax", "entropy", "percentile"))  # = calibration.quantize.METHODS (tested)
 Strategy = choices("Strategy", STRATEGIES)
@@ -175,7 +180,8 @@ def classify(
     images: List[str] = ImagesArg,
     labels: Optional[str] = LabelsOpt, labels_file: Optional[Path] = LabelsFileOpt,
     method: Method = typer.Option(Method.dc.value, help="dc: zero-shot Diffusion Classifier | head: a trained head, "
-                                  "one UNet pass per noise step (labels are the head's)"),
+                                  "one UNet pass per noise step (labels are the head's) | diffdis: the engine's DiffDis "
+                                  "(`export --diffdis`), one image pass"),
     head: Optional[str] = typer.Option(None, help="the head's name (--method head), when the engine has several"),
     template: Optional[str] = typer.Option(None, help="prompt template with one {}, e.g. 'a photo of a {}' (default: the engine's)"),
     stages: Optional[str] = typer.Option(None, help="pruning stages n_samples:keep, e.g. 50:5,500:1 (default: the engine's)"),
@@ -184,23 +190,31 @@ def classify(
     backend: Backend = BackendOpt, precision: Precision = PrecisionOpt,
     fmt: Format = FormatOpt, output: Optional[Path] = OutputOpt,
     strategy: Optional[Strategy] = StrategyOpt, z: Optional[float] = ZOpt, budget: Optional[int] = BudgetOpt,
+    diffdis_mode: Optional[DiffDisMode] = DiffDisModeOpt,
+    timesteps: Optional[int] = typer.Option(None, min=1, help="diffdis denoise: shared (t, ε) per label (default: "
+                                            "the engine's)"),
 ):
-    """Classify images: the zero-shot Diffusion Classifier (default) or a trained head (--method head).
+    """Classify images: the zero-shot Diffusion Classifier (default), a trained head (--method head) or
+    DiffDis (--method diffdis).
 
     confidence: the winner's lead over the best other class in standard errors of their paired errors."""
     import diffscore
 
     output_format(output)
-    label_list = read_labels(labels, labels_file, required=method is Method.dc)  # a head has its own labels
+    label_list = read_labels(labels, labels_file, required=method is not Method.head)  # a head has its own labels
     paths = image_paths(images)
     stage_list = parse_stages(stages)
+    if method is not Method.diffdis and (diffdis_mode or timesteps):
+        raise EngineError("--diffdis-mode and --timesteps go with --method diffdis")
+    extra = {"diffdis_mode": diffdis_mode.value if diffdis_mode else None, "timesteps": timesteps} if method is Method.diffdis else {}
     with diffscore.load(engine, backend=backend.value, precision=precision.value) as eng:
         results = eng.classify([str(p) for p in paths], label_list, method=method.value, head=head, template=template,
                                stages=stage_list, loss=loss.value if loss else None, seed=seed, batch_size=batch_size,
-                               progress=True, **race_options(strategy, z, budget))
+                               progress=True, **race_options(strategy, z, budget), **extra)
         title = (f"head {eng.head_name(head)} (higher probability = better)" if method is Method.head
+                 else "DiffDis (higher score = better)" if method is Method.diffdis
                  else "Diffusion Classifier (lower mean error = better)")
-    score = "probability" if method is Method.head else "error"
+    score = {Method.head: "probability", Method.diffdis: "score"}.get(method, "error")
     rows = []
     for p, r in zip(paths, results):
         row = {"image": str(p), "label": r.label, score: r.ranking[0][1],
@@ -216,14 +230,18 @@ def match(
     images: List[str] = ImagesArg,
     texts: Optional[List[str]] = typer.Option(None, "--text", "-t", help="a caption (repeat the option)"),
     texts_file: Optional[Path] = typer.Option(None, "--texts-file", help="captions, one per line (UTF-8)"),
-    timesteps: Optional[int] = typer.Option(None, min=1, help="timesteps per pair (default: the engine's)"),
+    timesteps: Optional[int] = typer.Option(None, min=1, help="timesteps per pair (DSD), shared (t, ε) per text "
+                                            "(diffdis denoise) (default: the engine's)"),
     bias_weight: Optional[float] = typer.Option(None, help="λ of the denoising bias (default: the engine's DSD preset's: "
                                                 "discffusion 1, diffscore 0)"),
     seed: int = SeedOpt, batch_size: Optional[int] = BatchOpt,
     backend: Backend = BackendOpt, precision: Precision = PrecisionOpt,
     fmt: Format = FormatOpt, output: Optional[Path] = OutputOpt,
+    method: MatchMethod = typer.Option(MatchMethod.dsd.value, help="dsd: DSD attention scores | diffdis: the "
+                                       "engine's DiffDis (`export --diffdis`), one image pass for all texts"),
+    diffdis_mode: Optional[DiffDisMode] = DiffDisModeOpt,
 ):
-    """DSD image-text matching: an images x texts matrix of scores (higher = better match)."""
+    """Image-text matching: an images x texts matrix of scores (higher = better match), DSD or DiffDis."""
     import diffscore
 
     output_format(output)
@@ -231,9 +249,14 @@ def match(
         raise EngineError("give the captions: --text 'a cat' (repeat) or --texts-file FILE, not both")
     text_list = list(texts) if texts else read_text_lines(texts_file, "texts file")
     paths = image_paths(images)
+    if method is not MatchMethod.diffdis and diffdis_mode:
+        raise EngineError("--diffdis-mode goes with --method diffdis")
+    if method is MatchMethod.diffdis and bias_weight is not None:
+        raise EngineError("--bias-weight is DSD's; DiffDis has none")
+    extra = {"method": "diffdis", "diffdis_mode": diffdis_mode.value if diffdis_mode else None} if method is MatchMethod.diffdis else {}
     with diffscore.load(engine, backend=backend.value, precision=precision.value) as eng:
         res = eng.match([str(p) for p in paths], text_list, steps=timesteps, bias_weight=bias_weight, seed=seed,
-                        batch_size=batch_size, progress=True)
+                        batch_size=batch_size, progress=True, **extra)
     best = res.best()
     if fmt is Format.table:
         rows = [{"image": str(p), **{t: float(s) for t, s in zip(res.texts, row)}, "best": b}
@@ -241,7 +264,7 @@ def match(
     else:
         rows = [{"image": str(p), "best": b, "scores": dict(zip(res.texts, map(float, row))),
                  "options": res.options.to_dict()} for p, row, b in zip(paths, res.scores, best)]
-    finish(rows, fmt, output, "DSD scores (higher = better match)")
+    finish(rows, fmt, output, f"{'DiffDis' if method is MatchMethod.diffdis else 'DSD'} scores (higher = better match)")
 
 
 @app.command()
@@ -280,6 +303,10 @@ def info(engine: Path = typer.Argument(..., help="engine directory"),
             say(f"head {name}: {h.kind} on {', '.join(h.blocks)} at steps {h.steps}, "
                 f"{len(h.labels)} labels ({', '.join(h.labels[:5])}{', …' if len(h.labels) > 5 else ''})")
         say(f"defaults: {json.dumps(dataclasses.asdict(m.defaults))}")
+        if m.diffdis is not None:
+            d = m.diffdis
+            say(f"diffdis: on {', '.join(d.blocks)} at t = {d.image_step}; default mode {d.mode} ({d.timesteps} shared "
+                f"(t, ε); generate: {d.generate_steps} DDIM steps)")
         if m.calibration is not None:
             c = m.calibration
             say(f"int8: {c.method} on {c.samples} samples from {c.source}; {len(c.float_layers)} layers float"
@@ -336,6 +363,7 @@ def export(
     dsd_preset: Optional[DsdPresetChoice] = typer.Option(
         None, help="DSD scoring preset: diffscore | discffusion (the seed's: its layers, timesteps, λ=1, conditional+"
                    "unconditional attention); default: the adapters', else discffusion"),
+    diffdis: Optional[Path] = typer.Option(None, "--diffdis", help="a `diffscore train-diffdis` run to ship (one graph)"),
 ):
     """Export a diffusers model to an engine directory (ONNX graphs + manifest), atomically."""
     if Precision.int8 in precision:
@@ -346,7 +374,7 @@ def export(
     precisions = tuple(dict.fromkeys(["fp32", *(p.value for p in precision)]))
     path = export_engine(model, out_dir, precisions=precisions, attention_layers=split(attention_layers),
                          feature_blocks=split(feature_blocks) or [], heads=head_dir, overwrite=overwrite, adapters=adapters,
-                         dsd_preset=dsd_preset.value if dsd_preset else None)
+                         dsd_preset=dsd_preset.value if dsd_preset else None, diffdis=diffdis)
     say(("wrote ", "green"), str(path))
 
 
@@ -557,6 +585,53 @@ def train_prompts(
     run = run_training(model, pairs, out_dir, cfg, overwrite=overwrite)
     say(("wrote ", "green"), f"{out_dir} ({run['pairs']} pairs, {len(run['captions'])} captions, {train_steps} steps, "
         f"loss {run['loss'][0]:.4f} -> {run['final_loss_mean20']:.4f} (mean of last 20), {run['wall_time_s']:.0f} s)")
+
+
+@app.command("train-diffdis")
+def train_diffdis(
+    model: Path = typer.Argument(..., help="local diffusers model folder"),
+    data: Optional[Path] = typer.Option(None, "--data", help='JSONL of {"image": path, "caption": str} lines'),
+    demo: bool = typer.Option(False, "--demo", help="the demo digits' training split, captioned with 6 of the 8 "
+                              "templates (2 held out for the zero-shot benchmark) instead of --data"),
+    out_dir: Path = typer.Option(..., "--out", help="run directory: diffdis.safetensors + diffdis.json"),
+    blocks: str = typer.Option("down_blocks.1,mid_block,up_blocks.1", help="UNet blocks the text stream reads "
+                               "(several scales), comma separated"),
+    image_step: int = typer.Option(50, "--image-step", min=0, help="the image's fixed noise step"),
+    epochs: int = typer.Option(150, min=1, help="at most; training stops early on a 10% validation split of the images"),
+    batch_size: int = typer.Option(128, min=1, help="pairs per optimiser step"),
+    lr: float = typer.Option(1e-3, min=0.0, help="AdamW learning rate"),
+    timesteps: int = typer.Option(5, "--timesteps", min=1, help="default shared (t, ε) per candidate of the denoise mode"),
+    generate_steps: int = typer.Option(4, min=1, help="DDIM steps of the generate mode (baked into the exported graph)"),
+    mode: DiffDisMode = typer.Option(DiffDisMode.denoise.value, help="the engine's default inference mode"),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed of the fixed noises, the initialisation, the split and shuffling"),
+    overwrite: bool = typer.Option(False, help="replace an existing run"),
+):
+    """Train DiffDis: a text stream that denoises the caption's text embedding with cross-attention to the frozen
+    UNet's block features (several scales) at a fixed noise step; then `export --diffdis RUN`."""
+    if demo == (data is not None):
+        raise EngineError("give exactly one of --data PAIRS.jsonl or --demo")
+    if not lr > 0:
+        raise EngineError(f"--lr must be > 0, got {lr}")
+    require_torch("train-diffdis")
+    from diffscore.reference.diffdis import DiffDisTrainOptions, train_diffdis_run
+    from diffscore.reference.prompt_learning import read_pairs
+
+    if demo:
+        from diffscore.app.digits import DIFFDIS_HELD_OUT_TEMPLATES, diffdis_demo_pairs
+
+        pairs, note = diffdis_demo_pairs(), {"source": "demo digits, training split",
+                                             "held_out_templates": list(DIFFDIS_HELD_OUT_TEMPLATES)}
+    else:
+        pairs, note = read_pairs(data), {"source": str(data)}
+    model_ = train_diffdis_run(model, pairs.images, pairs.captions, out_dir, blocks=split(blocks) or [],
+                               image_step=image_step, seed=seed, overwrite=overwrite, data=note,
+                               options=DiffDisTrainOptions(epochs=epochs, batch_size=batch_size, lr=lr),
+                               timesteps=timesteps, generate_steps=generate_steps, mode=mode.value)
+    t = model_.config.training
+    say(("wrote ", "green"), f"{out_dir}: DiffDis on {', '.join(model_.config.blocks)} at t = {image_step}, {t['pairs']} "
+        f"training pairs ({t['images']} images, {t['captions']} captions), validation loss {t['val_loss']:.4f}, "
+        f"best epoch {t['best_epoch']} of {t['epochs']}, {t['wall_time_s']:.0f} s")
+    say(f"next: diffscore export {model} ENGINE_DIR --diffdis {out_dir}")
 
 
 AddressOpt = typer.Option(None, "--address", help="a running Ray cluster ('auto', 'ray://head:10001'); "

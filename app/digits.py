@@ -79,3 +79,18 @@ def demo_pairs(template: str | None = None):
 
     split = load_digits_split()
     return Pairs(list(split.train_images), [caption(int(y), template or DEFAULT_TEMPLATE) for y in split.train_labels])
+
+
+# DiffDis's text stream is trained on the other templates, so the zero-shot benchmark's class prompts and
+# match captions (DEFAULT_TEMPLATE) are texts it never saw as captions.
+DIFFDIS_HELD_OUT_TEMPLATES = ("a handwritten digit {word}", "the number {num}")
+
+
+def diffdis_demo_pairs():
+    """The demo digits' TRAINING split, each image with every training template except the held-out ones."""
+    from diffscore.reference.prompt_learning import Pairs
+
+    split = load_digits_split()
+    templates = [t for t in TRAIN_TEMPLATES if t not in DIFFDIS_HELD_OUT_TEMPLATES]
+    images = [img for img in split.train_images for _ in templates]
+    return Pairs(images, [caption(int(y), t) for y in split.train_labels for t in templates])

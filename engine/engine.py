@@ -234,14 +234,17 @@ class Engine(HeadScoring):
                  batch_size: int | None = None, progress: bool = False, strategy: str | None = None,
                  z: float | None = None, min_rounds: int | None = None, round_size: int | None = None,
                  budget: int | None = None, timesteps: int | None = None, use_profile: bool = True,
-                 ) -> list[Classification]:
+                 diffdis_mode: str | None = None) -> list[Classification]:
         """One Classification per image (ranking best first, UNet passes used, confidence, the options it
         ran with). `classify_iter` takes the same arguments and yields them one by one, in bounded memory.
 
         images: paths, PIL images or uint8 arrays (H,W) / (H,W,C); any iterable.
         labels: the class names to choose among (method "head": optional, must be the head's own set).
         method: "dc", the zero-shot Diffusion Classifier (DESIGN §3), ranking = mean denoising error, lower
-            is better; or "head", a trained head, one UNet pass per noise step, ranking = probability.
+            is better; or "head", a trained head, one UNet pass per noise step, ranking = probability; or
+            "diffdis", the engine's DiffDis (`export --diffdis`), one image pass, ranking = score, higher is better
+            (`diffdis_mode` "denoise": −mean x0 error of the text embedding over `timesteps` shared (t, ε);
+            "generate": cosine similarity with the text embedding generated from the image; default: the engine's).
         head: the head's name (method "head"), needed when the engine has several.
         template / templates: prompt template(s) with one `{}` for the label (default: the engine's);
             several templates make several candidates per class, a class scoring as its best one.
@@ -260,14 +263,15 @@ class Engine(HeadScoring):
                                        templates=templates, stages=stages, loss=loss, seed=seed,
                                        batch_size=batch_size, progress=progress, strategy=strategy, z=z,
                                        min_rounds=min_rounds, round_size=round_size, budget=budget,
-                                       timesteps=timesteps, use_profile=use_profile))
+                                       timesteps=timesteps, use_profile=use_profile, diffdis_mode=diffdis_mode))
 
     def classify_iter(self, images, labels: list[str] | None = None, *, method: str = "dc", head: str | None = None,
                       template: str | None = None, templates: list[str] | None = None,
                       stages: list[tuple[int, int]] | None = None, loss: str | None = None, seed: int = 0,
                       batch_size: int | None = None, progress: bool = False, strategy: str | None = None,
                       z: float | None = None, min_rounds: int | None = None, round_size: int | None = None,
-                      budget: int | None = None, timesteps: int | None = None, use_profile: bool = True):
+                      budget: int | None = None, timesteps: int | None = None, use_profile: bool = True,
+                      diffdis_mode: str | None = None):
         """`classify` as a generator: results in input order as windows of images finish; images are read,
         decoded and encoded one window at a time, so memory does not grow with their number. Options are
         checked before the first image is read."""
@@ -275,8 +279,15 @@ class Engine(HeadScoring):
         if method == "head":
             yield from self._classify_head(images, labels, head, batch_size, progress)
             return
+        if method == "diffdis":
+            from diffscore.engine.diffdis import classify_diffdis
+
+            yield from classify_diffdis(self, images, labels, template=template, mode=diffdis_mode, timesteps=timesteps,
+                                        seed=seed, batch_size=batch_size, progress=progress)
+            return
         if method != "dc":
-            raise EngineError(f"unknown method {method!r}; choose dc (Diffusion Classifier) or head (a trained head)")
+            raise EngineError(f"unknown method {method!r}; choose dc (Diffusion Classifier), head (a trained head) "
+                              "or diffdis")
         if labels is None:
             raise EngineError("the Diffusion Classifier needs labels: the class names to choose from")
         labels = check_labels(labels)
@@ -375,7 +386,7 @@ class Engine(HeadScoring):
     # --- DSD matching -------------------------------------------------------------------------
     def match(self, images, texts: list[str], *, steps: int | None = None, bias_weight: float | None = None,
               seed: int = 0, batch_size: int | None = None, progress: bool = False,
-              preset: str | None = None) -> MatchResult:
+              preset: str | None = None, method: str = "dsd", diffdis_mode: str | None = None) -> MatchResult:
         """DSD scores of every (image, text) pair as a MatchResult (higher = better match).
 
         score = mean over timesteps of the attention score + bias_weight · denoising bias. The attention
@@ -386,7 +397,16 @@ class Engine(HeadScoring):
         the extra empty-prompt pass where the preset allows). seed: seed of the shared noise. batch_size:
         UNet batch (default: automatic). progress: show a progress bar on stderr.
         preset: the DSD preset (kernels.dsd: diffscore | discffusion); only the engine's own, chosen at
-        export with its attention layers."""
+        export with its attention layers.
+        method: "dsd" (the above) or "diffdis": the engine's DiffDis, one image pass for all texts
+        (`diffdis_mode` denoise | generate, `steps` = its shared (t, ε) count; see `classify`)."""
+        if method == "diffdis":
+            from diffscore.engine.diffdis import match_diffdis
+
+            return match_diffdis(self, images, texts, mode=diffdis_mode, timesteps=steps, seed=seed,
+                                 batch_size=batch_size, progress=progress)
+        if method != "dsd":
+            raise EngineError(f"unknown match method {method!r}; choose dsd or diffdis")
         texts = check_labels(texts, what="texts")
         self.check_prompts(texts, "texts")
         steps = check_count("steps", steps, optional=True)

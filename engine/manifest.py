@@ -127,6 +127,24 @@ class HeadSpec:
 
 
 @dataclass
+class DiffDisSpec:
+    """DiffDis (`diffscore train-diffdis`) shipped as one graph: the UNet layers up to the last block it
+    reads (at its image step, its prompt baked in) + the text stream; x_t, text queries -> error, similarity."""
+
+    graph: str  # key in Manifest.graphs
+    blocks: list[str]  # UNet blocks it reads
+    image_step: int  # the image's fixed noise step
+    seed: int  # of the image's fixed ε
+    eos_token_id: int  # the text query is the text encoder's hidden state at the first of these tokens
+    text_dim: int
+    timesteps: int  # mode "denoise": shared (t, ε) per candidate, by default
+    generate_steps: int  # mode "generate": DDIM steps (baked into the graph)
+    mode: str  # the default mode: denoise | generate
+    weights: str  # the text stream's weights file (parity rebuilds the torch module from it)
+    config: str  # its config file
+
+
+@dataclass
 class AdapterSpec:
     """A LoRA run merged into the UNet weights at export (prompt learning)."""
 
@@ -200,6 +218,7 @@ class Manifest:
     timestep_profile: list[int] | None = None
     # what the UNet predicts (the scheduler config's prediction_type): errors are taken on ε̂ converted from it
     prediction_type: str = "epsilon"
+    diffdis: DiffDisSpec | None = None  # `export --diffdis RUN`: image-text discrimination by text-embedding diffusion
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
@@ -211,6 +230,8 @@ class Manifest:
         self.defaults = _typed(ScoringDefaults, self.defaults, "defaults")
         if self.calibration is not None:
             self.calibration = _typed(CalibrationRecord, self.calibration, "calibration")
+        if self.diffdis is not None:
+            self.diffdis = _typed(DiffDisSpec, self.diffdis, "diffdis")
 
     @property
     def pixel_space(self) -> bool:
@@ -232,6 +253,8 @@ class Manifest:
             named.update({h.weights: f"head {k} weights", h.config: f"head {k} config"})
         if self.calibration is not None:
             named[self.calibration.file] = "calibration set"
+        if self.diffdis is not None:
+            named.update({self.diffdis.weights: "DiffDis weights", self.diffdis.config: "DiffDis config"})
         return named
 
     def record_file(self, engine_dir: Path, name: str) -> None:
@@ -292,6 +315,8 @@ class Manifest:
         for key, head in manifest.heads.items():
             if head.graph not in manifest.graphs:
                 raise EngineError(f"head {key} names graph {head.graph!r}, which the manifest does not list; re-export it")
+        if manifest.diffdis is not None and manifest.diffdis.graph not in manifest.graphs:
+            raise EngineError(f"diffdis names graph {manifest.diffdis.graph!r}, which the manifest does not list; re-export it")
         return manifest
 
     def verify(self, engine_dir: Path | str) -> list[str]:

@@ -24,7 +24,7 @@ from diffscore.errors import EngineError
 from diffscore.engine.manifest import (AdapterSpec, GraphSpec, HeadSpec, Manifest, ScoringDefaults, folder_sha256,
                                        sha256_files)
 from diffscore.engine.progress import progress_bar
-from diffscore.engine.manifest import BATCH
+from diffscore.engine.manifest import BATCH  # noqa: F401  (the symbolic axes are strings: BATCH, ...)
 from diffscore.export.atomic import build_dir, check_replaceable
 from diffscore.export.graphs import graph_contracts, head_contract
 from diffscore.kernels.dsd import DEFAULT_DSD_PRESET, DSD_PRESETS
@@ -50,6 +50,7 @@ def export_engine(
     show_progress: bool = True,
     adapters: str | Path | None = None,
     dsd_preset: str | None = None,
+    diffdis: str | Path | None = None,
 ) -> Path:
     """Write an engine directory; nothing is left half-written if anything fails.
 
@@ -59,6 +60,8 @@ def export_engine(
     right after loading, so the exported graph is a plain UNet and the runtime needs no change.
     ``dsd_preset`` (kernels.dsd; default: the adapters' preset, else DEFAULT_DSD_PRESET) picks the attention
     layers (unless given) and `Engine.match`'s scoring; the manifest records it.
+    ``diffdis``: a `diffscore train-diffdis` run on this model, shipped as one graph `diffdis.onnx`
+    (export/diffdis_export.py) and recorded as ``manifest.diffdis``.
     """
     out_dir = Path(out_dir)
     if dsd_preset is not None and dsd_preset not in DSD_PRESETS:
@@ -97,6 +100,14 @@ def export_engine(
     contracts = graph_contracts(comp, scoring_unet)
     for name, (head, config, _) in trained.items():
         contracts[f"head.{name}"] = head_contract(comp, head, config)
+    diffdis_model = None
+    if diffdis is not None:
+        from diffscore.export.diffdis_export import GRAPH as DIFFDIS_GRAPH, diffdis_contract, load_run
+
+        if adapters is not None:  # a LoRA changes the block features the text stream was trained on
+            raise EngineError("DiffDis is trained on the plain model's features: export it without --adapters")
+        diffdis_model = load_run(comp, diffdis, source_sha256)
+        contracts[DIFFDIS_GRAPH] = diffdis_contract(comp, diffdis_model)
     with build_dir(out_dir, overwrite) as tmp:
         steps = len(contracts) + 2 + ("fp16" in precisions)
         with progress_bar(f"export {out_dir.name}", steps, show_progress) as advance:
@@ -113,6 +124,11 @@ def export_engine(
             for name, (_, config, head_dir) in trained.items():  # weights + config: parity rebuilds the torch head
                 shutil.copyfile(head_dir / HEAD_WEIGHTS, tmp / f"head.{name}.safetensors")
                 shutil.copyfile(head_dir / HEAD_CONFIG, tmp / f"head.{name}.json")
+            diffdis_spec = None
+            if diffdis_model is not None:
+                from diffscore.export.diffdis_export import ship_run
+
+                diffdis_spec = ship_run(diffdis, tmp, diffdis_model)
             advance()
             manifest = Manifest(
                 diffscore_version=__version__,
@@ -133,8 +149,10 @@ def export_engine(
                 defaults=ScoringDefaults(**{"dsd_preset": dsd_preset, **(defaults or {})}),
                 adapters=merged,
                 prediction_type=comp.prediction_type,
+                diffdis=diffdis_spec,
             )
-            for name in [manifest.tokenizer, *(f for h in manifest.heads.values() for f in (h.weights, h.config))]:
+            for name in [manifest.tokenizer, *(f for h in manifest.heads.values() for f in (h.weights, h.config)),
+                         *((diffdis_spec.weights, diffdis_spec.config) if diffdis_spec else ())]:
                 manifest.record_file(tmp, name)
             manifest.save(tmp)
             advance()
@@ -173,7 +191,7 @@ def export_graph(module, sample, inputs, outputs, out_dir: Path, name: str) -> G
     """Export one module; re-save with one external-data file when the graph exceeds 2 GB."""
     scratch = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=out_dir))
     try:
-        axes = {t.name: {i: BATCH for i, d in enumerate(t.shape) if d == BATCH} for t in inputs + outputs}
+        axes = {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in inputs + outputs}  # BATCH, ...
         # diffusers' trace-time branches (a .contiguous() for batch >= 64, a > 2**31-element guard)
         # do not change the math for real shapes: their TracerWarnings are noise to a user.
         with torch.no_grad(), warnings.catch_warnings():

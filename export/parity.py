@@ -248,9 +248,56 @@ def run_parity(engine_dir: str | Path, model_dir: str | Path | None = None, imag
         decisions = decision_parity(engine_dir, manifest, comp, images, labels, source)
     if images and manifest.heads:
         decisions += head_decision_parity(engine_dir, manifest, comp, images, source)
+    decisions += diffdis_parity(engine_dir, manifest, comp, images, labels, source)
     for v in decisions:
         echo(str(v))
     failed = sum(not v.passed for v in verdicts + decisions)
     total = len(verdicts) + len(decisions)
     echo(f"{'PASSED' if not failed else 'FAILED'} | {total - failed}/{total} checks passed")
     return failed == 0
+
+
+def diffdis_parity(engine_dir: Path, manifest: Manifest, comp, images=None, labels: list[str] | None = None,
+                   source: str = "images", seed: int = 0) -> list[Verdict]:
+    """DiffDis per backend: its graph on random inputs against the same torch graph, both modes' scores end
+    to end (images x texts) against reference.diffdis, and, with labels, top-1 agreement of both modes."""
+    if manifest.diffdis is None:
+        return []
+    from diffscore.engine.diffdis import diffdis_runner
+    from diffscore.export.diffdis_export import DiffDisGraph
+    from diffscore.reference.diffdis import diffdis_scores_reference, load_diffdis
+    from diffscore.reference.loading import encode_prompts
+
+    spec = manifest.diffdis
+    model = load_diffdis(engine_dir, weights=spec.weights, config=spec.config)
+    rng = np.random.default_rng(seed)
+    graph = manifest.graphs[spec.graph]
+    feed = {t.name: rng.standard_normal([2 if d == BATCH else 3 if isinstance(d, str) else d for d in t.shape],
+                                        dtype=np.float32) for t in graph.inputs}
+    feed["timestep"] = rng.integers(0, len(manifest.alphas_cumprod), feed["timestep"].shape).astype(np.float32)
+    module = DiffDisGraph(comp.unet, model, encode_prompts(comp, [model.config.prompt])).eval()
+    with torch.no_grad():
+        want = dict(zip(("error", "similarity"), (o.numpy() for o in module(*(torch.from_numpy(feed[t.name])
+                                                                               for t in graph.inputs)))))
+    module.unet.remove_hooks()
+    pictures = real_images(manifest, 3, rng, images)
+    texts = [manifest.defaults.template.format(w) for w in (labels or ("cat", "seven", "three"))][:5]
+    modes = ("denoise", "generate")
+    scores = {m: diffdis_scores_reference(comp, model, pictures, texts, mode=m, seed=seed) for m in modes}
+    decisions = {m: diffdis_scores_reference(comp, model, images, [manifest.defaults.template.format(x) for x in labels],
+                                             mode=m, seed=seed).argmax(1) for m in modes} if images and labels else {}
+    verdicts = []
+    for backend in available_backends(manifest):
+        eng = load(engine_dir, backend=backend)
+        got = diffdis_runner(eng).infer(feed)
+        for name in ("error", "similarity"):
+            verdicts.append(compare(f"{backend} fp32 {spec.graph}:{name} (random)", got[name], want[name], RTOL["fp32"]))
+        for m in modes:
+            verdicts.append(compare(f"{backend} fp32 diffdis {m} scores (real images, end to end)",
+                                    eng.match(pictures, texts, method="diffdis", diffdis_mode=m, seed=seed).scores,
+                                    scores[m], RTOL["fp32"]))
+            if m in decisions:
+                got_labels = [r.label for r in eng.classify(images, list(labels), method="diffdis", diffdis_mode=m, seed=seed)]
+                verdicts.append(agreement(f"{backend} fp32 diffdis {m}", got_labels,
+                                          [labels[i] for i in decisions[m]], "torch fp32", source))
+    return verdicts

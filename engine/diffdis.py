@@ -1,0 +1,148 @@
+"""DiffDis in the runtime (numpy + the engine's graphs; no torch): image-text scores from a diffusion
+over the text embedding conditioned on the image (reference/diffdis.py has the method and its choices).
+
+Both modes cost one image pass (the `diffdis` graph runs the UNet layers it reads once per image) for any
+number of candidate texts:
+- "denoise": every candidate is noised at the same `timesteps` shared (t, ε) (the Diffusion Classifier's
+  grid, ε seeded); score = −mean x0 error of the text stream; the lowest error wins.
+- "generate": the text query is generated from a fixed noise in a few DDIM steps inside the graph;
+  score = its cosine similarity with each candidate's standardised text query.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from diffscore.engine.images import IMAGE_WINDOW, count_images, image_windows
+from diffscore.engine.manifest import DiffDisSpec
+from diffscore.engine.options import check_count, check_labels, check_seed, check_template
+from diffscore.engine.progress import progress_bar
+from diffscore.engine.results import Classification, ClassifyOptions, MatchOptions, MatchResult
+from diffscore.errors import EngineError
+from diffscore.kernels import add_noise, shared_noise
+
+MODES = ("denoise", "generate")
+
+
+def diffdis_spec(engine) -> DiffDisSpec:
+    spec = engine.manifest.diffdis
+    if spec is None:
+        raise EngineError(f"{engine.engine_dir} has no DiffDis model; train one with `diffscore train-diffdis` and "
+                          "export it with `diffscore export MODEL OUT --diffdis RUN_DIR`")
+    return spec
+
+
+def diffdis_runner(engine):
+    """The runner of the DiffDis graph: fp32 ONNX on ONNX Runtime (on its CUDA provider under native TensorRT)."""
+    spec = diffdis_spec(engine)
+    if spec.graph not in engine.runners:
+        from diffscore.engine.backends.choice import make_runner
+
+        backend = engine.backend
+        if backend == "tensorrt":
+            from diffscore.engine.backends.onnxruntime import available_providers
+
+            backend = "ort-cuda" if "CUDAExecutionProvider" in available_providers() else "ort-cpu"
+        engine.runners[spec.graph] = make_runner(engine.engine_dir, engine.manifest, spec.graph, backend, engine._device,
+                                                 engine._threads, workers=engine.workers)
+    return engine.runners[spec.graph]
+
+
+def text_queries(engine, texts: list[str], spec: DiffDisSpec) -> np.ndarray:
+    """(P, D) raw text queries: the text encoder's hidden state at the first end-of-text token."""
+    ids = np.array([e.ids for e in engine.tokenizer.encode_batch(texts)], dtype=np.int64)
+    hit = ids == spec.eos_token_id
+    pos = np.where(hit.any(axis=1), hit.argmax(axis=1), ids.shape[1] - 1)
+    return engine.encode_text(texts)[np.arange(len(texts)), pos].astype(np.float32)
+
+
+def score_timesteps(T: int, n: int) -> list[int]:
+    """Mode "denoise": the Diffusion Classifier's n-point grid range(T//n//2, T, T//n)[:n] (DESIGN §3)."""
+    if not 1 <= n <= T:
+        raise EngineError(f"--timesteps must be in [1, {T}], got {n}")
+    return list(range(T // n // 2, T, T // n))[:n]
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise EngineError(f"unknown DiffDis mode {mode!r}; choose from {', '.join(MODES)}")
+    return mode
+
+
+def diffdis_scores(engine, images, texts: list[str], *, mode: str | None = None, timesteps: int | None = None,
+                   seed: int = 0, batch_size: int | None = None, progress: bool = False) -> tuple[np.ndarray, dict]:
+    """(images, texts) float64 scores, higher = better, and the options used. One graph call per group of
+    images: each image noised once at the image step (its fixed ε), all its queries in the same call."""
+    spec = diffdis_spec(engine)
+    mode = check_mode(mode or spec.mode)
+    seed = check_seed(seed)
+    batch_size = check_count("batch_size", batch_size, optional=True)
+    T = len(engine.alphas_cumprod)
+    text = text_queries(engine, texts, spec)  # (P, D)
+    P, D = text.shape
+    if mode == "denoise":
+        ts = score_timesteps(T, check_count("timesteps", timesteps, optional=True) or spec.timesteps)
+        eps = shared_noise(seed, len(ts), (D,))  # (K, D), shared by every candidate and image
+        q_text = np.repeat(text, len(ts), axis=0)  # (P·K, D), candidate-major
+        q_noise = np.tile(eps, (P, 1))
+        q_t = np.tile(np.asarray(ts, np.float32), P)
+    else:
+        ts = []
+        q_text, q_noise, q_t = text, np.zeros_like(text), np.zeros(P, np.float32)
+    image_eps = shared_noise(spec.seed, 1, tuple(engine.manifest.sample_shape))  # the fixed ε of the image branch
+    runner = diffdis_runner(engine)
+    per_call = max(1, (batch_size or engine.default_batch_size()) // max(1, len(q_t) // 64))  # images per call
+    out = []
+    with progress_bar("diffdis", count_images(images), progress) as advance:
+        for window_images in image_windows(images, IMAGE_WINDOW):
+            x0 = engine.encode_images(window_images)
+            xt = np.concatenate([add_noise(x, image_eps, engine.alphas_cumprod, [spec.image_step]) for x in x0])
+            for lo in range(0, len(xt), per_call):
+                n = len(xt[lo : lo + per_call])
+                res = runner.infer({"sample": xt[lo : lo + per_call],
+                                    "text": np.broadcast_to(q_text, (n, *q_text.shape)).copy(),
+                                    "noise": np.broadcast_to(q_noise, (n, *q_noise.shape)).copy(),
+                                    "timestep": np.broadcast_to(q_t, (n, len(q_t))).copy()})
+                if mode == "denoise":
+                    out.append(-res["error"].astype(np.float64).reshape(n, P, len(ts)).mean(-1))
+                else:
+                    out.append(res["similarity"].astype(np.float64))
+            advance(len(x0))
+    if not out:
+        raise EngineError("no images given")
+    options = {"mode": mode, "timesteps": tuple(ts), "seed": seed, "generate_steps": spec.generate_steps}
+    return np.concatenate(out), options
+
+
+def classify_diffdis(engine, images, labels, *, template: str | None = None, mode: str | None = None,
+                     timesteps: int | None = None, seed: int = 0, batch_size: int | None = None,
+                     progress: bool = False) -> list[Classification]:
+    """Zero-shot classification by DiffDis: each label's prompt is a candidate text; ranking = score
+    (−mean x0 error, or cosine similarity), best first; one image pass per image."""
+    if labels is None:
+        raise EngineError("DiffDis needs labels: the class names to choose from")
+    labels = check_labels(labels)
+    template = check_template(template or engine.defaults.template)
+    prompts = [template.format(label) for label in labels]
+    engine.check_prompts(prompts, "prompts")
+    scores, used = diffdis_scores(engine, images, prompts, mode=mode, timesteps=timesteps, seed=seed,
+                                  batch_size=batch_size, progress=progress)
+    options = ClassifyOptions(f"diffdis-{used['mode']}", tuple(labels), (template,), seed=seed,
+                              backend=engine.backend, precision="fp32")
+    results = []
+    for row in scores:
+        order = np.argsort(-row, kind="stable")
+        results.append(Classification(label=labels[order[0]], ranking=[(labels[c], float(row[c])) for c in order],
+                                      passes=1, options=options))
+    return results
+
+
+def match_diffdis(engine, images, texts: list[str], *, mode: str | None = None, timesteps: int | None = None,
+                  seed: int = 0, batch_size: int | None = None, progress: bool = False) -> MatchResult:
+    """DiffDis scores of every (image, text) pair as a MatchResult (higher = better match)."""
+    texts = check_labels(texts, what="texts")
+    engine.check_prompts(texts, "texts")
+    scores, used = diffdis_scores(engine, images, texts, mode=mode, timesteps=timesteps, seed=seed,
+                                  batch_size=batch_size, progress=progress)
+    return MatchResult(scores, texts, MatchOptions(used["timesteps"], 0.0, seed, None, engine.backend, "fp32",
+                                                   method=f"diffdis-{used['mode']}"))
