@@ -55,6 +55,7 @@ HeadKind = choices("HeadKind", ("linear", "attention", "difformer"))  # = refere
 RangeMethod = choices("RangeMethod", ("minmax", "entropy", "percentile"))  # = calibration.quantize.METHODS (tested)
 Strategy = choices("Strategy", STRATEGIES)
 DsdPresetChoice = choices("DsdPreset", DSD_PRESETS)
+MatchMethod = choices("MatchMethod", ("dsd", "itc"))
 StrategyOpt = typer.Option(None, help="stages: fixed pruning stages | race: adaptive paired racing, stops when the "
                            "leader is z standard errors ahead (default: the engine's; --stages implies stages)")
 ZOpt = typer.Option(None, "--z", help="race: standard errors behind the leader that drop a candidate "
@@ -222,8 +223,10 @@ def match(
     seed: int = SeedOpt, batch_size: Optional[int] = BatchOpt,
     backend: Backend = BackendOpt, precision: Precision = PrecisionOpt,
     fmt: Format = FormatOpt, output: Optional[Path] = OutputOpt,
+    method: MatchMethod = typer.Option(MatchMethod.dsd.value, "--method", help="dsd: DSD scores | itc: cosine "
+                                       "similarity of a `diffscore finetune` run's embeddings (one UNet pass per image)"),
 ):
-    """DSD image-text matching: an images x texts matrix of scores (higher = better match)."""
+    """Image-text matching: an images x texts matrix of scores (higher = better match), DSD or ITC."""
     import diffscore
 
     output_format(output)
@@ -233,7 +236,7 @@ def match(
     paths = image_paths(images)
     with diffscore.load(engine, backend=backend.value, precision=precision.value) as eng:
         res = eng.match([str(p) for p in paths], text_list, steps=timesteps, bias_weight=bias_weight, seed=seed,
-                        batch_size=batch_size, progress=True)
+                        batch_size=batch_size, progress=True, method=method.value)
     best = res.best()
     if fmt is Format.table:
         rows = [{"image": str(p), **{t: float(s) for t, s in zip(res.texts, row)}, "best": b}
@@ -241,7 +244,7 @@ def match(
     else:
         rows = [{"image": str(p), "best": b, "scores": dict(zip(res.texts, map(float, row))),
                  "options": res.options.to_dict()} for p, row, b in zip(paths, res.scores, best)]
-    finish(rows, fmt, output, "DSD scores (higher = better match)")
+    finish(rows, fmt, output, f"{method.value.upper()} scores (higher = better match)")
 
 
 @app.command()
@@ -557,6 +560,45 @@ def train_prompts(
     run = run_training(model, pairs, out_dir, cfg, overwrite=overwrite)
     say(("wrote ", "green"), f"{out_dir} ({run['pairs']} pairs, {len(run['captions'])} captions, {train_steps} steps, "
         f"loss {run['loss'][0]:.4f} -> {run['final_loss_mean20']:.4f} (mean of last 20), {run['wall_time_s']:.0f} s)")
+
+
+@app.command("finetune")
+def finetune_command(
+    model: Path = typer.Argument(..., help="local diffusers model folder"),
+    data: Optional[Path] = typer.Option(None, "--data", help='JSONL of {"image": path, "caption": str} lines'),
+    demo: bool = typer.Option(False, "--demo", help="the demo digits' training split instead of --data"),
+    objectives: str = typer.Option("itc,is,rsc", help="comma-separated subset of itc (image-text contrastive), is "
+                                   "(denoising loss) and rsc (consistency of the contrastive and diffusion branches)"),
+    shots: int = typer.Option(..., "--shots", "-k", min=1, help="training pairs per class (a class = a distinct caption)"),
+    out_dir: Path = typer.Option(..., "--out", help="run directory: adapter.safetensors, itc_heads.safetensors, training_log.json"),
+    train_steps: int = typer.Option(300, "--train-steps", min=1, help="optimiser steps at most (early stopping may end sooner)"),
+    lr: float = typer.Option(3e-3, min=0.0, help="AdamW learning rate of the LoRA and the projections"),
+    batch_size: int = typer.Option(32, min=1, help="images per step (the contrastive batch)"),
+    blocks: str = typer.Option("mid_block", help="UNet blocks pooled into the image embedding, comma separated"),
+    noise_step: int = typer.Option(50, "--noise-step", min=0, help="the image embedding's fixed noise step"),
+    val_shots: int = typer.Option(2, min=0, help="validation pairs per caption for early stopping, from pairs that "
+                                  "are not shots (0: train every step)"),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed of the shots, noise, timesteps and initialisation"),
+    overwrite: bool = typer.Option(False, help="replace an existing run directory's weights"),
+):
+    """UniDiff-style fine-tuning: LoRA + projections with ITC, IS and RSC (then `export --adapters RUN`, `match --method itc`)."""
+    if demo == (data is not None):
+        raise EngineError("give exactly one of --data PAIRS.jsonl or --demo")
+    require_torch("finetune")
+    from diffscore.app.digits import demo_pairs
+    from diffscore.reference.finetune import FinetuneConfig, check_config, finetune
+    from diffscore.reference.prompt_learning import read_pairs
+
+    cfg = check_config(FinetuneConfig(objectives=tuple(split(objectives) or ()), shots=shots, steps=train_steps, lr=lr,
+                                      batch_size=batch_size, blocks=split(blocks) or [], noise_step=noise_step,
+                                      val_shots=val_shots, seed=seed))
+    pairs = demo_pairs() if demo else read_pairs(data)
+    run = finetune(model, pairs, out_dir, cfg, overwrite=overwrite)
+    stop = f", stopped early, best step {run['best_step']}" if run["stopped_early"] else ""
+    losses = ", ".join(f"{k} {v[0]:.3f} -> {sum(v[-20:]) / len(v[-20:]):.3f}" for k, v in run["loss"].items())
+    say(("wrote ", "green"), f"{out_dir} ({run['pairs']} pairs, {len(run['captions'])} captions, {run['steps_run']} steps"
+        f"{stop}; {losses}; {run['wall_time_s']:.0f} s)")
+    say(f"next: diffscore export {model} ENGINE_DIR --adapters {out_dir}")
 
 
 AddressOpt = typer.Option(None, "--address", help="a running Ray cluster ('auto', 'ray://head:10001'); "

@@ -375,7 +375,7 @@ class Engine(HeadScoring):
     # --- DSD matching -------------------------------------------------------------------------
     def match(self, images, texts: list[str], *, steps: int | None = None, bias_weight: float | None = None,
               seed: int = 0, batch_size: int | None = None, progress: bool = False,
-              preset: str | None = None) -> MatchResult:
+              preset: str | None = None, method: str = "dsd") -> MatchResult:
         """DSD scores of every (image, text) pair as a MatchResult (higher = better match).
 
         score = mean over timesteps of the attention score + bias_weight · denoising bias. The attention
@@ -386,7 +386,15 @@ class Engine(HeadScoring):
         the extra empty-prompt pass where the preset allows). seed: seed of the shared noise. batch_size:
         UNet batch (default: automatic). progress: show a progress bar on stderr.
         preset: the DSD preset (kernels.dsd: diffscore | discffusion); only the engine's own, chosen at
-        export with its attention layers."""
+        export with its attention layers.
+        method: "dsd" (the above) or "itc": the cosine similarity of a `diffscore finetune` run's image and
+        text embeddings, one UNet pass per image (engine/itc.py; steps, bias_weight, seed, preset unused)."""
+        if method == "itc":
+            from diffscore.engine.itc import match_itc
+
+            return match_itc(self, images, texts, batch_size=batch_size, progress=progress)
+        if method != "dsd":
+            raise EngineError(f"unknown match method {method!r}; choose from dsd, itc")
         texts = check_labels(texts, what="texts")
         self.check_prompts(texts, "texts")
         steps = check_count("steps", steps, optional=True)

@@ -29,6 +29,7 @@ from diffscore.export.atomic import build_dir, check_replaceable
 from diffscore.export.graphs import graph_contracts, head_contract
 from diffscore.kernels.dsd import DEFAULT_DSD_PRESET, DSD_PRESETS
 from diffscore.reference.heads import CONFIG as HEAD_CONFIG, WEIGHTS as HEAD_WEIGHTS
+from diffscore.reference.finetune import is_finetune_run, load_run_heads
 from diffscore.reference.loading import Components, load_components
 from diffscore.reference.scoring_unet import ScoringUNet, preset_attention_layers
 
@@ -73,11 +74,15 @@ def export_engine(
     source_sha256 = folder_sha256(Path(model_dir))
     trained = load_trained_heads(heads, source_sha256)
     comp = load_components(model_dir)
-    merged = {}
+    merged, itc_graphs, itc = {}, {}, None
     if adapters is not None:
         from diffscore.reference.prompt_learning import apply_adapters
 
         run = apply_adapters(comp, adapters)
+        if is_finetune_run(adapters):  # a `diffscore finetune` run: its ITC heads ship as two graphs
+            from diffscore.export.itc import itc_contracts
+
+            itc_graphs, itc = itc_contracts(comp, load_run_heads(adapters), run, Path(adapters))
         merged["prompt_learning"] = AdapterSpec(
             adapters=str(Path(adapters).resolve()), lora_rank=run["lora"]["rank"], adapter_sha256=run["adapter_sha256"],
             score_weights=run.get("score_weights"), config=run.get("config", {}), captions=run.get("captions", []))
@@ -97,6 +102,7 @@ def export_engine(
     contracts = graph_contracts(comp, scoring_unet)
     for name, (head, config, _) in trained.items():
         contracts[f"head.{name}"] = head_contract(comp, head, config)
+    contracts.update(itc_graphs)
     with build_dir(out_dir, overwrite) as tmp:
         steps = len(contracts) + 2 + ("fp16" in precisions)
         with progress_bar(f"export {out_dir.name}", steps, show_progress) as advance:
@@ -133,6 +139,7 @@ def export_engine(
                 defaults=ScoringDefaults(**{"dsd_preset": dsd_preset, **(defaults or {})}),
                 adapters=merged,
                 prediction_type=comp.prediction_type,
+                itc=itc,
             )
             for name in [manifest.tokenizer, *(f for h in manifest.heads.values() for f in (h.weights, h.config))]:
                 manifest.record_file(tmp, name)
