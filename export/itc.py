@@ -58,3 +58,27 @@ def itc_contracts(comp: Components, heads: ItcHeads, run: dict, run_dir: Path) -
     spec = ItcSpec(image_graph="itc_image", text_graph="itc_text", noise_step=int(cfg["noise_step"]), seed=int(cfg["seed"]),
                    blocks=list(cfg["blocks"]), dim=dim, objectives=list(cfg["objectives"]), run=str(Path(run_dir).resolve()))
     return contracts, spec
+
+
+def itc_parity(engine_dir: Path, manifest, comp, images=None, seed: int = 0) -> list:
+    """`match(method="itc")` end to end (images x texts) per backend against the torch embeddings of the run
+    (`comp` holds the merged LoRA, as parity's reference_components makes it)."""
+    import numpy as np
+
+    from diffscore.engine.engine import load
+    from diffscore.export.parity import available_backends, real_images
+    from diffscore.export.verdicts import RTOL, compare
+    from diffscore.reference.finetune import itc_similarity, load_run_heads, read_run_log
+
+    if manifest.itc is None:
+        return []
+    run = read_run_log(manifest.itc.run)
+    images = real_images(manifest, 3, np.random.default_rng(seed), images)
+    texts = run["captions"][:5]
+    want = itc_similarity(comp, load_run_heads(manifest.itc.run), run["config"], images, texts)
+    verdicts = []
+    for backend in available_backends(manifest):
+        with load(engine_dir, backend=backend) as engine:
+            got = engine.match(images, texts, method="itc").scores
+        verdicts.append(compare(f"{backend} fp32 match (itc)", got, want, RTOL["fp32"]))
+    return verdicts

@@ -126,6 +126,13 @@ def test_merged_export_serves_what_the_unmerged_lora_computes(tiny_models, pairs
         assert engine.match(images[:1], texts, steps=2).scores.shape == (1, 3)
         assert engine.classify(images[:1], texts, stages=[(2, 1)])[0].label in texts
         assert engine.manifest.itc.objectives == ["itc", "is", "rsc"]
+    from diffscore.engine.manifest import Manifest
+    from diffscore.export.itc import itc_parity
+    from diffscore.export.parity import reference_components
+
+    manifest = Manifest.load(engine_dir)
+    verdicts = itc_parity(engine_dir, manifest, reference_components(manifest))  # what `diffscore parity` adds
+    assert verdicts and all(v.passed for v in verdicts), [str(v) for v in verdicts]
     with pytest.raises(EngineError, match="unknown match method 'clip'; choose from dsd, itc"):
         diffscore.load(engine_dir, backend="ort-cpu").match(images, texts, method="clip")
 
@@ -149,3 +156,26 @@ def test_errors_are_one_line(tiny_models, engines, pairs, tmp_path, run_cli):
     code, err = run_cli("finetune", str(tiny_models["pixel"]), "--demo", "--shots", "1", "--out", str(tmp_path / "r"),
                         "--objectives", "itc,foo")
     assert code == 1 and "unknown objective(s) foo" in err and "Traceback" not in err
+
+
+def test_cli_finetune_export_match(tiny_models, pairs, tmp_path, run_cli_out):
+    """The user's path: pairs.jsonl -> finetune -> export --adapters -> match --method itc."""
+    from PIL import Image
+
+    lines = []
+    for i, (image, text) in enumerate(zip(pairs.images, pairs.captions)):
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "caption": text}))
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines))
+    model, run, engine = tiny_models["pixel"], tmp_path / "run", tmp_path / "engine"
+    code, out, err = run_cli_out("finetune", model, "--data", tmp_path / "pairs.jsonl", "--shots", "2", "--out", run,
+                                 "--train-steps", "2", "--objectives", "itc,rsc", "--batch-size", "4", "--val-shots", "0")
+    assert code == 0, err
+    assert "itc " in out and "rsc " in out and "is " not in out.split(";")[1]
+    assert run_cli_out("export", model, engine, "--adapters", run)[0] == 0
+    code, out, err = run_cli_out("match", engine, tmp_path / "0.png", tmp_path / "1.png", "--text", "zero", "--text", "one",
+                                 "--method", "itc", "-f", "json", "-b", "ort-cpu")
+    assert code == 0, err
+    rows = json.loads(out)
+    assert len(rows) == 2 and rows[0]["options"]["method"] == "itc" and set(rows[0]["scores"]) == {"zero", "one"}
+    assert all(-1 - 1e-6 <= v <= 1 + 1e-6 for r in rows for v in r["scores"].values())  # cosine similarities
