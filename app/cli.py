@@ -282,6 +282,9 @@ def info(engine: Path = typer.Argument(..., help="engine directory"),
         for name, h in m.heads.items():
             say(f"head {name}: {h.kind} on {', '.join(h.blocks)} at steps {h.steps}, "
                 f"{len(h.labels)} labels ({', '.join(h.labels[:5])}{', …' if len(h.labels) > 5 else ''})")
+        if m.itc is not None:
+            say(f"itc (match --method itc): {', '.join(m.itc.blocks)} at step {m.itc.noise_step}, {m.itc.dim}-d, "
+                f"trained with {'+'.join(m.itc.objectives)}")
         say(f"defaults: {json.dumps(dataclasses.asdict(m.defaults))}")
         if m.calibration is not None:
             c = m.calibration

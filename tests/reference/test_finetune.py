@@ -173,6 +173,8 @@ def test_cli_finetune_export_match(tiny_models, pairs, tmp_path, run_cli_out):
     assert code == 0, err
     assert "itc " in out and "rsc " in out and "is " not in out.split(";")[1]
     assert run_cli_out("export", model, engine, "--adapters", run)[0] == 0
+    code, out, err = run_cli_out("info", engine)
+    assert code == 0 and "itc (match --method itc): mid_block at step 50, 64-d, trained with itc+rsc" in out
     code, out, err = run_cli_out("match", engine, tmp_path / "0.png", tmp_path / "1.png", "--text", "zero", "--text", "one",
                                  "--method", "itc", "-f", "json", "-b", "ort-cpu")
     assert code == 0, err
