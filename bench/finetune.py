@@ -7,6 +7,7 @@ against DSD on the same images and captions. Everything is scored on the compile
 CPU); the held-out denoising loss in torch (4 seeded (t, ε) per image, its own caption).
 
     .venv/bin/python bench/finetune.py [--limit N] [--shots 1 5 10] [--train-steps S] [--update-readme]
+    (README's run: --limit 100 --train-steps 80, to fit the shared 2-core machine; --render-only re-renders it)
 
 Nothing is tuned on the held-out split: the shots come from the training split minus bench/match.py's
 validation slice; early stopping uses 2 more training pairs per class. Fine-tuning settings are the
@@ -32,7 +33,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, machine_line, publish  # noqa: E402
+from common import RESULTS, machine, machine_line, publish, update_readme  # noqa: E402
 from match import dc_r_at_1, r_at_1, split_training  # noqa: E402
 
 import diffscore  # noqa: E402
@@ -57,6 +58,34 @@ def timed(fn):
     return value, time.perf_counter() - start
 
 
+def render(result: dict, info: dict) -> list[str]:
+    """The README table and notes, from a result (so a stored run can be re-rendered: --render-only)."""
+    rows, speed, cited, load, n = (result[k] for k in ("rows", "speed", "prompt_learning_cited", "load_average", "images"))
+    table = ["| method | K | R@1 (5 captions) | accuracy (10 classes) | held-out denoising loss |",
+             "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        r1 = "–" if r["r_at_1"] is None else f"{r['r_at_1']:.2%}"
+        table.append(f"| {r['method']} | {r['shots'] or '–'} | {r1} | {r['accuracy']:.2%} | {r['denoising_loss']:.4f} |")
+    for file, found in cited.items():
+        for key, v in found.items():
+            table.append(f"| {key[4:]} (cited: `bench/match.py`'s own run on all 450 held-out digits, {file}) | "
+                         f"{key.split('K=')[-1].split()[0]} | {v:.2%} | – | – |")
+    trained = [r for r in rows if "steps_run" in r]
+    last = next((r for r in trained if r.get("dsd_r_at_1_after") is not None), None)
+    return table + [
+        "",
+        f"`match(method=\"itc\")` {speed['itc_images_per_s']:.1f} images/s against DSD's {speed['dsd_images_per_s']:.1f} on "
+        f"the same images and 5 captions: **{speed['ratio']:.0f}×** (one UNet pass per image against 6 prompts × 10 "
+        "timesteps)." + (f" DSD on the fine-tuned UNet (K={last['shots']}, ITC+IS+RSC) scores R@1 "
+                         f"{last['dsd_r_at_1_after']:.2%}." if last else ""),
+        f"One run of `bench/finetune.py`: {n} held-out digits, ≤ {result['train_steps']} steps per fine-tuning run "
+        f"(validation every 25 steps on 2 training pairs per class; steps run: "
+        f"{', '.join(str(r['steps_run']) for r in trained)}; best (kept) step: "
+        f"{', '.join(str(r['best_step']) for r in trained)}), torch 1 thread; load average {load['before']:.1f} before, "
+        f"{load['training']:.1f} when training began, {load['end']:.1f} at the end (2 cores shared with other jobs); "
+        f"{machine_line(info)}."]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N held-out images (default: all)")
@@ -65,7 +94,15 @@ def main() -> None:
     parser.add_argument("--dc-r-at-1", action="store_true", help="also the Diffusion Classifier's R@1 (140 UNet passes "
                         "per image; bench/match.py row (d) has it)")
     parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--render-only", action="store_true", help="re-render bench/results/finetune.json, no run")
     args = parser.parse_args()
+    if args.render_only:
+        stored = json.loads((RESULTS / "finetune.json").read_text())
+        table = render(stored, stored["machine"])
+        print("\n".join(table))
+        if args.update_readme:
+            update_readme("finetune", "\n".join(table))
+        return
 
     import torch
 
@@ -135,27 +172,7 @@ def main() -> None:
               "train_steps": args.train_steps, "denoising_timesteps_per_image": DENOISE_T, "rows": rows, "speed": speed,
               "timing_s": timing, "prompt_learning_cited": cited, "torch_threads": 1,
               "load_average": {"before": load_before, "training": load_training, "end": os.getloadavg()[0]}}
-    table = ["| method | K | R@1 (5 captions) | accuracy (10 classes) | held-out denoising loss |",
-             "|---|---:|---:|---:|---:|"]
-    for r in rows:
-        r1 = "–" if r["r_at_1"] is None else f"{r['r_at_1']:.2%}"
-        table.append(f"| {r['method']} | {r['shots'] or '–'} | {r1} | {r['accuracy']:.2%} | "
-                     f"{r['denoising_loss']:.4f} |")
-    for file, found in cited.items():
-        for key, v in found.items():
-            table.append(f"| {key[4:]} (`bench/match.py`, its own run: {file}) | {key.split('K=')[-1].split()[0]} | "
-                         f"{v:.2%} | – | – |")
-    last = next((r for r in rows if r.get("dsd_r_at_1_after") is not None), None)
-    table += ["", f"`match(method=\"itc\")` {speed['itc_images_per_s']:.1f} images/s against DSD's "
-              f"{speed['dsd_images_per_s']:.1f} on the same images and 5 captions: **{speed['ratio']:.0f}×** "
-              "(one UNet pass per image against 6 prompts × 10 timesteps)."
-              + (f" DSD on the fine-tuned UNet (K={last['shots']}, ITC+IS+RSC) scores R@1 {last['dsd_r_at_1_after']:.2%}."
-                 if last else ""),
-              f"One run of `bench/finetune.py`: {n} held-out digits, ≤ {args.train_steps} steps per fine-tuning run "
-              f"(early stopping on 2 training pairs per class; steps run: "
-              f"{', '.join(str(r['steps_run']) for r in rows if 'steps_run' in r)}), torch 1 thread; load average "
-              f"{load_before:.1f} before, {load_training:.1f} when training began, {os.getloadavg()[0]:.1f} at the end "
-              f"(2 cores shared with other jobs); {machine_line(info)}."]
+    table = render(result, info)
     publish("finetune", result, table, args.update_readme)
 
 
