@@ -57,7 +57,8 @@ def export_engine(
     heads: folders made by `diffscore train-head` on this model; each ships as one graph
     `head.<folder name>.onnx` holding the UNet layers it reads and the head (+ its weights and config).
     ``adapters``: a `diffscore train-prompts` run directory whose LoRA is merged into the UNet weights
-    right after loading, so the exported graph is a plain UNet and the runtime needs no change.
+    right after loading, so the exported graph is a plain UNet and the runtime needs no change; a
+    `diffscore finetune` run merges the same way and adds its ITC graphs (export/itc.py, manifest.itc).
     ``dsd_preset`` (kernels.dsd; default: the adapters' preset, else DEFAULT_DSD_PRESET) picks the attention
     layers (unless given) and `Engine.match`'s scoring; the manifest records it.
     """
