@@ -51,7 +51,7 @@ Backend = choices("Backend", BACKENDS)
 Precision = choices("Precision", PRECISIONS)
 Loss = choices("Loss", LOSSES)
 Method = choices("Method", ("dc", "head", "diffdis"))
-MatchMethod = choices("MatchMethod", ("dsd", "diffdis"))
+MatchMethod = choices("MatchMethod", ("dsd", "diffdis", "itc"))
 DiffDisMode = choices("DiffDisMode", ("denoise", "generate"))  # = engine.diffdis.MODES (tested)
 DiffDisModeOpt = typer.Option(None, "--diffdis-mode", help="diffdis: denoise (lowest x0 error of the text embedding "
                               "over shared (t, ε) wins) | generate (text embedding generated from the image, cosine "
@@ -237,11 +237,12 @@ def match(
     seed: int = SeedOpt, batch_size: Optional[int] = BatchOpt,
     backend: Backend = BackendOpt, precision: Precision = PrecisionOpt,
     fmt: Format = FormatOpt, output: Optional[Path] = OutputOpt,
-    method: MatchMethod = typer.Option(MatchMethod.dsd.value, help="dsd: DSD attention scores | diffdis: the "
-                                       "engine's DiffDis (`export --diffdis`), one image pass for all texts"),
+    method: MatchMethod = typer.Option(MatchMethod.dsd.value, "--method", help="dsd: DSD attention scores | diffdis: "
+                                       "the engine's DiffDis (`export --diffdis`), one image pass for all texts | itc: "
+                                       "cosine similarity of a `diffscore finetune` run's embeddings (one UNet pass per image)"),
     diffdis_mode: Optional[DiffDisMode] = DiffDisModeOpt,
 ):
-    """Image-text matching: an images x texts matrix of scores (higher = better match), DSD or DiffDis."""
+    """Image-text matching: an images x texts matrix of scores (higher = better match): DSD, DiffDis or ITC."""
     import diffscore
 
     output_format(output)
@@ -251,12 +252,12 @@ def match(
     paths = image_paths(images)
     if method is not MatchMethod.diffdis and diffdis_mode:
         raise EngineError("--diffdis-mode goes with --method diffdis")
-    if method is MatchMethod.diffdis and bias_weight is not None:
-        raise EngineError("--bias-weight is DSD's; DiffDis has none")
-    extra = {"method": "diffdis", "diffdis_mode": diffdis_mode.value if diffdis_mode else None} if method is MatchMethod.diffdis else {}
+    if method is not MatchMethod.dsd and bias_weight is not None:
+        raise EngineError(f"--bias-weight is DSD's; --method {method.value} has none")
+    extra = {"diffdis_mode": diffdis_mode.value if diffdis_mode else None} if method is MatchMethod.diffdis else {}
     with diffscore.load(engine, backend=backend.value, precision=precision.value) as eng:
         res = eng.match([str(p) for p in paths], text_list, steps=timesteps, bias_weight=bias_weight, seed=seed,
-                        batch_size=batch_size, progress=True, **extra)
+                        batch_size=batch_size, progress=True, method=method.value, **extra)
     best = res.best()
     if fmt is Format.table:
         rows = [{"image": str(p), **{t: float(s) for t, s in zip(res.texts, row)}, "best": b}
@@ -264,7 +265,8 @@ def match(
     else:
         rows = [{"image": str(p), "best": b, "scores": dict(zip(res.texts, map(float, row))),
                  "options": res.options.to_dict()} for p, row, b in zip(paths, res.scores, best)]
-    finish(rows, fmt, output, f"{'DiffDis' if method is MatchMethod.diffdis else 'DSD'} scores (higher = better match)")
+    title = {MatchMethod.dsd: "DSD", MatchMethod.diffdis: "DiffDis", MatchMethod.itc: "ITC"}[method]
+    finish(rows, fmt, output, f"{title} scores (higher = better match)")
 
 
 @app.command()
@@ -302,6 +304,9 @@ def info(engine: Path = typer.Argument(..., help="engine directory"),
         for name, h in m.heads.items():
             say(f"head {name}: {h.kind} on {', '.join(h.blocks)} at steps {h.steps}, "
                 f"{len(h.labels)} labels ({', '.join(h.labels[:5])}{', …' if len(h.labels) > 5 else ''})")
+        if m.itc is not None:
+            say(f"itc (match --method itc): {', '.join(m.itc.blocks)} at step {m.itc.noise_step}, {m.itc.dim}-d, "
+                f"trained with {'+'.join(m.itc.objectives)}")
         say(f"defaults: {json.dumps(dataclasses.asdict(m.defaults))}")
         if m.diffdis is not None:
             d = m.diffdis
@@ -632,6 +637,45 @@ def train_diffdis(
         f"training pairs ({t['images']} images, {t['captions']} captions), validation loss {t['val_loss']:.4f}, "
         f"best epoch {t['best_epoch']} of {t['epochs']}, {t['wall_time_s']:.0f} s")
     say(f"next: diffscore export {model} ENGINE_DIR --diffdis {out_dir}")
+
+
+@app.command("finetune")
+def finetune_command(
+    model: Path = typer.Argument(..., help="local diffusers model folder"),
+    data: Optional[Path] = typer.Option(None, "--data", help='JSONL of {"image": path, "caption": str} lines'),
+    demo: bool = typer.Option(False, "--demo", help="the demo digits' training split instead of --data"),
+    objectives: str = typer.Option("itc,is,rsc", help="comma-separated subset of itc (image-text contrastive), is "
+                                   "(denoising loss) and rsc (consistency of the contrastive and diffusion branches)"),
+    shots: int = typer.Option(..., "--shots", "-k", min=1, help="training pairs per class (a class = a distinct caption)"),
+    out_dir: Path = typer.Option(..., "--out", help="run directory: adapter.safetensors, itc_heads.safetensors, training_log.json"),
+    train_steps: int = typer.Option(300, "--train-steps", min=1, help="optimiser steps at most (early stopping may end sooner)"),
+    lr: float = typer.Option(3e-3, min=0.0, help="AdamW learning rate of the LoRA and the projections"),
+    batch_size: int = typer.Option(32, min=1, help="images per step (the contrastive batch)"),
+    blocks: str = typer.Option("mid_block", help="UNet blocks pooled into the image embedding, comma separated"),
+    noise_step: int = typer.Option(50, "--noise-step", min=0, help="the image embedding's fixed noise step"),
+    val_shots: int = typer.Option(2, min=0, help="validation pairs per caption for early stopping, from pairs that "
+                                  "are not shots (0: train every step)"),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed of the shots, noise, timesteps and initialisation"),
+    overwrite: bool = typer.Option(False, help="replace an existing run directory's weights"),
+):
+    """UniDiff-style fine-tuning: LoRA + projections with ITC, IS and RSC (then `export --adapters RUN`, `match --method itc`)."""
+    if demo == (data is not None):
+        raise EngineError("give exactly one of --data PAIRS.jsonl or --demo")
+    require_torch("finetune")
+    from diffscore.app.digits import demo_pairs
+    from diffscore.reference.finetune import FinetuneConfig, check_config, finetune
+    from diffscore.reference.prompt_learning import read_pairs
+
+    cfg = check_config(FinetuneConfig(objectives=tuple(split(objectives) or ()), shots=shots, steps=train_steps, lr=lr,
+                                      batch_size=batch_size, blocks=split(blocks) or [], noise_step=noise_step,
+                                      val_shots=val_shots, seed=seed))
+    pairs = demo_pairs() if demo else read_pairs(data)
+    run = finetune(model, pairs, out_dir, cfg, overwrite=overwrite)
+    stop = f", stopped early, best step {run['best_step']}" if run["stopped_early"] else ""
+    losses = ", ".join(f"{k} {v[0]:.3f} -> {sum(v[-20:]) / len(v[-20:]):.3f}" for k, v in run["loss"].items())
+    say(("wrote ", "green"), f"{out_dir} ({run['pairs']} pairs, {len(run['captions'])} captions, {run['steps_run']} steps"
+        f"{stop}; {losses}; {run['wall_time_s']:.0f} s)")
+    say(f"next: diffscore export {model} ENGINE_DIR --adapters {out_dir}")
 
 
 AddressOpt = typer.Option(None, "--address", help="a running Ray cluster ('auto', 'ray://head:10001'); "

@@ -398,15 +398,21 @@ class Engine(HeadScoring):
         UNet batch (default: automatic). progress: show a progress bar on stderr.
         preset: the DSD preset (kernels.dsd: diffscore | discffusion); only the engine's own, chosen at
         export with its attention layers.
-        method: "dsd" (the above) or "diffdis": the engine's DiffDis, one image pass for all texts
-        (`diffdis_mode` denoise | generate, `steps` = its shared (t, ε) count; see `classify`)."""
+        method: "dsd" (the above); "diffdis": the engine's DiffDis, one image pass for all texts
+        (`diffdis_mode` denoise | generate, `steps` = its shared (t, ε) count; see `classify`); or "itc": the
+        cosine similarity of a `diffscore finetune` run's image and text embeddings, one UNet pass per image
+        (engine/itc.py; steps, bias_weight, seed, preset unused)."""
         if method == "diffdis":
             from diffscore.engine.diffdis import match_diffdis
 
             return match_diffdis(self, images, texts, mode=diffdis_mode, timesteps=steps, seed=seed,
                                  batch_size=batch_size, progress=progress)
+        if method == "itc":
+            from diffscore.engine.itc import match_itc
+
+            return match_itc(self, images, texts, batch_size=batch_size, progress=progress)
         if method != "dsd":
-            raise EngineError(f"unknown match method {method!r}; choose dsd or diffdis")
+            raise EngineError(f"unknown match method {method!r}; choose from dsd, diffdis, itc")
         texts = check_labels(texts, what="texts")
         self.check_prompts(texts, "texts")
         steps = check_count("steps", steps, optional=True)

@@ -159,6 +159,20 @@ class AdapterSpec:
 
 
 @dataclass
+class ItcSpec:
+    """The ITC embeddings of a `diffscore finetune` run (`Engine.match(method="itc")`)."""
+
+    image_graph: str  # key in Manifest.graphs: x_t at noise_step -> image embedding
+    text_graph: str  # key in Manifest.graphs: the text encoder's last_hidden_state -> text embedding
+    noise_step: int  # the image is noised once, at this step
+    seed: int  # of the fixed ε (kernels.shared_noise(seed, 1, sample_shape)[0])
+    blocks: list[str]  # UNet blocks pooled into the image embedding
+    dim: int
+    objectives: list[str] = field(default_factory=list)  # what the run trained with (itc, is, rsc)
+    run: str = ""  # the run directory it came from
+
+
+@dataclass
 class CalibrationRecord:
     """How the INT8 UNet was made (`diffscore calibrate`)."""
 
@@ -219,6 +233,7 @@ class Manifest:
     # what the UNet predicts (the scheduler config's prediction_type): errors are taken on ε̂ converted from it
     prediction_type: str = "epsilon"
     diffdis: DiffDisSpec | None = None  # `export --diffdis RUN`: image-text discrimination by text-embedding diffusion
+    itc: ItcSpec | None = None  # ITC embedding graphs of a `diffscore finetune` run; None = none
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
@@ -232,6 +247,8 @@ class Manifest:
             self.calibration = _typed(CalibrationRecord, self.calibration, "calibration")
         if self.diffdis is not None:
             self.diffdis = _typed(DiffDisSpec, self.diffdis, "diffdis")
+        if self.itc is not None:
+            self.itc = _typed(ItcSpec, self.itc, "itc")
 
     @property
     def pixel_space(self) -> bool:
@@ -317,6 +334,9 @@ class Manifest:
                 raise EngineError(f"head {key} names graph {head.graph!r}, which the manifest does not list; re-export it")
         if manifest.diffdis is not None and manifest.diffdis.graph not in manifest.graphs:
             raise EngineError(f"diffdis names graph {manifest.diffdis.graph!r}, which the manifest does not list; re-export it")
+        for graph in (manifest.itc.image_graph, manifest.itc.text_graph) if manifest.itc else ():
+            if graph not in manifest.graphs:
+                raise EngineError(f"the manifest's itc record names graph {graph!r}, which it does not list; re-export it")
         return manifest
 
     def verify(self, engine_dir: Path | str) -> list[str]:

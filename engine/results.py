@@ -68,7 +68,7 @@ class MatchOptions:
     layer_weights: tuple[float, ...] | None = None  # learned per-layer score weights; None = plain mean
     backend: str = ""
     precision: str = ""
-    method: str = "dsd"  # dsd | diffdis-denoise | diffdis-generate
+    method: str = "dsd"  # dsd | diffdis-denoise | diffdis-generate | itc (a `diffscore finetune` run's embeddings)
 
     def to_dict(self) -> dict:
         return asdict(self)

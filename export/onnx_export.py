@@ -29,6 +29,7 @@ from diffscore.export.atomic import build_dir, check_replaceable
 from diffscore.export.graphs import graph_contracts, head_contract
 from diffscore.kernels.dsd import DEFAULT_DSD_PRESET, DSD_PRESETS
 from diffscore.reference.heads import CONFIG as HEAD_CONFIG, WEIGHTS as HEAD_WEIGHTS
+from diffscore.reference.finetune import is_finetune_run, load_run_heads
 from diffscore.reference.loading import Components, load_components
 from diffscore.reference.scoring_unet import ScoringUNet, preset_attention_layers
 
@@ -57,7 +58,8 @@ def export_engine(
     heads: folders made by `diffscore train-head` on this model; each ships as one graph
     `head.<folder name>.onnx` holding the UNet layers it reads and the head (+ its weights and config).
     ``adapters``: a `diffscore train-prompts` run directory whose LoRA is merged into the UNet weights
-    right after loading, so the exported graph is a plain UNet and the runtime needs no change.
+    right after loading, so the exported graph is a plain UNet and the runtime needs no change; a
+    `diffscore finetune` run merges the same way and adds its ITC graphs (export/itc.py, manifest.itc).
     ``dsd_preset`` (kernels.dsd; default: the adapters' preset, else DEFAULT_DSD_PRESET) picks the attention
     layers (unless given) and `Engine.match`'s scoring; the manifest records it.
     ``diffdis``: a `diffscore train-diffdis` run on this model, shipped as one graph `diffdis.onnx`
@@ -76,11 +78,15 @@ def export_engine(
     source_sha256 = folder_sha256(Path(model_dir))
     trained = load_trained_heads(heads, source_sha256)
     comp = load_components(model_dir)
-    merged = {}
+    merged, itc_graphs, itc = {}, {}, None
     if adapters is not None:
         from diffscore.reference.prompt_learning import apply_adapters
 
         run = apply_adapters(comp, adapters)
+        if is_finetune_run(adapters):  # a `diffscore finetune` run: its ITC heads ship as two graphs
+            from diffscore.export.itc import itc_contracts
+
+            itc_graphs, itc = itc_contracts(comp, load_run_heads(adapters), run, Path(adapters))
         merged["prompt_learning"] = AdapterSpec(
             adapters=str(Path(adapters).resolve()), lora_rank=run["lora"]["rank"], adapter_sha256=run["adapter_sha256"],
             score_weights=run.get("score_weights"), config=run.get("config", {}), captions=run.get("captions", []))
@@ -108,6 +114,7 @@ def export_engine(
             raise EngineError("DiffDis is trained on the plain model's features: export it without --adapters")
         diffdis_model = load_run(comp, diffdis, source_sha256)
         contracts[DIFFDIS_GRAPH] = diffdis_contract(comp, diffdis_model)
+    contracts.update(itc_graphs)
     with build_dir(out_dir, overwrite) as tmp:
         steps = len(contracts) + 2 + ("fp16" in precisions)
         with progress_bar(f"export {out_dir.name}", steps, show_progress) as advance:
@@ -150,6 +157,7 @@ def export_engine(
                 adapters=merged,
                 prediction_type=comp.prediction_type,
                 diffdis=diffdis_spec,
+                itc=itc,
             )
             for name in [manifest.tokenizer, *(f for h in manifest.heads.values() for f in (h.weights, h.config)),
                          *((diffdis_spec.weights, diffdis_spec.config) if diffdis_spec else ())]:

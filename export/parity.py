@@ -18,6 +18,7 @@ from diffscore.engine.engine import load
 from diffscore.engine.manifest import BATCH, PRECISIONS, Manifest, unet_graph
 from diffscore.errors import EngineError
 from diffscore.export.graphs import TextEncoderGraph, VaeEncoderGraph
+from diffscore.export.itc import itc_parity
 from diffscore.export.verdicts import RTOL, Verdict, agreement, compare
 from diffscore.reference.loading import load_components
 from diffscore.reference.runner import TorchRunner
@@ -240,7 +241,7 @@ def run_parity(engine_dir: str | Path, model_dir: str | Path | None = None, imag
     manifest = Manifest.load(engine_dir)
     comp = reference_components(manifest, model_dir)
     verdicts = (tensor_parity(engine_dir, manifest, comp, images) + head_parity(engine_dir, manifest, comp, images=images)
-                + match_parity(engine_dir, manifest, comp, images))
+                + match_parity(engine_dir, manifest, comp, images) + itc_parity(engine_dir, manifest, comp, images))
     for v in verdicts:
         echo(str(v))
     decisions = []
