@@ -52,7 +52,7 @@ Precision = choices("Precision", PRECISIONS)
 Loss = choices("Loss", LOSSES)
 Method = choices("Method", ("dc", "head"))
 HeadKind = choices("HeadKind", ("linear", "attention", "difformer"))  # = reference.heads.HEAD_KINDS (tested)
-Sampler = choices("Sampler", ("ddim", "dpm-solver"))  # = reference.sampling.SAMPLERS (tested)
+Sampler = choices("Sampler", ("dpm-solver", "ddim"))  # = reference.sampling.SAMPLERS (tested)
 RangeMethod = choices("RangeMethod", ("minmax", "entropy", "percentile"))  # = calibration.quantize.METHODS (tested)
 Strategy = choices("Strategy", STRATEGIES)
 DsdPresetChoice = choices("DsdPreset", DSD_PRESETS)
@@ -373,9 +373,9 @@ def train_head_command(
     labels: Optional[str] = LabelsOpt, labels_file: Optional[Path] = LabelsFileOpt,
     template: Optional[str] = typer.Option(None, help="--synthesize: the prompt per label, one {} (default {}); "
                                            "--pseudo-label: the DC's template (default: the engine's)"),
-    sampler: Sampler = typer.Option("ddim", help="--synthesize: the diffusers sampler"),
-    sampling_steps: int = typer.Option(20, "--sampling-steps", min=1, help="--synthesize: denoising steps per image"),
-    guidance: float = typer.Option(3.0, min=0.0, help="--synthesize: classifier-free guidance scale (≤ 1: none)"),
+    sampler: Sampler = typer.Option("dpm-solver", help="--synthesize: the diffusers sampler (DPM-Solver++ or DDIM)"),
+    sampling_steps: int = typer.Option(10, "--sampling-steps", min=1, help="--synthesize: denoising steps per image"),
+    guidance: float = typer.Option(2.0, min=0.0, help="--synthesize: classifier-free guidance scale (≤ 1: none)"),
     save_samples: Optional[Path] = typer.Option(None, "--save-samples", help="--synthesize: also write the generated "
                                                 "images to DIR/<label>/ (reuse them with --data DIR)"),
     min_confidence: Optional[float] = typer.Option(None, "--min-confidence", help="--pseudo-label: keep decisions at "
