@@ -19,6 +19,7 @@ class PseudoLabels:
     labels: np.ndarray  # their label indices (into the labels given)
     confidence: np.ndarray  # every offered image's decision confidence (inf: one class)
     decided: np.ndarray  # every offered image's label index
+    passes: np.ndarray  # UNet passes each decision took
     record: HeadTraining
 
 
@@ -49,4 +50,5 @@ def pseudo_label(engine_dir: str | Path, images: list, labels: list[str], thresh
     record = HeadTraining(source="pseudo-labels", images=len(kept), engine=str(engine_dir), strategy=options.strategy,
                           template=options.templates[0] if len(options.templates) == 1 else " | ".join(options.templates),
                           threshold=float(threshold), candidates=len(images))
-    return PseudoLabels([images[i] for i in kept], decided[kept], confidence, decided, record)
+    passes = np.array([r.passes for r in results])
+    return PseudoLabels([images[i] for i in kept], decided[kept], confidence, decided, passes, record)
