@@ -57,6 +57,7 @@ DiffDisModeOpt = typer.Option(None, "--diffdis-mode", help="diffdis: denoise (lo
                               "over shared (t, ε) wins) | generate (text embedding generated from the image, cosine "
                               "similarity); default: the engine's")
 HeadKind = choices("HeadKind", ("linear", "attention", "difformer"))  # = reference.heads.HEAD_KINDS (tested)
+Sampler = choices("Sampler", ("dpm-solver", "ddim"))  # = reference.sampling.SAMPLERS (tested)
 RangeMethod = choices("RangeMethod", ("minmax", "entropy", "percentile"))  # = calibration.quantize.METHODS (tested)
 Strategy = choices("Strategy", STRATEGIES)
 DsdPresetChoice = choices("DsdPreset", DSD_PRESETS)
@@ -304,6 +305,8 @@ def info(engine: Path = typer.Argument(..., help="engine directory"),
         for name, h in m.heads.items():
             say(f"head {name}: {h.kind} on {', '.join(h.blocks)} at steps {h.steps}, "
                 f"{len(h.labels)} labels ({', '.join(h.labels[:5])}{', …' if len(h.labels) > 5 else ''})")
+            if h.training is not None:
+                say(f"  {h.training.describe()}")
         if m.itc is not None:
             say(f"itc (match --method itc): {', '.join(m.itc.blocks)} at step {m.itc.noise_step}, {m.itc.dim}-d, "
                 f"trained with {'+'.join(m.itc.objectives)}")
@@ -396,38 +399,95 @@ def train_head_command(
     seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed of the fixed noise, the initialisation, the validation split and shuffling"),
     epochs: int = typer.Option(100, min=1, help="at most; training stops early on a 10% validation split"),
     overwrite: bool = typer.Option(False, help="replace an existing head folder"),
+    synthesize: Optional[int] = typer.Option(None, "--synthesize", min=1, help="no images needed: generate N images per "
+                                             "label with the model itself and train on them (needs --labels)"),
+    pseudo_label: Optional[Path] = typer.Option(None, "--pseudo-label", help="no labels needed: this engine's Diffusion "
+                                                "Classifier labels the --data images (a folder of unlabelled images)"),
+    labels: Optional[str] = LabelsOpt, labels_file: Optional[Path] = LabelsFileOpt,
+    template: Optional[str] = typer.Option(None, help="--synthesize: the prompt per label, one {} (default {}); "
+                                           "--pseudo-label: the DC's template (default: the engine's)"),
+    sampler: Sampler = typer.Option("dpm-solver", help="--synthesize: the diffusers sampler (DPM-Solver++ or DDIM)"),
+    sampling_steps: int = typer.Option(10, "--sampling-steps", min=1, help="--synthesize: denoising steps per image"),
+    guidance: float = typer.Option(2.0, min=0.0, help="--synthesize: classifier-free guidance scale (≤ 1: none)"),
+    save_samples: Optional[Path] = typer.Option(None, "--save-samples", help="--synthesize: also write the generated "
+                                                "images to DIR/<label>/ (reuse them with --data DIR)"),
+    min_confidence: Optional[float] = typer.Option(None, "--min-confidence", help="--pseudo-label: keep decisions at "
+                                                   "least this many standard errors ahead of their best rival (default 1)"),
+    strategy: Optional[Strategy] = StrategyOpt, backend: Backend = BackendOpt,
 ):
-    """Train a one-pass head on UNet block features (extracted once, cached); then `export --head-dir`."""
+    """Train a one-pass head on UNet block features (extracted once, cached); then `export --head-dir`.
+
+    The training images come with labels (--data FOLDER/<label>/, --demo), from the model itself
+    (--synthesize N --labels a,b,...), or labelled by an engine's Diffusion Classifier
+    (--pseudo-label ENGINE --data FOLDER --labels a,b,...); the head records which."""
     out_dir = out_dir or Path(f"head-{kind.value}")
     if out_dir.exists() and not overwrite:
         raise EngineError(f"{out_dir} already exists; pass --overwrite to replace it")
-    if demo == (data is not None):
-        raise EngineError("give exactly one of --data FOLDER or --demo")
+    check_label_free_flags(data, demo, synthesize, pseudo_label, save_samples, min_confidence, strategy, template,
+                           labels is not None or labels_file is not None)
     spec_blocks, steps = split(blocks) or [], parse_steps(noise_steps)
+    classes = read_labels(labels, labels_file, required=synthesize is not None or (pseudo_label is not None and not demo))
     require_torch("train-head")
     from diffscore.app.demo import cache_root
     from diffscore.reference.features import FeatureSpec
     from diffscore.reference.head_training import TrainOptions, train_head_on_images
     from diffscore.reference.heads import save_head
 
-    if demo:
+    if synthesize is not None:
+        from diffscore.app.label_free import synthetic_set
+
+        images, targets, origin = synthetic_set(model, classes, synthesize, template or "{}", sampler.value,
+                                                sampling_steps, guidance, seed, save_samples, overwrite)
+    elif pseudo_label is not None:
+        from diffscore.app.label_free import pseudo_labelled_set
+
+        images, targets, origin, classes = pseudo_labelled_set(
+            pseudo_label, data, demo, classes, 1.0 if min_confidence is None else min_confidence, backend.value,
+            template=template, strategy=strategy.value if strategy else None)
+    elif demo:
         from diffscore.app.digits import CLASS_NAMES, load_digits_split
 
         digits = load_digits_split()
-        images, labels, classes = list(digits.train_images), digits.train_labels, list(CLASS_NAMES)
+        images, targets, classes = list(digits.train_images), digits.train_labels, list(CLASS_NAMES)
     else:
         from diffscore.engine.images import image_folder
+        from diffscore.reference.sampling import saved_record
 
-        images, labels, classes = image_folder(data)
+        images, targets, classes = image_folder(data)
+    if synthesize is None and pseudo_label is None:
+        from diffscore.engine.manifest import HeadTraining
+
+        origin = (None if demo else saved_record(data)) or HeadTraining(source="labels")
+        origin.images = len(images)
     spec = FeatureSpec(blocks=spec_blocks, steps=steps, seed=seed, prompt=prompt)
-    trained, config = train_head_on_images(model, images, labels, classes, kind.value, spec,
-                                           TrainOptions(epochs=epochs, seed=seed), cache_root() / "features", progress=True)
+    trained, config = train_head_on_images(model, images, targets, classes, kind.value, spec,
+                                           TrainOptions(epochs=epochs, seed=seed), cache_root() / "features", progress=True,
+                                           origin=origin)
     save_head(trained, config, out_dir)
+    say(config.origin.describe())
     t = config.training
     val = f"validation accuracy {t['val_accuracy']:.2%} on {t['val_images']} images" if t["val_images"] else "no validation split"
     say(("wrote ", "green"), f"{out_dir}: {kind.value} head on {', '.join(spec.blocks)} at steps {spec.steps}, "
         f"{len(classes)} classes, {t['images']} training images, {val}, best epoch {t['best_epoch']} of {t['epochs']}")
     say(f"next: diffscore export {model} ENGINE_DIR --head-dir {out_dir}")
+
+
+def check_label_free_flags(data, demo, synthesize, pseudo_label, save_samples, min_confidence, strategy, template,
+                           labels_given: bool) -> None:
+    """train-head's sources of training images, and the flags that belong to one of them, before any work."""
+    if synthesize is not None and pseudo_label is not None:
+        raise EngineError("--synthesize and --pseudo-label are two ways to train without labels; pick one")
+    if synthesize is not None and (demo or data is not None):
+        raise EngineError("--synthesize makes its own training images; drop --data/--demo")
+    if synthesize is None and demo == (data is not None):
+        raise EngineError("give exactly one of --data FOLDER, --demo, --synthesize N or --pseudo-label ENGINE --data FOLDER")
+    if save_samples is not None and synthesize is None:
+        raise EngineError("--save-samples saves the images --synthesize makes; use it with --synthesize")
+    if (min_confidence is not None or strategy is not None) and pseudo_label is None:
+        raise EngineError("--min-confidence and --strategy choose the pseudo-labels; use them with --pseudo-label")
+    if synthesize is None and pseudo_label is None and (template is not None or labels_given):
+        raise EngineError("--labels and --template go with --synthesize or --pseudo-label; labelled folders name "
+                          "their classes by subfolder")
 
 
 @app.command("build-trt")

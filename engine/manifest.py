@@ -112,6 +112,37 @@ class ScoringDefaults:
 
 
 @dataclass
+class HeadTraining:
+    """How a head's training images got their labels: people ("labels"), the model's own samples
+    ("synthetic": generated per label), or the engine's Diffusion Classifier ("pseudo-labels")."""
+
+    source: str = "labels"  # labels | synthetic | pseudo-labels
+    images: int | None = None  # images the head trained on (its validation split included)
+    # synthetic: the sampler that generated `per_class` images per label from `template`
+    sampler: str | None = None  # ddim | dpm-solver
+    sampling_steps: int | None = None
+    guidance: float | None = None  # classifier-free guidance scale
+    per_class: int | None = None
+    template: str | None = None
+    sample_seed: int | None = None
+    # pseudo-labels: the engine whose decisions labelled the images, and which were kept
+    engine: str | None = None
+    strategy: str | None = None
+    threshold: float | None = None  # least decision confidence kept
+    candidates: int | None = None  # unlabelled images offered; `images` of them were kept
+
+    def describe(self) -> str:
+        """One line for `diffscore info`."""
+        if self.source == "synthetic":
+            return (f"trained on {self.images} synthetic images ({self.per_class} per label, {self.sampler} "
+                    f"{self.sampling_steps} steps, guidance {self.guidance}, template {self.template!r})")
+        if self.source == "pseudo-labels":
+            return (f"trained on {self.images} of {self.candidates} unlabelled images labelled by {self.engine} "
+                    f"({self.strategy}, confidence >= {self.threshold})")
+        return f"trained on {self.images if self.images is not None else 'labelled'} labelled images"
+
+
+@dataclass
 class HeadSpec:
     """A trained head shipped as one graph (the UNet layers it reads + the head)."""
 
@@ -124,6 +155,11 @@ class HeadSpec:
     prompt: str  # conditioning of the feature passes ("" = empty prompt)
     weights: str  # head weights file (parity rebuilds the torch head from it)
     config: str  # head config file
+    training: HeadTraining | None = None  # how its training images were labelled; None: engines before it existed
+
+    def __post_init__(self):
+        if self.training is not None:
+            self.training = _typed(HeadTraining, self.training, "head training")
 
 
 @dataclass

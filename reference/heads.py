@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from diffscore.engine.manifest import HeadTraining
 from diffscore.errors import EngineError
 from diffscore.reference.features import FeatureSpec, extract_features
 from diffscore.reference.loading import Components
@@ -168,10 +169,14 @@ class HeadConfig:
     pool: int = 16  # token grid at most pool × pool (attention, difformer); the probe pools to 2×2
     source_sha256: str = ""  # content hash of the model folder the features came from
     training: dict = field(default_factory=dict)  # summary: images, epochs, validation accuracy
+    # how the training images were labelled (people, the model's samples, its DC); the manifest records it
+    origin: HeadTraining = field(default_factory=HeadTraining)
 
     def __post_init__(self):
         if isinstance(self.features, dict):
             self.features = FeatureSpec(**self.features)
+        if isinstance(self.origin, dict):
+            self.origin = HeadTraining(**self.origin)
         check_kind(self.kind, len(self.features.blocks), len(self.features.steps))
 
     def build(self) -> nn.Module:
