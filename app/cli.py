@@ -278,7 +278,9 @@ def info(engine: Path = typer.Argument(..., help="engine directory"),
                 say(f"{name} score weights: " + ", ".join(f"{k} {v:.3f}" for k, v in a.score_weights.items()))
         for name, h in m.heads.items():
             say(f"head {name}: {h.kind} on {', '.join(h.blocks)} at steps {h.steps}, "
-                f"{len(h.labels)} labels ({', '.join(h.labels[:5])}{', …' if len(h.labels) > 5 else ''})")
+                f"{len(h.labels)} labels ({', '.join(h.labels[:5])}{', …' if len(h.labels) > 5 else ''})"
+                + (f"; DifFeed feedback {', '.join(':'.join(p) for p in h.feedback)}, 2 UNet passes per step"
+                   if h.feedback else ""))
         say(f"defaults: {json.dumps(dataclasses.asdict(m.defaults))}")
         if m.calibration is not None:
             c = m.calibration
@@ -363,14 +365,25 @@ def train_head_command(
     seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed of the fixed noise, the initialisation, the validation split and shuffling"),
     epochs: int = typer.Option(100, min=1, help="at most; training stops early on a 10% validation split"),
     overwrite: bool = typer.Option(False, help="replace an existing head folder"),
+    feedback: bool = typer.Option(False, "--feedback", help="DifFeed: feed decoder outputs of a first UNet pass, through "
+                                  "small learned modules trained with the head, into the mirrored encoder blocks of a "
+                                  "second pass whose features the head reads (2 UNet passes per noise step)"),
+    feedback_pairs: Optional[str] = typer.Option(None, "--feedback-pairs", help="with --feedback: SOURCE:TARGET block "
+                                                 "pairs, comma separated (default: every up_blocks.i into its mirrored "
+                                                 "down block, where that reaches the head's blocks)"),
 ):
-    """Train a one-pass head on UNet block features (extracted once, cached); then `export --head-dir`."""
+    """Train a head on UNet block features (extracted once, cached); then `export --head-dir`.
+
+    One UNet pass per noise step; with --feedback a DifFeed head (two passes per step, slower to train)."""
     out_dir = out_dir or Path(f"head-{kind.value}")
     if out_dir.exists() and not overwrite:
         raise EngineError(f"{out_dir} already exists; pass --overwrite to replace it")
     if demo == (data is not None):
         raise EngineError("give exactly one of --data FOLDER or --demo")
     spec_blocks, steps = split(blocks) or [], parse_steps(noise_steps)
+    if feedback_pairs is not None and not feedback:
+        raise EngineError("--feedback-pairs needs --feedback")
+    pairs = [[b.strip() for b in p.split(":")] for p in split(feedback_pairs) or []] if feedback else None
     require_torch("train-head")
     from diffscore.app.demo import cache_root
     from diffscore.reference.features import FeatureSpec
@@ -388,11 +401,13 @@ def train_head_command(
         images, labels, classes = image_folder(data)
     spec = FeatureSpec(blocks=spec_blocks, steps=steps, seed=seed, prompt=prompt)
     trained, config = train_head_on_images(model, images, labels, classes, kind.value, spec,
-                                           TrainOptions(epochs=epochs, seed=seed), cache_root() / "features", progress=True)
+                                           TrainOptions(epochs=epochs, seed=seed), cache_root() / "features", progress=True,
+                                           feedback=pairs)
     save_head(trained, config, out_dir)
     t = config.training
     val = f"validation accuracy {t['val_accuracy']:.2%} on {t['val_images']} images" if t["val_images"] else "no validation split"
-    say(("wrote ", "green"), f"{out_dir}: {kind.value} head on {', '.join(spec.blocks)} at steps {spec.steps}, "
+    fed = f" (DifFeed: {', '.join(':'.join(p) for p in config.feedback.pairs)} fed back)" if config.feedback else ""
+    say(("wrote ", "green"), f"{out_dir}: {kind.value} head{fed} on {', '.join(spec.blocks)} at steps {spec.steps}, "
         f"{len(classes)} classes, {t['images']} training images, {val}, best epoch {t['best_epoch']} of {t['epochs']}")
     say(f"next: diffscore export {model} ENGINE_DIR --head-dir {out_dir}")
 

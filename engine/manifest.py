@@ -108,6 +108,12 @@ class HeadSpec:
     prompt: str  # conditioning of the feature passes ("" = empty prompt)
     weights: str  # head weights file (parity rebuilds the torch head from it)
     config: str  # head config file
+    # DifFeed: [source, target] block pairs fed back from a first UNet pass into a second; [] = a one-pass head
+    feedback: list[list[str]] = field(default_factory=list)
+
+    @property
+    def passes_per_step(self) -> int:
+        return 2 if self.feedback else 1
 
 
 @dataclass
