@@ -6,7 +6,7 @@ works with one-line mistakes."""
 import pytest
 
 import diffscore
-from diffscore.app.digits import CLASS_NAMES, load_digits_split
+from diffscore.app.digits import CLASS_NAMES
 from diffscore.engine.manifest import Manifest
 from diffscore.export.onnx_export import export_engine
 from diffscore.export.parity import available_backends, head_decision_parity, head_parity
@@ -17,11 +17,6 @@ from diffscore.reference.loading import load_components
 
 N_TRAIN, N_TEST = 120, 24
 MIRROR = [["up_blocks.0", "down_blocks.1"], ["up_blocks.1", "down_blocks.0"]]
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits_split()
 
 
 @pytest.fixture(scope="module")
@@ -82,17 +77,6 @@ def test_classify_counts_two_passes_per_step(engine_dir, demo_model, fed, digits
     want = head_logits_reference(load_components(demo_model), head, config, images).numpy()
     assert [r.label for r in got] == [CLASS_NAMES[i] for i in want.argmax(1)]
     assert all(r.passes == 4 for r in got)  # 2 noise steps × 2 UNet passes
-
-
-@pytest.fixture(scope="module")
-def digit_folder(tmp_path_factory, digits):
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("folder")
-    for i, (img, label) in enumerate(zip(digits.train_images[:30], digits.train_labels[:30])):
-        (root / CLASS_NAMES[label]).mkdir(exist_ok=True)
-        Image.fromarray(img).save(root / CLASS_NAMES[label] / f"{i}.png")
-    return root
 
 
 def test_cli_train_feedback_head_and_info(demo_model, digit_folder, engine_dir, tmp_path, monkeypatch, run_cli_out):
