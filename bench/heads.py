@@ -48,7 +48,7 @@ HEADS = {  # name: (kind, blocks, steps)
 # DifFeed: the same blocks and steps, the default mirror wiring (up_blocks.0 -> down_blocks.1, up_blocks.1 ->
 # down_blocks.0). Each epoch runs pass 2 through the UNet with gradients: a smaller epoch budget.
 FEEDBACK = {"difeed-linear": ("linear", BLOCKS, STEPS), "difeed-difformer": ("difformer", BLOCKS, STEPS)}
-FEEDBACK_EPOCHS = 40
+FEEDBACK_EPOCHS = 30
 FEW_SHOT = (1, 5, 10)
 FEW_SHOT_EPOCHS = 100  # no validation split to stop on with K images per class: a fixed budget
 CHUNK = 50  # held-out images per alternation between the DC and the heads
