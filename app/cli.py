@@ -304,7 +304,9 @@ def info(engine: Path = typer.Argument(..., help="engine directory"),
                 say(f"{name} score weights: " + ", ".join(f"{k} {v:.3f}" for k, v in a.score_weights.items()))
         for name, h in m.heads.items():
             say(f"head {name}: {h.kind} on {', '.join(h.blocks)} at steps {h.steps}, "
-                f"{len(h.labels)} labels ({', '.join(h.labels[:5])}{', …' if len(h.labels) > 5 else ''})")
+                f"{len(h.labels)} labels ({', '.join(h.labels[:5])}{', …' if len(h.labels) > 5 else ''})"
+                + (f"; DifFeed feedback {', '.join(':'.join(p) for p in h.feedback)}, 2 UNet passes per step"
+                   if h.feedback else ""))
             if h.training is not None:
                 say(f"  {h.training.describe()}")
         if m.itc is not None:
@@ -414,12 +416,19 @@ def train_head_command(
     min_confidence: Optional[float] = typer.Option(None, "--min-confidence", help="--pseudo-label: keep decisions at "
                                                    "least this many standard errors ahead of their best rival (default 1)"),
     strategy: Optional[Strategy] = StrategyOpt, backend: Backend = BackendOpt,
+    feedback: bool = typer.Option(False, "--feedback", help="DifFeed: feed decoder outputs of a first UNet pass, through "
+                                  "small learned modules trained with the head, into the mirrored encoder blocks of a "
+                                  "second pass whose features the head reads (2 UNet passes per noise step)"),
+    feedback_pairs: Optional[str] = typer.Option(None, "--feedback-pairs", help="with --feedback: SOURCE:TARGET block "
+                                                 "pairs, comma separated (default: every up_blocks.i into its mirrored "
+                                                 "down block, where that reaches the head's blocks)"),
 ):
-    """Train a one-pass head on UNet block features (extracted once, cached); then `export --head-dir`.
+    """Train a head on UNet block features (extracted once, cached); then `export --head-dir`.
 
     The training images come with labels (--data FOLDER/<label>/, --demo), from the model itself
     (--synthesize N --labels a,b,...), or labelled by an engine's Diffusion Classifier
-    (--pseudo-label ENGINE --data FOLDER --labels a,b,...); the head records which."""
+    (--pseudo-label ENGINE --data FOLDER --labels a,b,...); the head records which. One UNet pass per
+    noise step; with --feedback a DifFeed head (two passes per step, slower to train)."""
     out_dir = out_dir or Path(f"head-{kind.value}")
     if out_dir.exists() and not overwrite:
         raise EngineError(f"{out_dir} already exists; pass --overwrite to replace it")
@@ -427,6 +436,9 @@ def train_head_command(
                            labels is not None or labels_file is not None)
     spec_blocks, steps = split(blocks) or [], parse_steps(noise_steps)
     classes = read_labels(labels, labels_file, required=synthesize is not None or (pseudo_label is not None and not demo))
+    if feedback_pairs is not None and not feedback:
+        raise EngineError("--feedback-pairs needs --feedback")
+    pairs = [[b.strip() for b in p.split(":")] for p in split(feedback_pairs) or []] if feedback else None
     require_torch("train-head")
     from diffscore.app.demo import cache_root
     from diffscore.reference.features import FeatureSpec
@@ -462,12 +474,13 @@ def train_head_command(
     spec = FeatureSpec(blocks=spec_blocks, steps=steps, seed=seed, prompt=prompt)
     trained, config = train_head_on_images(model, images, targets, classes, kind.value, spec,
                                            TrainOptions(epochs=epochs, seed=seed), cache_root() / "features", progress=True,
-                                           origin=origin)
+                                           origin=origin, feedback=pairs)
     save_head(trained, config, out_dir)
     say(config.origin.describe())
     t = config.training
     val = f"validation accuracy {t['val_accuracy']:.2%} on {t['val_images']} images" if t["val_images"] else "no validation split"
-    say(("wrote ", "green"), f"{out_dir}: {kind.value} head on {', '.join(spec.blocks)} at steps {spec.steps}, "
+    fed = f" (DifFeed: {', '.join(':'.join(p) for p in config.feedback.pairs)} fed back)" if config.feedback else ""
+    say(("wrote ", "green"), f"{out_dir}: {kind.value} head{fed} on {', '.join(spec.blocks)} at steps {spec.steps}, "
         f"{len(classes)} classes, {t['images']} training images, {val}, best epoch {t['best_epoch']} of {t['epochs']}")
     say(f"next: diffscore export {model} ENGINE_DIR --head-dir {out_dir}")
 

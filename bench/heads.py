@@ -3,7 +3,9 @@
     .venv/bin/python bench/heads.py [--dc-limit N] [--update-readme]
 
 Trains the linear probe, the attention head and the DifFormer head on the demo's training split
-(features extracted once and cached), and few-shot heads on K = 1, 5, 10 labelled images per class;
+(features extracted once and cached), the DifFeed linear probe and DifFormer head (reference/feedback.py:
+two UNet passes per step, the feedback modules trained with the head; pass 1 extracted once, pass 2
+run with gradients every step), and few-shot heads on K = 1, 5, 10 labelled images per class;
 exports them with the demo model into one engine; then on ONNX Runtime CPU measures each head's
 accuracy and images/s beside the Diffusion Classifier's default stages (with its UNet passes per
 image) and a logistic regression on pixels. The DC and the full-data heads alternate every CHUNK
@@ -43,9 +45,14 @@ HEADS = {  # name: (kind, blocks, steps)
     "attention": ("attention", ["mid_block"], [50]),
     "difformer": ("difformer", BLOCKS, STEPS),
 }
+# DifFeed: the same blocks and steps, the default mirror wiring (up_blocks.0 -> down_blocks.1, up_blocks.1 ->
+# down_blocks.0). Each epoch runs pass 2 through the UNet with gradients: a smaller epoch budget.
+FEEDBACK = {"difeed-linear": ("linear", BLOCKS, STEPS), "difeed-difformer": ("difformer", BLOCKS, STEPS)}
+FEEDBACK_EPOCHS = 30
 FEW_SHOT = (1, 5, 10)
 FEW_SHOT_EPOCHS = 100  # no validation split to stop on with K images per class: a fixed budget
 CHUNK = 50  # held-out images per alternation between the DC and the heads
+ALL = {**HEADS, **FEEDBACK}
 
 
 def select(feats: dict, union, blocks, steps) -> dict:
@@ -136,6 +143,7 @@ def main() -> None:
     from diffscore.engine.manifest import folder_sha256
     from diffscore.export.onnx_export import export_engine
     from diffscore.reference.features import FeatureSpec, cached_features
+    from diffscore.reference.feedback import default_pairs, feedback_spec, train_feedback_head
     from diffscore.reference.head_training import TrainOptions, train_head
     from diffscore.reference.heads import HeadConfig, save_head
     from diffscore.reference.loading import load_components
@@ -154,25 +162,33 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-heads-"))
     trained, rows = [], {}
 
-    def fit(name, kind, blocks, steps, idx, options):
+    def fit(name, kind, blocks, steps, idx, options, feedback=False):
         config = HeadConfig(kind=kind, labels=list(CLASS_NAMES), features=FeatureSpec(blocks, steps),
                             shapes=[list(feats[b].shape[2:]) for b in blocks], source_sha256=sha)
         t0 = time.perf_counter()
-        head = train_head({b: f[idx] for b, f in select(feats, union, blocks, steps).items()},
-                          split.train_labels[idx], config, options, progress=True)
+        if feedback:
+            config.feedback = feedback_spec(comp, default_pairs(comp.unet, blocks))
+            head = train_feedback_head(comp, [split.train_images[i] for i in idx], split.train_labels[idx], config,
+                                       options, cache_root() / "features", sha, progress=True)
+        else:
+            head = train_head({b: f[idx] for b, f in select(feats, union, blocks, steps).items()},
+                              split.train_labels[idx], config, options, progress=True)
         trained.append(save_head(head, config, workdir / name))
         return time.perf_counter() - t0, config.training
 
     everything = np.arange(len(split.train_labels))
-    for name, (kind, blocks, steps) in HEADS.items():
-        seconds, summary = fit(name, kind, blocks, steps, everything, TrainOptions(epochs=cap(TrainOptions.epochs)))
-        rows[name] = {"kind": kind, "blocks": blocks, "steps": steps, "training_s": seconds, "training": summary}
+    for name, (kind, blocks, steps) in ALL.items():
+        epochs = FEEDBACK_EPOCHS if name in FEEDBACK else TrainOptions.epochs
+        seconds, summary = fit(name, kind, blocks, steps, everything, TrainOptions(epochs=cap(epochs)), name in FEEDBACK)
+        rows[name] = {"kind": kind, "blocks": blocks, "steps": steps, "training_s": seconds, "training": summary,
+                      "feedback": name in FEEDBACK}
     few = {}
     for k in FEW_SHOT:
         idx = few_shot_indices(split.train_labels, k)
         few[k] = {"logistic regression": logistic(split.train_images[idx], split.train_labels[idx], split.test_images, truth)}
-        for name, (kind, blocks, steps) in HEADS.items():
-            fit(f"{name}-k{k}", kind, blocks, steps, idx, TrainOptions(epochs=cap(FEW_SHOT_EPOCHS), val_fraction=0.0))
+        for name, (kind, blocks, steps) in ALL.items():
+            fit(f"{name}-k{k}", kind, blocks, steps, idx, TrainOptions(epochs=cap(FEW_SHOT_EPOCHS), val_fraction=0.0),
+                name in FEEDBACK)
 
     engine_dir = export_engine(DEMO_MODEL, workdir / "engine", heads=trained, show_progress=False,
                                defaults={"template": DEFAULT_TEMPLATE, "stages": [list(s) for s in DEMO_STAGES], "loss": DEMO_LOSS})
@@ -186,15 +202,15 @@ def main() -> None:
     load_timed = os.getloadavg()[0]  # still carries this script's training of the last minute
     dc_limit = len(test_images) if args.dc_limit is None else args.dc_limit
     dc, dc_s = [], 0.0
-    got = {name: [] for name in HEADS}
-    head_s = dict.fromkeys(HEADS, 0.0)
+    got = {name: [] for name in ALL}
+    head_s = dict.fromkeys(ALL, 0.0)
     for lo in range(0, len(test_images), CHUNK):
         chunk = test_images[lo : lo + CHUNK]
         if lo < dc_limit:
             t0 = time.perf_counter()
             dc += engine.classify(chunk[: dc_limit - lo], labels)
             dc_s += time.perf_counter() - t0
-        for name in HEADS:
+        for name in ALL:
             t0 = time.perf_counter()
             got[name] += engine.classify(chunk, method="head", head=name)
             head_s[name] += time.perf_counter() - t0
@@ -204,8 +220,9 @@ def main() -> None:
     dc_ips = len(dc) / dc_s
     dc_row = {"accuracy": accuracy(dc, len(dc)), "images": len(dc), "passes_per_image": float(np.mean([r.passes for r in dc])),
               "images_per_s": dc_ips, "seconds": dc_s, "stages": DEMO_STAGES}
-    for name in HEADS:
-        rows[name].update(accuracy=accuracy(got[name]), passes_per_image=len(rows[name]["steps"]),
+    for name in ALL:
+        passes = len(rows[name]["steps"]) * engine.manifest.heads[name].passes_per_step
+        rows[name].update(accuracy=accuracy(got[name]), passes_per_image=passes,
                           images_per_s=len(test_images) / head_s[name], seconds=head_s[name],
                           speedup_vs_dc=len(test_images) / head_s[name] / dc_ips)
         for k in FEW_SHOT:
@@ -217,7 +234,7 @@ def main() -> None:
         "held_out_images": len(test_images), "training_images": len(split.train_labels), "chunk": CHUNK,
         "feature_extraction_s": extract_s, "diffusion_classifier": dc_row, "heads": rows,
         "logistic_regression_accuracy": baseline, "few_shot": {str(k): v for k, v in few.items()},
-        "few_shot_epochs": cap(FEW_SHOT_EPOCHS), "speed_gate": {"head": "difformer", "ratio": rows["difformer"]["speedup_vs_dc"],
+        "few_shot_epochs": cap(FEW_SHOT_EPOCHS), "feedback_epochs": cap(FEEDBACK_EPOCHS), "speed_gate": {"head": "difformer", "ratio": rows["difformer"]["speedup_vs_dc"],
                                                            "required": 20.0, "passed": rows["difformer"]["speedup_vs_dc"] >= 20},
         "placement": {**place, "chosen": "one graph: the UNet layers the head reads + the head",
                       "why": "faster: it skips the UNet layers after the last block read and the attention scores; "
@@ -229,7 +246,8 @@ def main() -> None:
 
 def readme_block(r: dict, info: dict) -> str:
     dc, heads = r["diffusion_classifier"], r["heads"]
-    label = {"linear": "linear probe", "attention": "attention head", "difformer": "DifFormer head"}
+    label = {"linear": "linear probe", "attention": "attention head", "difformer": "DifFormer head",
+             "difeed-linear": "DifFeed linear probe", "difeed-difformer": "DifFeed DifFormer head"}
     where = lambda h: f"{' + '.join(h['blocks'])} at t = {', '.join(map(str, h['steps']))}"
     lines = [
         f"| method | trained on | held-out accuracy | UNet passes / image | images/s | vs DC |",
@@ -243,10 +261,19 @@ def readme_block(r: dict, info: dict) -> str:
     lines.append(f"| logistic regression on pixels | {r['training_images']:,} labelled | {r['logistic_regression_accuracy']:.2%} | 0 | – | – |")
     lines += ["", "Few-shot (K labelled training images per class, no validation split, "
               f"{r['few_shot_epochs']} epochs), held-out accuracy:", "",
-              "| K | linear probe | attention head | DifFormer head | logistic regression |", "|---:|---:|---:|---:|---:|"]
+              "| K | " + " | ".join(label[n] for n in heads) + " | logistic regression |",
+              "|---:|" + "---:|" * (len(heads) + 1)]
     for k, row in r["few_shot"].items():
-        lines.append(f"| {k} | {row['linear']:.2%} | {row['attention']:.2%} | {row['difformer']:.2%} | {row['logistic regression']:.2%} |")
+        lines.append(f"| {k} | " + " | ".join(f"{row[n]:.2%}" for n in heads) + f" | {row['logistic regression']:.2%} |")
     p, gate, load = r["placement"], r["speed_gate"], r["load_average_1min"]
+    per_epoch = lambda n: heads[n]["training_s"] / heads[n]["training"]["epochs"]
+    fed = [n for n, h in heads.items() if h.get("feedback")]
+    if fed:
+        lines += ["", "DifFeed heads (two UNet passes per step: the mirror wiring up_blocks.0 → down_blocks.1, up_blocks.1 → "
+                  f"down_blocks.0; at most {r['feedback_epochs']} epochs, early stopping): training "
+                  + "; ".join(f"{label[n]} {heads[n]['training_s']:.0f} s for {heads[n]['training']['epochs']} epochs "
+                              f"({per_epoch(n):.1f} s/epoch; without feedback, on cached features: "
+                              f"{per_epoch(n.split('-', 1)[1]):.1f} s/epoch)" for n in fed) + "."]
     lines += ["", f"Speed gate (DifFormer head ≥ 20× the DC's images/s on the engine): **{gate['ratio']:.0f}×, "
               f"{'passed' if gate['passed'] else 'FAILED'}**. Head placement, DifFormer head on all held-out digits: "
               f"one graph (the UNet layers it reads + the head, {p['one_graph_mb']:.1f} MB) "

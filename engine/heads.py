@@ -94,5 +94,5 @@ class HeadScoring:
         for row in p:
             order = np.argsort(-row, kind="stable")
             results.append(Classification(label=classes[order[0]], ranking=[(classes[c], float(row[c])) for c in order],
-                                          passes=len(spec.steps), options=options))
+                                          passes=len(spec.steps) * spec.passes_per_step, options=options))
         return results

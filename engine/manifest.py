@@ -156,6 +156,12 @@ class HeadSpec:
     weights: str  # head weights file (parity rebuilds the torch head from it)
     config: str  # head config file
     training: HeadTraining | None = None  # how its training images were labelled; None: engines before it existed
+    # DifFeed: [source, target] block pairs fed back from a first UNet pass into a second; [] = a one-pass head
+    feedback: list[list[str]] = field(default_factory=list)
+
+    @property
+    def passes_per_step(self) -> int:
+        return 2 if self.feedback else 1
 
     def __post_init__(self):
         if self.training is not None:

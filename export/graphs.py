@@ -80,7 +80,12 @@ class HeadGraph(nn.Module):
 
     def __init__(self, unet: nn.Module, head: nn.Module, config, prompt_embedding: torch.Tensor):
         super().__init__()
-        self.unet = ScoringUNet(unet, attention_layers=[], feature_blocks=config.features.blocks)
+        if config.feedback is not None:  # DifFeed: both passes and the feedback modules in the graph
+            from diffscore.reference.feedback import feedback_unet
+
+            self.unet = feedback_unet(unet, head, config)
+        else:
+            self.unet = ScoringUNet(unet, attention_layers=[], feature_blocks=config.features.blocks)
         self.head = head
         self.register_buffer("t", torch.tensor(config.features.steps, dtype=torch.float32))
         self.register_buffer("emb", prompt_embedding)  # (1, L, D)

@@ -192,7 +192,8 @@ def head_entry(name: str, config) -> HeadSpec:
     f = config.features
     return HeadSpec(graph=f"head.{name}", kind=config.kind, labels=list(config.labels), blocks=list(f.blocks),
                     steps=list(f.steps), seed=f.seed, prompt=f.prompt, weights=f"head.{name}.safetensors",
-                    config=f"head.{name}.json", training=config.origin)
+                    config=f"head.{name}.json", training=config.origin,
+                    feedback=[list(p) for p in config.feedback.pairs] if config.feedback else [])
 
 
 def export_graph(module, sample, inputs, outputs, out_dir: Path, name: str) -> GraphSpec:

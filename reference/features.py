@@ -65,10 +65,21 @@ class FeatureSpec:
     prompt: str = ""  # the conditioning; the empty prompt unless set
 
 
+@dataclass
+class FeedbackSpec:
+    """DifFeed (reference/feedback.py): each pair's first block's output in a first UNet pass goes through a
+    small learned module and is added to the second block's output in a second pass over the same x_t, t."""
+
+    pairs: list[list[str]]  # [source, target]: source (a decoder block) comes after target (an encoder block)
+    channels: list[list[int]]  # [source channels, target channels] of each pair's module
+
+
 @torch.no_grad()
 def extract_features(comp: Components, images, spec: FeatureSpec, batch_size: int = 256,
-                     progress: bool = False) -> dict[str, torch.Tensor]:
-    """{block: (N, steps, C, h, w)} block outputs of every image at every step (rows image-major)."""
+                     progress: bool = False, scoring: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """{block: (N, steps, C, h, w)} block outputs of every image at every step (rows image-major).
+
+    scoring: the UNet wrapper whose features to take (a DifFeed FeedbackUNet); default a ScoringUNet."""
     blocks = check_blocks(comp.unet, spec.blocks)
     steps = check_steps(spec.steps, comp.num_train_timesteps)
     pixels = preprocess_batch(images, comp.image_size, comp.image_channels)
@@ -77,7 +88,7 @@ def extract_features(comp: Components, images, spec: FeatureSpec, batch_size: in
     eps = torch.from_numpy(shared_noise(spec.seed, S, tuple(x0.shape[1:])))  # (S, C, H, W)
     t = torch.tensor(steps)
     emb = encode_prompts(comp, [spec.prompt])  # (1, L, D)
-    unet = ScoringUNet(comp.unet, attention_layers=[], feature_blocks=blocks)
+    unet = scoring if scoring is not None else ScoringUNet(comp.unet, attention_layers=[], feature_blocks=blocks)
     per_image = max(1, batch_size // S)
     out: dict[str, list[torch.Tensor]] = {b: [] for b in blocks}
     try:

@@ -59,6 +59,13 @@ def train_head(features: dict[str, torch.Tensor], labels, config: HeadConfig, op
     head = config.build()
     if isinstance(head, LinearProbe):
         head.fit_inputs(*(x[tr] for x in inputs))
+    return fit(head, lambda batch: head(*(x[batch] for x in inputs)), labels, tr, va, config, options, progress)
+
+
+def fit(head: nn.Module, logits_of, labels: torch.Tensor, tr: torch.Tensor, va: torch.Tensor, config: HeadConfig,
+        options: TrainOptions, progress: bool = False) -> nn.Module:
+    """The epoch loop shared by every head: AdamW on logits_of(batch indices), early stopping on the
+    validation indices va, the best epoch's weights kept; fills config.training."""
     lr = options.lr or (1e-2 if config.kind == "linear" else 1e-3)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=options.weight_decay)
     gen = torch.Generator().manual_seed(options.seed)
@@ -68,7 +75,7 @@ def train_head(features: dict[str, torch.Tensor], labels, config: HeadConfig, op
         for epoch in range(1, options.epochs + 1):
             head.train()
             for batch in tr[torch.randperm(len(tr), generator=gen)].split(options.batch_size):
-                loss = F.cross_entropy(head(*(x[batch] for x in inputs)), labels[batch])
+                loss = F.cross_entropy(logits_of(batch), labels[batch])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -77,7 +84,7 @@ def train_head(features: dict[str, torch.Tensor], labels, config: HeadConfig, op
                 continue
             head.eval()
             with torch.no_grad():
-                logits = head(*(x[va] for x in inputs))
+                logits = logits_of(va)
             val_loss = float(F.cross_entropy(logits, labels[va]))
             advance(note=f"validation loss {val_loss:.4f}")
             if val_loss < best[0]:
@@ -97,8 +104,11 @@ def train_head(features: dict[str, torch.Tensor], labels, config: HeadConfig, op
 
 def train_head_on_images(model_dir: str | Path, images, labels, class_names: list[str], kind: str, spec: FeatureSpec,
                          options: TrainOptions = TrainOptions(), cache_dir: Path | None = None, progress: bool = False,
-                         **head_options) -> tuple[nn.Module, HeadConfig]:
-    """Load the model, extract (or reuse cached) features, train a head; head_options: dim, depth, heads, pool."""
+                         feedback: list[list[str]] | None = None, **head_options) -> tuple[nn.Module, HeadConfig]:
+    """Load the model, extract (or reuse cached) features, train a head; head_options: dim, depth, heads, pool.
+
+    feedback: a DifFeed head (reference/feedback.py) with these [source, target] block pairs; [] = the mirror
+    pairs that reach the head's blocks; None = a one-pass head."""
     from diffscore.engine.manifest import folder_sha256
     from diffscore.reference.loading import load_components
 
@@ -110,6 +120,15 @@ def train_head_on_images(model_dir: str | Path, images, labels, class_names: lis
     check_blocks(comp.unet, spec.blocks)
     check_steps(spec.steps, comp.num_train_timesteps)
     sha = folder_sha256(Path(model_dir))
+    if feedback is not None:
+        from diffscore.reference.feedback import (block_shapes, check_pairs, default_pairs, feedback_spec,
+                                                  train_feedback_head)
+
+        pairs = check_pairs(comp.unet, feedback, spec.blocks) if feedback else default_pairs(comp.unet, spec.blocks)
+        shapes = block_shapes(comp, spec.blocks)
+        config = HeadConfig(kind=kind, labels=list(class_names), features=spec, source_sha256=sha,
+                            shapes=[shapes[b] for b in spec.blocks], feedback=feedback_spec(comp, pairs), **head_options)
+        return train_feedback_head(comp, images, labels, config, options, cache_dir, sha, progress=progress), config
     if cache_dir is not None:
         feats = cached_features(comp, images, spec, cache_dir, sha, progress=progress)
     else:

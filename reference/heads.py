@@ -29,7 +29,7 @@ from torch import nn
 
 from diffscore.engine.manifest import HeadTraining
 from diffscore.errors import EngineError
-from diffscore.reference.features import FeatureSpec, extract_features
+from diffscore.reference.features import FeatureSpec, FeedbackSpec, extract_features
 from diffscore.reference.loading import Components
 
 log = logging.getLogger("diffscore")
@@ -171,20 +171,29 @@ class HeadConfig:
     training: dict = field(default_factory=dict)  # summary: images, epochs, validation accuracy
     # how the training images were labelled (people, the model's samples, its DC); the manifest records it
     origin: HeadTraining = field(default_factory=HeadTraining)
+    feedback: FeedbackSpec | None = None  # DifFeed: features of a second UNet pass fed back from the first
 
     def __post_init__(self):
         if isinstance(self.features, dict):
             self.features = FeatureSpec(**self.features)
         if isinstance(self.origin, dict):
             self.origin = HeadTraining(**self.origin)
+        if isinstance(self.feedback, dict):
+            self.feedback = FeedbackSpec(**self.feedback)
         check_kind(self.kind, len(self.features.blocks), len(self.features.steps))
 
     def build(self) -> nn.Module:
         S, K = len(self.features.steps), len(self.labels)
         if self.kind == "linear":
-            return LinearProbe(self.shapes, S, K)
-        cls = AttentionHead if self.kind == "attention" else DifFormerHead
-        return cls(self.shapes, S, K, dim=self.dim, depth=self.depth, heads=self.heads, pool=self.pool)
+            head = LinearProbe(self.shapes, S, K)
+        else:
+            cls = AttentionHead if self.kind == "attention" else DifFormerHead
+            head = cls(self.shapes, S, K, dim=self.dim, depth=self.depth, heads=self.heads, pool=self.pool)
+        if self.feedback is None:
+            return head
+        from diffscore.reference.feedback import FeedbackHead
+
+        return FeedbackHead(head, self.feedback)
 
 
 # --- saving, loading, the reference path ---------------------------------------------------------
@@ -214,6 +223,11 @@ def load_head(head_dir: str | Path, weights: str = WEIGHTS, config: str = CONFIG
 
 @torch.no_grad()
 def head_logits_reference(comp: Components, head: nn.Module, config: HeadConfig, images) -> torch.Tensor:
-    """(N, classes) logits: features through torch, then the head."""
-    feats = extract_features(comp, images, config.features)
+    """(N, classes) logits: features through torch (a DifFeed head's: of the second pass), then the head."""
+    scoring = None
+    if config.feedback is not None:
+        from diffscore.reference.feedback import FeedbackUNet
+
+        scoring = FeedbackUNet(comp.unet, head.feedback, config.feedback, config.features.blocks)
+    feats = extract_features(comp, images, config.features, scoring=scoring)
     return head(*(feats[b] for b in config.features.blocks))

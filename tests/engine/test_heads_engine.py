@@ -26,11 +26,6 @@ SPEC = FeatureSpec(["mid_block", "up_blocks.0"], [50, 200])
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return load_digits_split()
-
-
-@pytest.fixture(scope="module")
 def heads(demo_model, digits, tmp_path_factory):
     root = tmp_path_factory.mktemp("heads")
     images, labels = list(digits.train_images[:N_TRAIN]), digits.train_labels[:N_TRAIN]
@@ -141,17 +136,6 @@ def test_export_refuses_heads_with_adapters(demo_model, heads, tmp_path):
 def run_cli_process(*args, env=None):
     return subprocess.run([sys.executable, "-m", "diffscore.app.cli", *map(str, args)], capture_output=True,
                           text=True, env={**os.environ, **(env or {})})
-
-
-@pytest.fixture(scope="module")
-def digit_folder(tmp_path_factory, digits):
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("folder")
-    for i, (img, label) in enumerate(zip(digits.train_images[:40], digits.train_labels[:40])):
-        (root / CLASS_NAMES[label]).mkdir(exist_ok=True)
-        Image.fromarray(img).save(root / CLASS_NAMES[label] / f"{i}.png")
-    return root
 
 
 def test_cli_train_head_and_classify(demo_model, digit_folder, engine_dir, tmp_path):
