@@ -52,7 +52,7 @@ def test_sampler_equals_diffusers_pipeline(comps, kind, sampler):
 
 def test_no_guidance_at_scale_one(comps):
     comp = comps["pixel"]
-    ours = sample(comp, PROMPTS[:2], SampleOptions(steps=3, guidance=1.0), decode=False)
+    ours = sample(comp, PROMPTS[:2], SampleOptions(sampler="ddim", steps=3, guidance=1.0), decode=False)
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
     theirs = pipeline(comp, "ddim")(PROMPTS[:2], num_inference_steps=3, guidance_scale=1.0, generator=gens,
                                     output_type="latent").images
