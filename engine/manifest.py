@@ -200,6 +200,11 @@ class Manifest:
     timestep_profile: list[int] | None = None
     # what the UNet predicts (the scheduler config's prediction_type): errors are taken on ε̂ converted from it
     prediction_type: str = "epsilon"
+    # the text conditioning the graphs take: "sd" (input_ids -> encoder_hidden_states) or "sdxl" (two tokenizers,
+    # input_ids + input_ids_2 -> encoder_hidden_states + text_embeds; the UNet also takes text_embeds and time_ids)
+    conditioning: str = "sd"
+    tokenizer_2: str | None = None  # SDXL's second tokenizer file (its own padding)
+    time_ids: list[float] | None = None  # SDXL: original size, crop top-left, target size of a scored image
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
@@ -228,6 +233,8 @@ class Manifest:
         named.update({p.file: f"plan {k}" for k, p in self.plans.items()})
         named.update({f: "engine file" for f in self.files})
         named[self.tokenizer] = "tokenizer"
+        if self.tokenizer_2 is not None:
+            named[self.tokenizer_2] = "tokenizer_2"
         for k, h in self.heads.items():
             named.update({h.weights: f"head {k} weights", h.config: f"head {k} config"})
         if self.calibration is not None:

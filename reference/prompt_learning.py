@@ -218,6 +218,9 @@ def train_prompts(model_dir: str | Path, pairs: Pairs, out_dir: str | Path, conf
         raise EngineError(f"{out_dir} already holds a trained adapter; pass --overwrite to replace it")
     index = select_shots(pairs.captions, cfg.shots, cfg.seed)
     comp = comp or load_components(model_dir)
+    if comp.conditioning != "sd":
+        raise EngineError(f"prompt learning does not build {comp.conditioning} (SDXL) conditioning yet; "
+                          "score this model zero-shot (classify, match) or with a head")
     captions = [pairs.captions[i] for i in index]
     vocab = list(dict.fromkeys(captions))  # the distinct captions: positives and negatives
     target = torch.tensor([vocab.index(c) for c in captions])
