@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from diffscore.engine.manifest import BATCH, TensorSpec
-from diffscore.reference.loading import Components
+from diffscore.reference.loading import Components, sdxl_text
 from diffscore.reference.scoring_unet import ScoringUNet
 
 
@@ -33,9 +33,7 @@ class SdxlTextEncoderGraph(nn.Module):
         self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
 
     def forward(self, input_ids, input_ids_2):
-        first = self.text_encoder(input_ids, output_hidden_states=True)
-        second = self.text_encoder_2(input_ids_2, output_hidden_states=True)
-        return torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1), second.text_embeds
+        return sdxl_text(self.text_encoder, self.text_encoder_2, input_ids, input_ids_2)
 
 
 def text_encoder_graph(comp: Components) -> nn.Module:

@@ -235,11 +235,18 @@ def encode_conditioning(components: Components, prompts: list[str]) -> dict[str,
     ids = token_ids(components.tokenizer, prompts)
     if components.conditioning == "sd":
         return {"encoder_hidden_states": components.text_encoder(ids)[0]}
-    first = components.text_encoder(ids, output_hidden_states=True)
-    second = components.text_encoder_2(token_ids(components.tokenizer_2, prompts), output_hidden_states=True)
-    return {"encoder_hidden_states": torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1),
-            "text_embeds": second.text_embeds,
-            "time_ids": torch.tensor([components.time_ids], dtype=second.text_embeds.dtype).expand(len(prompts), -1)}
+    states, pooled = sdxl_text(components.text_encoder, components.text_encoder_2, ids,
+                               token_ids(components.tokenizer_2, prompts))
+    return {"encoder_hidden_states": states, "text_embeds": pooled,
+            "time_ids": torch.tensor([components.time_ids], dtype=pooled.dtype).expand(len(prompts), -1)}
+
+
+def sdxl_text(text_encoder, text_encoder_2, input_ids, input_ids_2) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's text conditioning from each encoder's ids: both encoders' penultimate hidden states concatenated
+    (P, L, D1 + D2), and encoder 2's pooled projected embedding (P, D2)."""
+    first = text_encoder(input_ids, output_hidden_states=True)
+    second = text_encoder_2(input_ids_2, output_hidden_states=True)
+    return torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1), second.text_embeds
 
 
 def take(conditioning: dict[str, torch.Tensor], rows) -> dict[str, torch.Tensor]:

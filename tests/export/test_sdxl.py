@@ -61,6 +61,19 @@ def sdxl_model(tmp_path_factory, demo_model):
 
 
 @pytest.fixture(scope="module")
+def sdxl_comp(sdxl_model):
+    """The torch reference components, loaded once for the module."""
+    return load_components(sdxl_model)
+
+
+@pytest.fixture(scope="module")
+def sdxl_runtime(sdxl_engine):
+    """The exported engine on ONNX Runtime's CPU provider, loaded once for the module."""
+    with load(sdxl_engine, backend="ort-cpu") as eng:
+        yield eng
+
+
+@pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     """Two classes of 4 random 16x16 RGB images, one subfolder each (train-head's --data layout)."""
     from PIL import Image
@@ -73,6 +86,10 @@ def image_folder(tmp_path_factory):
             pixels = rng.integers(0, 128, (16, 16, 3)) + 127 * c
             Image.fromarray(pixels.astype(np.uint8)).save(root / label / f"{i}.png")
     return root
+
+
+def pngs(folder) -> list:
+    return sorted(folder.rglob("*.png"))
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +126,12 @@ def run_cli_module():
     return run
 
 
-def test_conditioning_is_diffusers_sdxl_pipelines(sdxl_model, sdxl_engine):
+def test_conditioning_is_diffusers_sdxl_pipelines(sdxl_comp, sdxl_runtime):
     """prompt_embeds, pooled_prompt_embeds and add_time_ids from diffusers' own pipeline = the reference's
     conditioning = the runtime's (exported text encoder graph, both tokenizer.json files, manifest time ids)."""
     from diffusers import StableDiffusionXLPipeline
 
-    comp = load_components(sdxl_model)
+    comp = sdxl_comp
     pipe = StableDiffusionXLPipeline(vae=comp.vae, text_encoder=comp.text_encoder, text_encoder_2=comp.text_encoder_2,
                                      tokenizer=comp.tokenizer, tokenizer_2=comp.tokenizer_2, unet=comp.unet,
                                      scheduler=comp.scheduler)
@@ -129,8 +146,7 @@ def test_conditioning_is_diffusers_sdxl_pipelines(sdxl_model, sdxl_engine):
     assert set(ref) == set(want)
     for name, value in want.items():
         torch.testing.assert_close(ref[name], value, rtol=0, atol=0)
-    with load(sdxl_engine, backend="ort-cpu") as eng:
-        got = eng.text_conditioning(prompts)
+    got = sdxl_runtime.text_conditioning(prompts)
     assert set(got) == set(want)
     for name, value in want.items():
         np.testing.assert_allclose(got[name], value.numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
@@ -150,47 +166,42 @@ def test_manifest_and_info_verify(sdxl_engine, run_cli_out):
 
 def test_parity_tensors_and_decisions(sdxl_engine, image_folder, run_cli_out):
     """Every graph (fp32, fp16, the head) against torch, and classify decisions against the torch reference."""
-    code, out, err = run_cli_out("parity", sdxl_engine, image_folder, "--labels", ",".join(LABELS))
+    code, out, err = run_cli_out("parity", sdxl_engine, image_folder / "*" / "*.png", "--labels", ",".join(LABELS))
     assert code == 0, out + err
     assert "FAILED" not in out and "text_encoder:text_embeds" in out and "head.tone" in out
     assert "ort-cpu fp32" in out and "agree" in out.lower()
 
 
 @pytest.mark.parametrize("strategy", ["stages", "race"])
-def test_classify_equals_torch_reference(sdxl_model, sdxl_engine, image_folder, strategy):
-    from diffscore.engine.images import expand_images
+def test_classify_equals_torch_reference(sdxl_comp, sdxl_runtime, image_folder, strategy):
     from diffscore.kernels import RaceConfig
     from diffscore.reference.classifier import classify_reference
 
-    images = expand_images([str(image_folder)])[:3]
+    images = pngs(image_folder)[:3]
     race = RaceConfig(round_size=4, min_rounds=1, budget=24)
     opts = dict(stages=[tuple(s) for s in STAGES], strategy=strategy, seed=3, timesteps=12)
-    with load(sdxl_engine, backend="ort-cpu") as eng:
-        got = eng.classify(images, LABELS, **opts, z=race.z, round_size=race.round_size, min_rounds=race.min_rounds,
-                           budget=race.budget, use_profile=False)
-    want = classify_reference(load_components(sdxl_model), images, LABELS, **opts, race=race)
+    got = sdxl_runtime.classify(images, LABELS, **opts, z=race.z, round_size=race.round_size,
+                                min_rounds=race.min_rounds, budget=race.budget, use_profile=False)
+    want = classify_reference(sdxl_comp, images, LABELS, **opts, race=race)
     for g, w in zip(got, want):
         assert g.label == w.label and g.passes == w.passes
         np.testing.assert_allclose([s for _, s in g.ranking], [s for _, s in w.ranking], rtol=1e-4)
 
 
-def test_match_equals_torch_reference(sdxl_model, sdxl_engine, image_folder):
-    from diffscore.engine.images import expand_images
+def test_match_equals_torch_reference(sdxl_comp, sdxl_runtime, image_folder):
     from diffscore.reference.matching import match_reference
     from diffscore.reference.scoring_unet import ScoringUNet
 
-    images = expand_images([str(image_folder)])[:2]
-    comp = load_components(sdxl_model)
-    with load(sdxl_engine, backend="ort-cpu") as eng:
-        got = eng.match(images, LABELS, steps=3, seed=1)
-        preset = eng.manifest.defaults.dsd_preset
-        want = match_reference(comp, ScoringUNet(comp.unet, eng.manifest.attention_layers), images, LABELS, steps=3,
-                               seed=1, preset=preset)
+    images = pngs(image_folder)[:2]
+    eng, comp = sdxl_runtime, sdxl_comp
+    got = eng.match(images, LABELS, steps=3, seed=1)
+    want = match_reference(comp, ScoringUNet(comp.unet, eng.manifest.attention_layers), images, LABELS, steps=3,
+                           seed=1, preset=eng.manifest.defaults.dsd_preset)
     np.testing.assert_allclose(got.scores, want, rtol=1e-4, atol=1e-5)
 
 
 def test_head_classifies(sdxl_engine, image_folder, run_cli_out):
-    code, out, err = run_cli_out("classify", sdxl_engine, image_folder, "--method", "head", "--format", "json")
+    code, out, err = run_cli_out("classify", sdxl_engine, image_folder / "*" / "*.png", "--method", "head", "--format", "json")
     assert code == 0, err
     rows = json.loads(out)
     assert len(rows) == 8 and {r["label"] for r in rows} <= {"dark", "light"}
@@ -198,20 +209,21 @@ def test_head_classifies(sdxl_engine, image_folder, run_cli_out):
 
 def test_calibrate_int8(sdxl_engine, image_folder, tmp_path, run_cli_out):
     engine = shutil.copytree(sdxl_engine, tmp_path / "engine")
-    code, out, err = run_cli_out("calibrate", engine, image_folder, "--labels", ",".join(LABELS), "--samples", "16",
+    code, out, err = run_cli_out("calibrate", engine, *pngs(image_folder), "--labels", ",".join(LABELS), "--samples", "16",
                                  "--validation", "2")
     assert code == 0, out + err
     m = Manifest.load(engine)
     assert "unet.int8" in m.graphs and [t.name for t in m.graphs["unet.int8"].inputs][-2:] == ["text_embeds", "time_ids"]
     with load(engine, backend="ort-cpu", precision="int8") as eng:
-        assert len(eng.classify([str(p) for p in sorted(image_folder.rglob("*.png"))][:2], LABELS)) == 2
+        assert len(eng.classify(pngs(image_folder)[:2], LABELS)) == 2
 
 
-def test_prompt_learning_refused_in_one_line(sdxl_model, tmp_path):
+def test_prompt_learning_refused_in_one_line(sdxl_model, sdxl_comp, tmp_path):
     from diffscore.reference.prompt_learning import Pairs, train_prompts
 
+    pairs = Pairs(images=[np.zeros((16, 16, 3), np.uint8)] * 2, captions=["a", "b"])
     with pytest.raises(EngineError, match="prompt learning does not build sdxl") as info:
-        train_prompts(sdxl_model, Pairs(images=[np.zeros((16, 16, 3), np.uint8)] * 2, captions=["a", "b"]), tmp_path / "p")
+        train_prompts(sdxl_model, pairs, tmp_path / "p", comp=sdxl_comp)
     assert "\n" not in str(info.value) and not (tmp_path / "p").exists()
 
 
