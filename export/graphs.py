@@ -127,7 +127,8 @@ class HeadGraph(nn.Module):
         B, S = sample.shape[:2]
         x = sample.flatten(0, 1)  # (B·S, C, H, W), image-major
         cond = {n: getattr(self, f"cond_{n}") for n in self.names}
-        _, _, *feats = self.unet(x, self.t.repeat(B), **{n: v.expand(len(x), *v.shape[1:]) for n, v in cond.items()})
+        # x.shape[0], not len(x): the batch stays symbolic in the traced graph
+        _, _, *feats = self.unet(x, self.t.repeat(B), **{n: v.expand(x.shape[0], *v.shape[1:]) for n, v in cond.items()})
         return self.head(*(f.reshape(B, S, *f.shape[1:]) for f in feats))  # each (B, S, C, h, w)
 
 
