@@ -283,6 +283,11 @@ class Manifest:
             value = getattr(manifest, key)
             if not isinstance(value, kind) or isinstance(value, bool) or value < 1:
                 raise EngineError(f"{path}: {key} is {value!r}, expected a positive integer; re-export the engine")
+        sdxl = manifest.conditioning == "sdxl"
+        if manifest.conditioning not in ("sd", "sdxl") or sdxl != (manifest.tokenizer_2 is not None) or \
+                sdxl != (manifest.time_ids is not None):
+            raise EngineError(f"{path}: conditioning {manifest.conditioning!r} with tokenizer_2 {manifest.tokenizer_2!r} "
+                              f"and time_ids {manifest.time_ids!r} do not fit (sd: neither; sdxl: both); re-export it")
         for name, what in manifest.all_files().items():
             resolve_inside(engine_dir, name, what)
         for name, graph in manifest.graphs.items():

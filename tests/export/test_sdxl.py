@@ -258,3 +258,13 @@ def test_incomplete_sdxl_folders_refused(sdxl_model, tmp_path, change, reason):
     with pytest.raises(EngineError, match=reason):
         export_engine(model, tmp_path / "e", show_progress=False)
     assert not (tmp_path / "e").exists()
+
+
+def test_inconsistent_conditioning_in_a_manifest_is_one_line(sdxl_engine, tmp_path):
+    raw = json.loads((sdxl_engine / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**raw, "time_ids": None}))
+    with pytest.raises(EngineError, match="conditioning 'sdxl' with tokenizer_2 'tokenizer_2.json' and time_ids None"):
+        Manifest.load(tmp_path)
+    old = {k: v for k, v in raw.items() if k not in ("conditioning", "tokenizer_2", "time_ids")}
+    m = Manifest(**old)  # a manifest written before these fields existed reads as an SD engine
+    assert (m.conditioning, m.tokenizer_2, m.time_ids) == ("sd", None, None)
