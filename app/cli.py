@@ -297,6 +297,9 @@ def info(engine: Path = typer.Argument(..., help="engine directory"),
         rows = [{"graph": k, "file": g.file, "precision": g.precision, "MB": g.size / 1e6} for k, g in m.graphs.items()]
         rows += [{"graph": k, "file": p.file, "precision": p.precision, "MB": p.size / 1e6} for k, p in m.plans.items()]
         emit(rows)
+        if m.conditioning == "sdxl":
+            say(f"conditioning: sdxl (two tokenizers; UNet inputs "
+                f"{', '.join(t.name for t in m.graphs['unet'].inputs)}; time ids {m.time_ids})")
         say(f"attention layers: {', '.join(m.attention_layers) or '-'}")
         say(f"feature blocks: {', '.join(m.feature_blocks) or '-'}; merged adapters: {', '.join(m.adapters) or '-'}")
         for name, a in m.adapters.items():

@@ -39,6 +39,8 @@ class CalibrationSet:
     noise_row: np.ndarray  # (N,) int64 row of the shared noise (the timestep's position in its scorer's order)
     workload: np.ndarray  # (N,) int64 index into WORKLOADS
     meta: dict = field(default_factory=dict)  # seed, source, prompts, template, stages, dsd_steps
+    text_embeds: np.ndarray | None = None  # (P, D2) SDXL engines: the prompts' pooled embeddings
+    time_ids: np.ndarray | None = None  # (P, 6) SDXL engines: the prompts' time ids
 
     def __len__(self) -> int:
         return len(self.sample)
@@ -47,15 +49,18 @@ class CalibrationSet:
         """UNet feeds of at most `batch_size` pairs, in file order."""
         for lo in range(0, len(self), batch_size):
             sl = slice(lo, lo + batch_size)
+            rows = self.prompt_row[sl]
             yield {"sample": self.sample[sl], "timestep": self.timestep[sl],
-                   "encoder_hidden_states": self.embeddings[self.prompt_row[sl]]}
+                   "encoder_hidden_states": self.embeddings[rows],
+                   **{k: v[rows] for k in ("text_embeds", "time_ids") if (v := getattr(self, k)) is not None}}
 
     def save(self, path: Path) -> None:
         """Write atomically (temporary name, then rename)."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp.npz")
         arrays = {k: getattr(self, k) for k in ("sample", "timestep", "prompt_row", "embeddings", "image_row",
-                                                 "noise_row", "workload")}
+                                                 "noise_row", "workload", "text_embeds", "time_ids")}
+        arrays = {k: v for k, v in arrays.items() if v is not None}
         np.savez(tmp, **arrays, meta=np.array(json.dumps(self.meta)))
         tmp.replace(path)
 
@@ -128,7 +133,7 @@ def collect(engine, images: list, labels: list[str], samples: int, seed: int = 0
     image_row = np.arange(samples) % len(images)
     pick = rng.integers(0, len(ts), samples)
     prompt_row = rng.integers(0, len(prompts), samples)
-    embeddings = engine.encode_text(prompts)
+    conditioning = engine.text_conditioning(prompts)
     used = np.unique(image_row)
     sample = None
     with progress_bar("calibration set", len(used), progress) as advance:
@@ -149,5 +154,6 @@ def collect(engine, images: list, labels: list[str], samples: int, seed: int = 0
     log.info("calibration set: %d samples from %d images, %d prompts, %d timesteps", samples, len(used), len(prompts),
              len(np.unique(ts[pick])))
     return CalibrationSet(sample=sample, timestep=ts[pick].astype(np.float32), prompt_row=prompt_row.astype(np.int64),
-                          embeddings=embeddings.astype(np.float32), image_row=ids[image_row],
+                          embeddings=conditioning["encoder_hidden_states"].astype(np.float32), image_row=ids[image_row],
+                          text_embeds=conditioning.get("text_embeds"), time_ids=conditioning.get("time_ids"),
                           noise_row=positions[pick].astype(np.int64), workload=scorer[pick].astype(np.int64), meta=meta)

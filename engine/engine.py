@@ -15,10 +15,11 @@ import numpy as np
 
 from diffscore.engine.backends.base import Runner
 from diffscore.engine.backends.choice import BACKENDS, cpu_workers, make_runner, resolve_backend
+from diffscore.engine.conditioning import TextConditioning, read_tokenizer
 from diffscore.engine.heads import HeadScoring
 from diffscore.engine.images import IMAGE_WINDOW, count_images, image_windows, preprocess_batch
 from diffscore.errors import EngineError
-from diffscore.engine.manifest import PRECISIONS, Manifest, ScoringDefaults, resolve_inside, unet_graph
+from diffscore.engine.manifest import PRECISIONS, Manifest, ScoringDefaults, unet_graph
 from diffscore.engine.options import (check_count, check_distinct_tokens, check_finite, check_labels, check_seed,
                                       check_template)
 from diffscore.engine.progress import progress_bar
@@ -103,7 +104,7 @@ class _Pairs:
     eps_row: np.ndarray  # (n,) row of the noise table
 
 
-class Engine(HeadScoring):
+class Engine(HeadScoring, TextConditioning):
     """A loaded engine directory: `classify` (Diffusion Classifier or a trained head) and `match` (DSD scores)."""
 
     def __init__(self, engine_dir: Path, manifest: Manifest, runners: dict[str, Runner], backend: str, precision: str,
@@ -113,15 +114,12 @@ class Engine(HeadScoring):
         self._device, self._threads = device, threads  # for head graphs, opened on first use
         self.workers = workers
         self._pool = ThreadPoolExecutor(workers) if workers > 1 else None  # concurrent UNet runs (CPU)
-        from tokenizers import Tokenizer
-
-        try:
-            self.tokenizer = Tokenizer.from_file(str(resolve_inside(engine_dir, manifest.tokenizer, "tokenizer")))
-        except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
-            raise EngineError(f"{manifest.tokenizer} in {engine_dir} is not a tokenizer the `tokenizers` library can read "
-                              f"({str(e).splitlines()[0][:120]}); re-export the engine") from None
+        self.tokenizer = read_tokenizer(engine_dir, manifest.tokenizer)
+        self.tokenizer_2 = None if manifest.tokenizer_2 is None else read_tokenizer(engine_dir, manifest.tokenizer_2,
+                                                                                   "tokenizer_2")
         self.alphas_cumprod = np.asarray(manifest.alphas_cumprod, dtype=np.float64)
         self._text_cache: dict[str, np.ndarray] = {}
+        self._pooled_cache: dict[str, np.ndarray] = {}  # SDXL's text_embeds, per prompt
         self._borrowed: set[str] = set()
         log.info("loaded %s on %s (%s)", engine_dir, backend, precision)
 
@@ -190,8 +188,9 @@ class Engine(HeadScoring):
         step = self.default_batch_size()  # a TensorRT plan takes at most its max_batch
         for lo in range(0, len(missing), step):
             chunk = missing[lo : lo + step]
-            ids = np.array([e.ids for e in self.tokenizer.encode_batch(chunk)], dtype=np.int64)
-            self._text_cache.update(zip(chunk, self.runners["text_encoder"].infer({"input_ids": ids})["last_hidden_state"]))
+            out = self.runners["text_encoder"].infer(self.token_feed(chunk))
+            self._text_cache.update(zip(chunk, out["last_hidden_state"]))
+            self._pooled_cache.update(zip(chunk, out.get("text_embeds", ())))
         return np.stack([self._text_cache[p] for p in prompts])
 
     def encode_images(self, images) -> np.ndarray:
@@ -204,8 +203,9 @@ class Engine(HeadScoring):
         return np.concatenate([vae.infer({"image": pixels[i : i + step]})["latent"] for i in range(0, len(pixels), step)])
 
     # --- the UNet over many pairs -------------------------------------------------------------
-    def _run_pairs(self, pairs: _Pairs, emb: np.ndarray, noise: np.ndarray, loss: str, batch_size: int):
-        """Denoising error (n,) and attention scores (n, layers) for every pair, in batches."""
+    def _run_pairs(self, pairs: _Pairs, emb, noise: np.ndarray, loss: str, batch_size: int):
+        """Denoising error (n,) and attention scores (n, layers) for every pair, in batches.
+        emb: the prompts' text_conditioning (or, on an SD engine, their encode_text array)."""
         unet = self.runners["unet"]
         n = len(pairs.xt_row)
         errors = np.empty(n, dtype=np.float32)
@@ -216,7 +216,7 @@ class Engine(HeadScoring):
             out = unet.infer({
                 "sample": x_t,
                 "timestep": pairs.timestep[sl],
-                "encoder_hidden_states": emb[pairs.emb_row[sl]],
+                **self.conditioning_rows(emb, pairs.emb_row[sl]),
             })
             eps_hat = epsilon_from_output(out["eps"], x_t, self.alphas_cumprod[pairs.timestep[sl].astype(np.int64)],
                                           self.manifest.prediction_type)  # the graph returns the raw UNet output
@@ -345,7 +345,7 @@ class Engine(HeadScoring):
         prompts = [t.format(label) for label in labels for t in templates]
         self.check_prompts(prompts, "prompts")
         candidate_class = np.repeat(np.arange(len(labels)), len(templates))
-        emb = self.encode_text(prompts)
+        emb = self.text_conditioning(prompts)
         noise = ts = None
         with progress_bar("classify", count_images(images), progress) as advance:
             for window_images in image_windows(images, IMAGE_WINDOW):
@@ -425,7 +425,7 @@ class Engine(HeadScoring):
         batch_size = batch_size or self.default_batch_size()
         use_bias = bias_weight != 0.0
         prompts = texts + ([""] if use_bias or spec.pool_unconditional else [])
-        emb = self.encode_text(prompts)
+        emb = self.text_conditioning(prompts)
         sample = tuple(self.manifest.sample_shape)
         noise = shared_noise(seed, len(ts), sample)
         numel = int(np.prod(sample))

@@ -276,6 +276,11 @@ class Manifest:
     prediction_type: str = "epsilon"
     diffdis: DiffDisSpec | None = None  # `export --diffdis RUN`: image-text discrimination by text-embedding diffusion
     itc: ItcSpec | None = None  # ITC embedding graphs of a `diffscore finetune` run; None = none
+    # the text conditioning the graphs take: "sd" (input_ids -> encoder_hidden_states) or "sdxl" (two tokenizers,
+    # input_ids + input_ids_2 -> encoder_hidden_states + text_embeds; the UNet also takes text_embeds and time_ids)
+    conditioning: str = "sd"
+    tokenizer_2: str | None = None  # SDXL's second tokenizer file (its own padding)
+    time_ids: list[float] | None = None  # SDXL: original size, crop top-left, target size of a scored image
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
@@ -308,6 +313,8 @@ class Manifest:
         named.update({p.file: f"plan {k}" for k, p in self.plans.items()})
         named.update({f: "engine file" for f in self.files})
         named[self.tokenizer] = "tokenizer"
+        if self.tokenizer_2 is not None:
+            named[self.tokenizer_2] = "tokenizer_2"
         for k, h in self.heads.items():
             named.update({h.weights: f"head {k} weights", h.config: f"head {k} config"})
         if self.calibration is not None:
@@ -358,6 +365,11 @@ class Manifest:
             value = getattr(manifest, key)
             if not isinstance(value, kind) or isinstance(value, bool) or value < 1:
                 raise EngineError(f"{path}: {key} is {value!r}, expected a positive integer; re-export the engine")
+        sdxl = manifest.conditioning == "sdxl"
+        if manifest.conditioning not in ("sd", "sdxl") or sdxl != (manifest.tokenizer_2 is not None) or \
+                sdxl != (manifest.time_ids is not None):
+            raise EngineError(f"{path}: conditioning {manifest.conditioning!r} with tokenizer_2 {manifest.tokenizer_2!r} "
+                              f"and time_ids {manifest.time_ids!r} do not fit (sd: neither; sdxl: both); re-export it")
         for name, what in manifest.all_files().items():
             resolve_inside(engine_dir, name, what)
         for name, graph in manifest.graphs.items():

@@ -24,7 +24,8 @@ from diffscore.engine.manifest import GraphSpec
 # Op types kept in fp32. ReduceLogSumExp: the DSD score sums exp(logits) over tokens.
 # InstanceNormalization (GroupNorm) and LayerNormalization: variance reductions over many elements.
 FP32_OPS = ("InstanceNormalization", "LayerNormalization", "ReduceLogSumExp")
-FP32_NODE_PATTERNS = ("/time_proj/", "/time_embedding/")
+# SDXL's add_time_proj / add_embedding: sin/cos of its size time ids (1024 on SDXL base), as for t.
+FP32_NODE_PATTERNS = ("/time_proj/", "/time_embedding/", "/add_time_proj/", "/add_embedding/")
 
 
 def to_fp16(model: onnx.ModelProto, keep_ops=FP32_OPS) -> onnx.ModelProto:

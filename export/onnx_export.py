@@ -26,7 +26,7 @@ from diffscore.engine.manifest import (AdapterSpec, GraphSpec, HeadSpec, Manifes
 from diffscore.engine.progress import progress_bar
 from diffscore.engine.manifest import BATCH  # noqa: F401  (the symbolic axes are strings: BATCH, ...)
 from diffscore.export.atomic import build_dir, check_replaceable
-from diffscore.export.graphs import graph_contracts, head_contract
+from diffscore.export.graphs import graph_contracts, head_contract, text_hidden_size
 from diffscore.kernels.dsd import DEFAULT_DSD_PRESET, DSD_PRESETS
 from diffscore.reference.heads import CONFIG as HEAD_CONFIG, WEIGHTS as HEAD_WEIGHTS
 from diffscore.reference.finetune import is_finetune_run, load_run_heads
@@ -128,6 +128,8 @@ def export_engine(
                 graphs["unet.fp16"] = convert_unet_fp16(tmp, graphs["unet"])
                 advance()
             write_tokenizer(comp, tmp / "tokenizer.json")
+            if comp.tokenizer_2 is not None:
+                write_tokenizer(comp, tmp / "tokenizer_2.json", comp.tokenizer_2)
             for name, (_, config, head_dir) in trained.items():  # weights + config: parity rebuilds the torch head
                 shutil.copyfile(head_dir / HEAD_WEIGHTS, tmp / f"head.{name}.safetensors")
                 shutil.copyfile(head_dir / HEAD_CONFIG, tmp / f"head.{name}.json")
@@ -148,7 +150,7 @@ def export_engine(
                 alphas_cumprod=comp.alphas_cumprod.tolist(),
                 tokenizer="tokenizer.json",
                 max_length=int(comp.tokenizer.model_max_length),
-                text_hidden_size=int(comp.text_encoder.config.hidden_size),
+                text_hidden_size=text_hidden_size(comp),
                 attention_layers=scoring_unet.attention_layers,
                 feature_blocks=scoring_unet.feature_blocks,
                 graphs=graphs,
@@ -158,8 +160,12 @@ def export_engine(
                 prediction_type=comp.prediction_type,
                 diffdis=diffdis_spec,
                 itc=itc,
+                conditioning=comp.conditioning,
+                tokenizer_2=None if comp.tokenizer_2 is None else "tokenizer_2.json",
+                time_ids=comp.time_ids,
             )
-            for name in [manifest.tokenizer, *(f for h in manifest.heads.values() for f in (h.weights, h.config)),
+            for name in [manifest.tokenizer, *([manifest.tokenizer_2] if manifest.tokenizer_2 else []),
+                         *(f for h in manifest.heads.values() for f in (h.weights, h.config)),
                          *((diffdis_spec.weights, diffdis_spec.config) if diffdis_spec else ())]:
                 manifest.record_file(tmp, name)
             manifest.save(tmp)
@@ -236,9 +242,10 @@ def save_graph(model: onnx.ModelProto, out_dir: Path, file: str, inputs, outputs
                      precision=precision, inputs=list(inputs), outputs=list(outputs), data_files=data_files)
 
 
-def write_tokenizer(comp: Components, path: Path) -> None:
-    """tokenizer.json for the `tokenizers` library, with padding/truncation to max length baked in."""
-    tok = comp.tokenizer
+def write_tokenizer(comp: Components, path: Path, tokenizer=None) -> None:
+    """tokenizer.json for the `tokenizers` library, with padding/truncation to max length baked in
+    (`tokenizer`: another of the model's tokenizers, e.g. SDXL's tokenizer_2, which pads with its own token)."""
+    tok = tokenizer or comp.tokenizer
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
         raise EngineError(f"the tokenizer of {comp.path} has no fast (tokenizers) backend to export")

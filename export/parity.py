@@ -17,7 +17,7 @@ from diffscore.engine.backends.choice import make_runner
 from diffscore.engine.engine import load
 from diffscore.engine.manifest import BATCH, PRECISIONS, Manifest, unet_graph
 from diffscore.errors import EngineError
-from diffscore.export.graphs import TextEncoderGraph, VaeEncoderGraph
+from diffscore.export.graphs import VaeEncoderGraph, text_encoder_graph
 from diffscore.export.itc import itc_parity
 from diffscore.export.verdicts import RTOL, Verdict, agreement, compare
 from diffscore.reference.loading import load_components
@@ -55,7 +55,7 @@ def precisions_on(backend: str, manifest: Manifest, variant: str) -> list[str]:
 
 
 def torch_modules(comp, manifest: Manifest) -> dict[str, torch.nn.Module]:
-    modules = {"text_encoder": TextEncoderGraph(comp.text_encoder),
+    modules = {"text_encoder": text_encoder_graph(comp),
                "unet": ScoringUNet(comp.unet, manifest.attention_layers, manifest.feature_blocks)}
     if comp.vae is not None:
         modules["vae_encoder"] = VaeEncoderGraph(comp.vae)
@@ -67,26 +67,28 @@ def feeds(manifest: Manifest, comp, engine_dir: Path, seed: int = 0, batch: int 
     rng = np.random.default_rng(seed)
     spec = {k: {t.name: [batch if d == BATCH else d for d in t.shape] for t in g.inputs} for k, g in manifest.graphs.items()}
     random = {
-        "text_encoder": {"input_ids": rng.integers(0, 49406, spec["text_encoder"]["input_ids"]).astype(np.int64)},
+        "text_encoder": {name: rng.integers(0, 49406, shape).astype(np.int64) for name, shape in spec["text_encoder"].items()},
         "unet": {"sample": rng.standard_normal(spec["unet"]["sample"], dtype=np.float32),
                  "timestep": rng.integers(0, len(manifest.alphas_cumprod), batch).astype(np.float32),
                  "encoder_hidden_states": rng.standard_normal(spec["unet"]["encoder_hidden_states"], dtype=np.float32)},
     }
+    if manifest.conditioning == "sdxl":  # random pooled embeddings; the engine's own time ids
+        random["unet"]["text_embeds"] = rng.standard_normal(spec["unet"]["text_embeds"], dtype=np.float32)
+        random["unet"]["time_ids"] = np.tile(np.asarray(manifest.time_ids, dtype=np.float32), (batch, 1))
     if "vae_encoder" in manifest.graphs:
         random["vae_encoder"] = {"image": rng.uniform(-1, 1, spec["vae_encoder"]["image"]).astype(np.float32)}
     # real inputs, made by the runtime's own preprocessing on the CPU backend
     eng = load(engine_dir, backend="ort-cpu")
     images = real_images(manifest, batch, rng, images)
     prompts = [f"a photo of a {w}" for w in ("cat", "dog", "seven", "three", "car", "tree")][:batch]
-    ids = np.array([e.ids for e in eng.tokenizer.encode_batch(prompts)], dtype=np.int64)
     x0 = eng.encode_images(images)
     ts = rng.integers(0, len(manifest.alphas_cumprod), batch)
     from diffscore.kernels import add_noise
 
     eps = rng.standard_normal(x0.shape, dtype=np.float32)
     x_t = np.stack([add_noise(x0[i], eps[i : i + 1], eng.alphas_cumprod, ts[i : i + 1])[0] for i in range(batch)])
-    real = {"text_encoder": {"input_ids": ids},
-            "unet": {"sample": x_t, "timestep": ts.astype(np.float32), "encoder_hidden_states": eng.encode_text(prompts)}}
+    real = {"text_encoder": eng.token_feed(prompts),
+            "unet": {"sample": x_t, "timestep": ts.astype(np.float32), **eng.text_conditioning(prompts)}}
     if "vae_encoder" in manifest.graphs:
         from diffscore.engine.images import preprocess_batch
 
@@ -141,7 +143,7 @@ def head_parity(engine_dir: Path, manifest: Manifest, comp, seed: int = 0, batch
     path (images -> logits) against torch features through the torch head. Head graphs are fp32."""
     from diffscore.export.graphs import HeadGraph
     from diffscore.reference.heads import head_logits_reference
-    from diffscore.reference.loading import encode_prompts
+    from diffscore.reference.loading import encode_conditioning
 
     rng = np.random.default_rng(seed)
     images = real_images(manifest, batch, rng, images)
@@ -150,7 +152,7 @@ def head_parity(engine_dir: Path, manifest: Manifest, comp, seed: int = 0, batch
         head, config = torch_head(engine_dir, manifest, name)
         graph = manifest.graphs[spec.graph]
         sample = rng.standard_normal([batch if d == BATCH else d for d in graph.inputs[0].shape], dtype=np.float32)
-        module = HeadGraph(comp.unet, head, config, encode_prompts(comp, [config.features.prompt])).eval()
+        module = HeadGraph(comp.unet, head, config, encode_conditioning(comp, [config.features.prompt])).eval()
         with torch.no_grad():
             want = module(torch.from_numpy(sample)).numpy()
         module.unet.remove_hooks()

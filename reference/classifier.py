@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from diffscore.engine.images import preprocess_batch
 from diffscore.engine.results import Classification, classification
 from diffscore.kernels import RaceConfig, new_run, shared_noise
-from diffscore.reference.loading import Components, add_noise, encode_images, encode_prompts, epsilon_hat
+from diffscore.reference.loading import (Components, add_noise, encode_conditioning, encode_images, epsilon_hat, take,
+                                         unet_output)
 
 
 def torch_error(eps: torch.Tensor, eps_hat: torch.Tensor, loss: str) -> torch.Tensor:
@@ -47,7 +48,7 @@ def classify_reference(
     strategy "stages": fixed `stages`; "race": the paired race (`race`, over a `timesteps` grid or `profile`)."""
     prompts = [tmpl.format(label) for label in labels for tmpl in templates]
     candidate_class = np.repeat(np.arange(len(labels)), len(templates))
-    embeddings = encode_prompts(components, prompts)  # (P, L, D), once per label set
+    conditioning = encode_conditioning(components, prompts)  # (P, L, D) states (+ SDXL's), once per label set
     pixels = preprocess_batch(images, components.image_size, components.image_channels)
     x0s = encode_images(components, torch.from_numpy(pixels))
     abar = components.alphas_cumprod
@@ -66,7 +67,7 @@ def classify_reference(
             errors = torch.empty(len(ci))
             for lo in range(0, len(ci), batch_size):
                 c, k = ci[lo : lo + batch_size], ki[lo : lo + batch_size]
-                out = components.unet(x_t[k], t_all[pos][k], encoder_hidden_states=embeddings[c]).sample
+                out = unet_output(components, x_t[k], t_all[pos][k], take(conditioning, c))
                 eps_hat = epsilon_hat(components, out, x_t[k], t_all[pos][k])
                 errors[lo : lo + batch_size] = torch_error(eps[pos][k], eps_hat, loss)
             run.submit(errors.view(len(cand), len(pos)).double().numpy())

@@ -46,7 +46,7 @@ from diffscore.errors import EngineError
 from diffscore.kernels import shared_noise
 from diffscore.reference.features import FeatureSpec, check_blocks, check_steps, extract_features
 from diffscore.reference.heads import Tokens
-from diffscore.reference.loading import Components
+from diffscore.reference.loading import Components, require_sd_conditioning
 
 log = logging.getLogger("diffscore")
 
@@ -382,6 +382,7 @@ def train_diffdis_run(model_dir: str | Path, images, captions: list[str], out_di
     if "mode" in model_options:
         check_mode(model_options["mode"])
     comp = load_components(model_dir)
+    require_sd_conditioning(comp, "DiffDis")
     blocks = check_blocks(comp.unet, list(blocks))
     check_steps([image_step], comp.num_train_timesteps)
     probe = extract_features(comp, images[:1], FeatureSpec(blocks=blocks, steps=[image_step], seed=seed))

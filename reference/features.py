@@ -19,7 +19,7 @@ from diffscore.engine.images import preprocess_batch
 from diffscore.engine.progress import progress_bar
 from diffscore.errors import EngineError
 from diffscore.kernels import shared_noise
-from diffscore.reference.loading import Components, add_noise, encode_images, encode_prompts
+from diffscore.reference.loading import Components, add_noise, encode_conditioning, encode_images, take
 from diffscore.reference.scoring_unet import ScoringUNet
 
 log = logging.getLogger("diffscore")
@@ -87,7 +87,7 @@ def extract_features(comp: Components, images, spec: FeatureSpec, batch_size: in
     S = len(steps)
     eps = torch.from_numpy(shared_noise(spec.seed, S, tuple(x0.shape[1:])))  # (S, C, H, W)
     t = torch.tensor(steps)
-    emb = encode_prompts(comp, [spec.prompt])  # (1, L, D)
+    cond = encode_conditioning(comp, [spec.prompt])  # one prompt
     unet = scoring if scoring is not None else ScoringUNet(comp.unet, attention_layers=[], feature_blocks=blocks)
     per_image = max(1, batch_size // S)
     out: dict[str, list[torch.Tensor]] = {b: [] for b in blocks}
@@ -96,7 +96,7 @@ def extract_features(comp: Components, images, spec: FeatureSpec, batch_size: in
             for lo in range(0, len(x0), per_image):
                 x = x0[lo : lo + per_image]
                 x_t = torch.cat([add_noise(xi, eps, comp.alphas_cumprod, t) for xi in x])  # (n*S, C, H, W), image-major
-                _, _, *feats = unet(x_t, t.repeat(len(x)).float(), emb.expand(len(x_t), -1, -1))
+                _, _, *feats = unet(x_t, t.repeat(len(x)).float(), **take(cond, [0] * len(x_t)))
                 for b, f in zip(blocks, feats):
                     out[b].append(f.reshape(len(x), S, *f.shape[1:]))
                 advance(len(x))

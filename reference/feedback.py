@@ -28,7 +28,7 @@ from diffscore.errors import EngineError
 from diffscore.kernels import shared_noise
 from diffscore.reference.features import (FeatureSpec, FeedbackSpec, cached_features, extract_features,
                                           tappable_blocks)
-from diffscore.reference.loading import Components, add_noise, encode_images, encode_prompts
+from diffscore.reference.loading import Components, add_noise, encode_images, encode_prompts, require_sd_conditioning
 from diffscore.reference.scoring_unet import ScoringUNet
 
 log = logging.getLogger("diffscore")
@@ -223,6 +223,7 @@ def train_feedback_head(comp: Components, images, labels, config, options, cache
     Pass 1's source outputs are extracted once (cached under cache_dir like any features); each step runs
     pass 2 with gradients through the modules, up to the last block the head reads.
     """
+    require_sd_conditioning(comp, "DifFeed (--feedback)")
     from diffscore.reference.head_training import fit, validation_split
     from diffscore.reference.heads import LinearProbe
 

@@ -47,7 +47,8 @@ from diffscore.engine.progress import progress_bar
 from diffscore.errors import EngineError
 from diffscore.kernels import DEFAULT_DSD_PRESET, shared_noise
 from diffscore.reference.features import check_blocks, check_steps
-from diffscore.reference.loading import Components, add_noise, encode_images, encode_prompts, epsilon_hat, load_components
+from diffscore.reference.loading import (Components, add_noise, encode_images, encode_prompts, epsilon_hat, load_components,
+    require_sd_conditioning)
 from diffscore.reference.prompt_learning import (ADAPTER_FILE, LOG_FILE, TARGET_MODULES, Pairs, add_lora, load_adapters,
                                                  merge_lora, save_adapters, select_shots)
 from diffscore.reference.scoring_unet import ScoringUNet
@@ -215,6 +216,7 @@ def finetune(model_dir: str | Path, pairs: Pairs, out_dir: str | Path, config: F
     if (out_dir / ADAPTER_FILE).exists() and not overwrite:
         raise EngineError(f"{out_dir} already holds a trained run; pass --overwrite to replace it")
     comp = comp or load_components(model_dir)
+    require_sd_conditioning(comp, "finetune")
     check_config(cfg, comp)
     shots = select_shots(pairs.captions, cfg.shots, cfg.seed)
     rest = np.setdiff1d(np.arange(len(pairs.captions)), shots)

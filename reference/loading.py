@@ -27,6 +27,21 @@ class Components:
     tokenizer: object
     scheduler: object
     vae: "torch.nn.Module | None"  # None for pixel-space models
+    text_encoder_2: "torch.nn.Module | None" = None  # SDXL's second (projected) text encoder
+    tokenizer_2: object = None
+
+    @property
+    def conditioning(self) -> str:
+        """"sd" (text hidden states only) or "sdxl" (+ the pooled embedding of encoder 2 and the size time ids)."""
+        return "sd" if self.text_encoder_2 is None else "sdxl"
+
+    @property
+    def time_ids(self) -> list[float] | None:
+        """SDXL's micro-conditioning for a scored image: original size, crop top-left, target size. The image
+        is resized and centre-cropped to the model's square before encoding, so both sizes are that square."""
+        if self.conditioning != "sdxl":
+            return None
+        return [float(self.image_size)] * 2 + [0.0, 0.0] + [float(self.image_size)] * 2
 
     @property
     def pixel_space(self) -> bool:
@@ -106,6 +121,12 @@ def load_components(model_dir: str | Path, dtype: torch.dtype = torch.float32) -
         text_encoder = text_cls.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype, local_files_only=True,
                                                 variant=weights_variant(path / "text_encoder"))
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+        text_encoder_2 = tokenizer_2 = None
+        if unet.config.addition_embed_type == "text_time":  # SDXL: check_supported saw both folders
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                path, subfolder="text_encoder_2", torch_dtype=dtype, local_files_only=True,
+                variant=weights_variant(path / "text_encoder_2"))
+            tokenizer_2 = AutoTokenizer.from_pretrained(path / "tokenizer_2", local_files_only=True)
         vae = None
         if (path / "vae").is_dir():
             vae = diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, local_files_only=True,
@@ -113,11 +134,14 @@ def load_components(model_dir: str | Path, dtype: torch.dtype = torch.float32) -
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EngineError(f"cannot load model from {path}: {first}") from None
-    for module in (unet, text_encoder, vae):
+    for module in (unet, text_encoder, vae, text_encoder_2):
         if module is not None:
             module.eval().requires_grad_(False)
+    if tokenizer_2 is not None and tokenizer_2.model_max_length != tokenizer.model_max_length:
+        raise EngineError(f"{path}: tokenizer/ pads to {tokenizer.model_max_length} tokens and tokenizer_2/ to "
+                          f"{tokenizer_2.model_max_length}; SDXL concatenates both encoders' states token by token")
     log.info("loaded %s (%s space)", path, "pixel" if vae is None else "latent")
-    return Components(path, unet, text_encoder, tokenizer, scheduler, vae)
+    return Components(path, unet, text_encoder, tokenizer, scheduler, vae, text_encoder_2, tokenizer_2)
 
 
 WEIGHT_FILE = re.compile(r"(?:diffusion_pytorch_model|model|pytorch_model)(?:\.([\w-]+))?\.(?:safetensors|bin)(?:\.index\.json)?")
@@ -152,9 +176,17 @@ def check_supported(path: Path) -> None:
         raise EngineError(f"{path / 'unet'} is class-conditional (class_embed_type={unet_cfg.get('class_embed_type')!r}, "
                           f"num_class_embeds={unet_cfg.get('num_class_embeds')!r}): its extra class input has no "
                           "text-prompt meaning, so it cannot be scored")
-    if unet_cfg.get("addition_embed_type"):
-        raise EngineError(f"{path / 'unet'} needs addition_embed_type={unet_cfg['addition_embed_type']!r} inputs "
-                          "(SDXL-style text_time conditioning), which diffscore does not build yet")
+    if unet_cfg.get("addition_embed_type") not in (None, "text_time"):
+        raise EngineError(f"{path / 'unet'} needs addition_embed_type={unet_cfg['addition_embed_type']!r} inputs, "
+                          "which diffscore does not build (it builds SDXL's text_time conditioning)")
+    if unet_cfg.get("addition_embed_type") == "text_time":
+        if not (path / "text_encoder").is_dir() and (path / "text_encoder_2").is_dir():
+            raise EngineError(f"{path} is an SDXL refiner (text_encoder_2/ only; its time ids carry an aesthetic "
+                              "score): diffscore scores SDXL base-layout models (two text encoders)")
+        for component in ("text_encoder_2", "tokenizer_2"):
+            if not (path / component).is_dir():
+                raise EngineError(f"{path / 'unet'} has SDXL text_time conditioning but {path} has no {component}/ "
+                                  "component")
     if (path / "vae").is_dir():
         latent = _read_json(path / "vae" / "config.json").get("latent_channels", 4)
         if unet_cfg.get("in_channels", 4) != latent:
@@ -182,12 +214,58 @@ def _read_json(path: Path) -> dict:
         raise EngineError(f"{path} is not valid JSON: {e}") from None
 
 
+def token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """(P, L) ids padded to the tokenizer's max length, truncated (DESIGN §3)."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
 @torch.no_grad()
 def encode_prompts(components: Components, prompts: list[str]) -> torch.Tensor:
-    """(P, L, D) last hidden states: padded to max length, truncated, no attention mask (DESIGN §3)."""
-    tok = components.tokenizer
-    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-    return components.text_encoder(ids.input_ids)[0]
+    """(P, L, D) text hidden states, no attention mask (DESIGN §3): the last hidden state (SD), or SDXL's
+    penultimate hidden states of both encoders concatenated (encode_conditioning has SDXL's other inputs)."""
+    return encode_conditioning(components, prompts)["encoder_hidden_states"]
+
+
+@torch.no_grad()
+def encode_conditioning(components: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """The UNet's text conditioning per prompt, keyed by the UNet graph's input names: encoder_hidden_states
+    (P, L, D); SDXL adds text_embeds (P, D2), the pooled projected embedding of encoder 2, and time_ids (P, 6),
+    as StableDiffusionXLPipeline.encode_prompt and _get_add_time_ids build them (no clip skip)."""
+    ids = token_ids(components.tokenizer, prompts)
+    if components.conditioning == "sd":
+        return {"encoder_hidden_states": components.text_encoder(ids)[0]}
+    states, pooled = sdxl_text(components.text_encoder, components.text_encoder_2, ids,
+                               token_ids(components.tokenizer_2, prompts))
+    return {"encoder_hidden_states": states, "text_embeds": pooled,
+            "time_ids": torch.tensor([components.time_ids], dtype=pooled.dtype).expand(len(prompts), -1)}
+
+
+def sdxl_text(text_encoder, text_encoder_2, input_ids, input_ids_2) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's text conditioning from each encoder's ids: both encoders' penultimate hidden states concatenated
+    (P, L, D1 + D2), and encoder 2's pooled projected embedding (P, D2)."""
+    first = text_encoder(input_ids, output_hidden_states=True)
+    second = text_encoder_2(input_ids_2, output_hidden_states=True)
+    return torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1), second.text_embeds
+
+
+def require_sd_conditioning(components: Components, what: str) -> None:
+    """One line instead of a deep traceback where a method is built for SD's text conditioning only."""
+    if components.conditioning != "sd":
+        raise EngineError(f"{what} does not build {components.conditioning} (SDXL) conditioning yet; score this model "
+                          "zero-shot (classify, match) or with a one-pass head")
+
+
+def take(conditioning: dict[str, torch.Tensor], rows) -> dict[str, torch.Tensor]:
+    """The conditioning of the given prompt rows (an index tensor or list: one row per UNet sample)."""
+    return {name: value[rows] for name, value in conditioning.items()}
+
+
+def unet_output(components: Components, sample, timestep, conditioning: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The raw UNet output for rows of conditioning (encode_conditioning's names, already per sample)."""
+    extra = {k: v for k, v in conditioning.items() if k != "encoder_hidden_states"}
+    return components.unet(sample, timestep, encoder_hidden_states=conditioning["encoder_hidden_states"],
+                           added_cond_kwargs=extra or None, return_dict=False)[0]
 
 
 @torch.no_grad()

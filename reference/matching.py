@@ -13,7 +13,7 @@ import torch
 
 from diffscore.engine.images import preprocess_batch
 from diffscore.kernels import DEFAULT_DSD_PRESET, dsd_preset, dsd_timesteps, shared_noise
-from diffscore.reference.loading import Components, add_noise, encode_images, encode_prompts, epsilon_hat
+from diffscore.reference.loading import Components, add_noise, encode_conditioning, encode_images, epsilon_hat, take
 from diffscore.reference.scoring_unet import ScoringUNet
 
 
@@ -36,14 +36,14 @@ def match_reference(comp: Components, scoring_unet: ScoringUNet, images, texts: 
     pixels = preprocess_batch(images, comp.image_size, comp.image_channels)
     x0s = encode_images(comp, torch.from_numpy(pixels))
     noise = torch.from_numpy(shared_noise(seed, len(ts), tuple(x0s.shape[1:])))
-    emb = encode_prompts(comp, list(texts) + [""])
+    cond = encode_conditioning(comp, list(texts) + [""])
     K = len(ts)
     w = None if not layer_weights else torch.tensor([layer_weights[n] for n in scoring_unet.attention_layers])
     scores = np.zeros((len(x0s), len(texts)))
     for i, x0 in enumerate(x0s):
         x_t = add_noise(x0, noise, comp.alphas_cumprod, ts)  # (K, C, H, W)
         def run(j):
-            out, attn, *_ = scoring_unet(x_t, ts.float(), emb[j : j + 1].expand(K, -1, -1))
+            out, attn, *_ = scoring_unet(x_t, ts.float(), **take(cond, [j] * K))
             eps_hat = epsilon_hat(comp, out, x_t, ts)
             return pool_layers(attn, w).double(), (noise - eps_hat).flatten(1).double().norm(dim=1)
         null_attn, null_norm = run(len(texts))

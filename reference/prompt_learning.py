@@ -33,7 +33,8 @@ from diffscore.errors import EngineError
 from diffscore.engine.manifest import sha256_files
 from diffscore.engine.progress import progress_bar
 from diffscore.kernels import DEFAULT_DSD_PRESET, DSD_PRESETS, DsdPreset, dsd_preset
-from diffscore.reference.loading import Components, add_noise, encode_images, encode_prompts, epsilon_hat, load_components
+from diffscore.reference.loading import (Components, add_noise, encode_images, encode_prompts, epsilon_hat, load_components,
+    require_sd_conditioning)
 from diffscore.reference.matching import pool_layers
 from diffscore.reference.scoring_unet import ScoringUNet, preset_attention_layers
 
@@ -218,6 +219,7 @@ def train_prompts(model_dir: str | Path, pairs: Pairs, out_dir: str | Path, conf
         raise EngineError(f"{out_dir} already holds a trained adapter; pass --overwrite to replace it")
     index = select_shots(pairs.captions, cfg.shots, cfg.seed)
     comp = comp or load_components(model_dir)
+    require_sd_conditioning(comp, "prompt learning")
     captions = [pairs.captions[i] for i in index]
     vocab = list(dict.fromkeys(captions))  # the distinct captions: positives and negatives
     target = torch.tensor([vocab.index(c) for c in captions])

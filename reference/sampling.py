@@ -19,7 +19,7 @@ import torch
 from diffscore.engine.manifest import HeadTraining
 from diffscore.engine.progress import progress_bar
 from diffscore.errors import EngineError
-from diffscore.reference.loading import Components, encode_prompts
+from diffscore.reference.loading import Components, encode_prompts, require_sd_conditioning
 
 SAMPLERS = {"dpm-solver": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler"}  # name -> diffusers scheduler
 
@@ -63,6 +63,7 @@ def sample(comp: Components, prompts: list[str], options: SampleOptions = Sample
     seeds: the initial noise's seed per image (default options.seed + i). decode=False: the final
     latents as they are (the pipeline's output_type="latent"; pixel space: unclamped pixels)."""
     options.check()
+    require_sd_conditioning(comp, "--synthesize (sampling)")
     seeds = [options.seed + i for i in range(len(prompts))] if seeds is None else list(seeds)
     assert len(seeds) == len(prompts), f"{len(seeds)} seeds for {len(prompts)} prompts"
     unique = list(dict.fromkeys(prompts))

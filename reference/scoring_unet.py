@@ -101,7 +101,8 @@ def preset_attention_layers(unet: nn.Module, preset: str) -> list[str]:
 
 
 class ScoringUNet(nn.Module):
-    """forward(sample, timestep, encoder_hidden_states) -> (eps, attn_scores (B, layers), *features)."""
+    """forward(sample, timestep, encoder_hidden_states[, text_embeds, time_ids]) -> (eps, attn_scores (B, layers),
+    *features); the graph's inputs are the same names (export/graphs.py)."""
 
     def __init__(self, unet: nn.Module, attention_layers: list[str] | None = None, feature_blocks: list[str] = ()):
         super().__init__()
@@ -138,10 +139,13 @@ class ScoringUNet(nn.Module):
     def output_names(self) -> list[str]:
         return ["eps", "attn_scores"] + [f"features.{b}" for b in self.feature_blocks]
 
-    def forward(self, sample, timestep, encoder_hidden_states):
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+        """text_embeds, time_ids: SDXL's added conditioning (reference.loading.encode_conditioning), else None."""
         self._scores.clear()
         self._features.clear()
-        eps = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+        eps = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added,
+                        return_dict=False)[0]
         if self.attention_layers:
             scores = torch.stack([self._scores[n] for n in self.attention_layers], dim=1)  # (B, layers)
         else:

@@ -76,8 +76,12 @@ def transformer(model):  # an SD3 / Flux-style folder: transformer/ instead of u
                                                         "transformer": ["diffusers", "SD3Transformer2DModel"]}))
 
 
-def sdxl(model):
+def sdxl_one_encoder(model):  # SDXL's UNet without text_encoder_2/ (the supported layout: tests/export/test_sdxl.py)
     edit_json(model / "unet" / "config.json", addition_embed_type="text_time", addition_time_embed_dim=8)
+
+
+def image_embeds(model):  # Kandinsky-style image-embedding conditioning
+    edit_json(model / "unet" / "config.json", addition_embed_type="image")
 
 
 @pytest.mark.parametrize("family,reason", [
@@ -86,7 +90,8 @@ def sdxl(model):
     (class_conditional, "is class-conditional"),
     (flow_matching, "flow-matching scheduler"),
     (transformer, "transformer denoiser"),
-    (sdxl, "addition_embed_type='text_time'"),
+    (sdxl_one_encoder, "has SDXL text_time conditioning but"),
+    (image_embeds, "addition_embed_type='image' inputs"),
 ])
 def test_refused_families_write_nothing(tiny_models, tmp_path, run_cli, family, reason):
     model = shutil.copytree(tiny_models["sd1"], tmp_path / "model")
