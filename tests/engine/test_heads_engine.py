@@ -160,7 +160,7 @@ def test_cli_train_head_and_classify(demo_model, digit_folder, engine_dir, tmp_p
     (["--data", "{folder}", "--kind", "knn"], 2, "'knn' is not one of"),
     (["--data", "{folder}", "--kind", "attention", "--blocks", "mid_block,up_blocks.0", "--noise-steps", "50"], 1,
      "one block at one step"),
-    ([], 1, "exactly one of --data FOLDER or --demo"),
+    ([], 1, "exactly one of --data FOLDER, --demo, --synthesize N or --pseudo-label ENGINE --data FOLDER"),
 ])
 def test_cli_train_head_mistakes_are_one_line(demo_model, digit_folder, tmp_path, monkeypatch, run_cli, args, exit_code,
                                               message):

@@ -133,7 +133,7 @@ def test_merged_export_serves_what_the_unmerged_lora_computes(tiny_models, pairs
     manifest = Manifest.load(engine_dir)
     verdicts = itc_parity(engine_dir, manifest, reference_components(manifest))  # what `diffscore parity` adds
     assert verdicts and all(v.passed for v in verdicts), [str(v) for v in verdicts]
-    with pytest.raises(EngineError, match="unknown match method 'clip'; choose from dsd, itc"):
+    with pytest.raises(EngineError, match="unknown match method 'clip'; choose from dsd, diffdis, itc"):
         diffscore.load(engine_dir, backend="ort-cpu").match(images, texts, method="clip")
 
 
