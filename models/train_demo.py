@@ -86,18 +86,34 @@ def build_tokenizer(bpe_gz: bytes, workdir: str) -> CLIPTokenizer:
     return tokenizer
 
 
+def build_unet(sample_size: int = 8, channels: int = 1) -> UNet2DConditionModel:
+    """The demo UNet (the latent demo's too, on 4-channel latents)."""
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=channels, out_channels=channels, block_out_channels=(32, 64),
+        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
+
+
+def build_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                         prediction_type="epsilon")
+
+
+def optimiser_step(opt, sched, loss, params) -> None:
+    """AdamW step with gradients clipped at 1.0, then the learning-rate schedule's."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
 def build_models() -> tuple[CLIPTextModel, UNet2DConditionModel, DDPMScheduler]:
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=MAX_LENGTH, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                              prediction_type="epsilon")
-    return text_encoder, unet, scheduler
+    return text_encoder, build_unet(), build_scheduler()
 
 
 def load_data(seed: int):
@@ -168,11 +184,7 @@ def main() -> None:
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         loss = F.mse_loss(unet(x_t, t, cond).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        optimiser_step(opt, sched, loss, params)
         ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
         bar.set_postfix(loss=f"{ema_loss:.4f}", refresh=False)
     wall = time.time() - t0

@@ -37,7 +37,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from diffscore.app.digits import TRAIN_TEMPLATES, caption
 from diffscore.engine.images import preprocess_batch
 
-from train_demo import CAPTION_DROPOUT, MAX_LENGTH, load_data
+from train_demo import CAPTION_DROPOUT, MAX_LENGTH, build_scheduler, build_unet, load_data, optimiser_step
 
 PIXEL_DEMO = Path(__file__).resolve().parent / "demo"
 IMAGE_SIZE = 32
@@ -48,14 +48,7 @@ def build_models() -> tuple[AutoencoderKL, UNet2DConditionModel, DDPMScheduler]:
     vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(16, 32, 32),
                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                         layers_per_block=1, norm_num_groups=8, sample_size=IMAGE_SIZE)
-    unet = UNet2DConditionModel(
-        sample_size=IMAGE_SIZE // 4, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                              prediction_type="epsilon")
-    return vae, unet, scheduler
+    return vae, build_unet(IMAGE_SIZE // 4, 4), build_scheduler()
 
 
 def upscaled(x: np.ndarray) -> torch.Tensor:
@@ -65,7 +58,7 @@ def upscaled(x: np.ndarray) -> torch.Tensor:
 
 
 def cosine(opt, steps: int):
-    warmup = min(100, steps // 10)
+    warmup = max(1, min(100, steps // 10))
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
 
 
@@ -89,11 +82,7 @@ def train_vae(vae, images, args, rng) -> dict:
         recon = vae.decode(posterior.sample()).sample
         rec = F.mse_loss(recon, x)
         loss = rec + KL_WEIGHT * posterior.kl().mean() / x[0].numel()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimiser_step(opt, sched, loss, vae.parameters())
         ema = rec.item() if ema is None else 0.98 * ema + 0.02 * rec.item()
         bar.set_postfix(recon=f"{ema:.4f}", refresh=False)
     vae.eval()
@@ -153,11 +142,7 @@ def main() -> None:
         noise = torch.randn_like(x0)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         loss = F.mse_loss(unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, cond_table[rows]).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimiser_step(opt, sched, loss, unet.parameters())
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         bar.set_postfix(loss=f"{ema:.4f}", refresh=False)
     wall = time.time() - t0
