@@ -107,8 +107,8 @@ def main() -> None:
                  f"{result['workers']} concurrent single-threaded UNet runs (OpenVINO: as many streams), batch "
                  f"{result['batch_size']}, load average {result['load_average_1min_at_end']:.1f} at the end (2 cores shared "
                  f"with other jobs); fp32 = ONNX Runtime fp32; INT8: "
-                 f"{calibration['method']} on {calibration['samples']} UNet inputs from training digits, "
-                 f"{len(calibration['float_layers'])} layers kept float. Measured on {machine_line(machine())} by "
+                 f"{calibration.method} on {calibration.samples} UNet inputs from training digits, "
+                 f"{len(calibration.float_layers)} layers kept float. Measured on {machine_line(machine())} by "
                  "`bench/precision.py`.")
     if args.profile:
         print(json.dumps(result["profile"], indent=1))
