@@ -75,6 +75,8 @@ FormatOpt = typer.Option(Format.table.value, "--format", "-f", help="stdout form
 OutputOpt = typer.Option(None, "--output", "-o", help="also write the results to FILE (.json, .jsonl or .csv)")
 SeedOpt = typer.Option(0, min=0, max=2**32 - 1, help="seed of the shared noise: same seed, same scores")
 BatchOpt = typer.Option(None, min=1, help="UNet batch (default: automatic)")
+ModelArg = typer.Argument(..., help="local diffusers model folder")
+PairsOpt = typer.Option(None, "--data", help='JSONL of {"image": path, "caption": str} lines')
 LabelsOpt = typer.Option(None, "--labels", "-l", help="class names, comma separated")
 LabelsFileOpt = typer.Option(None, "--labels-file", help="class names, one per line (UTF-8)")
 ImagesArg = typer.Argument(..., help="image files, folders or glob patterns", show_default=False)
@@ -364,7 +366,7 @@ def demo(
 # --- build commands (torch extra) -----------------------------------------------------------------
 @app.command()
 def export(
-    model: Path = typer.Argument(..., help="local diffusers model folder"),
+    model: Path = ModelArg,
     out_dir: Path = typer.Argument(..., help="engine directory to create"),
     precision: List[Precision] = typer.Option([Precision.fp32.value], "--precision", "-p",
                                               help="fp32 and/or fp16 (repeat; int8 comes from `diffscore calibrate`)"),
@@ -393,7 +395,7 @@ def export(
 
 @app.command("train-head")
 def train_head_command(
-    model: Path = typer.Argument(..., help="local diffusers model folder"),
+    model: Path = ModelArg,
     data: Optional[Path] = typer.Option(None, "--data", help="labelled image folder: one subfolder per class (folder name = label)"),
     demo: bool = typer.Option(False, "--demo", help="the demo digits' training split (1,347 images) instead of --data"),
     kind: HeadKind = typer.Option(HeadKind.difformer.value, "--kind", help="the head's architecture"),
@@ -638,8 +640,8 @@ def calibrate(
 
 @app.command("train-prompts")
 def train_prompts(
-    model: Path = typer.Argument(..., help="local diffusers model folder"),
-    data: Optional[Path] = typer.Option(None, "--data", help='JSONL of {"image": path, "caption": str} lines'),
+    model: Path = ModelArg,
+    data: Optional[Path] = PairsOpt,
     demo: bool = typer.Option(False, "--demo", help="the demo digits' training split instead of --data"),
     shots: int = typer.Option(..., "--shots", "-k", min=1, help="training pairs per class (a class = a distinct caption)"),
     out_dir: Path = typer.Option(..., "--out", help="run directory: adapter.safetensors + training_log.json"),
@@ -670,8 +672,8 @@ def train_prompts(
 
 @app.command("train-diffdis")
 def train_diffdis(
-    model: Path = typer.Argument(..., help="local diffusers model folder"),
-    data: Optional[Path] = typer.Option(None, "--data", help='JSONL of {"image": path, "caption": str} lines'),
+    model: Path = ModelArg,
+    data: Optional[Path] = PairsOpt,
     demo: bool = typer.Option(False, "--demo", help="the demo digits' training split, captioned with 6 of the 8 "
                               "templates (2 held out for the zero-shot benchmark) instead of --data"),
     out_dir: Path = typer.Option(..., "--out", help="run directory: diffdis.safetensors + diffdis.json"),
@@ -717,8 +719,8 @@ def train_diffdis(
 
 @app.command("finetune")
 def finetune_command(
-    model: Path = typer.Argument(..., help="local diffusers model folder"),
-    data: Optional[Path] = typer.Option(None, "--data", help='JSONL of {"image": path, "caption": str} lines'),
+    model: Path = ModelArg,
+    data: Optional[Path] = PairsOpt,
     demo: bool = typer.Option(False, "--demo", help="the demo digits' training split instead of --data"),
     objectives: str = typer.Option("itc,is,rsc", help="comma-separated subset of itc (image-text contrastive), is "
                                    "(denoising loss) and rsc (consistency of the contrastive and diffusion branches)"),
