@@ -28,6 +28,7 @@ from diffscore.errors import EngineError
 
 log = logging.getLogger("diffscore")
 CALLS = 3  # timed rounds per candidate, after one warm-up round; the best round counts
+REVISION = 2  # of the runners measured: a new one (2: OpenVINO static-shape buckets) measures again
 
 
 def candidates(precision: str, threads: int | None) -> list[tuple[str, int]]:
@@ -44,7 +45,7 @@ def choice_path(manifest: Manifest, precision: str, threads: int | None) -> Path
 
     from diffscore.engine.manifest import unet_graph
 
-    key = [manifest.graphs[unet_graph(precision)].sha256, precision, threads, cpuinfo("model name") or platform.processor(),
+    key = [REVISION, manifest.graphs[unet_graph(precision)].sha256, precision, threads, cpuinfo("model name") or platform.processor(),
            os.cpu_count(),
            sorted(cpu_flags()), onnxruntime.__version__, openvino_version()]
     return cache_root() / "auto" / f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.json"

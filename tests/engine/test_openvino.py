@@ -58,7 +58,7 @@ def images_for(manifest, n, seed=0):
 
 @pytest.mark.parametrize("kind", ["sd1", "sd2", "pixel"])
 def test_every_graph_equals_onnxruntime(engines, kind):
-    """fp32 within the fp32 parity bound, at two batch sizes on one compiled model (dynamic batch);
+    """fp32 within the fp32 parity bound, at two batch sizes (the second padded up to its static-shape bucket);
     the UNet under the bf16 hint within the bf16 bound."""
     d = engines[kind]
     m = Manifest.load(d)
@@ -72,6 +72,7 @@ def test_every_graph_equals_onnxruntime(engines, kind):
                 assert got[spec.name].shape == want[spec.name].shape
                 v = compare(f"{kind} {graph}:{spec.name}", got[spec.name], want[spec.name], RTOL["fp32"])
                 assert v.passed, str(v)
+        assert list(ov._compiled) == [1, 8]  # static shapes: batch 5 ran padded on the model compiled for 8
     bf16 = make_runner(d, m, "unet", "openvino", 0, None, precision="bf16")
     feed = random_feed(m, "unet", 4)
     want = make_runner(d, m, "unet", "ort-cpu", 0, None).infer(feed)
@@ -122,9 +123,9 @@ def test_threads_and_compiled_model_cache(engines, tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFSCORE_CACHE", str(tmp_path))
     d = engines["pixel"]
     m = Manifest.load(d)
-    runner = make_runner(d, m, "unet", "openvino", 0, 1)
-    assert int(runner.compiled.get_property("INFERENCE_NUM_THREADS")) == 1
-    assert runner.compiled.get_property("INFERENCE_PRECISION_HINT") == openvino.Type.f32  # not bf16 by default
+    compiled = make_runner(d, m, "unet", "openvino", 0, 1).compiled_for(3)
+    assert int(compiled.get_property("INFERENCE_NUM_THREADS")) == 1
+    assert compiled.get_property("INFERENCE_PRECISION_HINT") == openvino.Type.f32  # not bf16 by default
     assert any((tmp_path / "openvino").rglob("*.blob")), "the compiled model is cached for the next load"
 
 
