@@ -29,6 +29,7 @@ from common import demo_engine_all_precisions, machine, machine_line, publish  #
 import diffscore  # noqa: E402
 from diffscore.app.demo import DEMO_LOSS, DEMO_MODEL, DEMO_STAGES  # noqa: E402
 from diffscore.app.digits import CLASS_NAMES, DEFAULT_TEMPLATE, load_digits_split  # noqa: E402
+from diffscore.engine.images import IMAGE_WINDOW  # noqa: E402
 
 
 CHUNK = 32  # images per turn of each path
@@ -94,11 +95,13 @@ def main() -> None:
                  compiled, chunk, labels, templates=[DEFAULT_TEMPLATE], **opts)}
     with torch.inference_mode():
         start = time.perf_counter()
-        paths[f"{TORCH}, {threads}, torch.compile)"](images[:2])
+        paths[f"{TORCH}, {threads}, torch.compile)"](images[:IMAGE_WINDOW])
         compile_s = time.perf_counter() - start
     torch_rows = list(paths)
     for name, engine in engines.items():
-        engine.classify(images[:2], labels, template=DEFAULT_TEMPLATE, **opts)  # warm-up: sessions + prompt cache
+        # Warm-up on one full image window: sessions, prompt cache and every UNet batch shape the job uses
+        # (OpenVINO compiles one model per batch-size bucket on first use; it is cached on disk for later loads).
+        engine.classify(images[:IMAGE_WINDOW], labels, template=DEFAULT_TEMPLATE, **opts)
         paths[name] = lambda chunk, engine=engine: engine.classify(chunk, labels, template=DEFAULT_TEMPLATE, **opts)
     # Interleave the paths chunk by chunk, so any other load on the machine hits all alike.
     got, seconds, loads = {name: [] for name in paths}, dict.fromkeys(paths, 0.0), []

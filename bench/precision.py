@@ -33,6 +33,7 @@ from common import demo_engine_all_precisions, machine, machine_line, publish  #
 
 import diffscore  # noqa: E402
 from diffscore.app.digits import CLASS_NAMES, load_digits_split, training_images  # noqa: E402
+from diffscore.engine.images import IMAGE_WINDOW  # noqa: E402
 from diffscore.engine.manifest import Manifest  # noqa: E402
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -65,7 +66,7 @@ def main() -> None:
         engines[f"int8 + SmoothQuant α={args.smoothquant:g}"] = diffscore.load(smoothed_dir, backend="ort-cpu",
                                                                                precision="int8")
     for engine in engines.values():
-        engine.classify(images[:2], labels)  # warm-up: sessions, prompt cache
+        engine.classify(images[:IMAGE_WINDOW], labels)  # warm-up: sessions, prompt cache, every UNet batch shape
 
     seconds = dict.fromkeys(engines, 0.0)
     predicted: dict[str, list[int]] = {p: [] for p in engines}
