@@ -4,7 +4,7 @@ Builds an SD 1.5-shaped model folder (UNet 860M params, CLIP ViT-L/14 text encod
 it (the fp32 UNet exceeds 2 GB, so it goes to external data), runs one batch through torch, ONNX Runtime
 and OpenVINO (fp32; bf16 where the CPU has it; INT8 Q/DQ from `diffscore calibrate`'s quantizer, calibrated on
 a few random latents: fine for timing, meaningless for accuracy) and reports export time, file sizes, peak
-memory after each stage, per-pass latency and parity.
+memory of each path (each runs in a process of its own), per-pass latency and parity.
 
     .venv/bin/python bench/export_sd.py [--workdir /tmp/sd15] [--batch 2] [--no-int8] [--update-readme]
 
@@ -17,6 +17,7 @@ import argparse
 import json
 import resource
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,6 +61,10 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB
 
 
+PATHS = ["torch fp32", "ONNX Runtime fp32", "OpenVINO fp32", "OpenVINO bf16", "quantize", "ONNX Runtime int8",
+         "OpenVINO int8"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/diffscore-sd15"))
@@ -67,18 +72,16 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, default=DEMO_TOKENIZER, help="a CLIP tokenizer folder")
     parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the INT8 UNet (quantizing takes minutes)")
     parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--child", choices=PATHS, help=argparse.SUPPRESS)  # one path, in its own process
     args = parser.parse_args()
+    if args.child:
+        return print(json.dumps(run_path(args.child, args.workdir)))
 
-    import torch
-
-    from diffscore.engine.backends.onnxruntime import OnnxRuntimeRunner
-    from diffscore.engine.backends.openvino import OpenVINORunner, cpu_has_bf16
+    from diffscore.engine.backends.openvino import cpu_has_bf16
     from diffscore.engine.manifest import Manifest
     from diffscore.export.onnx_export import export_engine
-    from diffscore.export.verdicts import compare
     from diffscore.export.tensorrt_ops import unsupported_ops
-    from diffscore.reference.loading import load_components
-    from diffscore.reference.scoring_unet import ScoringUNet
+    from diffscore.export.verdicts import compare
 
     model, engine = args.workdir / "model", args.workdir / "engine"
     shutil.rmtree(args.workdir, ignore_errors=True)
@@ -89,61 +92,45 @@ def main() -> None:
     start = time.perf_counter()
     export_engine(model, engine)
     export_s = time.perf_counter() - start
-    export_peak = peak_rss_gb()
     manifest = Manifest.load(engine)
     files = {p.name: p.stat().st_size / 1e9 for p in sorted(engine.iterdir())}
-
-    comp = load_components(model)
-    unet = ScoringUNet(comp.unet, manifest.attention_layers).eval()
     rng = np.random.default_rng(0)
     B = args.batch
-    feed = {"sample": rng.standard_normal((B, 4, 64, 64), dtype=np.float32),
-            "timestep": np.array([100.0, 700.0][:B] + [500.0] * max(0, B - 2), dtype=np.float32),
-            "encoder_hidden_states": rng.standard_normal((B, 77, 768), dtype=np.float32)}
-    with torch.no_grad():
-        tin = [torch.from_numpy(v) for v in feed.values()]
-        unet(*tin)
-        start = time.perf_counter()
-        want = unet(*tin)
-        torch_s = time.perf_counter() - start
-    peaks = {"export": export_peak, "torch fp32": peak_rss_gb()}
-    del unet, comp
-    unet_spec = manifest.graphs["unet"]
+    np.savez(args.workdir / "feed.npz", sample=rng.standard_normal((B, 4, 64, 64), dtype=np.float32),
+             timestep=np.array([100.0, 700.0][:B] + [500.0] * max(0, B - 2), dtype=np.float32),
+             encoder_hidden_states=rng.standard_normal((B, 77, 768), dtype=np.float32))
 
-    def per_pass(runner) -> tuple[float, dict]:
-        runner.infer(feed)  # warm-up: session set-up, first-run allocations
-        start = time.perf_counter()
-        out = runner.infer(feed)
-        return 1000 * (time.perf_counter() - start) / B, out
-
-    ms, got = {}, {}
-    ms["torch fp32"] = 1000 * torch_s / B
-    ms["ONNX Runtime fp32"], got["ort"] = per_pass(OnnxRuntimeRunner(engine / unet_spec.file, unet_spec))
-    peaks["ONNX Runtime fp32"] = peak_rss_gb()
-    verdicts = [compare(f"unet:{n}", got["ort"][n], w.numpy(), 1e-4) for n, w in zip(["eps", "attn_scores"], want)]
-    ms["OpenVINO fp32"], _ = per_pass(OpenVINORunner(engine / unet_spec.file, unet_spec, "fp32"))
-    peaks["OpenVINO fp32"] = peak_rss_gb()
-    if cpu_has_bf16():
-        ms["OpenVINO bf16"], _ = per_pass(OpenVINORunner(engine / unet_spec.file, unet_spec, "bf16"))
-        peaks["OpenVINO bf16"] = peak_rss_gb()
-    if args.int8:
-        start = time.perf_counter()
-        int8_spec = quantize_for_timing(engine, manifest, feed)
-        quantize_s = time.perf_counter() - start
-        peaks["quantize"] = peak_rss_gb()
-        ms["ONNX Runtime int8"], _ = per_pass(OnnxRuntimeRunner(engine / int8_spec.file, int8_spec))
-        peaks["ONNX Runtime int8"] = peak_rss_gb()
-        ms["OpenVINO int8"], _ = per_pass(OpenVINORunner(engine / int8_spec.file, int8_spec, "int8"))
-        peaks["OpenVINO int8"] = peak_rss_gb()
+    # Each path in a process of its own: its peak memory is its own, and one path's sessions cannot
+    # push another's out of memory (all of them in one process did not fit 23 GB).
+    ms, peaks = {}, {"export": peak_rss_gb()}
+    quantize_s = params_m = None
+    for path in PATHS:
+        if (path == "OpenVINO bf16" and not cpu_has_bf16()) or (not args.int8 and ("int8" in path or path == "quantize")):
+            continue
+        print(f"-- {path}", flush=True)
+        done = subprocess.run([sys.executable, __file__, "--child", path, "--workdir", str(args.workdir)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            print(done.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"{path}: exit {done.returncode}")
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        peaks[path] = row["peak_rss_gb"]
+        params_m = row.get("unet_params_M", params_m)
+        if path == "quantize":
+            quantize_s = row["seconds"]
+        else:
+            ms[path] = row["ms_per_pass"]
+        print(f"   {row}", flush=True)
+    outputs = {k: np.load(args.workdir / f"out-{k}.npz") for k in ("torch", "ort")}
+    verdicts = [compare(f"unet:{n}", outputs["ort"][n], outputs["torch"][n], 1e-4) for n in ("eps", "attn_scores")]
     result = {
-        "unet_params_M": sum(p.numel() for p in load_components(model).unet.parameters()) / 1e6,
-        "build_model_s": build_s, "export_s": export_s, "peak_rss_gb": max(peaks.values()),
-        "peak_rss_gb_after": peaks,
+        "unet_params_M": params_m, "build_model_s": build_s, "export_s": export_s, "peak_rss_gb": max(peaks.values()),
+        "peak_rss_gb_of_process": peaks,
         "files_gb": files, "unet_external_data": manifest.graphs["unet"].data_files,
         "batch": B, "ms_per_pass": ms, "speedup_vs_torch": {k: ms["torch fp32"] / v for k, v in ms.items()},
         "torch_ms_per_pass": ms["torch fp32"], "ort_ms_per_pass": ms["ONNX Runtime fp32"],
         "ort_speedup": ms["torch fp32"] / ms["ONNX Runtime fp32"],
-        "quantize_s": quantize_s if args.int8 else None,
+        "quantize_s": quantize_s,
         "parity": {v.name: {"max_abs": v.max_abs, "max_rel": v.max_rel, "passed": v.passed} for v in verdicts},
         "tensorrt_unsupported_ops": {g: unsupported_ops(engine / s.file) for g, s in manifest.graphs.items()},
     }
@@ -152,6 +139,53 @@ def main() -> None:
     print(f"wrote {path}")
     if args.update_readme:
         update_readme("export_sd", readme_table(json.loads(path.read_text())))
+
+
+def run_path(path: str, workdir: Path) -> dict:
+    """One path in this process: ms per image-pass (best of two timed calls after a warm-up) and the
+    process's peak RSS; torch and ONNX Runtime fp32 keep their outputs for the parity check."""
+    from diffscore.engine.backends.onnxruntime import OnnxRuntimeRunner
+    from diffscore.engine.backends.openvino import OpenVINORunner
+    from diffscore.engine.manifest import Manifest
+
+    engine = workdir / "engine"
+    manifest = Manifest.load(engine)
+    feed = dict(np.load(workdir / "feed.npz"))
+    if path == "quantize":
+        start = time.perf_counter()
+        quantize_for_timing(engine, manifest, feed)
+        return {"seconds": time.perf_counter() - start, "peak_rss_gb": peak_rss_gb()}
+    if path == "torch fp32":
+        import torch
+
+        from diffscore.reference.loading import load_components
+        from diffscore.reference.scoring_unet import ScoringUNet
+
+        unet = ScoringUNet(load_components(workdir / "model").unet, manifest.attention_layers).eval()
+        tin = [torch.from_numpy(v) for v in feed.values()]
+
+        def call():
+            with torch.inference_mode():
+                return dict(zip(["eps", "attn_scores"], (t.numpy() for t in unet(*tin))))
+    else:
+        graph = "unet.int8" if path.endswith("int8") else "unet"
+        spec = manifest.graphs[graph]
+        runner = (OnnxRuntimeRunner(engine / spec.file, spec) if path.startswith("ONNX") else
+                  OpenVINORunner(engine / spec.file, spec, path.split()[-1]))
+        call = lambda: runner.infer(feed)  # noqa: E731
+    out = call()  # warm-up: session set-up, compilation, first-run allocations
+    seconds = []
+    for _ in range(2):
+        start = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - start)
+    kept = {"torch fp32": "torch", "ONNX Runtime fp32": "ort"}
+    if path in kept:
+        np.savez(workdir / f"out-{kept[path]}.npz", **out)
+    row = {"ms_per_pass": 1000 * min(seconds) / len(feed["timestep"]), "peak_rss_gb": peak_rss_gb()}
+    if path == "torch fp32":
+        row["unet_params_M"] = sum(p.numel() for p in unet.parameters()) / 1e6
+    return row
 
 
 def quantize_for_timing(engine: Path, manifest, feed: dict):
@@ -173,14 +207,15 @@ def quantize_for_timing(engine: Path, manifest, feed: dict):
 
 
 def readme_table(result: dict) -> str:
-    ms, peaks = result["ms_per_pass"], result["peak_rss_gb_after"]
+    ms, peaks = result["ms_per_pass"], result["peak_rss_gb_of_process"]
     rows = "\n".join(f"| {k} | {v / 1000:.1f} s | {ms['torch fp32'] / v:.2f}× | {ms['ONNX Runtime fp32'] / v:.2f}× | "
                      f"{peaks[k]:.1f} GB |"
                      for k, v in ms.items())
-    return (f"SD 1.5-size UNet (859.5 M parameters, random weights), one pass at batch {result['batch']}, per image "
+    return (f"SD 1.5-size UNet ({result['unet_params_M']:.1f} M parameters, random weights), one pass at batch {result['batch']}, per image "
             f"(`bench/export_sd.py`; {machine_line(result['machine'])}):\n\n"
-            "| path | per image-pass | vs torch | vs ONNX Runtime fp32 | process peak RSS after |\n|---|---|---|---|---|\n"
-            f"{rows}\n\nExport {result['export_s']:.0f} s; INT8 quantization {result['quantize_s'] or 0:.0f} s "
+            "| path | per image-pass | vs torch | vs ONNX Runtime fp32 | peak RSS of its process |\n|---|---|---|---|---|\n"
+            f"{rows}\n\nExport {result['export_s']:.0f} s (its process peaked at {peaks['export']:.1f} GB); INT8 quantization "
+            f"{result['quantize_s'] or 0:.0f} s, peak {peaks.get('quantize', 0):.1f} GB "
             "(calibrated on 4 random latents: timing only).")
 
 
