@@ -3,10 +3,10 @@
 Builds an SD 1.5-shaped model folder (UNet 860M params, CLIP ViT-L/14 text encoder, SD VAE), exports
 it (the fp32 UNet exceeds 2 GB, so it goes to external data), runs one batch through torch, ONNX Runtime
 and OpenVINO (fp32; bf16 where the CPU has it; INT8 Q/DQ from `diffscore calibrate`'s quantizer, calibrated on
-a few random latents: fine for timing, meaningless for accuracy) and reports export time, file sizes, peak
+one random latent: fine for timing, meaningless for accuracy) and reports export time, file sizes, peak
 memory of each path (each runs in a process of its own), per-pass latency and parity.
 
-    .venv/bin/python bench/export_sd.py [--workdir /tmp/sd15] [--batch 2] [--no-int8] [--update-readme]
+    .venv/bin/python bench/export_sd.py [--workdir /tmp/sd15] [--batch 2] [--no-int8] [--resume] [--update-readme]
 
 Writes bench/results/export_sd.json. Needs ~15 GB RAM and ~10 GB disk; takes 15-30 minutes on 2 cores.
 """
@@ -14,7 +14,9 @@ Writes bench/results/export_sd.json. Needs ~15 GB RAM and ~10 GB disk; takes 15-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
 import resource
 import shutil
 import subprocess
@@ -58,7 +60,11 @@ def build_sd15(folder: Path, tokenizer: Path) -> None:
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB
+    """This process's peak RSS: /proc's VmHWM (ru_maxrss would carry the parent's peak across exec)."""
+    try:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1e6
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB
 
 
 PATHS = ["torch fp32", "ONNX Runtime fp32", "OpenVINO fp32", "OpenVINO bf16", "quantize", "ONNX Runtime int8",
@@ -72,6 +78,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, default=DEMO_TOKENIZER, help="a CLIP tokenizer folder")
     parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the INT8 UNet (quantizing takes minutes)")
     parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--resume", action="store_true", help="keep the export and the paths already timed in --workdir")
     parser.add_argument("--child", choices=PATHS, help=argparse.SUPPRESS)  # one path, in its own process
     args = parser.parse_args()
     if args.child:
@@ -83,44 +90,52 @@ def main() -> None:
     from diffscore.export.tensorrt_ops import unsupported_ops
     from diffscore.export.verdicts import compare
 
-    model, engine = args.workdir / "model", args.workdir / "engine"
-    shutil.rmtree(args.workdir, ignore_errors=True)
-    start = time.perf_counter()
-    build_sd15(model, args.tokenizer)
-    build_s = time.perf_counter() - start
-
-    start = time.perf_counter()
-    export_engine(model, engine)
-    export_s = time.perf_counter() - start
+    model, engine, state_file = args.workdir / "model", args.workdir / "engine", args.workdir / "state.json"
+    # --resume: keep the export and the paths already timed (a run is 20-30 minutes; one path can die).
+    state = json.loads(state_file.read_text()) if args.resume and state_file.exists() else {}
+    if not state:
+        shutil.rmtree(args.workdir, ignore_errors=True)
+        start = time.perf_counter()
+        build_sd15(model, args.tokenizer)
+        build_s = time.perf_counter() - start
+        start = time.perf_counter()
+        export_engine(model, engine)
+        state = {"build_s": build_s, "export_s": time.perf_counter() - start, "peaks": {"export": peak_rss_gb()},
+                 "ms": {}, "quantize_s": None, "params_m": None}
+        rng = np.random.default_rng(0)
+        B = args.batch
+        np.savez(args.workdir / "feed.npz", sample=rng.standard_normal((B, 4, 64, 64), dtype=np.float32),
+                 timestep=np.array([100.0, 700.0][:B] + [500.0] * max(0, B - 2), dtype=np.float32),
+                 encoder_hidden_states=rng.standard_normal((B, 77, 768), dtype=np.float32))
+        state_file.write_text(json.dumps(state))
     manifest = Manifest.load(engine)
     files = {p.name: p.stat().st_size / 1e9 for p in sorted(engine.iterdir())}
-    rng = np.random.default_rng(0)
-    B = args.batch
-    np.savez(args.workdir / "feed.npz", sample=rng.standard_normal((B, 4, 64, 64), dtype=np.float32),
-             timestep=np.array([100.0, 700.0][:B] + [500.0] * max(0, B - 2), dtype=np.float32),
-             encoder_hidden_states=rng.standard_normal((B, 77, 768), dtype=np.float32))
+    B = len(np.load(args.workdir / "feed.npz")["timestep"])
 
     # Each path in a process of its own: its peak memory is its own, and one path's sessions cannot
     # push another's out of memory (all of them in one process did not fit 23 GB).
-    ms, peaks = {}, {"export": peak_rss_gb()}
-    quantize_s = params_m = None
     for path in PATHS:
         if (path == "OpenVINO bf16" and not cpu_has_bf16()) or (not args.int8 and ("int8" in path or path == "quantize")):
             continue
+        if path in state["peaks"]:
+            continue  # timed before this --resume
         print(f"-- {path}", flush=True)
         done = subprocess.run([sys.executable, __file__, "--child", path, "--workdir", str(args.workdir)],
                               capture_output=True, text=True)
         if done.returncode:
             print(done.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"{path}: exit {done.returncode}")
+            raise SystemExit(f"{path}: exit {done.returncode} (rerun with --resume to keep what was timed)")
         row = json.loads(done.stdout.strip().splitlines()[-1])
-        peaks[path] = row["peak_rss_gb"]
-        params_m = row.get("unet_params_M", params_m)
+        state["peaks"][path] = row["peak_rss_gb"]
+        state["params_m"] = row.get("unet_params_M", state["params_m"])
         if path == "quantize":
-            quantize_s = row["seconds"]
+            state["quantize_s"] = row["seconds"]
         else:
-            ms[path] = row["ms_per_pass"]
+            state["ms"][path] = row["ms_per_pass"]
+        state_file.write_text(json.dumps(state))
         print(f"   {row}", flush=True)
+    ms, peaks, quantize_s, params_m = state["ms"], state["peaks"], state["quantize_s"], state["params_m"]
+    build_s, export_s = state["build_s"], state["export_s"]
     outputs = {k: np.load(args.workdir / f"out-{k}.npz") for k in ("torch", "ort")}
     verdicts = [compare(f"unet:{n}", outputs["ort"][n], outputs["torch"][n], 1e-4) for n in ("eps", "attn_scores")]
     result = {
@@ -146,14 +161,16 @@ def run_path(path: str, workdir: Path) -> dict:
     process's peak RSS; torch and ONNX Runtime fp32 keep their outputs for the parity check."""
     from diffscore.engine.backends.onnxruntime import OnnxRuntimeRunner
     from diffscore.engine.backends.openvino import OpenVINORunner
-    from diffscore.engine.manifest import Manifest
+    from diffscore.engine.manifest import GraphSpec, Manifest
 
     engine = workdir / "engine"
     manifest = Manifest.load(engine)
     feed = dict(np.load(workdir / "feed.npz"))
+    int8_spec = workdir / "unet.int8.spec.json"  # the timing-only INT8 graph is not put in the manifest
     if path == "quantize":
         start = time.perf_counter()
-        quantize_for_timing(engine, manifest, feed)
+        spec = quantize_for_timing(engine, manifest, feed)
+        int8_spec.write_text(json.dumps(dataclasses.asdict(spec)))
         return {"seconds": time.perf_counter() - start, "peak_rss_gb": peak_rss_gb()}
     if path == "torch fp32":
         import torch
@@ -168,8 +185,7 @@ def run_path(path: str, workdir: Path) -> dict:
             with torch.inference_mode():
                 return dict(zip(["eps", "attn_scores"], (t.numpy() for t in unet(*tin))))
     else:
-        graph = "unet.int8" if path.endswith("int8") else "unet"
-        spec = manifest.graphs[graph]
+        spec = GraphSpec(**json.loads(int8_spec.read_text())) if path.endswith("int8") else manifest.graphs["unet"]
         runner = (OnnxRuntimeRunner(engine / spec.file, spec) if path.startswith("ONNX") else
                   OpenVINORunner(engine / spec.file, spec, path.split()[-1]))
         call = lambda: runner.infer(feed)  # noqa: E731
@@ -190,12 +206,12 @@ def run_path(path: str, workdir: Path) -> dict:
 
 def quantize_for_timing(engine: Path, manifest, feed: dict):
     """The fp32 UNet in INT8 Q/DQ with `diffscore calibrate`'s quantizer (its default float layers), ranges
-    from a few random latents: the speed is real, the accuracy is not (random weights, random inputs)."""
+    from one random latent: the speed is real, the accuracy is not (random weights, random inputs)."""
     from diffscore.calibration.dataset import CalibrationSet
     from diffscore.calibration.quantize import quantize_unet
     from diffscore.export.onnx_export import save_graph
 
-    n = 4
+    n = 1  # 4 (in one calibration batch) ran out of 23 GB: the calibrator keeps every activation
     rng = np.random.default_rng(1)
     cal = CalibrationSet(sample=rng.standard_normal((n,) + feed["sample"].shape[1:], dtype=np.float32),
                          timestep=np.linspace(50, 950, n).astype(np.float32), prompt_row=np.arange(n) % len(feed["timestep"]),
@@ -216,7 +232,7 @@ def readme_table(result: dict) -> str:
             "| path | per image-pass | vs torch | vs ONNX Runtime fp32 | peak RSS of its process |\n|---|---|---|---|---|\n"
             f"{rows}\n\nExport {result['export_s']:.0f} s (its process peaked at {peaks['export']:.1f} GB); INT8 quantization "
             f"{result['quantize_s'] or 0:.0f} s, peak {peaks.get('quantize', 0):.1f} GB "
-            "(calibrated on 4 random latents: timing only).")
+            "(calibrated on one random latent: timing only).")
 
 
 if __name__ == "__main__":

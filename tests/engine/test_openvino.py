@@ -129,6 +129,19 @@ def test_threads_and_compiled_model_cache(engines, tmp_path, monkeypatch):
     assert any((tmp_path / "openvino").rglob("*.blob")), "the compiled model is cached for the next load"
 
 
+def test_compiled_buckets_stay_within_the_budget(engines, monkeypatch):
+    """With room for one compiled model, alternating batch sizes recompile (least recently used out) and
+    still equal ONNX Runtime."""
+    monkeypatch.setattr(ovb.OpenVINORunner, "KEEP_BYTES", 1)
+    d = engines["pixel"]
+    m = Manifest.load(d)
+    ov, ort = make_runner(d, m, "unet", "openvino", 0, None), make_runner(d, m, "unet", "ort-cpu", 0, None)
+    for batch in (3, 9, 3):
+        feed = random_feed(m, "unet", batch, seed=batch)
+        np.testing.assert_allclose(ov.infer(feed)["eps"], ort.infer(feed)["eps"], rtol=RTOL["fp32"], atol=1e-5)
+        assert list(ov._compiled) == [ov.bucket(batch)]
+
+
 def test_auto_measures_once_and_info_says_why(engines, tmp_path, monkeypatch, run_cli):
     monkeypatch.setenv("DIFFSCORE_CACHE", str(tmp_path))
     d = engines["sd1"]
