@@ -79,7 +79,7 @@ class OpenVINORunner(RunnerBase):
     threads = all streams' threads together.
 
     Why buckets: OpenVINO's CPU plugin runs a static-shape model much faster than the same graph with a
-    dynamic batch axis (on the demo UNet, INT8 1.9x and bf16 1.6x; bench/classify.py). So a call's batch
+    dynamic batch axis (demo UNet: INT8 1.8x, bf16 1.6x, fp32 1.7x; bench/openvino_shapes.py). So a call's batch
     is padded (repeating its last row) up to the next power of two and run by a model compiled for that
     size, and the outputs are cut back. Compiled models are kept, least recently used first out, within
     a budget of KEEP_BYTES of graph weights (a Stable-Diffusion-size UNet keeps one); a graph whose
