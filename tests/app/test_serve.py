@@ -23,6 +23,7 @@ from diffscore.app.digits import CLASS_NAMES
 LABELS = list(CLASS_NAMES)
 STAGES = [[4, 2], [8, 1]]
 SEED = 3
+BACKEND = "ort-cpu"  # answers are compared exactly: one backend on both sides (auto may differ in a replica)
 
 
 def png_b64(image: np.ndarray) -> str:
@@ -51,7 +52,7 @@ def server(ray_session, scale_engine):
     with socket.socket() as s:  # a free port on the loopback interface
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    url = start_server(scale_engine, host="127.0.0.1", port=port, num_cpus=0.5, batch_wait_s=0.05,
+    url = start_server(scale_engine, host="127.0.0.1", port=port, num_cpus=0.5, batch_wait_s=0.05, backend=BACKEND,
                        limits=Limits(max_bytes=100_000, max_images=8, max_labels=20))
     yield url
     serve.shutdown()
@@ -59,7 +60,7 @@ def server(ray_session, scale_engine):
 
 @pytest.fixture(scope="module")
 def engine(scale_engine):
-    return diffscore.load(scale_engine)
+    return diffscore.load(scale_engine, backend=BACKEND)
 
 
 def ranking(r) -> list:
