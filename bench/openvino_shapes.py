@@ -19,11 +19,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import demo_engine_all_precisions, machine, machine_line, publish  # noqa: E402
 
+from diffscore.engine.autoselect import random_unet_feed  # noqa: E402
 from diffscore.engine.manifest import Manifest  # noqa: E402
 
 
@@ -53,10 +52,8 @@ def main() -> None:
     engine = demo_engine_all_precisions()
     manifest = Manifest.load(engine)
     workers, batch = os.cpu_count() or 1, args.batch
-    rng = np.random.default_rng(0)
     specs = manifest.graphs["unet"].inputs
-    feed = {t.name: (rng.uniform(0, 999, batch) if t.name == "timestep" else
-                     rng.standard_normal([batch] + t.shape[1:])).astype(t.dtype) for t in specs}
+    feed = random_unet_feed(manifest, "unet", batch)
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1

@@ -114,6 +114,17 @@ def describe(choice: dict | None, precision: str) -> str:
             f"({choice['date']}, load average {choice['load_average_1min']})")
 
 
+def random_unet_feed(manifest: Manifest, graph: str, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs of the right names, shapes and dtypes for timing a UNet graph (timesteps in range)."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for spec in manifest.graphs[graph].inputs:
+        shape = [batch if d == "batch" else d for d in spec.shape]
+        feed[spec.name] = (rng.integers(0, len(manifest.alphas_cumprod), shape) if spec.name == "timestep"
+                           else rng.standard_normal(shape)).astype(spec.dtype)
+    return feed
+
+
 def measure(engine_dir: Path, manifest: Manifest, precision: str, backend: str, workers: int,
             threads: int | None) -> float:
     """UNet samples/s of one setting: `workers` concurrent calls of one engine batch each, best round of CALLS."""
@@ -123,12 +134,7 @@ def measure(engine_dir: Path, manifest: Manifest, precision: str, backend: str, 
     graph = unet_graph(precision)
     runner = make_runner(engine_dir, manifest, graph, backend, 0, threads, workers=workers, precision=precision)
     batch = int(np.clip(2**13 // int(np.prod(manifest.sample_shape)), 1, 128))  # Engine.default_batch_size on CPU
-    rng = np.random.default_rng(0)
-    feed = {}
-    for spec in manifest.graphs[graph].inputs:
-        shape = [batch if d == "batch" else d for d in spec.shape]
-        feed[spec.name] = (rng.integers(0, len(manifest.alphas_cumprod), shape) if spec.name == "timestep"
-                           else rng.standard_normal(shape)).astype(spec.dtype)
+    feed = random_unet_feed(manifest, graph, batch)
     seconds = []
     with ThreadPoolExecutor(workers) as pool:
         for _ in range(CALLS + 1):  # the first round warms up
