@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffscore.errors import EngineError
+from diffscore.errors import EngineError, first_line
 
 log = logging.getLogger("diffscore")
 
@@ -53,7 +53,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, object_st
                  object_store_memory=object_store_mb * 2**20 if local and object_store_mb else None,
                  log_to_driver=False, configure_logging=False)
     except ConnectionError as e:
-        raise EngineError(f"cannot reach the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
+        raise EngineError(f"cannot reach the Ray cluster at {address}: {first_line(e)}") from None
     return ray
 
 
@@ -103,7 +103,7 @@ def _read_images(batch: dict) -> tuple[list, list]:
                 try:
                     x = Image.open(io.BytesIO(x))
                 except Exception as e:
-                    raise EngineError(f"cannot read image bytes: {str(e).splitlines()[0]}") from None
+                    raise EngineError(f"cannot read image bytes: {first_line(e)}") from None
             images.append(to_pil(str(x) if column == "path" else x))
             errors.append(None)
         except EngineError as e:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from diffscore.app.scale import check_engine_dir, engine_threads, import_ray, start_ray
-from diffscore.errors import EngineError
+from diffscore.errors import EngineError, first_line
 
 import_ray("diffscore serve")  # the install hint, before the imports below fail less clearly
 from fastapi import FastAPI, Request  # noqa: E402  (fastapi comes with ray[serve])
@@ -111,7 +111,7 @@ def decode_images(value, limits: Limits) -> list:
                 im.load()
                 images.append(im.copy())
         except Exception as e:  # Pillow raises many types for bad files, including decompression bombs
-            why = "unknown format" if isinstance(e, UnidentifiedImageError) else str(e).splitlines()[0]
+            why = "unknown format" if isinstance(e, UnidentifiedImageError) else first_line(e)
             raise BadRequest(f"images[{i}] is not an image Pillow can read ({why})") from None
     return images
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from diffscore.engine.manifest import resolve_inside
-from diffscore.errors import EngineError
+from diffscore.errors import EngineError, first_line
 
 
 def read_tokenizer(engine_dir: Path, name: str, what: str = "tokenizer"):
@@ -26,7 +26,7 @@ def read_tokenizer(engine_dir: Path, name: str, what: str = "tokenizer"):
         raise
     except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
         raise EngineError(f"{name} in {engine_dir} is not a tokenizer the `tokenizers` library can read "
-                          f"({str(e).splitlines()[0][:120]}); re-export the engine") from None
+                          f"({first_line(e)[:120]}); re-export the engine") from None
 
 
 class TextConditioning:

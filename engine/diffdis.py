@@ -33,26 +33,20 @@ def diffdis_spec(engine) -> DiffDisSpec:
 
 
 def diffdis_runner(engine):
-    """The runner of the DiffDis graph: fp32 ONNX on ONNX Runtime (on its CUDA provider under native TensorRT)."""
-    spec = diffdis_spec(engine)
-    if spec.graph not in engine.runners:
-        from diffscore.engine.backends.choice import make_runner
+    """The runner of the DiffDis graph (Engine.graph_runner: fp32 ONNX beside the UNet)."""
+    return engine.graph_runner(diffdis_spec(engine).graph)
 
-        backend = engine.backend
-        if backend == "tensorrt":
-            from diffscore.engine.backends.onnxruntime import available_providers
 
-            backend = "ort-cuda" if "CUDAExecutionProvider" in available_providers() else "ort-cpu"
-        engine.runners[spec.graph] = make_runner(engine.engine_dir, engine.manifest, spec.graph, backend, engine._device,
-                                                 engine._threads, workers=engine.workers)
-    return engine.runners[spec.graph]
+def eos_positions(ids: np.ndarray, eos_token_id: int) -> np.ndarray:
+    """(P,) position of the first end-of-text token of each row (the last position if there is none)."""
+    ids = np.asarray(ids)
+    hit = ids == eos_token_id
+    return np.where(hit.any(axis=1), hit.argmax(axis=1), ids.shape[1] - 1)
 
 
 def text_queries(engine, texts: list[str], spec: DiffDisSpec) -> np.ndarray:
     """(P, D) raw text queries: the text encoder's hidden state at the first end-of-text token."""
-    ids = np.array([e.ids for e in engine.tokenizer.encode_batch(texts)], dtype=np.int64)
-    hit = ids == spec.eos_token_id
-    pos = np.where(hit.any(axis=1), hit.argmax(axis=1), ids.shape[1] - 1)
+    pos = eos_positions(engine.token_feed(texts)["input_ids"], spec.eos_token_id)
     return engine.encode_text(texts)[np.arange(len(texts)), pos].astype(np.float32)
 
 
@@ -92,6 +86,9 @@ def diffdis_scores(engine, images, texts: list[str], *, mode: str | None = None,
     image_eps = shared_noise(spec.seed, 1, tuple(engine.manifest.sample_shape))  # the fixed ε of the image branch
     runner = diffdis_runner(engine)
     per_call = max(1, (batch_size or engine.default_batch_size()) // max(1, len(q_t) // 64))  # images per call
+    # Every image of a call gets the same queries: built once, each call takes its first n rows.
+    queries = {name: np.broadcast_to(q, (per_call, *q.shape)).copy()
+               for name, q in (("text", q_text), ("noise", q_noise), ("timestep", q_t))}
     out = []
     with progress_bar("diffdis", count_images(images), progress) as advance:
         for window_images in image_windows(images, IMAGE_WINDOW):
@@ -99,10 +96,7 @@ def diffdis_scores(engine, images, texts: list[str], *, mode: str | None = None,
             xt = np.concatenate([add_noise(x, image_eps, engine.alphas_cumprod, [spec.image_step]) for x in x0])
             for lo in range(0, len(xt), per_call):
                 n = len(xt[lo : lo + per_call])
-                res = runner.infer({"sample": xt[lo : lo + per_call],
-                                    "text": np.broadcast_to(q_text, (n, *q_text.shape)).copy(),
-                                    "noise": np.broadcast_to(q_noise, (n, *q_noise.shape)).copy(),
-                                    "timestep": np.broadcast_to(q_t, (n, len(q_t))).copy()})
+                res = runner.infer({"sample": xt[lo : lo + per_call], **{k: q[:n] for k, q in queries.items()}})
                 if mode == "denoise":
                     out.append(-res["error"].astype(np.float64).reshape(n, P, len(ts)).mean(-1))
                 else:

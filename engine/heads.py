@@ -66,9 +66,13 @@ class HeadScoring:
         return head
 
     def head_runner(self, head: str | None = None) -> Runner:
-        """The runner of a head's graph (x_t -> logits). Head graphs are fp32 ONNX (whatever the UNet
-        precision), on ONNX Runtime; under the native TensorRT backend on its CUDA provider when there is one."""
-        graph = self.manifest.heads[self.head_name(head)].graph
+        """The runner of a head's graph (x_t -> logits)."""
+        return self.graph_runner(self.manifest.heads[self.head_name(head)].graph)
+
+    def graph_runner(self, graph: str) -> Runner:
+        """The runner of a graph beside the UNet (a head, DiffDis, ITC), opened on first use. They are fp32 ONNX
+        (whatever the UNet precision), on ONNX Runtime; under the native TensorRT backend on its CUDA provider
+        when there is one."""
         if graph not in self.runners:
             backend = self.backend
             if backend == "tensorrt":

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffscore.engine.backends.base import Runner
-from diffscore.engine.backends.choice import make_runner
 from diffscore.engine.images import IMAGE_WINDOW, count_images, image_windows
 from diffscore.engine.options import check_count, check_labels
 from diffscore.engine.progress import progress_bar
@@ -19,32 +17,18 @@ from diffscore.errors import EngineError
 from diffscore.kernels import add_noise, shared_noise
 
 
-def itc_runner(engine, graph: str) -> Runner:
-    """An ITC graph's runner, opened on first use: fp32 ONNX on ONNX Runtime (its CUDA provider under the
-    native TensorRT backend when there is one), as head graphs are."""
-    if graph not in engine.runners:
-        backend = engine.backend
-        if backend == "tensorrt":
-            from diffscore.engine.backends.onnxruntime import available_providers
-
-            backend = "ort-cuda" if "CUDAExecutionProvider" in available_providers() else "ort-cpu"
-        engine.runners[graph] = make_runner(engine.engine_dir, engine.manifest, graph, backend, engine._device,
-                                            engine._threads, workers=engine.workers)
-    return engine.runners[graph]
-
-
 def text_embeddings(engine, texts: list[str]) -> np.ndarray:
     """(T, dim) L2-normalised text embeddings."""
     spec = engine.manifest.itc
     hidden = engine.encode_text(texts)
-    return itc_runner(engine, spec.text_graph).infer({"last_hidden_state": hidden})["embedding"]
+    return engine.graph_runner(spec.text_graph).infer({"last_hidden_state": hidden})["embedding"]
 
 
 def image_embeddings(engine, images, batch_size: int | None = None, progress: bool = False) -> np.ndarray:
     """(N, dim) L2-normalised image embeddings; images read a window at a time (bounded memory)."""
     spec = engine.manifest.itc
     eps = shared_noise(spec.seed, 1, tuple(engine.manifest.sample_shape))  # (1, C, H, W): the run's fixed ε
-    runner = itc_runner(engine, spec.image_graph)
+    runner = engine.graph_runner(spec.image_graph)
     step = batch_size or engine.default_batch_size()
     chunks = []
     with progress_bar("match itc", count_images(images), progress) as advance:

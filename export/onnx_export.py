@@ -24,7 +24,6 @@ from diffscore.errors import EngineError
 from diffscore.engine.manifest import (AdapterSpec, GraphSpec, HeadSpec, Manifest, ScoringDefaults, folder_sha256,
                                        sha256_files)
 from diffscore.engine.progress import progress_bar
-from diffscore.engine.manifest import BATCH  # noqa: F401  (the symbolic axes are strings: BATCH, ...)
 from diffscore.export.atomic import build_dir, check_replaceable
 from diffscore.export.graphs import graph_contracts, head_contract, text_hidden_size
 from diffscore.kernels.dsd import DEFAULT_DSD_PRESET, DSD_PRESETS
@@ -164,10 +163,10 @@ def export_engine(
                 tokenizer_2=None if comp.tokenizer_2 is None else "tokenizer_2.json",
                 time_ids=comp.time_ids,
             )
-            for name in [manifest.tokenizer, *([manifest.tokenizer_2] if manifest.tokenizer_2 else []),
-                         *(f for h in manifest.heads.values() for f in (h.weights, h.config)),
-                         *((diffdis_spec.weights, diffdis_spec.config) if diffdis_spec else ())]:
-                manifest.record_file(tmp, name)
+            graph_files = {f for g in manifest.graphs.values() for f in g.files}
+            for name in manifest.all_files():  # every non-graph file the manifest names, hashed
+                if name not in graph_files:
+                    manifest.record_file(tmp, name)
             manifest.save(tmp)
             advance()
     log.info("exported %s -> %s (%s)", model_dir, out_dir, ", ".join(graphs))

@@ -266,7 +266,7 @@ def diffdis_parity(engine_dir: Path, manifest: Manifest, comp, images=None, labe
     to end (images x texts) against reference.diffdis, and, with labels, top-1 agreement of both modes."""
     if manifest.diffdis is None:
         return []
-    from diffscore.engine.diffdis import diffdis_runner
+    from diffscore.engine.diffdis import MODES, diffdis_runner
     from diffscore.export.diffdis_export import DiffDisGraph
     from diffscore.reference.diffdis import diffdis_scores_reference, load_diffdis
     from diffscore.reference.loading import encode_prompts
@@ -285,7 +285,7 @@ def diffdis_parity(engine_dir: Path, manifest: Manifest, comp, images=None, labe
     module.unet.remove_hooks()
     pictures = real_images(manifest, 3, rng, images)
     texts = [manifest.defaults.template.format(w) for w in (labels or ("cat", "seven", "three"))][:5]
-    modes = ("denoise", "generate")
+    modes = MODES
     scores = {m: diffdis_scores_reference(comp, model, pictures, texts, mode=m, seed=seed) for m in modes}
     decisions = {m: diffdis_scores_reference(comp, model, images, [manifest.defaults.template.format(x) for x in labels],
                                              mode=m, seed=seed).argmax(1) for m in modes} if images and labels else {}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from diffscore.errors import EngineError
+from diffscore.errors import EngineError, first_line
 
 log = logging.getLogger("diffscore")
 
@@ -132,8 +132,7 @@ def load_components(model_dir: str | Path, dtype: torch.dtype = torch.float32) -
             vae = diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, local_files_only=True,
                                                           variant=weights_variant(path / "vae"))
     except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EngineError(f"cannot load model from {path}: {first}") from None
+        raise EngineError(f"cannot load model from {path}: {first_line(e)}") from None
     for module in (unet, text_encoder, vae, text_encoder_2):
         if module is not None:
             module.eval().requires_grad_(False)

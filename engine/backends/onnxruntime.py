@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from diffscore.engine.backends.base import RunnerBase, check_signature
-from diffscore.errors import EngineError
+from diffscore.errors import EngineError, first_line
 from diffscore.engine.manifest import GraphSpec
 
 log = logging.getLogger("diffscore")
@@ -63,7 +63,7 @@ class OnnxRuntimeRunner(RunnerBase):
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types for a file it cannot read
             raise EngineError(f"onnxruntime cannot load {Path(path).name} ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]}); the engine directory is damaged: re-export it") from None
+                              f"{first_line(e)[:200]}); the engine directory is damaged: re-export it") from None
         self.inputs, self.outputs = spec.inputs, spec.outputs
         meta = lambda args: [(a.name, ORT_TYPES.get(a.type, a.type), len(a.shape)) for a in args]
         check_signature(self.graph, "inputs", meta(self.session.get_inputs()), self.inputs)

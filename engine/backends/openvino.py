@@ -21,7 +21,7 @@ import numpy as np
 from diffscore.engine.backends.base import RunnerBase, check_signature
 from diffscore.engine.cache import cache_root
 from diffscore.engine.manifest import BATCH, GraphSpec
-from diffscore.errors import EngineError
+from diffscore.errors import EngineError, first_line
 
 INSTALL_HINT = "OpenVINO is not installed: pip install 'diffscore[openvino]'"
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of the bf16 instructions OpenVINO uses
@@ -165,8 +165,3 @@ class OpenVINORunner(RunnerBase):
             return {o.name: request.get_tensor(o.name).data[cut].copy() for o in self.outputs}
         finally:
             requests.put(request)
-
-
-def first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
