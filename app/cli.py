@@ -450,11 +450,12 @@ def train_head_command(
     from diffscore.reference.head_training import TrainOptions, train_head_on_images
     from diffscore.reference.heads import save_head
 
+    comp = None  # the loaded model, where generating samples loaded it already
     if synthesize is not None:
         from diffscore.app.label_free import synthetic_set
 
-        images, targets, origin = synthetic_set(model, classes, synthesize, template or "{}", sampler.value,
-                                                sampling_steps, guidance, seed, save_samples, overwrite)
+        images, targets, origin, comp = synthetic_set(model, classes, synthesize, template or "{}", sampler.value,
+                                                      sampling_steps, guidance, seed, save_samples, overwrite)
     elif pseudo_label is not None:
         from diffscore.app.label_free import pseudo_labelled_set
 
@@ -479,7 +480,7 @@ def train_head_command(
     spec = FeatureSpec(blocks=spec_blocks, steps=steps, seed=seed, prompt=prompt)
     trained, config = train_head_on_images(model, images, targets, classes, kind.value, spec,
                                            TrainOptions(epochs=epochs, seed=seed), cache_root() / "features", progress=True,
-                                           origin=origin, feedback=pairs)
+                                           origin=origin, feedback=pairs, comp=comp)
     save_head(trained, config, out_dir)
     say(config.origin.describe())
     t = config.training

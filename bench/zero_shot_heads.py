@@ -71,7 +71,7 @@ def main() -> None:
     from diffscore.reference.head_training import TrainOptions, train_head
     from diffscore.reference.heads import HeadConfig, save_head
     from diffscore.reference.loading import load_components
-    from diffscore.reference.pseudo_labels import keep_confident, pseudo_label
+    from diffscore.reference.pseudo_labels import pseudo_label
     from diffscore.reference.sampling import SampleOptions, synthesize
 
     load_start = os.getloadavg()[0]
@@ -102,7 +102,7 @@ def main() -> None:
     pseudo = pseudo_label(dc_engine_dir, list(train_images), labels, THRESHOLD, backend="ort-cpu", progress=True)
     pseudo_s = time.perf_counter() - start
     everything = np.arange(len(train_images))
-    kept = keep_confident(pseudo.confidence, THRESHOLD)
+    kept = pseudo.kept
     right = pseudo.decided == train_labels
     pseudo_info = {"images": len(everything), "seconds": pseudo_s, "strategy": pseudo.record.strategy,
                    "passes_per_image": float(pseudo.passes.mean()), "threshold": THRESHOLD, "kept": len(kept),

@@ -40,11 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffscore.engine.diffdis import MODES, check_mode, score_timesteps  # noqa: F401  (one definition each)
+from diffscore.engine.diffdis import MODES, check_mode, eos_positions, score_timesteps  # noqa: F401  (one definition each)
 from diffscore.engine.progress import progress_bar
 from diffscore.errors import EngineError
 from diffscore.kernels import shared_noise
-from diffscore.reference.features import FeatureSpec, check_blocks, check_steps, extract_features
+from diffscore.reference.features import FeatureSpec, block_shapes, check_blocks, check_steps, extract_features
 from diffscore.reference.heads import Tokens
 from diffscore.reference.loading import Components, require_sd_conditioning
 
@@ -165,11 +165,14 @@ class DiffDis(nn.Module):
             e = e0 if prev < 0 else self.sqrt_abar[prev] * e0 + self.sqrt_one_minus_abar[prev] * eps
         return e[:, 0]
 
+    def error(self, memory, e0, noise, timestep) -> torch.Tensor:
+        """(B, Q) denoising error of the standardised queries e0 noised with `noise` at `timestep`."""
+        return (self.denoise(memory, self.noised(e0, noise, timestep), timestep) - e0).pow(2).mean(-1)
+
     def forward(self, features, text, noise, timestep):
         memory = self.memory(features)
         e0 = self.standardise(text)  # (B, Q, D)
-        pred = self.denoise(memory, self.noised(e0, noise, timestep), timestep)
-        error = (pred - e0).pow(2).mean(-1)  # (B, Q)
+        error = self.error(memory, e0, noise, timestep)
         similarity = F.cosine_similarity(self.generate(memory)[:, None], e0, dim=-1, eps=1e-8)  # (B, Q)
         return error, similarity
 
@@ -187,13 +190,6 @@ def score_noise(seed: int, n: int, text_dim: int) -> np.ndarray:
 
 
 # --- text queries ---------------------------------------------------------------------------------
-def eos_positions(ids: np.ndarray, eos_token_id: int) -> np.ndarray:
-    """(P,) position of the first end-of-text token of each row (the last position if there is none)."""
-    ids = np.asarray(ids)
-    hit = ids == eos_token_id
-    return np.where(hit.any(axis=1), hit.argmax(axis=1), ids.shape[1] - 1)
-
-
 @torch.no_grad()
 def pooled_text(comp: Components, texts: list[str]) -> torch.Tensor:
     """(P, text_dim) raw text queries: the last hidden state at the first end-of-text token (CLIP's pooler)."""
@@ -262,7 +258,7 @@ def train_diffdis(comp: Components, images, captions: list[str], config: DiffDis
     opt = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
 
     def loss_of(rows, t, eps):
-        error, _ = model_error(model, [f[image_of[rows]] for f in feats], text[caption_of[rows]][:, None], eps, t)
+        error = model_error(model, [f[image_of[rows]] for f in feats], text[caption_of[rows]][:, None], eps, t)
         return error.mean()
 
     best = (math.inf, 0, None)
@@ -302,12 +298,9 @@ def train_diffdis(comp: Components, images, captions: list[str], config: DiffDis
     return model
 
 
-def model_error(model: DiffDis, features, text, noise, t):
+def model_error(model: DiffDis, features, text, noise, t) -> torch.Tensor:
     """model.forward's denoising error without the generation (training needs only it)."""
-    memory = model.memory(features)
-    e0 = model.standardise(text)
-    pred = model.denoise(memory, model.noised(e0, noise, t), t)
-    return (pred - e0).pow(2).mean(-1), pred
+    return model.error(model.memory(features), model.standardise(text), noise, t)
 
 
 # --- files ----------------------------------------------------------------------------------------
@@ -362,7 +355,7 @@ def diffdis_scores_reference(comp: Components, model: DiffDis, images, texts: li
     q_text = text.repeat_interleave(K, 0).expand(N, -1, -1)  # (N, P·K, D), candidate-major
     q_eps = eps.repeat(P, 1).expand(N, -1, -1)
     q_t = torch.tensor(ts, dtype=torch.float32).repeat(P).expand(N, -1)
-    error, _ = model_error(model, feats, q_text, q_eps, q_t)
+    error = model_error(model, feats, q_text, q_eps, q_t)
     return -error.double().reshape(N, P, K).mean(-1).numpy()
 
 
@@ -385,8 +378,8 @@ def train_diffdis_run(model_dir: str | Path, images, captions: list[str], out_di
     require_sd_conditioning(comp, "DiffDis")
     blocks = check_blocks(comp.unet, list(blocks))
     check_steps([image_step], comp.num_train_timesteps)
-    probe = extract_features(comp, images[:1], FeatureSpec(blocks=blocks, steps=[image_step], seed=seed))
-    config = DiffDisConfig(blocks=blocks, shapes=[list(probe[b].shape[2:]) for b in blocks],
+    shapes = block_shapes(comp, blocks)
+    config = DiffDisConfig(blocks=blocks, shapes=[shapes[b] for b in blocks],
                            text_dim=int(comp.text_encoder.config.hidden_size),
                            num_train_timesteps=comp.num_train_timesteps, eos_token_id=int(comp.tokenizer.eos_token_id),
                            image_step=image_step, seed=seed, source_sha256=folder_sha256(Path(model_dir)),

@@ -19,7 +19,7 @@ from diffscore.engine.images import preprocess_batch
 from diffscore.engine.progress import progress_bar
 from diffscore.errors import EngineError
 from diffscore.kernels import shared_noise
-from diffscore.reference.loading import Components, add_noise, encode_conditioning, encode_images, take
+from diffscore.reference.loading import Components, add_noise, encode_conditioning, encode_images, encode_prompts, take
 from diffscore.reference.scoring_unet import ScoringUNet
 
 log = logging.getLogger("diffscore")
@@ -42,6 +42,18 @@ def check_blocks(unet: nn.Module, blocks: list[str]) -> list[str]:
     if len(set(blocks)) != len(blocks):
         raise EngineError(f"blocks {blocks} contain duplicates")
     return list(blocks)
+
+
+@torch.no_grad()
+def block_shapes(comp: Components, blocks: list[str]) -> dict[str, list[int]]:
+    """(C, h, w) of each block's output, from one pass on zeros."""
+    unet = ScoringUNet(comp.unet, attention_layers=[], feature_blocks=blocks)
+    C, S = int(comp.unet.config.in_channels), int(comp.unet.config.sample_size)
+    try:
+        _, _, *feats = unet(torch.zeros(1, C, S, S), torch.zeros(1), encode_prompts(comp, [""]))
+    finally:
+        unet.remove_hooks()
+    return {b: list(f.shape[1:]) for b, f in zip(blocks, feats)}
 
 
 def check_steps(steps: list[int], num_train_timesteps: int) -> list[int]:

@@ -26,10 +26,9 @@ from torch import nn
 from diffscore.engine.images import preprocess_batch
 from diffscore.errors import EngineError
 from diffscore.kernels import shared_noise
-from diffscore.reference.features import (FeatureSpec, FeedbackSpec, cached_features, extract_features,
+from diffscore.reference.features import (FeatureSpec, FeedbackSpec, block_shapes, cached_features, extract_features,
                                           tappable_blocks)
 from diffscore.reference.loading import Components, add_noise, encode_images, encode_prompts, require_sd_conditioning
-from diffscore.reference.scoring_unet import ScoringUNet
 
 log = logging.getLogger("diffscore")
 
@@ -81,17 +80,6 @@ def default_pairs(unet: nn.Module, read_blocks: list[str]) -> list[list[str]]:
 
 
 @torch.no_grad()
-def block_shapes(comp: Components, blocks: list[str]) -> dict[str, list[int]]:
-    """(C, h, w) of each block's output, from one pass on zeros."""
-    unet = ScoringUNet(comp.unet, attention_layers=[], feature_blocks=blocks)
-    C, S = int(comp.unet.config.in_channels), int(comp.unet.config.sample_size)
-    try:
-        _, _, *feats = unet(torch.zeros(1, C, S, S), torch.zeros(1), encode_prompts(comp, [""]))
-    finally:
-        unet.remove_hooks()
-    return {b: list(f.shape[1:]) for b, f in zip(blocks, feats)}
-
-
 def feedback_spec(comp: Components, pairs: list[list[str]]) -> FeedbackSpec:
     shapes = block_shapes(comp, list(dict.fromkeys(b for p in pairs for b in p)))
     return FeedbackSpec(pairs=[list(p) for p in pairs], channels=[[shapes[s][0], shapes[t][0]] for s, t in pairs])
@@ -246,7 +234,7 @@ def train_feedback_head(comp: Components, images, labels, config, options, cache
     torch.manual_seed(options.seed)
     model = config.build()
     comp.unet.requires_grad_(False)  # frozen: gradients flow through its activations only
-    unet = FeedbackUNet(comp.unet, model.feedback, config.feedback, spec.blocks)
+    unet = feedback_unet(comp.unet, model, config)
 
     def features_of(idx: torch.Tensor) -> list[torch.Tensor]:
         x_t = torch.cat([add_noise(x0[i], eps, comp.alphas_cumprod, t) for i in idx])  # (n·S, C, H, W), image-major

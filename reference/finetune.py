@@ -46,11 +46,11 @@ from diffscore.engine.images import preprocess_batch
 from diffscore.engine.progress import progress_bar
 from diffscore.errors import EngineError
 from diffscore.kernels import DEFAULT_DSD_PRESET, shared_noise
-from diffscore.reference.features import check_blocks, check_steps
+from diffscore.reference.features import block_shapes, check_blocks, check_steps
 from diffscore.reference.loading import (Components, add_noise, encode_images, encode_prompts, epsilon_hat, load_components,
     require_sd_conditioning)
 from diffscore.reference.prompt_learning import (ADAPTER_FILE, LOG_FILE, TARGET_MODULES, Pairs, add_lora, load_adapters,
-                                                 merge_lora, save_adapters, select_shots)
+                                                 save_adapters, select_shots)
 from diffscore.reference.scoring_unet import ScoringUNet
 
 log = logging.getLogger("diffscore")
@@ -233,9 +233,8 @@ def finetune(model_dir: str | Path, pairs: Pairs, out_dir: str | Path, config: F
     branches = Branches(comp, cfg, vocab)
     torch.manual_seed(cfg.seed)
     params = add_lora(comp.unet, cfg.rank)
-    with torch.no_grad():
-        _, _, *probe = branches.tap(x0[:1], torch.tensor([float(cfg.noise_step)]), branches.null)
-    heads = ItcHeads(sum(f.shape[1] for f in probe), branches.hidden.shape[-1], cfg.dim)
+    shapes = block_shapes(comp, cfg.blocks)
+    heads = ItcHeads(sum(shapes[b][0] for b in cfg.blocks), branches.hidden.shape[-1], cfg.dim)
     optimiser = torch.optim.AdamW(params + list(heads.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 2)  # the IS / RSC passes' t and ε
@@ -300,6 +299,7 @@ def finetune(model_dir: str | Path, pairs: Pairs, out_dir: str | Path, config: F
         "loss": history, "wall_time_s": round(seconds, 2), "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
     }
+    branches.tap.remove_hooks()
     save_run(comp.unet, heads, out_dir, training_log)
     log.info("fine-tuned (%s) on %d pairs for %d steps in %.1f s -> %s", ",".join(cfg.objectives), len(shots), step,
              seconds, out_dir)
@@ -346,12 +346,10 @@ def load_run_heads(run_dir: str | Path) -> ItcHeads:
     return heads.eval()
 
 
-def load_run(comp: Components, run_dir: str | Path, merge: bool = True) -> tuple[ItcHeads, dict]:
-    """Add the run's LoRA to comp's UNet (merged, or left as an adapter) and rebuild its heads."""
+def load_run(comp: Components, run_dir: str | Path) -> tuple[ItcHeads, dict]:
+    """Add the run's LoRA to comp's UNet as an adapter (prompt_learning.apply_adapters merges) and rebuild its heads."""
     heads = load_run_heads(run_dir)
     training_log = load_adapters(comp.unet, run_dir)
-    if merge:
-        merge_lora(comp.unet)
     comp.unet.eval()
     return heads, training_log
 
@@ -362,9 +360,12 @@ def itc_similarity(comp: Components, heads: ItcHeads, cfg: dict, images, texts: 
     """(images, texts) cosine similarities of the ITC embeddings: what `Engine.match(method="itc")` serves."""
     c = FinetuneConfig(**{k: v for k, v in cfg.items() if k in FinetuneConfig.__dataclass_fields__})
     branches = Branches(comp, c, list(texts))
-    x0 = encode_images(comp, torch.from_numpy(preprocess_batch(list(images), comp.image_size, comp.image_channels)))
-    z_i = heads.embed_image(branches.contrastive(x0))
-    z_t = heads.embed_text(branches.hidden)
+    try:
+        x0 = encode_images(comp, torch.from_numpy(preprocess_batch(list(images), comp.image_size, comp.image_channels)))
+        z_i = heads.embed_image(branches.contrastive(x0))
+        z_t = heads.embed_text(branches.hidden)
+    finally:
+        branches.tap.remove_hooks()  # comp's UNet is the caller's: leave no feature hooks on it
     return (z_i @ z_t.T).double().numpy()
 
 

@@ -15,8 +15,10 @@ from torch import nn
 
 from diffscore.engine.progress import progress_bar
 from diffscore.errors import EngineError
-from diffscore.reference.features import FeatureSpec, cached_features, check_blocks, check_steps, extract_features
+from diffscore.reference.features import (FeatureSpec, block_shapes, cached_features, check_blocks, check_steps,
+                                          extract_features)
 from diffscore.reference.heads import HeadConfig, LinearProbe, check_kind
+from diffscore.reference.loading import Components
 
 log = logging.getLogger("diffscore")
 
@@ -104,8 +106,10 @@ def fit(head: nn.Module, logits_of, labels: torch.Tensor, tr: torch.Tensor, va: 
 
 def train_head_on_images(model_dir: str | Path, images, labels, class_names: list[str], kind: str, spec: FeatureSpec,
                          options: TrainOptions = TrainOptions(), cache_dir: Path | None = None, progress: bool = False,
-                         feedback: list[list[str]] | None = None, **head_options) -> tuple[nn.Module, HeadConfig]:
-    """Load the model, extract (or reuse cached) features, train a head; head_options: dim, depth, heads, pool.
+                         feedback: list[list[str]] | None = None, comp: Components | None = None,
+                         **head_options) -> tuple[nn.Module, HeadConfig]:
+    """Load the model (unless `comp` is it, loaded already), extract (or reuse cached) features, train a head;
+    head_options: dim, depth, heads, pool.
 
     feedback: a DifFeed head (reference/feedback.py) with these [source, target] block pairs; [] = the mirror
     pairs that reach the head's blocks; None = a one-pass head."""
@@ -116,13 +120,12 @@ def train_head_on_images(model_dir: str | Path, images, labels, class_names: lis
     labels = np.asarray(labels, dtype=np.int64)
     if len(labels) != len(images) or not len(labels):
         raise EngineError(f"{len(images)} images and {len(labels)} labels; need one label per image, at least one image")
-    comp = load_components(model_dir)
+    comp = comp or load_components(model_dir)
     check_blocks(comp.unet, spec.blocks)
     check_steps(spec.steps, comp.num_train_timesteps)
     sha = folder_sha256(Path(model_dir))
     if feedback is not None:
-        from diffscore.reference.feedback import (block_shapes, check_pairs, default_pairs, feedback_spec,
-                                                  train_feedback_head)
+        from diffscore.reference.feedback import check_pairs, default_pairs, feedback_spec, train_feedback_head
 
         pairs = check_pairs(comp.unet, feedback, spec.blocks) if feedback else default_pairs(comp.unet, spec.blocks)
         shapes = block_shapes(comp, spec.blocks)

@@ -226,8 +226,8 @@ def head_logits_reference(comp: Components, head: nn.Module, config: HeadConfig,
     """(N, classes) logits: features through torch (a DifFeed head's: of the second pass), then the head."""
     scoring = None
     if config.feedback is not None:
-        from diffscore.reference.feedback import FeedbackUNet
+        from diffscore.reference.feedback import feedback_unet
 
-        scoring = FeedbackUNet(comp.unet, head.feedback, config.feedback, config.features.blocks)
+        scoring = feedback_unet(comp.unet, head, config)
     feats = extract_features(comp, images, config.features, scoring=scoring)
     return head(*(feats[b] for b in config.features.blocks))

@@ -20,12 +20,8 @@ class PseudoLabels:
     confidence: np.ndarray  # every offered image's decision confidence (inf: one class)
     decided: np.ndarray  # every offered image's label index
     passes: np.ndarray  # UNet passes each decision took
+    kept: np.ndarray  # indices of the kept images among those offered
     record: HeadTraining
-
-
-def keep_confident(confidence, threshold: float) -> np.ndarray:
-    """Indices of the decisions at least `threshold` standard errors ahead of their best rival."""
-    return np.flatnonzero(np.asarray(confidence, dtype=np.float64) >= threshold)
 
 
 def pseudo_label(engine_dir: str | Path, images: list, labels: list[str], threshold: float = 1.0,
@@ -42,7 +38,7 @@ def pseudo_label(engine_dir: str | Path, images: list, labels: list[str], thresh
         results = engine.classify(images, labels, progress=progress, **classify_options)
     decided = np.array([labels.index(r.label) for r in results])
     confidence = np.array([r.confidence for r in results], dtype=np.float64)
-    kept = keep_confident(confidence, threshold)
+    kept = np.flatnonzero(confidence >= threshold)  # at least `threshold` standard errors ahead of the best rival
     if not len(kept):
         raise EngineError(f"none of the {len(images)} decisions reached confidence {threshold} (highest "
                           f"{np.max(confidence):.2f}); lower --min-confidence")
@@ -51,4 +47,4 @@ def pseudo_label(engine_dir: str | Path, images: list, labels: list[str], thresh
                           template=options.templates[0] if len(options.templates) == 1 else " | ".join(options.templates),
                           threshold=float(threshold), candidates=len(images))
     passes = np.array([r.passes for r in results])
-    return PseudoLabels([images[i] for i in kept], decided[kept], confidence, decided, passes, record)
+    return PseudoLabels([images[i] for i in kept], decided[kept], confidence, decided, passes, kept, record)

@@ -115,7 +115,7 @@ def test_merged_export_serves_what_the_unmerged_lora_computes(tiny_models, pairs
 
     engine_dir = export_engine(tiny_models["pixel"], tmp_path / "engine", adapters=run_dir, show_progress=False)
     comp = load_components(tiny_models["pixel"])
-    heads, run = load_run(comp, run_dir, merge=False)  # LoRA as an adapter, not folded in
+    heads, run = load_run(comp, run_dir)  # LoRA as an adapter, not folded in
     images, texts = pairs.images[:5], CAPTIONS
     ref = itc_similarity(comp, heads, run["config"], images, texts)
     with diffscore.load(engine_dir, backend="ort-cpu") as engine:
