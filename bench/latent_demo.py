@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import demo_engine_all_precisions, machine, machine_line, update_readme, write_result  # noqa: E402
+from common import demo_engine_all_precisions, machine, machine_line, publish  # noqa: E402
 from heads import HEADS  # noqa: E402
 from match import r_at_1  # noqa: E402
 
@@ -63,15 +63,14 @@ def main() -> None:
     parity_ok = run_parity(engine_dir, images=images[: args.parity_images], labels=list(CLASS_NAMES),
                            source="held-out digits", echo=lines.append)
 
-    rows = {}
-    for name, model_dir in (("latent", engine_dir), ("pixel", None)):
-        engine = diffscore.load(model_dir or demo_engine_all_precisions(DEMO_MODEL), backend="ort-cpu")
+    rows, engines = {}, {"latent": diffscore.load(engine_dir, backend="ort-cpu"),
+                         "pixel": diffscore.load(demo_engine_all_precisions(DEMO_MODEL), backend="ort-cpu")}
+    for name, engine in engines.items():
         results, seconds = timed_classify(engine, images)
         rows[f"Diffusion Classifier ({name} demo)"] = {
             "accuracy": accuracy(results), "passes_per_image": float(np.mean([r.passes for r in results])),
             "images_per_s": len(images) / seconds}
-    engine = diffscore.load(engine_dir, backend="ort-cpu")
-    r1, _ = r_at_1(engine, images, truth)
+    r1, _ = r_at_1(engines["latent"], images, truth)
     rows["DSD matching, zero-shot (R@1 over 5 captions)"] = {"accuracy": r1}
 
     kind, blocks, steps = HEADS["difformer"]
@@ -80,24 +79,15 @@ def main() -> None:
                                         kind, FeatureSpec(blocks, steps), cache_dir=cache_root() / "features", progress=True)
     head_engine = diffscore.load(export_engine(LATENT_MODEL, workdir / "engine", heads=[save_head(head, config, workdir / kind)],
                                                show_progress=False), backend="ort-cpu")
-    head_engine.classify(images[:2], method="head")
-    start = time.perf_counter()
-    results = head_engine.classify(images, method="head")
+    results, seconds = timed_classify(head_engine, images, method="head")
     rows[f"DifFormer head ({' + '.join(blocks)} at t = {', '.join(map(str, steps))})"] = {
-        "accuracy": accuracy(results), "passes_per_image": len(steps), "images_per_s": len(images) / (time.perf_counter() - start)}
+        "accuracy": accuracy(results), "passes_per_image": len(steps), "images_per_s": len(images) / seconds}
 
-    from diffscore.engine.manifest import Manifest
-
-    manifest = Manifest.load(engine_dir)
+    manifest = engines["latent"].manifest
     result = {"held_out_images": len(images), "parity_images": args.parity_images, "parity_passed": parity_ok,
               "parity": lines, "rows": rows, "latent_shape": manifest.sample_shape, "image_size": manifest.image_size,
               "calibration": manifest.calibration.gate if manifest.calibration else None}
-    path = write_result("latent_demo", result)
-    block = readme_block(result, machine())
-    print(block)
-    print(f"wrote {path}")
-    if args.update_readme:
-        update_readme("latent_demo", block)
+    publish("latent_demo", result, readme_block(result, machine()).splitlines(), args.update_readme)
 
 
 def readme_block(r: dict, info: dict) -> str:

@@ -109,6 +109,38 @@ def optimiser_step(opt, sched, loss, params) -> None:
     sched.step()
 
 
+def warmup_steps(steps: int) -> int:
+    return max(1, min(100, steps // 10))
+
+
+def cosine(opt, steps: int):
+    """Linear warm-up over warmup_steps(steps), then cosine to 0."""
+    warmup = warmup_steps(steps)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+
+
+def batches(rng, n: int, batch_size: int):
+    """Index batches in a deterministic order: a fresh seeded permutation every epoch."""
+    while True:
+        perm = rng.permutation(n)
+        for i in range(0, n - batch_size + 1, batch_size):
+            yield perm[i : i + batch_size]
+
+
+def caption_rows(rng, labels: np.ndarray) -> np.ndarray:
+    """caption_table rows for a batch: a random template per image, the empty caption (the last row) with
+    probability CAPTION_DROPOUT (classifier-free guidance)."""
+    rows = rng.integers(len(TRAIN_TEMPLATES), size=len(labels)) * 10 + labels
+    rows[rng.random(len(labels)) < CAPTION_DROPOUT] = len(TRAIN_TEMPLATES) * 10
+    return rows
+
+
+def noised(alphas_cumprod: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (the DDPM forward process)."""
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
 def build_models() -> tuple[CLIPTextModel, UNet2DConditionModel, DDPMScheduler]:
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -161,29 +193,19 @@ def main() -> None:
 
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
-    warmup = min(100, args.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
-
-    def batches():  # deterministic order: a fresh seeded permutation every epoch
-        while True:
-            perm = rng.permutation(len(images))
-            for i in range(0, len(perm) - args.batch_size + 1, args.batch_size):
-                yield perm[i : i + args.batch_size]
+    sched = cosine(opt, args.steps)
 
     unet.train()
     text_encoder.train()
     t0, ema_loss = time.time(), None
-    bar = tqdm(zip(range(args.steps), batches()), total=args.steps, desc="train", mininterval=2)
+    bar = tqdm(zip(range(args.steps), batches(rng, len(images), args.batch_size)), total=args.steps, desc="train",
+               mininterval=2)
     for step, idx in bar:
         x0 = images[idx]
-        rows = rng.integers(len(TRAIN_TEMPLATES), size=len(idx)) * 10 + y_tr[idx]
-        rows[rng.random(len(idx)) < CAPTION_DROPOUT] = len(ids_table) - 1
-        cond = text_encoder(ids_table[rows]).last_hidden_state
+        cond = text_encoder(ids_table[caption_rows(rng, y_tr[idx])]).last_hidden_state
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),))
         noise = torch.randn_like(x0)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet(x_t, t, cond).sample, noise)
+        loss = F.mse_loss(unet(noised(alphas_cumprod, x0, t, noise), t, cond).sample, noise)
         optimiser_step(opt, sched, loss, params)
         ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
         bar.set_postfix(loss=f"{ema_loss:.4f}", refresh=False)
@@ -203,7 +225,7 @@ def main() -> None:
     }
     (out / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
     log = {
-        "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "lr_schedule": f"linear warmup {warmup} + cosine to 0",
+        "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "lr_schedule": f"linear warmup {warmup_steps(args.steps)} + cosine to 0",
         "optimizer": "AdamW(weight_decay=0.01), grad clip 1.0", "seed": args.seed, "wall_time_s": round(wall, 1),
         "final_loss_ema": round(ema_loss, 5), "final_loss_last_batch": round(loss.item(), 5),
         "train_size": len(x_tr), "val_size": len(x_val), "val_fraction_of_train_split": VAL_FRACTION,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import time
@@ -34,10 +33,10 @@ import diffusers
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from diffscore.app.digits import TRAIN_TEMPLATES, caption
 from diffscore.engine.images import preprocess_batch
 
-from train_demo import CAPTION_DROPOUT, MAX_LENGTH, build_scheduler, build_unet, load_data, optimiser_step
+from train_demo import (CAPTION_DROPOUT, batches, build_scheduler, build_unet, caption_rows, caption_table, cosine, load_data, noised,
+                        optimiser_step)
 
 PIXEL_DEMO = Path(__file__).resolve().parent / "demo"
 IMAGE_SIZE = 32
@@ -55,18 +54,6 @@ def upscaled(x: np.ndarray) -> torch.Tensor:
     """(N,1,8,8) in [-1, 1] -> (N,1,32,32) exactly as the engine will see the same digits."""
     uint8 = np.round((x[:, 0] + 1.0) * 127.5).astype(np.uint8)
     return torch.from_numpy(preprocess_batch(list(uint8), IMAGE_SIZE, 1))
-
-
-def cosine(opt, steps: int):
-    warmup = max(1, min(100, steps // 10))
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-
-
-def batches(rng, n: int, batch_size: int):
-    while True:  # a fresh seeded permutation every epoch
-        perm = rng.permutation(n)
-        for i in range(0, n - batch_size + 1, batch_size):
-            yield perm[i : i + batch_size]
 
 
 def train_vae(vae, images, args, rng) -> dict:
@@ -123,10 +110,8 @@ def main() -> None:
     vae.register_to_config(scaling_factor=scaling)
     latents = mean * scaling
 
-    texts = [caption(label, tpl) for tpl in TRAIN_TEMPLATES for label in range(10)] + [""]
     with torch.no_grad():
-        cond_table = text_encoder(tokenizer(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True,
-                                            return_tensors="pt").input_ids).last_hidden_state
+        cond_table = text_encoder(caption_table(tokenizer)).last_hidden_state
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=1e-2)
     sched = cosine(opt, args.steps)
     alphas_cumprod = scheduler.alphas_cumprod
@@ -136,12 +121,10 @@ def main() -> None:
                mininterval=2)
     for _, idx in bar:
         x0 = latents[idx]
-        rows = rng.integers(len(TRAIN_TEMPLATES), size=len(idx)) * 10 + y_tr[idx]
-        rows[rng.random(len(idx)) < CAPTION_DROPOUT] = len(texts) - 1
+        rows = caption_rows(rng, y_tr[idx])
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),))
         noise = torch.randn_like(x0)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        loss = F.mse_loss(unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, cond_table[rows]).sample, noise)
+        loss = F.mse_loss(unet(noised(alphas_cumprod, x0, t, noise), t, cond_table[rows]).sample, noise)
         optimiser_step(opt, sched, loss, unet.parameters())
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         bar.set_postfix(loss=f"{ema:.4f}", refresh=False)
