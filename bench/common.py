@@ -41,6 +41,13 @@ def machine() -> dict:
     return info
 
 
+def timed(fn):
+    """(fn(), seconds it took)."""
+    start = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - start
+
+
 def write_result(name: str, result: dict) -> Path:
     """bench/results/<name>.json with the machine and a timestamp beside the figures."""
     RESULTS.mkdir(exist_ok=True)

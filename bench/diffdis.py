@@ -29,13 +29,12 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, machine_line, publish  # noqa: E402
+from common import RESULTS, machine, machine_line, publish, timed  # noqa: E402
 import match as match_bench  # noqa: E402  (the matching task: captions_for, r_at_1)
 
 import diffscore  # noqa: E402
@@ -45,12 +44,6 @@ from diffscore.app.digits import (CLASS_NAMES, DEFAULT_TEMPLATE, DIFFDIS_HELD_OU
 
 SEED = 0
 MODES = ("denoise", "generate")
-
-
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
 
 
 def read_match_rows() -> tuple[list[dict], str]:

@@ -27,13 +27,12 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, machine_line, publish, update_readme  # noqa: E402
+from common import RESULTS, machine, machine_line, publish, timed, update_readme  # noqa: E402
 from match import dc_r_at_1, r_at_1, split_training  # noqa: E402
 
 import diffscore  # noqa: E402
@@ -50,12 +49,6 @@ def accuracy(engine, images, labels, **options) -> float:
     """10-way held-out classification: the class caption with the best match score."""
     scores = np.asarray(engine.match(images, [caption(c, DEFAULT_TEMPLATE) for c in range(10)], seed=SEED, **options))
     return float((scores.argmax(axis=1) == labels).mean())
-
-
-def timed(fn):
-    start = time.perf_counter()
-    value = fn()
-    return value, time.perf_counter() - start
 
 
 def render(result: dict, info: dict) -> list[str]:
