@@ -7,6 +7,7 @@ is full; x_t is computed once per (image, timestep) and shared by all candidates
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,9 @@ def load(engine_dir: str | Path, backend: str = "auto", device: int = 0, precisi
         always checks containment, presence, sizes and each graph's input/output signature).
     Use it as a context manager (or call `close()`) to release the sessions and worker threads.
     """
+    if not isinstance(engine_dir, (str, os.PathLike)) or not str(engine_dir):
+        raise EngineError(f"engine_dir must be the path of an engine directory, got {engine_dir!r}; create one with "
+                          "`diffscore export`")
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
@@ -91,6 +95,16 @@ def load(engine_dir: str | Path, backend: str = "auto", device: int = 0, precisi
     engine = Engine(engine_dir, manifest, runners, backend, precision, workers, device, threads)
     engine._borrowed = set(given)  # the caller's runners: the caller closes them
     return engine
+
+
+class _Closed(dict):
+    """The runners of a closed engine: any use is one line (not a KeyError, not a silent reopen)."""
+
+    def __getitem__(self, *_):
+        raise EngineError("this engine was closed (close() or the end of its `with` block); load it again with "
+                          "diffscore.load(...)")
+
+    __contains__ = __setitem__ = __getitem__
 
 
 @dataclass
@@ -146,7 +160,7 @@ class Engine(HeadScoring, TextConditioning):
             close = getattr(runner, "close", None)
             if close is not None and role not in self._borrowed:
                 close()
-        self.runners = {}
+        self.runners = _Closed()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -225,6 +239,9 @@ class Engine(HeadScoring, TextConditioning):
 
         chunks = [slice(lo, lo + batch_size) for lo in range(0, n, batch_size)]
         list(self._pool.map(run, chunks) if self._pool else map(run, chunks))
+        if not (np.isfinite(errors).all() and np.isfinite(scores).all()):  # never a label picked among NaNs
+            raise EngineError(f"the UNet of {self.engine_dir} gave NaN or infinite errors: the engine directory is "
+                              "damaged (graph weights or schedule); re-export it")
         return errors, scores
 
     # --- Diffusion Classifier -----------------------------------------------------------------

@@ -62,6 +62,8 @@ def open_image(path: Path) -> Image.Image:
 def to_pil(image: ImageInput) -> Image.Image:
     """Accept a path, a PIL image or a uint8 array (H,W) / (H,W,C); refuse anything else clearly."""
     if isinstance(image, Image.Image):
+        if min(image.size) < 1:
+            raise EngineError(f"image is {image.size[0]}x{image.size[1]} pixels: an image needs at least one pixel")
         return image
     if isinstance(image, (str, Path)):
         path = Path(image)
@@ -69,10 +71,11 @@ def to_pil(image: ImageInput) -> Image.Image:
             raise EngineError(f"image file {path} does not exist")
         return open_image(path)
     if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)) \
+                or min(image.shape[:2]) < 1:
             raise EngineError(
-                f"array images must be uint8 (H,W) or (H,W,C), got {image.dtype}{list(image.shape)}; "
-                "convert with (x * 255).round().astype(np.uint8)"
+                f"array images must be uint8 (H,W) or (H,W,C) with C 1, 3 or 4 and H, W >= 1, got "
+                f"{image.dtype}{list(image.shape)}; convert with (x * 255).round().astype(np.uint8)"
             )
         return Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
     raise EngineError(f"unsupported image type {type(image).__name__}: give a path, a PIL image or a uint8 array")

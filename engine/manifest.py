@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from diffscore.engine.manifest_checks import MAX_MANIFEST_BYTES, check_json_shape, check_manifest
 from diffscore.errors import EngineError
 from diffscore.kernels.racing import DEFAULT_STRATEGY
 
@@ -244,7 +245,7 @@ def _typed(cls, value, where: str):
         raise EngineError(f"manifest {where} is {type(value).__name__}, expected an object; re-export the engine")
     try:
         return cls(**value)
-    except TypeError as e:
+    except (TypeError, AttributeError) as e:  # AttributeError: a list where a record's __post_init__ wants an object
         raise EngineError(f"manifest {where} does not fit engine format {FORMAT_VERSION} ({e}); re-export the engine") from None
 
 
@@ -345,8 +346,13 @@ class Manifest:
             raise EngineError(f"engine directory {engine_dir} does not exist; create one with `diffscore export`")
         if not path.is_file():
             raise EngineError(f"{engine_dir} is not a diffscore engine (no {MANIFEST_NAME}); create one with `diffscore export`")
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise EngineError(f"{path} is {path.stat().st_size:,} bytes, a manifest is at most {MAX_MANIFEST_BYTES:,}; "
+                              "re-export the engine")
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
+        except RecursionError:
+            raise EngineError(f"{path} nests too deep to be a diffscore manifest; re-export the engine") from None
         except UnicodeDecodeError:
             raise EngineError(f"{path} is not UTF-8 text; re-export the engine") from None
         except json.JSONDecodeError as e:
@@ -360,11 +366,9 @@ class Manifest:
                 f"{engine_dir} has engine format {version}, this diffscore ({_version()}) reads format "
                 f"{FORMAT_VERSION}; {'re-export it' if older else 'upgrade diffscore or re-export it'} with `diffscore export`"
             )
+        check_json_shape(raw, path)
         manifest = _typed(cls, raw, "")
-        for key, kind in (("image_size", int), ("image_channels", int), ("max_length", int)):
-            value = getattr(manifest, key)
-            if not isinstance(value, kind) or isinstance(value, bool) or value < 1:
-                raise EngineError(f"{path}: {key} is {value!r}, expected a positive integer; re-export the engine")
+        check_manifest(manifest, path)  # every field: types, ranges, digests, enumerations, shapes (untrusted input)
         sdxl = manifest.conditioning == "sdxl"
         if manifest.conditioning not in ("sd", "sdxl") or sdxl != (manifest.tokenizer_2 is not None) or \
                 sdxl != (manifest.time_ids is not None):
@@ -415,7 +419,10 @@ def resolve_inside(engine_dir: Path | str, name: str, what: str = "engine file",
     outside = EngineError(f"the manifest's {what} {name!r} is not inside the engine directory {engine_dir}; refusing it")
     if not isinstance(name, str) or not name or Path(name).is_absolute() or "\\" in name:
         raise outside
-    path = (engine_dir / name).resolve()
+    try:
+        path = (engine_dir / name).resolve()
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+        raise EngineError(f"the manifest's {what} {name!r} is a symlink loop in {engine_dir}; re-export the engine") from None
     if engine_dir.resolve() not in path.parents:
         raise outside
     if must_exist and not path.is_file():

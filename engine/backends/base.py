@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from diffscore.engine.manifest import BATCH, TensorSpec
-from diffscore.errors import EngineError
+from diffscore.errors import EngineError, first_line
 
 
 class Runner(Protocol):
@@ -71,6 +71,13 @@ def check_feed(feed: dict[str, np.ndarray], inputs: list[TensorSpec], graph: str
             )
 
 
+def run_error(graph: str, runtime: str, error: Exception) -> EngineError:
+    """A backend's failure while running a graph, as one line: which graph, what the runtime said, the likely cause."""
+    return EngineError(f"{graph}: {runtime} failed to run it ({type(error).__name__}: {first_line(error)[:200]}); "
+                       "the engine directory is damaged or its manifest does not match its graphs or tokenizer: "
+                       "re-export it")
+
+
 def check_outputs(out: dict[str, np.ndarray], outputs: list[TensorSpec], graph: str, batch: int | None) -> None:
     """Every output the manifest lists, with its dtype and shape (the batch axis = the feed's batch)."""
     missing = [t.name for t in outputs if t.name not in out]
@@ -87,9 +94,16 @@ def check_outputs(out: dict[str, np.ndarray], outputs: list[TensorSpec], graph: 
                               f"{spec.dtype}{want}: the graph does not match this engine; re-export it")
 
 
-def check_signature(graph: str, what: str, got: list[tuple[str, str, int]], want: list[TensorSpec]) -> None:
-    """At load: a backend's (name, numpy dtype, rank) per input or output against the manifest's."""
+def check_signature(graph: str, what: str, got: list[tuple[str, str, tuple]], want: list[TensorSpec]) -> None:
+    """At load: a backend's (name, numpy dtype, dims) per input or output against the manifest's: names, dtypes,
+    ranks, and every dim fixed on both sides (dims: an int where the graph fixes it, else None)."""
     expected = [(t.name, np.dtype(t.dtype).name, len(t.shape)) for t in want]
-    if sorted(got) != sorted(expected):
-        raise EngineError(f"{graph}: the graph's {what} are {sorted(got)}, the manifest says {sorted(expected)}: "
-                          "it is not the graph this engine was exported with; re-export the engine")
+    if sorted((n, d, len(s)) for n, d, s in got) != sorted(expected):
+        raise EngineError(f"{graph}: the graph's {what} are {sorted((n, d, len(s)) for n, d, s in got)}, the manifest "
+                          f"says {sorted(expected)}: it is not the graph this engine was exported with; re-export the engine")
+    declared = {t.name: t.shape for t in want}
+    for name, _, dims in got:
+        fixed = [g if isinstance(g, int) and isinstance(w, int) else None for g, w in zip(dims, declared[name])]
+        if any(f is not None and f != w for f, w in zip(fixed, declared[name])):
+            raise EngineError(f"{graph}: the graph's {what[:-1]} {name} has shape {list(dims)}, the manifest says "
+                              f"{declared[name]}: the manifest does not match its graphs; re-export the engine")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffscore.engine.backends.base import RunnerBase, check_signature
+from diffscore.engine.backends.base import RunnerBase, check_signature, run_error
 from diffscore.errors import EngineError, first_line
 from diffscore.engine.manifest import GraphSpec
 
@@ -65,7 +65,8 @@ class OnnxRuntimeRunner(RunnerBase):
             raise EngineError(f"onnxruntime cannot load {Path(path).name} ({type(e).__name__}: "
                               f"{first_line(e)[:200]}); the engine directory is damaged: re-export it") from None
         self.inputs, self.outputs = spec.inputs, spec.outputs
-        meta = lambda args: [(a.name, ORT_TYPES.get(a.type, a.type), len(a.shape)) for a in args]
+        meta = lambda args: [(a.name, ORT_TYPES.get(a.type, a.type), tuple(d if isinstance(d, int) else None for d in a.shape))
+                              for a in args]
         check_signature(self.graph, "inputs", meta(self.session.get_inputs()), self.inputs)
         check_signature(self.graph, "outputs", meta(self.session.get_outputs()), self.outputs)
         self._gpu = backend != "ort-cpu"
@@ -77,13 +78,16 @@ class OnnxRuntimeRunner(RunnerBase):
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.session is None:
             raise EngineError(f"{self.graph}: this runner was closed")
-        if not self._gpu:
-            values = self.session.run(None, feed)
-            return {o.name: v for o, v in zip(self.session.get_outputs(), values)}
-        binding = self.session.io_binding()
-        for name, array in feed.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(array))
-        for out in self.session.get_outputs():
-            binding.bind_output(out.name, "cuda", self._device_id)
-        self.session.run_with_iobinding(binding)
-        return {o.name: v for o, v in zip(self.session.get_outputs(), binding.copy_outputs_to_cpu())}
+        try:
+            if not self._gpu:
+                values = self.session.run(None, feed)
+                return {o.name: v for o, v in zip(self.session.get_outputs(), values)}
+            binding = self.session.io_binding()
+            for name, array in feed.items():
+                binding.bind_cpu_input(name, np.ascontiguousarray(array))
+            for out in self.session.get_outputs():
+                binding.bind_output(out.name, "cuda", self._device_id)
+            self.session.run_with_iobinding(binding)
+            return {o.name: v for o, v in zip(self.session.get_outputs(), binding.copy_outputs_to_cpu())}
+        except Exception as e:  # onnxruntime's own InvalidArgument/Fail/RuntimeException types
+            raise run_error(self.graph, "onnxruntime", e) from None

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from diffscore.engine.backends.base import RunnerBase, check_signature
-from diffscore.engine.cache import cache_root
+from diffscore.engine.backends.base import RunnerBase, check_signature, run_error
+from diffscore.engine.cache import cache_dir
 from diffscore.engine.manifest import BATCH, GraphSpec
 from diffscore.errors import EngineError, first_line
 
@@ -90,7 +90,7 @@ class OpenVINORunner(RunnerBase):
     def __init__(self, path: Path, spec: GraphSpec, precision: str = "fp32", threads: int | None = None,
                  streams: int = 1, graph: str | None = None):
         self.config = {"INFERENCE_PRECISION_HINT": HINTS.get(precision, "f32"), "NUM_STREAMS": str(max(1, streams)),
-                       "CACHE_DIR": str(cache_root() / "openvino" / spec.sha256[:16])}
+                       "CACHE_DIR": str(cache_dir("openvino", spec.sha256))}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
         if precision == "bf16":
@@ -107,7 +107,7 @@ class OpenVINORunner(RunnerBase):
 
         def signature(ports):  # a port has several names; the manifest's, where it is one of them
             return [(next(iter(p.get_names() & wanted), p.get_any_name()), p.get_element_type().to_dtype().name,
-                     p.get_partial_shape().rank.get_length()) for p in ports]
+                     tuple(d.get_length() if d.is_static else None for d in p.get_partial_shape())) for p in ports]
 
         check_signature(self.graph, "inputs", signature(self.model.inputs), self.inputs)
         check_signature(self.graph, "outputs", signature(self.model.outputs), self.outputs)
@@ -163,5 +163,7 @@ class OpenVINORunner(RunnerBase):
             request.infer({k: np.ascontiguousarray(v) for k, v in feed.items()})
             cut = slice(None) if bucket is None else slice(batch)
             return {o.name: request.get_tensor(o.name).data[cut].copy() for o in self.outputs}
+        except RuntimeError as e:  # OpenVINO's infer and tensor errors
+            raise run_error(self.graph, "OpenVINO", e) from None
         finally:
             requests.put(request)
