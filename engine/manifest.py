@@ -363,17 +363,12 @@ class Manifest:
         if version != FORMAT_VERSION:
             older = isinstance(version, int) and version < FORMAT_VERSION
             raise EngineError(
-                f"{engine_dir} has engine format {version}, this diffscore ({_version()}) reads format "
+                f"{engine_dir} has engine format {version!r}, this diffscore ({_version()}) reads format "
                 f"{FORMAT_VERSION}; {'re-export it' if older else 'upgrade diffscore or re-export it'} with `diffscore export`"
             )
         check_json_shape(raw, path)
         manifest = _typed(cls, raw, "")
         check_manifest(manifest, path)  # every field: types, ranges, digests, enumerations, shapes (untrusted input)
-        sdxl = manifest.conditioning == "sdxl"
-        if manifest.conditioning not in ("sd", "sdxl") or sdxl != (manifest.tokenizer_2 is not None) or \
-                sdxl != (manifest.time_ids is not None):
-            raise EngineError(f"{path}: conditioning {manifest.conditioning!r} with tokenizer_2 {manifest.tokenizer_2!r} "
-                              f"and time_ids {manifest.time_ids!r} do not fit (sd: neither; sdxl: both); re-export it")
         for name, what in manifest.all_files().items():
             resolve_inside(engine_dir, name, what)
         for name, graph in manifest.graphs.items():

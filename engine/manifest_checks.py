@@ -201,6 +201,10 @@ def check_manifest(m, path: Path) -> None:
     names("feature_blocks", m.feature_blocks)
     one_of("prediction_type", m.prediction_type, PREDICTION_TYPES)
     one_of("conditioning", m.conditioning, ("sd", "sdxl"))
+    sdxl = m.conditioning == "sdxl"
+    if sdxl != (m.tokenizer_2 is not None) or sdxl != (m.time_ids is not None):
+        raise EngineError(f"{path}: conditioning {m.conditioning!r} with tokenizer_2 {m.tokenizer_2!r} and time_ids "
+                          f"{m.time_ids!r} do not fit (sd: neither; sdxl: both); re-export it")
     if m.time_ids is not None and len(m.time_ids) != 6:
         raise bad("time_ids", m.time_ids, "6 numbers (original size, crop top-left, target size)")
     timestep = lambda where, t: in_range(where, t, 0, T - 1)  # noqa: E731
@@ -313,6 +317,8 @@ def check_manifest(m, path: Path) -> None:
         in_range("calibration.samples", c.samples, 1, MAX_ITEMS)
         one_of("calibration.method", c.method, CALIBRATION_METHODS)
         one_of("calibration.graph", c.graph, list(m.graphs))
+        for key, kind in (("agreement", float), ("images", int), ("min_agreement", float)) if c.gate else ():
+            check_type(c.gate.get(key), kind, f"calibration.gate.{key}")  # `diffscore info` prints them
     if (dd := m.diffdis) is not None:
         one_of("diffdis.graph", dd.graph, list(m.graphs))
         names("diffdis.blocks", dd.blocks, empty_ok=False)

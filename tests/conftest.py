@@ -63,6 +63,16 @@ def build_tiny_model(path: Path, kind: str, seed: int = 0) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory):
+    """The user cache (auto's measured verdicts, compiled models, features) in this session's own folder, for this
+    process and the CLI processes it starts: a verdict measured earlier, under another load, never decides a test,
+    and the suite writes nothing into ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DIFFSCORE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")

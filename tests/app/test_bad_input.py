@@ -66,8 +66,8 @@ def one_line(err: str) -> bool:
 MANIFEST_CASES = {
     "plan with an absolute path (calibrate would delete it)": (
         lambda e, v: edit_manifest(e, lambda m: m["plans"].update({"x": {
-            "file": str(v), "graph": "unet.int8", "gpu": "g", "tensorrt_version": "10", "precision": "int8",
-            "min_batch": 1, "opt_batch": 1, "max_batch": 1, "sha256": "0", "size": 1}})),
+            "file": str(v), "graph": "unet", "gpu": "g", "tensorrt_version": "10", "precision": "int8",
+            "min_batch": 1, "opt_batch": 1, "max_batch": 1, "sha256": "0" * 64, "size": 1}})),
         ["calibrate", "{engine}", "--demo", "--samples", "16", "--validation", "0"], 1, "not inside the engine directory"),
     "graph file ../../x": (lambda e, v: edit_manifest(e, lambda m: m["graphs"]["unet"].update(file="../../x")),
                            ["info", "{engine}"], 1, "not inside the engine directory"),

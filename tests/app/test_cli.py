@@ -17,7 +17,8 @@ from PIL import Image
 from diffscore.app.digits import CLASS_NAMES, load_digits_split
 
 LABELS = ",".join(CLASS_NAMES)
-FAST = ["--stages", "2:1"]
+# one backend everywhere: auto measures and may pick openvino on another CPU (these tests are not about backends)
+FAST = ["--stages", "2:1", "--backend", "ort-cpu"]
 
 
 @pytest.fixture(scope="module")
