@@ -71,10 +71,10 @@ def to_pil(image: ImageInput) -> Image.Image:
             raise EngineError(f"image file {path} does not exist")
         return open_image(path)
     if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)) \
-                or min(image.shape[:2]) < 1:
+        channels_ok = image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 2, 3, 4))
+        if image.dtype != np.uint8 or not channels_ok or min(image.shape[:2], default=0) < 1:
             raise EngineError(
-                f"array images must be uint8 (H,W) or (H,W,C) with C 1, 3 or 4 and H, W >= 1, got "
+                f"array images must be uint8 (H,W) or (H,W,C) with C 1 to 4 and H, W >= 1, got "
                 f"{image.dtype}{list(image.shape)}; convert with (x * 255).round().astype(np.uint8)"
             )
         return Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)

@@ -417,7 +417,8 @@ def resolve_inside(engine_dir: Path | str, name: str, what: str = "engine file",
     try:
         path = (engine_dir / name).resolve()
     except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
-        raise EngineError(f"the manifest's {what} {name!r} is a symlink loop in {engine_dir}; re-export the engine") from None
+        raise EngineError(f"the manifest's {what} {name!r} is a symlink loop in {engine_dir}; re-export the "
+                          "engine") from None
     if engine_dir.resolve() not in path.parents:
         raise outside
     if must_exist and not path.is_file():

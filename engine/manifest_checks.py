@@ -175,9 +175,8 @@ def check_manifest(m, path: Path) -> None:
     from diffscore.engine.options import check_template
 
     check_types(m)
-    for key in ("diffscore_version",):
-        if len(getattr(m, key)) > 64:
-            raise bad(key, getattr(m, key), "a version string")
+    if len(m.diffscore_version) > 64:
+        raise bad("diffscore_version", m.diffscore_version, "a version string")
     hex_digest("source_sha256", m.source_sha256)
     in_range("image_size", m.image_size, 1, 1 << 14)
     one_of("image_channels", m.image_channels, (1, 3))

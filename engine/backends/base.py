@@ -100,7 +100,8 @@ def check_signature(graph: str, what: str, got: list[tuple[str, str, tuple]], wa
     expected = [(t.name, np.dtype(t.dtype).name, len(t.shape)) for t in want]
     if sorted((n, d, len(s)) for n, d, s in got) != sorted(expected):
         raise EngineError(f"{graph}: the graph's {what} are {sorted((n, d, len(s)) for n, d, s in got)}, the manifest "
-                          f"says {sorted(expected)}: it is not the graph this engine was exported with; re-export the engine")
+                          f"says {sorted(expected)}: it is not the graph this engine was exported with; "
+                          "re-export the engine")
     declared = {t.name: t.shape for t in want}
     for name, _, dims in got:
         fixed = [g if isinstance(g, int) and isinstance(w, int) else None for g, w in zip(dims, declared[name])]

@@ -65,8 +65,8 @@ class OnnxRuntimeRunner(RunnerBase):
             raise EngineError(f"onnxruntime cannot load {Path(path).name} ({type(e).__name__}: "
                               f"{first_line(e)[:200]}); the engine directory is damaged: re-export it") from None
         self.inputs, self.outputs = spec.inputs, spec.outputs
-        meta = lambda args: [(a.name, ORT_TYPES.get(a.type, a.type), tuple(d if isinstance(d, int) else None for d in a.shape))
-                              for a in args]
+        meta = lambda args: [(a.name, ORT_TYPES.get(a.type, a.type),  # noqa: E731
+                              tuple(d if isinstance(d, int) else None for d in a.shape)) for a in args]
         check_signature(self.graph, "inputs", meta(self.session.get_inputs()), self.inputs)
         check_signature(self.graph, "outputs", meta(self.session.get_outputs()), self.outputs)
         self._gpu = backend != "ort-cpu"
