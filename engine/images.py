@@ -22,7 +22,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from diffscore.errors import EngineError
+from diffscore.errors import EngineError, not_a_file
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
@@ -66,7 +66,7 @@ def to_pil(image: ImageInput) -> Image.Image:
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
-            raise EngineError(f"image file {path} does not exist")
+            raise EngineError(not_a_file(path, "image file"))
         return open_image(path)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3):
@@ -181,7 +181,7 @@ def expand_images(inputs) -> list[Path]:
         elif Path(item).is_file():
             found.append(Path(item))
         else:
-            raise EngineError(f"image file {item} does not exist")
+            raise EngineError(not_a_file(item, "image file"))
     if not found:
         raise EngineError("no images given: pass image files, folders or glob patterns")
     return found
