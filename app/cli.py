@@ -212,6 +212,8 @@ def classify(
     stage_list = parse_stages(stages)
     if method is not Method.diffdis and (diffdis_mode or timesteps):
         raise EngineError("--diffdis-mode and --timesteps go with --method diffdis")
+    if head is not None and method is not Method.head:
+        raise EngineError(f"--head {head} names a trained head; use it with --method head")
     extra = {"diffdis_mode": diffdis_mode.value if diffdis_mode else None, "timesteps": timesteps} if method is Method.diffdis else {}
     readable = ReadableImages(paths)  # an unreadable image becomes an error row; the others are scored
     with diffscore.load(engine, backend=backend.value, precision=precision.value) as eng:
@@ -815,8 +817,8 @@ def batch(
     --text: path, scores (one per text), best, error."""
     from diffscore.app import scale
 
-    scale.check_output(output)
     check_target(output)
+    scale.check_output(output)
     common = dict(actors=actors, batch_images=batch_images, num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
                   backend=backend.value, precision=precision.value, address=address)
     if texts:

@@ -7,6 +7,7 @@ is full; x_t is computed once per (image, timestep) and shared by all candidates
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,8 @@ def load(engine_dir: str | Path, backend: str = "auto", device: int = 0, precisi
         raise EngineError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     if precision == "bf16" and backend not in ("auto", "openvino"):
         raise EngineError(f"precision bf16 runs on the openvino backend only, not {backend}; use --backend openvino")
+    if not isinstance(engine_dir, (str, os.PathLike)):
+        raise EngineError(f"engine_dir must be a path to an engine directory, got {engine_dir!r}")
     engine_dir = Path(engine_dir)
     manifest = Manifest.load(engine_dir)
     if verify and (bad := manifest.verify(engine_dir)):
@@ -93,6 +96,13 @@ def load(engine_dir: str | Path, backend: str = "auto", device: int = 0, precisi
     return engine
 
 
+class ClosedRunners(dict):
+    """The runners of a closed engine: any use is one line, not a KeyError."""
+
+    def __missing__(self, role):
+        raise EngineError("this engine was closed (close() or the end of its `with` block); load it again to use it")
+
+
 @dataclass
 class _Pairs:
     """A flat list of UNet evaluations: rows into the x_t stack, the embeddings and the noise."""
@@ -129,7 +139,7 @@ class Engine(HeadScoring, TextConditioning):
         """The runner of a graph role: "text_encoder", "vae_encoder", "unet", or a head's name."""
         if role in self.manifest.heads:
             return self.head_runner(role)
-        if role not in self.runners:
+        if role not in self.runners and not isinstance(self.runners, ClosedRunners):
             raise EngineError(f"{self.engine_dir} has no {role} runner; it has {', '.join(self.runners)}")
         return self.runners[role]
 
@@ -145,7 +155,7 @@ class Engine(HeadScoring, TextConditioning):
             close = getattr(runner, "close", None)
             if close is not None and role not in self._borrowed:
                 close()
-        self.runners = {}
+        self.runners = ClosedRunners()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None

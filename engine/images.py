@@ -62,20 +62,29 @@ def open_image(path: Path) -> Image.Image:
 def to_pil(image: ImageInput) -> Image.Image:
     """Accept a path, a PIL image or a uint8 array (H,W) / (H,W,C); refuse anything else clearly."""
     if isinstance(image, Image.Image):
-        return image
+        return has_pixels(image, "PIL image")
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
             raise EngineError(not_a_file(path, "image file"))
-        return open_image(path)
+        return has_pixels(open_image(path), f"image {path}")
     if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
             raise EngineError(
-                f"array images must be uint8 (H,W) or (H,W,C), got {image.dtype}{list(image.shape)}; "
+                f"array images must be uint8 (H,W) or (H,W,C) with C = 1, 3 or 4, got {image.dtype}{list(image.shape)}; "
                 "convert with (x * 255).round().astype(np.uint8)"
             )
+        if 0 in image.shape[:2]:
+            raise EngineError(f"array image {list(image.shape)} has no pixels")
         return Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
     raise EngineError(f"unsupported image type {type(image).__name__}: give a path, a PIL image or a uint8 array")
+
+
+def has_pixels(im: Image.Image, what: str) -> Image.Image:
+    """Refuse an empty (0-pixel) image: resizing it would divide by zero."""
+    if 0 in im.size:
+        raise EngineError(f"{what} is {im.size[0]} × {im.size[1]} pixels: nothing to score")
+    return im
 
 
 def canonical(im: Image.Image) -> Image.Image:
