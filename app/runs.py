@@ -88,6 +88,11 @@ def check_target(path: Path) -> None:
     check_writable_dir(path.parent, f"--output {path}")
 
 
+def fallback_folders(path: Path) -> list[Path]:
+    """Where results go when `path` cannot be written at the end: beside it, else the temporary folder."""
+    return [path.parent, Path(tempfile.gettempdir())]
+
+
 def save_rows(rows: list[dict], path: Path) -> None:
     """Write rows to `path` (atomically); when that fails now, after the work (the disk filled up, the
     folder went away), the rows go to a fallback file beside it or in the temporary folder, else to stdout,
@@ -99,7 +104,7 @@ def save_rows(rows: list[dict], path: Path) -> None:
         reason = e.strerror or str(e)
     fmt = output_format(path)
     text = render(rows, fmt)
-    for folder in (path.parent, Path(tempfile.gettempdir())):
+    for folder in fallback_folders(path):
         try:
             fd, fallback = tempfile.mkstemp(prefix=f"{path.stem}.unsaved-", suffix=path.suffix, dir=folder)
         except OSError:
