@@ -23,10 +23,11 @@ import typer
 from rich.text import Text
 
 from diffscore import __version__
-from diffscore.app.render import Format, emit, err, error_line, output_format, say, write_rows
+from diffscore.app.render import Format, emit, err, error_line, say
+from diffscore.app.runs import ReadableImages, check_output, check_target, check_writable_dir, save_rows
 from diffscore.engine.backends.choice import BACKENDS
 from diffscore.engine.manifest import PRECISIONS
-from diffscore.errors import EngineError
+from diffscore.errors import EngineError, not_a_file
 from diffscore.kernels import LOSSES, STRATEGIES
 from diffscore.kernels.dsd import DEFAULT_DSD_PRESET, DSD_PRESETS
 
@@ -101,8 +102,8 @@ def require_torch(command: str) -> None:
 
 
 def parse_stages(text: str | None) -> list[tuple[int, int]] | None:
-    """'50:5,500:1' -> [(50, 5), (500, 1)]."""
-    if not text:
+    """'50:5,500:1' -> [(50, 5), (500, 1)]; None (the engine's) when not given, '' refused below."""
+    if text is None:
         return None
     try:
         stages = [tuple(int(v) for v in part.split(":")) for part in text.split(",")]
@@ -140,13 +141,16 @@ def parse_steps(text: str, flag: str = "--noise-steps") -> list[int]:
 
 
 def read_text_lines(path: Path, what: str) -> list[str]:
-    """Non-empty lines of a UTF-8 text file; one line naming the file and the encoding otherwise."""
+    """Non-empty lines of a UTF-8 text file (a byte-order mark dropped); one line naming the file and the
+    encoding otherwise."""
     if not path.is_file():
-        raise EngineError(f"{what} {path} does not exist")
+        raise EngineError(not_a_file(path, what))
     try:
-        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     except UnicodeDecodeError as e:
         raise EngineError(f"{what} {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise EngineError(f"cannot read {what} {path}: {e.strerror or e}") from None
 
 
 def read_labels(labels: str | None, labels_file: Path | None, required: bool = True) -> list[str] | None:
@@ -167,12 +171,11 @@ def image_paths(images: List[str]) -> list[Path]:
 
 
 def finish(rows: list[dict], fmt: Format, output: Path | None, title: str, table_rows: list[dict] | None = None) -> None:
-    """Rows to stdout (`table_rows`, if given, for the table) and to -o FILE; the note on the file goes
-    to stderr, so stdout stays machine-readable."""
-    if output is not None:
-        write_rows(rows, output)
+    """Rows to stdout (`table_rows`, if given, for the table) and to -o FILE (kept in a fallback file if it
+    cannot be written now: app/runs.py); the note on the file goes to stderr, so stdout stays machine-readable."""
     emit(table_rows if fmt is Format.table and table_rows is not None else rows, fmt, title)
     if output is not None:
+        save_rows(rows, output)
         err.print(Text.assemble(("wrote ", "green"), str(output), f" ({len(rows)} rows)"))
 
 
@@ -203,28 +206,34 @@ def classify(
     confidence: the winner's lead over the best other class in standard errors of their paired errors."""
     import diffscore
 
-    output_format(output)
+    check_output(output)
     label_list = read_labels(labels, labels_file, required=method is not Method.head)  # a head has its own labels
     paths = image_paths(images)
     stage_list = parse_stages(stages)
     if method is not Method.diffdis and (diffdis_mode or timesteps):
         raise EngineError("--diffdis-mode and --timesteps go with --method diffdis")
+    if head is not None and method is not Method.head:
+        raise EngineError(f"--head {head} names a trained head; use it with --method head")
     extra = {"diffdis_mode": diffdis_mode.value if diffdis_mode else None, "timesteps": timesteps} if method is Method.diffdis else {}
+    readable = ReadableImages(paths)  # an unreadable image becomes an error row; the others are scored
     with diffscore.load(engine, backend=backend.value, precision=precision.value) as eng:
-        results = eng.classify([str(p) for p in paths], label_list, method=method.value, head=head, template=template,
-                               stages=stage_list, loss=loss.value if loss else None, seed=seed, batch_size=batch_size,
-                               progress=True, **race_options(strategy, z, budget), **extra)
+        results = readable.score(lambda images: eng.classify(
+            images, label_list, method=method.value, head=head, template=template, stages=stage_list,
+            loss=loss.value if loss else None, seed=seed, batch_size=batch_size, progress=True,
+            **race_options(strategy, z, budget), **extra)) or []
         title = (f"head {eng.head_name(head)} (higher probability = better)" if method is Method.head
                  else "DiffDis (higher score = better)" if method is Method.diffdis
                  else "Diffusion Classifier (lower mean error = better)")
-    score = {Method.head: "probability", Method.diffdis: "score"}.get(method, "error")
+    score = {Method.head: "probability", Method.diffdis: "score"}.get(method, "mean_error")
     rows = []
-    for p, r in zip(paths, results):
+    for p, r in zip(readable.read_paths, results):
         row = {"image": str(p), "label": r.label, score: r.ranking[0][1],
                "runner_up": r.ranking[1][0] if len(r.ranking) > 1 else "", "passes": r.passes,
                **({} if r.confidence is None else {"confidence": r.confidence})}
         rows.append({**row, **r.to_dict()})
-    finish(rows, fmt, output, title, [{k: v for k, v in row.items() if k not in ("ranking", "options")} for row in rows])
+    table = [{k: v for k, v in row.items() if k not in ("ranking", "options")} for row in readable.rows(rows, "")]
+    finish(readable.rows(rows), fmt, output, title, table)
+    readable.check()
 
 
 @app.command()
@@ -248,7 +257,7 @@ def match(
     """Image-text matching: an images x texts matrix of scores (higher = better match): DSD, DiffDis or ITC."""
     import diffscore
 
-    output_format(output)
+    check_output(output)
     if (not texts) == (texts_file is None):
         raise EngineError("give the captions: --text 'a cat' (repeat) or --texts-file FILE, not both")
     text_list = list(texts) if texts else read_text_lines(texts_file, "texts file")
@@ -258,18 +267,23 @@ def match(
     if method is not MatchMethod.dsd and bias_weight is not None:
         raise EngineError(f"--bias-weight is DSD's; --method {method.value} has none")
     extra = {"diffdis_mode": diffdis_mode.value if diffdis_mode else None} if method is MatchMethod.diffdis else {}
+    readable = ReadableImages(paths)  # an unreadable image becomes an error row; the others are scored
     with diffscore.load(engine, backend=backend.value, precision=precision.value) as eng:
-        res = eng.match([str(p) for p in paths], text_list, steps=timesteps, bias_weight=bias_weight, seed=seed,
-                        batch_size=batch_size, progress=True, method=method.value, **extra)
-    best = res.best()
-    if fmt is Format.table:
-        rows = [{"image": str(p), **{t: float(s) for t, s in zip(res.texts, row)}, "best": b}
-                for p, row, b in zip(paths, res.scores, best)]
-    else:
-        rows = [{"image": str(p), "best": b, "scores": dict(zip(res.texts, map(float, row))),
-                 "options": res.options.to_dict()} for p, row, b in zip(paths, res.scores, best)]
+        res = readable.score(lambda images: eng.match(images, text_list, steps=timesteps, bias_weight=bias_weight,
+                                                      seed=seed, batch_size=batch_size, progress=True,
+                                                      method=method.value, **extra))
+    rows = []
+    if res is not None:
+        read = readable.read_paths
+        if fmt is Format.table:
+            rows = [{"image": str(p), **{t: float(s) for t, s in zip(res.texts, row)}, "best": b}
+                    for p, row, b in zip(read, res.scores, res.best())]
+        else:
+            rows = [{"image": str(p), "best": b, "scores": dict(zip(res.texts, map(float, row))),
+                     "options": res.options.to_dict()} for p, row, b in zip(read, res.scores, res.best())]
     title = {MatchMethod.dsd: "DSD", MatchMethod.diffdis: "DiffDis", MatchMethod.itc: "ITC"}[method]
-    finish(rows, fmt, output, f"{title} scores (higher = better match)")
+    finish(readable.rows(rows), fmt, output, f"{title} scores (higher = better match)", readable.rows(rows, ""))
+    readable.check()
 
 
 @app.command()
@@ -539,14 +553,21 @@ def parity(
     from diffscore.export.parity import run_parity
 
     if images:
-        paths = image_paths(images)[:limit]
-        inputs = dict(images=[str(p) for p in paths], labels=read_labels(labels, labels_file), source="of your images")
+        label_list = read_labels(labels, labels_file)
+        readable = ReadableImages(image_paths(images)[:limit])  # an unreadable image is skipped and reported
+        inputs = dict(images=readable.readable_paths(), labels=label_list, source="of your images")
+        for i in sorted(readable.errors):
+            say(("SKIPPED", "yellow"), f" | {readable.errors[i]}")
+        if not readable.read:
+            readable.check()
     elif labels or labels_file:
         raise EngineError("--labels needs images to judge: diffscore parity ENGINE IMAGES... --labels a,b,c")
     else:
         inputs = demo_parity_inputs(engine, limit)
     if not run_parity(engine, model, echo=say, **inputs):
         raise EngineError("parity failed: see the FAILED lines above")
+    if images:
+        readable.check("parity was judged on the other {n} (see the SKIPPED lines above)")
 
 
 @app.command()
@@ -571,15 +592,21 @@ def profile(
     from diffscore.engine.images import expand_images
     from diffscore.engine.profiling import make_profile, save_profile
 
+    from diffscore.app.runs import engine_writer
+    from diffscore.export.atomic import disk_errors
+
     label_list = read_labels(labels, labels_file)
-    paths = expand_images(images)[:limit]
-    with diffscore.load(engine, backend=backend.value) as eng:
-        order = make_profile(eng, [str(p) for p in paths], label_list, templates=[template] if template else None,
-                             timesteps=timesteps, loss=loss.value if loss else None, seed=seed, batch_size=batch_size,
-                             progress=True)
-    save_profile(engine, order)
-    say(f"profile of {len(order)} timesteps from {len(paths)} images saved in {engine}; first ten: "
-        f"{', '.join(map(str, order[:10]))}")
+    readable = ReadableImages(expand_images(images)[:limit])  # an unreadable image is skipped and reported
+    with diffscore.load(engine, backend=backend.value) as eng, engine_writer(engine, "profile"):
+        order = readable.score(lambda paths: make_profile(
+            eng, paths, label_list, templates=None if template is None else [template], timesteps=timesteps,
+            loss=loss.value if loss else None, seed=seed, batch_size=batch_size, progress=True))
+        if order is not None:
+            with disk_errors(engine):
+                save_profile(engine, order)
+            say(f"profile of {len(order)} timesteps from {len(readable.read)} images saved in {engine}; first ten: "
+                f"{', '.join(map(str, order[:10]))}")
+    readable.check("the profile was learned from the other {n}")
 
 
 @app.command()
@@ -605,6 +632,8 @@ def calibrate(
     label_list = read_labels(labels, labels_file, required=False)  # --demo brings its own
     if demo == bool(images):
         raise EngineError("give images (files, folders or globs) or --demo, not both")
+    if engine.is_dir():  # a read-only or full disk shows now, not after the calibration work
+        check_writable_dir(engine, f"calibrate writes the INT8 UNet into {engine}")
     source = None
     if demo:
         from diffscore.app.digits import CLASS_NAMES, training_images
@@ -788,6 +817,7 @@ def batch(
     --text: path, scores (one per text), best, error."""
     from diffscore.app import scale
 
+    check_target(output)
     scale.check_output(output)
     common = dict(actors=actors, batch_images=batch_images, num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
                   backend=backend.value, precision=precision.value, address=address)

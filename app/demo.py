@@ -3,6 +3,8 @@ next to a logistic-regression baseline trained on the same training split."""
 
 from __future__ import annotations
 
+import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from diffscore.errors import EngineError
 from diffscore.engine.cache import cache_root
 from diffscore.engine.manifest import Manifest, RaceDefaults, folder_sha256, unet_graph
 
+log = logging.getLogger("diffscore")
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo"
 # Chosen on a validation split carved from the training digits (models/train_demo.py's report).
 DEMO_STAGES = [(10, 3), (40, 1)]
@@ -31,10 +34,12 @@ def demo_engine_dir(model_dir: Path = DEMO_MODEL, precisions=("fp32",)) -> Path:
         raise EngineError(f"the demo model is missing at {model_dir}")
     digest = folder_sha256(model_dir)
     out = cache_root() / "engines" / f"demo-{digest[:12]}"
-    if out.is_dir():
+    if out.exists() or out.is_symlink():
         try:
             manifest = Manifest.load(out)
-        except EngineError:  # an engine of an older format (or damaged): export it again
+        except EngineError as e:  # an engine of an older format, or damaged: our cache, so export it again
+            log.warning("rebuilding the cached demo engine %s (%s)", out, e)
+            remove_cached(out)
             manifest = None
         if manifest is not None and all(unet_graph(p) in manifest.graphs for p in precisions):
             return add_demo_profile(out) if manifest.timestep_profile is None else out
@@ -43,6 +48,14 @@ def demo_engine_dir(model_dir: Path = DEMO_MODEL, precisions=("fp32",)) -> Path:
     defaults = {"template": DEFAULT_TEMPLATE, "stages": [list(s) for s in DEMO_STAGES], "loss": DEMO_LOSS,
                 "strategy": DEMO_STRATEGY, "race": DEMO_RACE}
     return add_demo_profile(export_engine(model_dir, out, precisions=tuple(precisions), defaults=defaults, overwrite=True))
+
+
+def remove_cached(path: Path) -> None:
+    """Remove a damaged cache entry (a folder, or a file or link in its place) so that it can be rebuilt."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def profile_digits() -> list:

@@ -8,6 +8,8 @@ manifest's: original size, crop top-left, target size of the scored square). A m
 
 from __future__ import annotations
 
+import os
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,54 @@ def read_tokenizer(engine_dir: Path, name: str, what: str = "tokenizer"):
                           f"({first_line(e)[:120]}); re-export the engine") from None
 
 
+PROMPT_CACHE_ENV = "DIFFSCORE_PROMPT_CACHE_MB"
+DEFAULT_PROMPT_CACHE_MB = 256  # ~1,100 prompts at SD-1.5 size (77 x 768 float32 = 236 KB each); the demo's are tiny
+
+
+def prompt_cache_bytes() -> int:
+    """The prompt cache's bound: DIFFSCORE_PROMPT_CACHE_MB (0 turns the cache off), else the default."""
+    raw = os.environ.get(PROMPT_CACHE_ENV)
+    if raw is None:
+        return DEFAULT_PROMPT_CACHE_MB * 2**20
+    try:
+        mb = float(raw)
+    except ValueError:
+        mb = -1.0
+    if not 0 <= mb < float("inf"):
+        raise EngineError(f"{PROMPT_CACHE_ENV}={raw!r} is not a size in MB ≥ 0 (0 turns the prompt cache off)")
+    return int(mb * 2**20)
+
+
+class PromptCache:
+    """Text embeddings of recent prompts, least recently used dropped first beyond `max_bytes`: a served
+    engine sees endless new prompts, and each one costs the text encoder's output (~236 KB at SD-1.5 size)."""
+
+    def __init__(self, max_bytes: int | None = None):
+        self.max_bytes = prompt_cache_bytes() if max_bytes is None else max_bytes
+        self.nbytes = 0
+        self._items: OrderedDict[str, tuple] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, prompt: str):
+        item = self._items.get(prompt)
+        if item is not None:
+            self._items.move_to_end(prompt)
+        return item
+
+    def put(self, prompt: str, item: tuple) -> None:
+        """Keep `item` (arrays, copied by the caller); drop the oldest until the total fits again."""
+        size = sum(a.nbytes for a in item if a is not None)
+        if prompt in self._items or size > self.max_bytes:
+            return
+        self._items[prompt] = item
+        self.nbytes += size
+        while self.nbytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.nbytes -= sum(a.nbytes for a in old if a is not None)
+
+
 class TextConditioning:
     def token_feed(self, prompts: list[str]) -> dict[str, np.ndarray]:
         """The text encoder graph's feed: (P, L) int64 ids per tokenizer (input_ids; SDXL adds input_ids_2)."""
@@ -40,9 +90,10 @@ class TextConditioning:
     def text_conditioning(self, prompts: list[str]) -> dict[str, np.ndarray]:
         """The UNet graph's text inputs, one row per prompt, named as its inputs: encoder_hidden_states (P, L, D);
         SDXL adds text_embeds (P, D2) and time_ids (P, 6). Rows of it (`conditioning_rows`) feed the UNet."""
-        cond = {"encoder_hidden_states": self.encode_text(prompts)}
+        embeddings = self.prompt_embeddings(prompts)
+        cond = {"encoder_hidden_states": np.stack([hidden for hidden, _ in embeddings])}
         if self.manifest.conditioning == "sdxl":
-            cond["text_embeds"] = np.stack([self._pooled_cache[p] for p in prompts])
+            cond["text_embeds"] = np.stack([pooled for _, pooled in embeddings])
             cond["time_ids"] = np.tile(np.asarray(self.manifest.time_ids, dtype=np.float32), (len(prompts), 1))
         return cond
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from diffscore.engine.images import IMAGE_WINDOW, count_images, image_windows
 from diffscore.engine.manifest import DiffDisSpec
-from diffscore.engine.options import check_count, check_labels, check_seed, check_template
+from diffscore.engine.options import check_count, check_labels, check_seed, check_templates
 from diffscore.engine.progress import progress_bar
 from diffscore.engine.results import Classification, ClassifyOptions, MatchOptions, MatchResult
 from diffscore.errors import EngineError
@@ -116,7 +116,7 @@ def classify_diffdis(engine, images, labels, *, template: str | None = None, mod
     if labels is None:
         raise EngineError("DiffDis needs labels: the class names to choose from")
     labels = check_labels(labels)
-    template = check_template(template or engine.defaults.template)
+    template = check_templates(template, None, engine.defaults.template)[0]
     prompts = [template.format(label) for label in labels]
     engine.check_prompts(prompts, "prompts")
     scores, used = diffdis_scores(engine, images, prompts, mode=mode, timesteps=timesteps, seed=seed,

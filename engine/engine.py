@@ -16,13 +16,13 @@ import numpy as np
 
 from diffscore.engine.backends.base import Runner
 from diffscore.engine.backends.choice import BACKENDS, cpu_workers, make_runner, resolve_backend
-from diffscore.engine.conditioning import TextConditioning, read_tokenizer
+from diffscore.engine.conditioning import PromptCache, TextConditioning, read_tokenizer
 from diffscore.engine.heads import HeadScoring
 from diffscore.engine.images import IMAGE_WINDOW, count_images, image_windows, preprocess_batch
 from diffscore.errors import EngineError
 from diffscore.engine.manifest import PRECISIONS, Manifest, ScoringDefaults, unet_graph
 from diffscore.engine.options import (check_count, check_distinct_tokens, check_finite, check_labels, check_seed,
-                                      check_template)
+                                      check_templates)
 from diffscore.engine.progress import progress_bar
 from diffscore.engine.results import Classification, ClassifyOptions, MatchOptions, MatchResult, classification
 from diffscore.kernels import (LOSSES, PairedRace, RaceConfig, add_noise, denoising_error, dsd_pair_scores, dsd_preset,
@@ -59,6 +59,8 @@ def load(engine_dir: str | Path, backend: str = "auto", device: int = 0, precisi
         raise EngineError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     if precision == "bf16" and backend not in ("auto", "openvino"):
         raise EngineError(f"precision bf16 runs on the openvino backend only, not {backend}; use --backend openvino")
+    if not isinstance(engine_dir, (str, os.PathLike)):
+        raise EngineError(f"engine_dir must be a path to an engine directory, got {engine_dir!r}")
     engine_dir = Path(engine_dir)
     manifest = Manifest.load(engine_dir)
     if verify and (bad := manifest.verify(engine_dir)):
@@ -132,8 +134,7 @@ class Engine(HeadScoring, TextConditioning):
         self.tokenizer_2 = None if manifest.tokenizer_2 is None else read_tokenizer(engine_dir, manifest.tokenizer_2,
                                                                                    "tokenizer_2")
         self.alphas_cumprod = np.asarray(manifest.alphas_cumprod, dtype=np.float64)
-        self._text_cache: dict[str, np.ndarray] = {}
-        self._pooled_cache: dict[str, np.ndarray] = {}  # SDXL's text_embeds, per prompt
+        self.prompt_cache = PromptCache()  # bounded (DIFFSCORE_PROMPT_CACHE_MB); set .max_bytes to change it
         self._borrowed: set[str] = set()
         log.info("loaded %s on %s (%s)", engine_dir, backend, precision)
 
@@ -144,7 +145,7 @@ class Engine(HeadScoring, TextConditioning):
         """The runner of a graph role: "text_encoder", "vae_encoder", "unet", or a head's name."""
         if role in self.manifest.heads:
             return self.head_runner(role)
-        if role not in self.runners:
+        if role not in self.runners and not isinstance(self.runners, _Closed):
             raise EngineError(f"{self.engine_dir} has no {role} runner; it has {', '.join(self.runners)}")
         return self.runners[role]
 
@@ -197,15 +198,23 @@ class Engine(HeadScoring, TextConditioning):
         check_distinct_tokens(prompts, [e.ids for e in self.tokenizer.encode_batch(prompts)], what)
 
     def encode_text(self, prompts: list[str]) -> np.ndarray:
-        """(P, L, D) text embeddings; each distinct prompt is encoded once and cached."""
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
+        """(P, L, D) text embeddings; each distinct prompt is encoded once, recent ones are cached."""
+        return np.stack([hidden for hidden, _ in self.prompt_embeddings(prompts)])
+
+    def prompt_embeddings(self, prompts: list[str]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """(last hidden state, SDXL's pooled text_embeds or None) per prompt, from the bounded prompt cache
+        or the text encoder (each distinct prompt once per call, however small the cache)."""
+        found = {p: item for p in dict.fromkeys(prompts) if (item := self.prompt_cache.get(p)) is not None}
+        missing = [p for p in dict.fromkeys(prompts) if p not in found]
         step = self.default_batch_size()  # a TensorRT plan takes at most its max_batch
         for lo in range(0, len(missing), step):
             chunk = missing[lo : lo + step]
             out = self.runners["text_encoder"].infer(self.token_feed(chunk))
-            self._text_cache.update(zip(chunk, out["last_hidden_state"]))
-            self._pooled_cache.update(zip(chunk, out.get("text_embeds", ())))
-        return np.stack([self._text_cache[p] for p in prompts])
+            pooled = out.get("text_embeds")
+            for j, p in enumerate(chunk):  # copies: a cached row must not keep its whole batch alive
+                found[p] = (out["last_hidden_state"][j].copy(), None if pooled is None else pooled[j].copy())
+                self.prompt_cache.put(p, found[p])
+        return [found[p] for p in prompts]
 
     def encode_images(self, images) -> np.ndarray:
         """(N, C, S, S) x0: VAE latents (already scaled) or [-1, 1] pixels."""
@@ -308,9 +317,9 @@ class Engine(HeadScoring, TextConditioning):
         if labels is None:
             raise EngineError("the Diffusion Classifier needs labels: the class names to choose from")
         labels = check_labels(labels)
-        templates = [check_template(t) for t in (templates or [template or self.defaults.template])]
-        explicit_stages = stages is not None
-        stages = [tuple(s) for s in (stages or self.defaults.stages)]
+        templates = check_templates(template, templates, self.defaults.template)
+        explicit_stages = stages is not None  # [] is refused by the stages check below, not replaced by the default
+        stages = [tuple(s) for s in (self.defaults.stages if stages is None else stages)]
         loss = loss or self.defaults.loss
         seed = check_seed(seed)
         if loss not in LOSSES:
@@ -340,7 +349,7 @@ class Engine(HeadScoring, TextConditioning):
         (`timesteps` points, default 100), with the race's (t, ε) pairs: the exhaustive decision is the
         lowest row mean. Candidates are labels × templates, label-major. What `diffscore profile` scores."""
         labels = check_labels(labels)
-        templates = [check_template(t) for t in (templates or [self.defaults.template])]
+        templates = check_templates(None, templates, self.defaults.template)
         loss = loss or self.defaults.loss
         if loss not in LOSSES:
             raise EngineError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
@@ -437,8 +446,11 @@ class Engine(HeadScoring, TextConditioning):
         seed = check_seed(seed)
         spec = self.dsd_preset(preset)
         bias_weight = spec.bias_weight if bias_weight is None else check_finite("bias_weight", bias_weight)
-        ts = np.array(dsd_timesteps(steps or self.defaults.dsd_steps, len(self.alphas_cumprod),
-                                    reverse=spec.reversed_timesteps))
+        try:
+            ts = np.array(dsd_timesteps(steps or self.defaults.dsd_steps, len(self.alphas_cumprod),
+                                        reverse=spec.reversed_timesteps))
+        except ValueError as e:
+            raise EngineError(str(e)) from None
         batch_size = batch_size or self.default_batch_size()
         use_bias = bias_weight != 0.0
         prompts = texts + ([""] if use_bias or spec.pool_unconditional else [])

@@ -22,7 +22,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from diffscore.errors import EngineError
+from diffscore.errors import EngineError, not_a_file
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
@@ -62,14 +62,12 @@ def open_image(path: Path) -> Image.Image:
 def to_pil(image: ImageInput) -> Image.Image:
     """Accept a path, a PIL image or a uint8 array (H,W) / (H,W,C); refuse anything else clearly."""
     if isinstance(image, Image.Image):
-        if min(image.size) < 1:
-            raise EngineError(f"image is {image.size[0]}x{image.size[1]} pixels: an image needs at least one pixel")
-        return image
+        return has_pixels(image, "PIL image")
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
-            raise EngineError(f"image file {path} does not exist")
-        return open_image(path)
+            raise EngineError(not_a_file(path, "image file"))
+        return has_pixels(open_image(path), f"image {path}")
     if isinstance(image, np.ndarray):
         channels_ok = image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 2, 3, 4))
         if image.dtype != np.uint8 or not channels_ok or min(image.shape[:2], default=0) < 1:
@@ -79,6 +77,13 @@ def to_pil(image: ImageInput) -> Image.Image:
             )
         return Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
     raise EngineError(f"unsupported image type {type(image).__name__}: give a path, a PIL image or a uint8 array")
+
+
+def has_pixels(im: Image.Image, what: str) -> Image.Image:
+    """Refuse an empty (0-pixel) image: resizing it would divide by zero."""
+    if 0 in im.size:
+        raise EngineError(f"{what} is {im.size[0]} × {im.size[1]} pixels: nothing to score")
+    return im
 
 
 def canonical(im: Image.Image) -> Image.Image:
@@ -184,7 +189,7 @@ def expand_images(inputs) -> list[Path]:
         elif Path(item).is_file():
             found.append(Path(item))
         else:
-            raise EngineError(f"image file {item} does not exist")
+            raise EngineError(not_a_file(item, "image file"))
     if not found:
         raise EngineError("no images given: pass image files, folders or glob patterns")
     return found

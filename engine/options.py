@@ -4,6 +4,7 @@ before any work, with one line that says what was expected and what came in."""
 from __future__ import annotations
 
 import math
+import numbers
 import string
 
 from diffscore.errors import EngineError
@@ -12,13 +13,18 @@ MAX_SEED = 2**32 - 1
 
 
 def check_labels(labels, what: str = "labels") -> list[str]:
-    """A non-empty list of distinct, non-empty strings (a single string is one label)."""
+    """A non-empty list of distinct, non-empty strings (a single string is one label). Anything else in the
+    list (None, a number) is refused: str() would quietly make a class named "None"."""
     if isinstance(labels, str):
         labels = [labels]
     try:
-        labels = [str(x).strip() for x in labels]
+        labels = list(labels)
     except TypeError:
         raise EngineError(f"{what} must be a list of strings, got {type(labels).__name__}") from None
+    if odd := [x for x in labels if not isinstance(x, str)]:
+        raise EngineError(f"{what} must be strings, got {odd[0]!r} ({type(odd[0]).__name__}); pass the class names as "
+                          "text, e.g. ['cat', 'dog']")
+    labels = [x.strip() for x in labels]
     if not labels or any(not x for x in labels):
         raise EngineError(f"{what} must be a non-empty list of non-empty strings, got {labels!r}")
     if len(set(labels)) != len(labels):
@@ -40,19 +46,42 @@ def check_template(template: str) -> str:
     return template
 
 
+def integer(value):
+    """`value` as a Python int when it is an integer of any kind (int, numpy.int64, ...), else None; bools are not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    return int(value)
+
+
 def check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+    value = integer(seed)
+    if value is None or not 0 <= value <= MAX_SEED:
         raise EngineError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
-    return seed
+    return value
+
+
+def check_templates(template: str | None, templates, default: str) -> list[str]:
+    """The prompt templates of a call: `templates`, else [`template`], else [the engine's default]. An empty
+    string or an empty list is refused, not quietly replaced by the default."""
+    if templates is not None:
+        try:
+            items = [] if isinstance(templates, str) else list(templates)
+        except TypeError:
+            items = []
+        if not items:
+            raise EngineError(f"templates must be a non-empty list of templates with one {{}}, got {templates!r}")
+        return [check_template(t) for t in items]
+    return [check_template(default if template is None else template)]
 
 
 def check_count(name: str, value, minimum: int = 1, optional: bool = False):
     """An integer ≥ minimum (None allowed when optional: the default applies)."""
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    number = integer(value)
+    if number is None or number < minimum:
         raise EngineError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
-    return value
+    return number
 
 
 def check_finite(name: str, value) -> float:

@@ -60,7 +60,11 @@ def temp_dir(folder: Path, prefix: str) -> Path:
 def exclusive(path: Path, what: str = "writing"):
     """One diffscore process at a time per `path` (a lock file beside it); a second one is refused in one line."""
     lock_path = path.parent / f".{path.name}.lock"
-    fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError as e:  # a read-only, full or forbidden folder: before any work, one line
+        raise EngineError(f"cannot create the lock file {lock_path} ({e.strerror or e}): the folder {path.parent} "
+                          f"must be writable for {what} {path.name}; use a copy in a writable folder") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

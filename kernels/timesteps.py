@@ -49,4 +49,7 @@ def dsd_timesteps(n_steps: int, num_train_timesteps: int = 1000, reverse: bool =
         raise ValueError(f"n_steps must be ≥ 1, got {n_steps}")
     T = num_train_timesteps
     idx = list(range(10 * T // 1000, 990 * T // 1000, max(1, T // n_steps)))[:n_steps]
+    if len(idx) < n_steps:  # never fewer than asked, silently
+        raise ValueError(f"asked for {n_steps} timesteps but DSD's range of this model ({10 * T // 1000} to "
+                         f"{990 * T // 1000 - 1}) holds {len(idx)}; choose 1 to {len(idx)}")
     return sorted(T - 1 - i for i in idx) if reverse else idx

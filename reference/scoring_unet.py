@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from diffscore.errors import EngineError
+
 
 class ScoreCapturingProcessor:
     """Plain (unfused) attention that also records the DSD score of this layer, per sample."""
@@ -113,10 +115,10 @@ class ScoringUNet(nn.Module):
         known = set(cross_attention_layers(unet))
         for name in self.attention_layers:
             if name not in known:
-                raise ValueError(f"{name!r} is not a cross-attention layer of this UNet; choose from {sorted(known)}")
+                raise EngineError(f"{name!r} is not a cross-attention layer of this UNet; choose from {sorted(known)}")
         for name in self.feature_blocks:
             if name not in modules:
-                raise ValueError(f"{name!r} is not a module of this UNet (e.g. 'mid_block', 'up_blocks.1')")
+                raise EngineError(f"{name!r} is not a module of this UNet (e.g. 'mid_block', 'up_blocks.1')")
         self._scores: dict[str, torch.Tensor] = {}
         self._features: dict[str, torch.Tensor] = {}
         for name in self.attention_layers:

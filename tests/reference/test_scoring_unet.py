@@ -4,6 +4,7 @@ the layer's own inputs, feature taps have the right names and shapes, bad names 
 import pytest
 import torch
 
+from diffscore.errors import EngineError
 from diffscore.reference.loading import load_components
 from diffscore.reference.scoring_unet import ScoringUNet, cross_attention_layers, default_attention_layers
 
@@ -65,7 +66,7 @@ def test_feature_taps(tiny_models):
 
 def test_unknown_names_are_refused(tiny_models):
     comp = load_components(tiny_models["pixel"])
-    with pytest.raises(ValueError, match="not a cross-attention layer"):
+    with pytest.raises(EngineError, match="not a cross-attention layer"):
         ScoringUNet(comp.unet, attention_layers=["mid_block.attentions.0.transformer_blocks.0.attn1"])
-    with pytest.raises(ValueError, match="not a module"):
+    with pytest.raises(EngineError, match="not a module"):
         ScoringUNet(comp.unet, feature_blocks=["middle_block"])
