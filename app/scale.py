@@ -13,7 +13,6 @@ or encoded bytes, as `ray.data.read_images` / `read_binary_files` give), a ``byt
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import signal
@@ -142,20 +141,16 @@ def image_rows(images):
 
 
 def _read_images(batch: dict) -> tuple[list, list]:
-    """The batch's images as PIL images (None where unreadable) and the matching error messages."""
-    from PIL import Image
-
-    from diffscore.engine.images import to_pil
+    """The batch's images as PIL images (None where unreadable) and the matching error messages. Encoded bytes
+    get the checks of a file (bomb limit, formats: engine/images.decode_image)."""
+    from diffscore.engine.images import decode_image, to_pil
 
     column = next(c for c in IMAGE_COLUMNS if c in batch)
     images, errors = [], []
     for x in batch[column]:
         try:
             if isinstance(x, (bytes, bytearray)):
-                try:
-                    x = Image.open(io.BytesIO(x))
-                except Exception as e:
-                    raise EngineError(f"cannot read image bytes: {first_line(e)}") from None
+                x = decode_image(bytes(x), "image bytes")
             images.append(to_pil(str(x) if column == "path" else x))
             errors.append(None)
         except EngineError as e:

@@ -306,8 +306,12 @@ class DiffscoreServer:
         self.served["requests"] += 1
         answer = await self._score(Job(task, tuple(sorted(options.items())), images))
         if isinstance(answer, EngineError):
-            raise BadRequest(str(answer).splitlines()[0])
+            raise self._refusal(answer)
         return answer
+
+    def _refusal(self, error: EngineError) -> BadRequest:
+        """The engine's one line for the caller, naming the engine, not where it lies on the server."""
+        return BadRequest(first_line(error).replace(str(self.engine.engine_dir), Path(self.engine.engine_dir).name))
 
     # --- endpoints ----------------------------------------------------------------------------
     @api.post("/classify")
@@ -322,7 +326,7 @@ class DiffscoreServer:
         try:
             name = self.engine.head_name(typed(body, "head", str))
         except EngineError as e:
-            raise BadRequest(str(e)) from None
+            raise self._refusal(e) from None
         results = await self._submit("classify", dict(method="head", head=name), images)
         return {"head": name, "results": [result_json(r) for r in results]}
 
