@@ -55,7 +55,7 @@ def server(ray_session, scale_engine):
     with socket.socket() as s:  # a free port on the loopback interface
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    url = start_server(scale_engine, host="127.0.0.1", port=port, num_cpus=0.5, batch_wait_s=0.05, backend=BACKEND,
+    url = start_server(scale_engine, host="127.0.0.1", port=port, num_cpus=0.5, batch_wait_s=0.05, backend=BACKEND, docs=True,
                        limits=Limits(max_bytes=100_000, max_images=8, max_labels=20, max_pixels=2_000_000))
     yield url
     serve.shutdown()
@@ -132,12 +132,20 @@ def test_bad_input_is_a_one_line_4xx(server, digit_files):
         assert (got, list(answer)) == (status, ["error"]), (path, body if isinstance(body, bytes) else answer)
         assert message in answer["error"] and "\n" not in answer["error"], answer
     assert request(server, "/health") == (200, {"status": "ok"})
-    # routing's own answers are the documented {"error": ...} too; the docs are off unless asked for
-    for path, status, message in [("/nope", 404, "no endpoint GET /nope"), ("/classify", 405, "allowed: POST"),
-                                  ("/docs", 404, "no endpoint"), ("/openapi.json", 404, "no endpoint"),
-                                  ("/redoc", 404, "no endpoint")]:
+    # routing's own answers are the documented {"error": ...} too
+    for path, status, message in [("/nope", 404, "no endpoint GET /nope"), ("/classify", 405, "allowed: POST")]:
         got, answer = request(server, path)
         assert got == status and list(answer) == ["error"] and message in answer["error"], (path, answer)
+
+
+def test_docs_when_asked_for(server):
+    """This server was started with docs=True (the CLI's default is off: tests/hostile/test_hostile_serve.py)."""
+    status, schema = request(server, "/openapi.json")
+    assert status == 200 and {"/classify", "/head", "/match", "/health", "/info"} <= set(schema["paths"]), schema
+    assert not {"/docs", "/redoc", "/openapi.json"} & set(schema["paths"])
+    for path in ("/docs", "/redoc"):
+        with urllib.request.urlopen(server + path, timeout=60) as r:
+            assert r.status == 200 and b"/openapi.json" in r.read()
 
 
 def test_a_killed_replica_is_replaced(ray_session, server, engine, digit_files):
