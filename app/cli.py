@@ -832,37 +832,60 @@ def batch(
     say(f"wrote {rows} rows to {output}" + (f"; {failed} images could not be read (see the error column)" if failed else ""))
 
 
+def token_option(value: Optional[str]) -> Optional[str]:
+    """--token / DIFFSCORE_TOKEN checked as a usage mistake (exit 2), without repeating it."""
+    from diffscore.app.serve import check_token
+
+    try:
+        return check_token(value)
+    except EngineError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
 @app.command()
 def serve(
     engine: Path = typer.Argument(..., help="engine directory"),
-    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
+    host: str = typer.Option("127.0.0.1", help="address the HTTP API listens on (0.0.0.0: every interface; Ray's "
+                             "own processes stay on loopback)"),
     port: int = typer.Option(8000, min=1, max=65535, help="HTTP port"),
     replicas: int = typer.Option(1, min=1, help="engine replicas behind the one HTTP address"),
     cpus_per_replica: float = CpusPerActorOpt, gpus_per_replica: float = GpusPerActorOpt,
     max_batch: int = typer.Option(16, min=1, help="concurrent requests batched into one engine call, at most"),
     address: Optional[str] = AddressOpt,
     backend: Backend = BackendOpt, precision: Precision = PrecisionOpt,
+    token: Optional[str] = typer.Option(None, envvar="DIFFSCORE_TOKEN", callback=token_option, show_envvar=True,
+                                        help="bearer token every endpoint but /health asks for (prefer the "
+                                        "environment variable: a flag shows in the process list)"),
+    docs: bool = typer.Option(False, "--docs", help="serve the API docs at /docs, /redoc and /openapi.json"),
+    dashboard: bool = typer.Option(False, "--dashboard", help="start Ray's dashboard (on 127.0.0.1:8265)"),
 ):
     """Serve an engine over HTTP with Ray Serve: POST /classify, /head, /match (JSON, images base64);
-    GET /health, /info. Runs until Ctrl-C or SIGTERM."""
+    GET /health, /info. Runs until Ctrl-C or SIGTERM. What it exposes: docs/serving.md."""
     import time
 
     from diffscore.app.scale import import_ray
 
     import_ray("diffscore serve")
+    import ray
     from ray import serve as ray_serve
 
     from diffscore.app.serve import start_server
 
-    url = start_server(engine, host=host, port=port, address=address, replicas=replicas, num_cpus=cpus_per_replica,
-                       num_gpus=gpus_per_replica, backend=backend.value, precision=precision.value,
-                       max_batch_size=max_batch)
-    say(f"serving {engine} at {url} ({replicas} replica{'s' * (replicas > 1)}); Ctrl-C stops")
+    if token is None and host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(Text.assemble(("warning: ", "yellow"), f"serving on {host} without a token: anyone who reaches port "
+                                f"{port} can use it (set DIFFSCORE_TOKEN)"))
     try:
+        url = start_server(engine, host=host, port=port, address=address, replicas=replicas, num_cpus=cpus_per_replica,
+                           num_gpus=gpus_per_replica, backend=backend.value, precision=precision.value,
+                           max_batch_size=max_batch, token=token, docs=docs, dashboard=dashboard)
+        say(f"serving {engine} at {url} ({replicas} replica{'s' * (replicas > 1)}"
+            f"{', bearer token' if token else ''}); Ctrl-C stops")
         while True:
             time.sleep(3600)
-    finally:  # Ctrl-C or SIGTERM (main turns it into KeyboardInterrupt): shut Serve down too
-        ray_serve.shutdown()
+    finally:  # Ctrl-C or SIGTERM (main turns it into KeyboardInterrupt): Serve and the Ray this started end too
+        if ray.is_initialized():
+            ray_serve.shutdown()
+            ray.shutdown()
 
 
 # --- entry point ----------------------------------------------------------------------------------

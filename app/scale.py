@@ -13,9 +13,11 @@ or encoded bytes, as `ray.data.read_images` / `read_binary_files` give), a ``byt
 
 from __future__ import annotations
 
-import io
 import logging
 import os
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -41,20 +43,69 @@ def import_ray(what: str = "this command"):
     return ray
 
 
-def start_ray(address: str | None = None, num_cpus: int | None = None, object_store_mb: int | None = None):
+def start_ray(address: str | None = None, num_cpus: int | None = None, object_store_mb: int | None = None,
+              dashboard: bool = False):
     """Join a running cluster (`address`: 'auto', 'ray://head:10001') or start a local Ray; reuse one
-    already started in this process. A local one is bounded by `num_cpus` and `object_store_mb`."""
+    already started in this process. A local one is bounded by `num_cpus` and `object_store_mb`, and every
+    process of it listens on loopback only (`loopback_ray`); `dashboard`: Ray's dashboard, on loopback too.
+    A cluster joined with `address` binds as its `ray start` said."""
     ray = import_ray()
     if ray.is_initialized():
         return ray
     local = address is None
+    previous = signal.getsignal(signal.SIGTERM)
     try:
-        ray.init(address=address, num_cpus=num_cpus if local else None, include_dashboard=False,
-                 object_store_memory=object_store_mb * 2**20 if local and object_store_mb else None,
-                 log_to_driver=False, configure_logging=False)
+        with loopback_ray(local):
+            ray.init(address=address, num_cpus=num_cpus if local else None, include_dashboard=dashboard,
+                     dashboard_host=LOOPBACK, object_store_memory=object_store_mb * 2**20 if local and object_store_mb else None,
+                     log_to_driver=False, configure_logging=False,
+                     runtime_env={"worker_process_setup_hook": "diffscore.app.scale.bind_worker_servers"},
+                     **({"_node_ip_address": LOOPBACK} if local else {}))
     except ConnectionError as e:
         raise EngineError(f"cannot reach the Ray cluster at {address}: {first_line(e)}") from None
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)  # ray.init installs sys.exit(15); the CLI's handler exits 143
     return ray
+
+
+LOOPBACK = "127.0.0.1"
+
+
+@contextmanager
+def loopback_ray(local: bool):
+    """While a local Ray starts, its node address is loopback, so GCS, raylet, object manager, agents and workers
+    listen on 127.0.0.1 only. ray.init(_node_ip_address="127.0.0.1") alone is turned back into the machine's
+    address on Linux; Ray keeps loopback where multi-node clusters are off (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
+    its macOS/Windows default), a setting read once at import, hence set on the imported module here."""
+    from ray._private import ray_constants  # a Ray without the setting binds as it does (the tests catch it)
+
+    saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    ray_constants.ENABLE_RAY_CLUSTER = saved and not local
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def bind_worker_servers() -> None:
+    """Ray's worker_process_setup_hook: a gRPC server a worker opens on every interface ("[::]:0": Serve's
+    inter-deployment server in each replica) listens on this node's address instead, loopback for a local Ray."""
+    import ray
+
+    try:
+        from ray._common import tls_utils
+    except ImportError:  # a Ray that moved it: the servers bind as Ray says (the tests catch it)
+        return
+    add_port = tls_utils.add_port_to_grpc_server
+
+    def on_node_address(server, address: str):
+        host, _, port = address.rpartition(":")
+        if host in ("[::]", "0.0.0.0"):
+            address = f"{ray.util.get_node_ip_address()}:{port}"
+        return add_port(server, address)
+
+    tls_utils.add_port_to_grpc_server = on_node_address
 
 
 def check_engine_dir(engine_dir) -> Path:
@@ -90,20 +141,16 @@ def image_rows(images):
 
 
 def _read_images(batch: dict) -> tuple[list, list]:
-    """The batch's images as PIL images (None where unreadable) and the matching error messages."""
-    from PIL import Image
-
-    from diffscore.engine.images import to_pil
+    """The batch's images as PIL images (None where unreadable) and the matching error messages. Encoded bytes
+    get the checks of a file (bomb limit, formats: engine/images.decode_image)."""
+    from diffscore.engine.images import decode_image, to_pil
 
     column = next(c for c in IMAGE_COLUMNS if c in batch)
     images, errors = [], []
     for x in batch[column]:
         try:
             if isinstance(x, (bytes, bytearray)):
-                try:
-                    x = Image.open(io.BytesIO(x))
-                except Exception as e:
-                    raise EngineError(f"cannot read image bytes: {first_line(e)}") from None
+                x = decode_image(bytes(x), "image bytes")
             images.append(to_pil(str(x) if column == "path" else x))
             errors.append(None)
         except EngineError as e:

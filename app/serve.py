@@ -13,16 +13,22 @@ UNet batches. Endpoints, all JSON:
        -> {"texts": [...], "scores": [[...], ...], "best": [...]}  (DSD, higher = better)
   GET  /health   -> {"status": "ok"};  GET /info -> the engine, the limits, what this replica has served
 
-A user mistake is a 4xx with {"error": "one line"}: 400 bad JSON, field, image or option; 413 too
-many bytes or images.
+Every answer that is not a result is {"error": "one line"}: 400 bad JSON, field, image or option; 401 no or
+a wrong bearer token (when the server has one: `Authorization: Bearer TOKEN` on every endpoint but /health);
+404 no such endpoint (also /docs, /redoc and /openapi.json unless the server was started with docs on);
+405 wrong method; 413 too many bytes, images or pixels. Images are read with the CLI's checks (the
+decompression-bomb limit, the formats of engine/images.IMAGE_SUFFIXES) and brought to the engine's size in
+the request, so one bad image fails only its own request. What is exposed and how to open it: docs/serving.md.
 """
 
 import asyncio
 import base64
 import binascii
-import io
+import hashlib
+import hmac
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,8 +39,10 @@ from diffscore.errors import EngineError, first_line
 
 import_ray("diffscore serve")  # the install hint, before the imports below fail less clearly
 from fastapi import FastAPI, Request  # noqa: E402  (fastapi comes with ray[serve])
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
 from ray import serve  # noqa: E402
+from starlette.exceptions import HTTPException  # noqa: E402
 
 log = logging.getLogger("diffscore")
 APP_NAME = "diffscore"
@@ -47,12 +55,18 @@ class Limits:
     max_bytes: int = 16 * 2**20  # request body
     max_images: int = 64  # images per request
     max_labels: int = 256  # labels (classify) or texts (match) per request
+    max_pixels: int = 2**26  # decoded pixels of all images of a request (each also under the bomb limit)
 
 
 class BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, headers: dict | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.headers = status, headers
+
+
+def token_digest(token: str) -> str:
+    """What a replica keeps of the bearer token: its sha256 (the token itself stays in the starting process)."""
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 FIELDS = {
@@ -61,26 +75,51 @@ FIELDS = {
     "match": {"images", "texts", "steps", "bias_weight", "seed"},
 }
 
-api = FastAPI(title="diffscore", description=__doc__)
+ENDPOINTS = "POST /classify, /head, /match; GET /health, /info"
+# FastAPI's own docs routes are off; the replica serves them itself when started with docs=True
+api = FastAPI(title="diffscore", description=__doc__, docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @api.exception_handler(BadRequest)
 async def _bad_request(request: Request, exc: BadRequest):
-    return JSONResponse({"error": str(exc)}, status_code=exc.status)
+    return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=exc.headers)
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException):
+    """Routing's own answers (no such path, wrong method) in the documented {"error": ...} form."""
+    where = f"{request.method} {request.url.path}"
+    message = {404: f"no endpoint {where}; the endpoints are {ENDPOINTS}",
+               405: f"{request.url.path} does not take {request.method}; allowed: {(exc.headers or {}).get('Allow')}"}
+    return JSONResponse({"error": message.get(exc.status_code, f"{where}: {exc.detail}")}, status_code=exc.status_code,
+                        headers=exc.headers)
+
+
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception):
+    """A bug, not the caller's mistake: logged with its traceback here, one line in the answer."""
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"error": f"internal error ({type(exc).__name__}: {first_line(exc)}); see the server log"},
+                        status_code=500)
 
 
 async def read_body(request: Request, task: str, limits: Limits) -> dict:
-    """The request's JSON object, checked against the task's fields and the size limit."""
+    """The request's JSON object, checked against the task's fields and the size limit (read in chunks:
+    a body that claims no length stops at the limit too)."""
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limits.max_bytes:
         raise BadRequest(f"request body of {int(length)} bytes is over the limit of {limits.max_bytes}", 413)
-    raw = await request.body()
-    if len(raw) > limits.max_bytes:
-        raise BadRequest(f"request body of {len(raw)} bytes is over the limit of {limits.max_bytes}", 413)
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limits.max_bytes:
+            raise BadRequest(f"request body of more than {limits.max_bytes} bytes is over the limit", 413)
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(f"the body is not JSON: {e}") from None
+    except ValueError as e:  # bad JSON, bad UTF-8, an integer of more digits than Python converts
+        raise BadRequest(f"the body is not JSON: {first_line(e)}") from None
+    except RecursionError:
+        raise BadRequest("the body is JSON nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest(f"the body must be a JSON object with the fields {', '.join(sorted(FIELDS[task]))}")
     unknown = sorted(set(body) - FIELDS[task])
@@ -89,30 +128,33 @@ async def read_body(request: Request, task: str, limits: Limits) -> dict:
     return body
 
 
-def decode_images(value, limits: Limits) -> list:
-    """PIL images from a list of base64 strings; one line naming the first bad one."""
-    from PIL import Image, UnidentifiedImageError
+def decode_images(value, limits: Limits, size: int) -> list:
+    """PIL images at the engine's `size` (canonical mode, resized and cropped as the engine would) from a list of
+    base64 strings; one line naming the first bad one. Done per request, so a bad image fails only its request."""
+    from diffscore.engine.images import canonical, decode_image, resize_center_crop
 
     if not isinstance(value, list) or not value:
         raise BadRequest('"images" must be a non-empty list of base64-encoded image files')
     if len(value) > limits.max_images:
         raise BadRequest(f"{len(value)} images in one request; the limit is {limits.max_images}", 413)
-    images = []
+    images, pixels = [], 0
     for i, item in enumerate(value):
-        try:
-            data = base64.b64decode(item, validate=True) if isinstance(item, str) else None
+        try:  # whitespace is allowed: `base64 FILE` wraps its output
+            data = base64.b64decode("".join(item.split()), validate=True) if isinstance(item, str) else None
         except (binascii.Error, ValueError):
             data = None
         if not data:
             raise BadRequest(f"images[{i}] is not base64-encoded image bytes (send the file's bytes; "
                              "server paths and URLs are refused)")
         try:
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()
-                images.append(im.copy())
-        except Exception as e:  # Pillow raises many types for bad files, including decompression bombs
-            why = "unknown format" if isinstance(e, UnidentifiedImageError) else first_line(e)
-            raise BadRequest(f"images[{i}] is not an image Pillow can read ({why})") from None
+            im = decode_image(data, f"images[{i}]")
+            pixels += im.width * im.height
+            if pixels > limits.max_pixels:
+                raise BadRequest(f"the images of this request have more than {limits.max_pixels:,} pixels in all; "
+                                 "send smaller images or fewer per request", 413)
+            images.append(resize_center_crop(canonical(im), size))
+        except EngineError as e:
+            raise BadRequest(str(e)) from None
     return images
 
 
@@ -133,23 +175,42 @@ def text_list(body: dict, key: str, limits: Limits, required: bool = True) -> li
 
 
 def typed(body: dict, key: str, kind, default=None, minimum=None):
-    """body[key] if it has the JSON type `kind` (and is ≥ minimum), else one line saying what it should be."""
+    """body[key] if it has the JSON type `kind` (finite, and ≥ minimum), else one line saying what it should be."""
     value = body.get(key, default)
     if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
         names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-        raise BadRequest(f'"{key}" must be {names}, got {json.dumps(value)}')
+        raise BadRequest(f'"{key}" must be {names}, got {shorten(value)}')
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BadRequest(f'"{key}" must be a finite number, got {value}')
     if value is not None and minimum is not None and value < minimum:
-        raise BadRequest(f'"{key}" must be ≥ {minimum}, got {value}')
+        raise BadRequest(f'"{key}" must be ≥ {minimum}, got {shorten(value)}')
     return value
 
 
+def shorten(value, limit: int = 60) -> str:
+    """A request value as JSON for an error line, cut to `limit` characters (a caller may send megabytes)."""
+    try:
+        text = json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError):  # ints too long for str(), deep nesting
+        text = type(value).__name__
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def finite(x) -> float | None:
+    """A score as JSON allows it: a non-finite one (λ large enough to overflow) becomes null."""
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
 def classify_options(body: dict, limits: Limits) -> dict:
+    from diffscore.engine.options import check_template
+
     template = typed(body, "template", str)
     if template is not None:
         try:
-            template.format("x")
-        except (KeyError, IndexError, ValueError):
-            raise BadRequest(f'"template" {template!r} must have one {{}} where the label goes') from None
+            check_template(template)
+        except EngineError as e:
+            raise BadRequest(f'"template": {e}') from None
     stages = body.get("stages")
     if stages is not None:
         if not (isinstance(stages, list) and stages and all(
@@ -162,7 +223,7 @@ def classify_options(body: dict, limits: Limits) -> dict:
 
 
 def result_json(r) -> dict:
-    return {"label": r.label, "ranking": [[c, float(s)] for c, s in r.ranking], "passes": int(r.passes)}
+    return {"label": r.label, "ranking": [[c, finite(s)] for c, s in r.ranking], "passes": int(r.passes)}
 
 
 @dataclass(frozen=True)
@@ -180,11 +241,12 @@ class DiffscoreServer:
     """One replica: a loaded engine, request batching across concurrent requests, the HTTP endpoints."""
 
     def __init__(self, engine_dir: str, backend: str = "auto", precision: str = "fp32", threads: int | None = None,
-                 limits: Limits = Limits(), max_batch_size: int = 16, batch_wait_s: float = 0.01):
+                 limits: Limits = Limits(), max_batch_size: int = 16, batch_wait_s: float = 0.01,
+                 token_sha256: str | None = None, docs: bool = False):
         import diffscore
 
         self.engine = diffscore.load(engine_dir, backend=backend, precision=precision, threads=threads)
-        self.limits = limits
+        self.limits, self.token_sha256, self.docs = limits, token_sha256, docs
         self._score.set_max_batch_size(max_batch_size)
         self._score.set_batch_wait_timeout_s(batch_wait_s)
         self.served = {"requests": 0, "batches": 0, "engine_calls": 0, "images": 0}
@@ -222,50 +284,72 @@ class DiffscoreServer:
                 start += len(jobs[i].images)
         return answers
 
+    def _authorize(self, request: Request) -> None:
+        """401 unless the request carries the server's bearer token (when it has one)."""
+        if self.token_sha256 is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token_digest(token.strip()), self.token_sha256):
+            why = "a wrong bearer token" if scheme.lower() == "bearer" else "no bearer token"
+            raise BadRequest(f"this server needs a token: send the header 'Authorization: Bearer TOKEN' ({why} came)",
+                             401, headers={"WWW-Authenticate": "Bearer"})
+
+    async def _images(self, request: Request, task: str) -> tuple[dict, list]:
+        """The checked body and its images at the engine's size (decoded off the event loop)."""
+        self._authorize(request)
+        body = await read_body(request, task, self.limits)
+        m = self.engine.manifest
+        images = await asyncio.to_thread(decode_images, body.get("images"), self.limits, m.image_size)
+        return body, images
+
     async def _submit(self, task: str, options: dict, images: list):
         self.served["requests"] += 1
         answer = await self._score(Job(task, tuple(sorted(options.items())), images))
         if isinstance(answer, EngineError):
-            raise BadRequest(str(answer).splitlines()[0])
+            raise self._refusal(answer)
         return answer
+
+    def _refusal(self, error: EngineError) -> BadRequest:
+        """The engine's one line for the caller, naming the engine, not where it lies on the server."""
+        return BadRequest(first_line(error).replace(str(self.engine.engine_dir), Path(self.engine.engine_dir).name))
 
     # --- endpoints ----------------------------------------------------------------------------
     @api.post("/classify")
     async def classify(self, request: Request):
-        body = await read_body(request, "classify", self.limits)
-        images = decode_images(body.get("images"), self.limits)
+        body, images = await self._images(request, "classify")
         results = await self._submit("classify", classify_options(body, self.limits), images)
         return {"results": [result_json(r) for r in results]}
 
     @api.post("/head")
     async def head(self, request: Request):
-        body = await read_body(request, "head", self.limits)
-        images = decode_images(body.get("images"), self.limits)
+        body, images = await self._images(request, "head")
         try:
             name = self.engine.head_name(typed(body, "head", str))
         except EngineError as e:
-            raise BadRequest(str(e)) from None
+            raise self._refusal(e) from None
         results = await self._submit("classify", dict(method="head", head=name), images)
         return {"head": name, "results": [result_json(r) for r in results]}
 
     @api.post("/match")
     async def match(self, request: Request):
-        body = await read_body(request, "match", self.limits)
-        images = decode_images(body.get("images"), self.limits)
+        body, images = await self._images(request, "match")
         texts = text_list(body, "texts", self.limits)
         options = dict(texts=tuple(texts), steps=typed(body, "steps", int, minimum=1),
                        seed=typed(body, "seed", int, 0, minimum=0),
                        bias_weight=typed(body, "bias_weight", (int, float)))  # None: the engine's DSD preset's λ
         scores = await self._submit("match", options, images)
-        return {"texts": texts, "scores": scores.tolist(), "best": [texts[j] for j in scores.argmax(axis=1)]}
+        return {"texts": texts, "scores": [[finite(x) for x in row] for row in scores],
+                "best": [texts[j] for j in np.nan_to_num(scores, nan=-np.inf).argmax(axis=1)]}
 
     @api.get("/health")
     async def health(self):
         return {"status": "ok"}
 
     @api.get("/info")
-    async def info(self):
+    async def info(self, request: Request):
         import diffscore
+
+        self._authorize(request)
 
         m = self.engine.manifest
         return {
@@ -277,24 +361,70 @@ class DiffscoreServer:
             "served": self.served,
         }
 
+    # --- docs: off unless the server was started with docs=True ---------------------------------
+    def _docs_on(self, request: Request) -> None:
+        if not self.docs:
+            raise HTTPException(404)
+        self._authorize(request)
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request):
+        self._docs_on(request)
+        return api.openapi()
+
+    @api.get("/docs", include_in_schema=False)
+    async def swagger(self, request: Request):
+        self._docs_on(request)
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="diffscore")
+
+    @api.get("/redoc", include_in_schema=False)
+    async def redoc(self, request: Request):
+        self._docs_on(request)
+        return get_redoc_html(openapi_url="/openapi.json", title="diffscore")
+
+
+TOKEN_ENV = "DIFFSCORE_TOKEN"
+MIN_TOKEN_CHARS = 16
+
+
+def check_token(token: str | None) -> str | None:
+    """The bearer token, stripped (a file's newline), or None; a short or unsendable one is refused in one line
+    that does not repeat it."""
+    if token is None:
+        return None
+    token = token.strip()
+    if len(token) < MIN_TOKEN_CHARS or not (token.isascii() and token.isprintable()) or " " in token:
+        raise EngineError(f"the token must be {MIN_TOKEN_CHARS} or more printable ASCII characters without spaces "
+                          f"(got {len(token)} characters); make one with: "
+                          "python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    return token
+
 
 def build_app(engine_dir, *, replicas: int = 1, num_cpus: float = 1, num_gpus: float = 0, backend: str = "auto",
-              precision: str = "fp32", limits: Limits = Limits(), max_batch_size: int = 16, batch_wait_s: float = 0.01):
-    """The Serve application: `replicas` copies of the engine, each with `num_cpus` / `num_gpus`."""
+              precision: str = "fp32", limits: Limits = Limits(), max_batch_size: int = 16, batch_wait_s: float = 0.01,
+              token: str | None = None, docs: bool = False):
+    """The Serve application: `replicas` copies of the engine, each with `num_cpus` / `num_gpus`; `token`: the
+    bearer token every endpoint but /health asks for; `docs`: serve /docs, /redoc and /openapi.json."""
     engine_dir = check_engine_dir(engine_dir)
     if replicas < 1 or max_batch_size < 1:
         raise EngineError(f"replicas and max_batch_size must be ≥ 1, got {replicas} and {max_batch_size}")
+    token = check_token(token)
     return DiffscoreServer.options(
         num_replicas=replicas, max_ongoing_requests=2 * max_batch_size,
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
-    ).bind(str(engine_dir), backend, precision, engine_threads(num_cpus, num_gpus), limits, max_batch_size, batch_wait_s)
+    ).bind(str(engine_dir), backend, precision, engine_threads(num_cpus, num_gpus), limits, max_batch_size, batch_wait_s,
+           token and token_digest(token), docs)
 
 
-def start_server(engine_dir, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None, **options):
+def start_server(engine_dir, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
+                 dashboard: bool = False, **options):
     """Start Ray (or join `address`), start Serve's HTTP proxy on host:port and deploy the engine; returns
-    when every replica is up. `serve.shutdown()` stops it."""
+    when every replica is up. `serve.shutdown()` stops it.
+
+    A Ray started here listens on loopback only, whatever `host` is (scale.start_ray); only the HTTP proxy
+    listens on `host`. `dashboard`: Ray's dashboard, on loopback too."""
     app = build_app(engine_dir, **options)
-    start_ray(address)
+    start_ray(address, dashboard=dashboard)
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name=APP_NAME, route_prefix="/")
-    return f"http://{host}:{port}"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

@@ -59,13 +59,18 @@ def write_result(name: str, result: dict) -> Path:
 
 def update_readme(section: str, markdown: str) -> None:
     """Replace the README text between <!-- bench:SECTION --> and <!-- /bench:SECTION -->."""
-    text = README.read_text()
+    update_doc(README, section, markdown)
+
+
+def update_doc(path: Path, section: str, markdown: str) -> None:
+    """Replace the text of a markdown file between <!-- bench:SECTION --> and <!-- /bench:SECTION -->."""
+    text = path.read_text()
     start, end = f"<!-- bench:{section} -->", f"<!-- /bench:{section} -->"
     if start not in text or end not in text:
-        raise SystemExit(f"README.md has no {start} ... {end} markers")
+        raise SystemExit(f"{path.name} has no {start} ... {end} markers")
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
-    README.write_text(f"{head}{start}\n{markdown.strip()}\n{end}{tail}")
+    path.write_text(f"{head}{start}\n{markdown.strip()}\n{end}{tail}")
 
 
 def machine_line(info: dict) -> str:

@@ -14,7 +14,9 @@ line; the environment variable DIFFSCORE_MAX_IMAGE_PIXELS raises the limit.
 
 from __future__ import annotations
 
+import io
 import os
+import struct
 import warnings
 from pathlib import Path
 from typing import Union
@@ -22,7 +24,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from diffscore.errors import EngineError, not_a_file
+from diffscore.errors import EngineError, first_line, not_a_file
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
@@ -42,19 +44,33 @@ def max_image_pixels() -> int:
 
 def open_image(path: Path) -> Image.Image:
     """Read an image file fully, refusing decompression bombs in one line."""
+    return read_image(path, f"image {path}")
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """Image bytes from an untrusted sender (the HTTP API, a dataset column): the checks of a file, and only
+    the formats of IMAGE_SUFFIXES (Pillow's other decoders, some of which run external programs, stay off)."""
+    return read_image(io.BytesIO(data), name, formats=IMAGE_FORMATS)
+
+
+def read_image(source, name: str, formats=None) -> Image.Image:
+    """A path or file object read fully, `name` in the one-line refusals (bomb, unknown format, damage)."""
     limit, saved = max_image_pixels(), Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow only warns up to 2x its limit
             Image.MAX_IMAGE_PIXELS = limit
-            with Image.open(path) as im:
+            with Image.open(source, formats=formats) as im:
                 im.load()
                 return im.copy()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise EngineError(f"image {path} has more pixels than the limit of {limit:,} (a decompression-bomb guard); "
+        raise EngineError(f"{name} has more pixels than the limit of {limit:,} (a decompression-bomb guard); "
                           f"if you trust it, raise the limit with {MAX_PIXELS_ENV}=N") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise EngineError(f"cannot read image {path}: {e}") from None
+    except UnidentifiedImageError:
+        allowed = f" ({', '.join(formats)})" if formats else ""
+        raise EngineError(f"cannot read {name}: not an image in a known format{allowed}") from None
+    except (OSError, ValueError, SyntaxError, struct.error) as e:  # damaged files raise any of these in Pillow
+        raise EngineError(f"cannot read {name}: {first_line(e) or type(e).__name__}") from None
     finally:
         Image.MAX_IMAGE_PIXELS = saved
 
@@ -108,6 +124,9 @@ def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
     short, long = min(w, h), max(w, h)
     new_long = int(size * long / short)  # truncated, as torchvision's _compute_resized_output_size
     new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    if new_w * new_h > max_image_pixels():  # a 1 x 50M strip is within the bomb limit, its resize is not
+        raise EngineError(f"image of {w} x {h} pixels is too elongated: resizing its short side to {size} would make "
+                          f"{new_w * new_h:,} pixels, over the limit of {max_image_pixels():,} ({MAX_PIXELS_ENV})")
     if (new_w, new_h) != (w, h):
         im = im.resize((new_w, new_h), Image.BICUBIC)
     left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
@@ -141,6 +160,7 @@ def preprocess_batch(images, size: int, channels: int) -> np.ndarray:
 
 IMAGE_WINDOW = 16  # images read, decoded and scored together: full UNet batches, bounded memory
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")  # Pillow's names for the formats of IMAGE_SUFFIXES
 
 
 def image_files(folder: Path) -> list[Path]:

@@ -118,3 +118,48 @@ def test_batch_mistakes_are_one_line(run_cli, scale_engine, digit_files, tmp_pat
         code, err = run_cli(*command)
         assert code == 1 and "pip install 'diffscore[ray]'" in err and len(err.strip().splitlines()) == 1, err
     assert not list(tmp_path.glob("r.*"))
+
+
+def test_encoded_bytes_get_the_checks_of_a_file():
+    """A dataset's encoded bytes are read like a file given to the CLI: a decompression bomb and a format outside
+    the image suffixes (an EPS, whose Pillow decoder runs Ghostscript) are error rows, a PNG is read as itself."""
+    import io
+
+    from PIL import Image
+
+    from diffscore.app.scale import _read_images
+
+    def encoded(im, fmt: str) -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, format=fmt)
+        return buf.getvalue()
+
+    digit = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+    images, errors = _read_images({"bytes": [encoded(Image.fromarray(digit), "PNG"),
+                                             encoded(Image.new("1", (12_000, 12_000)), "PNG"), eps, b"junk"]})
+    assert np.array_equal(np.asarray(images[0]), digit) and errors[0] is None
+    assert images[1:] == [None] * 3
+    assert "more pixels than the limit of 89,478,485" in errors[1]
+    assert all("cannot read image bytes: not an image in a known format (PNG, JPEG, BMP, GIF, WEBP, TIFF)" in e
+               for e in errors[2:]), errors
+
+
+def test_the_local_ray_listens_on_loopback_only(ray_session):
+    """The Ray every `batch` starts (scale.start_ray, as this session's): no socket of this process or of any Ray
+    process below it (GCS, raylet, agents, workers) listens beyond loopback. The served case, with Serve's
+    processes: tests/hostile/test_hostile_serve.py."""
+    import ipaddress
+
+    psutil = pytest.importorskip("psutil")
+    me = psutil.Process()
+    sockets = []
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            sockets += [(c.laddr.ip, c.laddr.port, process.name()) for c in process.net_connections("inet")
+                        if c.status == psutil.CONN_LISTEN]
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            pass
+    assert {"gcs_server", "raylet"} <= {name for _, _, name in sockets}, sockets
+    loopback = [ipaddress.ip_address(ip) for ip, _, _ in sockets]
+    assert all((getattr(a, "ipv4_mapped", None) or a).is_loopback for a in loopback), sockets

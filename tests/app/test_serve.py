@@ -1,12 +1,14 @@
 """HTTP serving with Ray Serve (diffscore.app.serve): real requests to 127.0.0.1 get the in-process
-Engine's answers, 16 concurrent requests are batched and all answered, bad input is a one-line 4xx,
-and a killed replica is replaced."""
+Engine's answers, 16 concurrent requests are batched and all answered, bad input (including decompression
+bombs, elongated images and unknown routes) is a one-line 4xx, and a killed replica is replaced. The served
+CLI itself (sockets, token, SIGTERM) and many more hostile requests: tests/hostile/test_hostile_serve.py."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
+import re
 import socket
 import time
 import urllib.error
@@ -26,9 +28,10 @@ SEED = 3
 BACKEND = "ort-cpu"  # answers are compared exactly: one backend on both sides (auto may differ in a replica)
 
 
-def png_b64(image: np.ndarray) -> str:
+def png_b64(image) -> str:
+    """A uint8 array or a PIL image as base64 PNG bytes."""
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
 
 
@@ -52,8 +55,8 @@ def server(ray_session, scale_engine):
     with socket.socket() as s:  # a free port on the loopback interface
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    url = start_server(scale_engine, host="127.0.0.1", port=port, num_cpus=0.5, batch_wait_s=0.05, backend=BACKEND,
-                       limits=Limits(max_bytes=100_000, max_images=8, max_labels=20))
+    url = start_server(scale_engine, host="127.0.0.1", port=port, num_cpus=0.5, batch_wait_s=0.05, backend=BACKEND, docs=True,
+                       limits=Limits(max_bytes=100_000, max_images=8, max_labels=20, max_pixels=2_000_000))
     yield url
     serve.shutdown()
 
@@ -83,7 +86,9 @@ def test_16_concurrent_requests_equal_engine_and_are_batched(server, engine, dig
 
 def test_head_and_match_endpoints_equal_engine(server, engine, digit_files):
     images = digit_files[1][:3]
-    status, answer = request(server, "/head", {"images": [png_b64(im) for im in images]})
+    wrapped = [re.sub("(.{76})", "\\1\n", png_b64(im)) for im in images]  # as `base64 FILE` prints it
+    assert "\n" in wrapped[0]
+    status, answer = request(server, "/head", {"images": wrapped})
     assert status == 200 and answer["head"] == "digits"
     assert answer["results"] == [{"label": r.label, "ranking": ranking(r), "passes": r.passes}
                                  for r in engine.classify(images, method="head")]
@@ -94,13 +99,21 @@ def test_head_and_match_endpoints_equal_engine(server, engine, digit_files):
 
 def test_bad_input_is_a_one_line_4xx(server, digit_files):
     good = png_b64(digit_files[1][0])
+    bomb = png_b64(Image.new("1", (12_000, 12_000)))  # 144 M pixels in ~18 KB: the CLI refuses it, so must the API
+    strip = png_b64(Image.new("1", (1, 1_500_000)))  # under the bomb limit, but 8 x 12 M pixels once resized
+    assert len(bomb) < 30_000 and len(strip) < 100_000
     cases = [
         ("/classify", b"{not json", 400, "not JSON"),
         ("/classify", {"images": [good], "labels": LABELS, "colour": 1}, 400, "unknown field 'colour'"),
         ("/classify", {"labels": LABELS}, 400, '"images" must be a non-empty list'),
         ("/classify", {"images": ["/etc/hostname"], "labels": LABELS}, 400, "server paths and URLs are refused"),
         ("/classify", {"images": [base64.b64encode(b"GIF89a nonsense").decode()], "labels": LABELS}, 400,
-         "not an image Pillow can read"),
+         "cannot read images[0]"),
+        ("/classify", {"images": [bomb], "labels": LABELS}, 400, "more pixels than the limit of 89,478,485"),
+        ("/classify", {"images": [strip], "labels": LABELS}, 400, "too elongated"),
+        ("/classify", {"images": [png_b64(np.zeros((1500, 1500), np.uint8))], "labels": LABELS}, 413,
+         "more than 2,000,000 pixels"),
+        ("/classify", {"images": [good], "labels": LABELS, "template": "{0.nope}"}, 400, '"template"'),
         ("/classify", {"images": [good], "labels": []}, 400, "non-empty list"),
         ("/classify", {"images": [good], "labels": ["a", "a"]}, 400, "duplicates"),
         ("/classify", {"images": [good], "labels": [f"l{i}" for i in range(21)]}, 400, "the limit is 20"),
@@ -119,6 +132,20 @@ def test_bad_input_is_a_one_line_4xx(server, digit_files):
         assert (got, list(answer)) == (status, ["error"]), (path, body if isinstance(body, bytes) else answer)
         assert message in answer["error"] and "\n" not in answer["error"], answer
     assert request(server, "/health") == (200, {"status": "ok"})
+    # routing's own answers are the documented {"error": ...} too
+    for path, status, message in [("/nope", 404, "no endpoint GET /nope"), ("/classify", 405, "allowed: POST")]:
+        got, answer = request(server, path)
+        assert got == status and list(answer) == ["error"] and message in answer["error"], (path, answer)
+
+
+def test_docs_when_asked_for(server):
+    """This server was started with docs=True (the CLI's default is off: tests/hostile/test_hostile_serve.py)."""
+    status, schema = request(server, "/openapi.json")
+    assert status == 200 and {"/classify", "/head", "/match", "/health", "/info"} <= set(schema["paths"]), schema
+    assert not {"/docs", "/redoc", "/openapi.json"} & set(schema["paths"])
+    for path in ("/docs", "/redoc"):
+        with urllib.request.urlopen(server + path, timeout=60) as r:
+            assert r.status == 200 and b"/openapi.json" in r.read()
 
 
 def test_a_killed_replica_is_replaced(ray_session, server, engine, digit_files):

@@ -92,3 +92,11 @@ def test_decompression_bomb_is_refused_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv(MAX_PIXELS_ENV, "20000")  # the documented way to let it through
     assert preprocess(tmp_path / "big.png", 16, 1).shape == (1, 16, 16)
     assert Image.MAX_IMAGE_PIXELS == 89_478_485  # Pillow's own setting is left as it was
+
+
+def test_an_image_too_elongated_to_resize_is_refused_in_one_line(monkeypatch):
+    """1 x 200 px is under a 10,000-pixel limit, but its short side at 16 px makes 16 x 3,200 = 51,200 pixels."""
+    monkeypatch.setenv(MAX_PIXELS_ENV, "10000")
+    with pytest.raises(EngineError, match="1 x 200 pixels is too elongated.*51,200 pixels, over the limit of 10,000"):
+        preprocess(Image.new("L", (1, 200)), 16, 1)
+    assert preprocess(Image.new("L", (1, 30)), 16, 1).shape == (1, 16, 16)  # 16 x 480 = 7,680: fine
