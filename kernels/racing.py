@@ -22,7 +22,7 @@ from diffscore.kernels.timesteps import timestep_grid
 
 DEFAULT_GRID = 100  # timesteps in the race's grid when the engine has no profile
 STRATEGIES = ("stages", "race")
-DEFAULT_STRATEGY = "stages"
+DEFAULT_STRATEGY = "race"  # every engine races until told otherwise (bench/default_race.py)
 
 
 @dataclass(frozen=True)
