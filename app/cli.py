@@ -6,7 +6,8 @@ One vocabulary across commands: images are positional files, folders or glob pat
 `--limit` counts images, `--timesteps` counts the (t, ε) pairs a candidate is scored at (DSD, DiffDis),
 `--grid` the race's timestep grid, `--noise-steps` the fixed noise step(s) features are read at,
 `--sampling-steps` a sampler's denoising steps, `--train-steps` optimiser steps, `--text` one caption
-(repeat it), `--threads` torch's threads (docs/cli.md has the table). Runtime commands (classify, match, info, demo on an
+(repeat it), `--threads` torch's threads (docs/cli.md has the table).
+Runtime commands (classify, match, info, demo on an
 exported engine) need no torch; export, parity, calibrate and training need the `torch` extra.
 """
 
@@ -65,6 +66,7 @@ RangeMethod = choices("RangeMethod", ("minmax", "entropy", "percentile"))  # = c
 Strategy = choices("Strategy", STRATEGIES)
 ExportPrecision = choices("ExportPrecision", ("fp32", "fp16"))  # int8 comes from calibrate, bf16 is a runtime hint
 InfoFormat = choices("InfoFormat", ("table", "json"))
+BuildPrecision = choices("BuildPrecision", ("fp32", "fp16", "int8"))  # bf16 is OpenVINO's, no TensorRT plan
 DsdPresetChoice = choices("DsdPreset", DSD_PRESETS)
 StrategyOpt = typer.Option(None, help="stages: fixed pruning stages | race: adaptive paired racing, stops when the "
                            "leader is z standard errors ahead (default: the engine's; --stages implies stages)")
@@ -429,7 +431,8 @@ def demo(
 DefaultTemplateOpt = typer.Option(None, help="default prompt template, one {} for the label (fresh export: '{}')")
 DefaultStrategyOpt = typer.Option(None, help="default strategy: race (fresh export: adaptive, spread order until "
                                   "`diffscore profile`) | stages (fixed pruning stages)")
-DefaultStagesOpt = typer.Option(None, help="default pruning stages n_samples:keep for --strategy stages, e.g. 50:5,500:1")
+DefaultStagesOpt = typer.Option(None, help="default pruning stages n_samples:keep for --strategy stages, "
+                                "e.g. 50:5,500:1")
 DefaultLossOpt = typer.Option(None, help="default denoising error (fresh export: l2)")
 DefaultZOpt = typer.Option(None, "--z", help="race: standard errors behind the leader that drop a candidate")
 MinRoundsOpt = typer.Option(None, "--min-rounds", min=1, help="race: rounds before the first candidate may leave")
@@ -626,7 +629,7 @@ def check_label_free_flags(data, demo, synthesize, pseudo_label, save_samples, m
 @app.command("build-trt")
 def build_trt(
     engine: Path = typer.Argument(..., help="engine directory"),
-    precision: Precision = typer.Option(Precision.fp16.value, "--precision", "-p", help="which UNet graph to build"),
+    precision: BuildPrecision = typer.Option(Precision.fp16.value, "--precision", "-p", help="which UNet graph to build"),
     min_batch: int = typer.Option(1, min=1), opt_batch: int = typer.Option(8, min=1), max_batch: int = typer.Option(32, min=1),
 ):
     """Build TensorRT plans (strongly typed; precision comes from the ONNX) for this GPU."""
@@ -807,7 +810,8 @@ def train_diffdis(
     batch_size: int = typer.Option(128, min=1, help="pairs per optimiser step"),
     lr: float = typer.Option(1e-3, min=0.0, help="AdamW learning rate"),
     timesteps: int = typer.Option(5, "--timesteps", min=1, help="default shared (t, ε) per candidate of the denoise mode"),
-    generate_steps: int = typer.Option(4, "--sampling-steps", min=1, help="DDIM steps of the generate mode (baked into the exported graph)"),
+    generate_steps: int = typer.Option(4, "--sampling-steps", min=1, help="DDIM steps of the generate mode (baked "
+                                       "into the exported graph)"),
     mode: DiffDisMode = typer.Option(DiffDisMode.denoise.value, help="the engine's default inference mode"),
     seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed of the fixed noises, the initialisation, the split and shuffling"),
     overwrite: bool = typer.Option(False, help="replace an existing run"),

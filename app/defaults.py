@@ -130,7 +130,8 @@ def duration(seconds: float) -> str:
 LONG_RUN = 2_000  # UNet passes (all images, at most) from which `classify` says what the run will cost
 
 
-def classify_plan(engine, labels: list[str], images: int, *, strategy=None, stages=None, z=None, budget=None) -> str | None:
+def classify_plan(engine, labels: list[str], images: int, *, strategy=None, stages=None, z=None,
+                  budget=None) -> str | None:
     """The line `classify` prints on stderr before a long Diffusion Classifier run: passes per image as the
     engine will resolve its options (call > engine default), and the time they take at the UNet rate `auto`
     measured here, where it did. None for a short run."""

@@ -37,7 +37,8 @@ def run(threads: int | None, out: Path) -> dict:
     seconds = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(proc.stderr[-2000:])
-    return {"threads": threads or f"default ({idle})", "seconds": round(seconds, 2), "load_average_1min": round(load, 2)}
+    return {"threads": threads or f"default ({idle})", "seconds": round(seconds, 2),
+            "load_average_1min": round(load, 2)}
 
 
 def main() -> None:

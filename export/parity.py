@@ -252,7 +252,8 @@ def run_parity(engine_dir: str | Path, model_dir: str | Path | None = None, imag
     engine_dir = Path(engine_dir)
     manifest = Manifest.load(engine_dir)
     comp = reference_components(manifest, model_dir)
-    verdicts = (tensor_parity(engine_dir, manifest, comp, images, progress) + head_parity(engine_dir, manifest, comp, images=images)
+    verdicts = (tensor_parity(engine_dir, manifest, comp, images, progress)
+                + head_parity(engine_dir, manifest, comp, images=images)
                 + match_parity(engine_dir, manifest, comp, images) + itc_parity(engine_dir, manifest, comp, images))
     for v in verdicts:
         echo(str(v))

@@ -112,13 +112,14 @@ def test_threads_on_every_torch_command():
 def test_help_offers_only_accepted_choices():
     assert COMMANDS["export"]["--precision"]["choices"] == {"fp32", "fp16"}  # int8: calibrate; bf16: a runtime hint
     assert COMMANDS["info"]["--format"]["choices"] == {"table", "json"}
+    assert COMMANDS["build-trt"]["--precision"]["choices"] == {"fp32", "fp16", "int8"}
 
 
 @pytest.mark.parametrize("args", [
     ["export", "{model}", "{tmp}/e", "-p", "int8"],
     ["export", "{model}", "{tmp}/e", "-p", "bf16"],
     ["info", "{engine}", "-f", "csv"],
-    ["classify", "{engine}", "{tmp}/x.png", "--labels", "a,b", "-p", "int8"],  # offered, but this engine has no int8 UNet
+    ["classify", "{engine}", "{tmp}/x.png", "--labels", "a,b", "-p", "int8"],  # offered; this engine has no int8
     ["classify", "{engine}", "{tmp}/x.png", "--labels", "a,b", "-p", "bf16", "-b", "ort-cpu"],
     ["match", "{engine}", "{tmp}/x.png", "--text", "a", "--texts-file", "t.txt"],
     ["export", "{model}", "{tmp}/e", "--template", "no field"],
@@ -154,3 +155,32 @@ def test_a_caption_with_a_comma_is_one_caption_and_says_so(run_cli_out, demo_eng
                                  "-f", "json")
     assert code == 0, err
     assert list(json.loads(out)[0]["scores"]) == ["a,b"] and "repeat --text" in err
+
+
+@pytest.mark.parametrize("command", [
+    ["classify", "{engine}", "{images}", "--labels", "zero,one,two,three", "--stages", "1000:1"],
+    ["train-prompts", "{model}", "--demo", "--shots", "2", "--train-steps", "100000", "--out", "{tmp}/run"],
+], ids=lambda c: c[0])
+def test_sigterm_ends_a_long_command_with_143(demo_model, demo_engine, tmp_path, command):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from PIL import Image
+
+    from diffscore.app.digits import load_digits_split
+
+    (tmp_path / "digits").mkdir()
+    for i, image in enumerate(load_digits_split().test_images[:40]):
+        Image.fromarray(image).save(tmp_path / "digits" / f"{i}.png")
+    args = [a.format(engine=demo_engine, model=demo_model, images=tmp_path / "digits", tmp=tmp_path) for a in command]
+    proc = subprocess.Popen([sys.executable, "-m", "diffscore.app.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # past start-up, into the long work
+    assert proc.poll() is None, proc.communicate()[1]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines() == ["error: terminated (SIGTERM); nothing half-written was left"], err
+    assert not (tmp_path / "run").exists()
