@@ -265,9 +265,8 @@ def classify(
     """Classify images: the zero-shot Diffusion Classifier (default), a trained head (--method head) or
     DiffDis (--method diffdis).
 
-    confidence: the winner's lead over the best other class in standard errors of their paired errors."""
-    import diffscore
-
+    confidence: the winner's lead over the best other class in standard errors of their paired errors (a head:
+    its logit lead over the runner-up, log(p1/p2))."""
     output_format(output)
     label_list = read_labels(labels, labels_file, required=method is not Method.head)  # a head has its own labels
     paths = image_paths(images)[:limit]
@@ -313,8 +312,6 @@ def match(
     limit: Optional[int] = LimitOpt,
 ):
     """Image-text matching: an images x texts matrix of scores (higher = better match): DSD, DiffDis or ITC."""
-    import diffscore
-
     output_format(output)
     text_list = read_texts(texts, texts_file)
     paths = image_paths(images)[:limit]

@@ -13,7 +13,7 @@ from pathlib import Path
 from diffscore.engine.manifest import Manifest, RaceDefaults, ScoringDefaults
 from diffscore.engine.options import check_template
 from diffscore.errors import EngineError, UsageMistake
-from diffscore.kernels import DEFAULT_STRATEGY, LOSSES, STRATEGIES, RaceConfig
+from diffscore.kernels import LOSSES, STRATEGIES, RaceConfig
 from diffscore.kernels.racing import DEFAULT_GRID
 from diffscore.kernels.timesteps import stage_timesteps
 
