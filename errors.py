@@ -33,3 +33,8 @@ def not_a_file(path, what: str) -> str:
              (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
     kind = next((name for test, name in kinds if test(mode)), "not a regular file")
     return f"{what} {path} is {kind}, not a regular file" if kind.startswith("a ") else f"{what} {path} is {kind}"
+
+
+class UsageMistake(EngineError):
+    """A mistake in how a command was called (flags that do not go together, a value of the wrong form):
+    the CLI shows it as one line and exits 2, like a mistyped flag."""

@@ -3,8 +3,11 @@ choice, a missing argument), exit 1 for a problem found while working (a file, a
 
 One vocabulary across commands: images are positional files, folders or glob patterns; labels are
 `--labels a,b,c` or `--labels-file FILE`; `-o/--output FILE` writes json/jsonl/csv by extension;
-`--limit` counts images, `--timesteps` counts DSD timesteps, `--noise-steps` lists a head's noise
-steps, `--train-steps` counts optimiser steps. Runtime commands (classify, match, info, demo on an
+`--limit` counts images, `--timesteps` counts the (t, ε) pairs a candidate is scored at (DSD, DiffDis),
+`--grid` the race's timestep grid, `--noise-steps` the fixed noise step(s) features are read at,
+`--sampling-steps` a sampler's denoising steps, `--train-steps` optimiser steps, `--text` one caption
+(repeat it), `--threads` torch's threads (docs/cli.md has the table).
+Runtime commands (classify, match, info, demo on an
 exported engine) need no torch; export, parity, calibrate and training need the `torch` extra.
 """
 
@@ -25,9 +28,10 @@ from rich.text import Text
 from diffscore import __version__
 from diffscore.app.render import Format, emit, err, error_line, say
 from diffscore.app.runs import ReadableImages, check_output, check_target, check_writable_dir, save_rows
+from diffscore.app.threads import ThreadsOpt, set_threads
 from diffscore.engine.backends.choice import BACKENDS
 from diffscore.engine.manifest import PRECISIONS
-from diffscore.errors import EngineError, not_a_file
+from diffscore.errors import EngineError, UsageMistake, not_a_file
 from diffscore.kernels import LOSSES, STRATEGIES
 from diffscore.kernels.dsd import DEFAULT_DSD_PRESET, DSD_PRESETS
 
@@ -61,6 +65,9 @@ HeadKind = choices("HeadKind", ("linear", "attention", "difformer"))  # = refere
 Sampler = choices("Sampler", ("dpm-solver", "ddim"))  # = reference.sampling.SAMPLERS (tested)
 RangeMethod = choices("RangeMethod", ("minmax", "entropy", "percentile"))  # = calibration.quantize.METHODS (tested)
 Strategy = choices("Strategy", STRATEGIES)
+ExportPrecision = choices("ExportPrecision", ("fp32", "fp16"))  # int8 comes from calibrate, bf16 is a runtime hint
+InfoFormat = choices("InfoFormat", ("table", "json"))
+BuildPrecision = choices("BuildPrecision", ("fp32", "fp16", "int8"))  # bf16 is OpenVINO's, no TensorRT plan
 DsdPresetChoice = choices("DsdPreset", DSD_PRESETS)
 StrategyOpt = typer.Option(None, help="stages: fixed pruning stages | race: adaptive paired racing, stops when the "
                            "leader is z standard errors ahead (default: the engine's; --stages implies stages)")
@@ -80,7 +87,9 @@ ModelArg = typer.Argument(..., help="local diffusers model folder")
 PairsOpt = typer.Option(None, "--data", help='JSONL of {"image": path, "caption": str} lines')
 LabelsOpt = typer.Option(None, "--labels", "-l", help="class names, comma separated")
 LabelsFileOpt = typer.Option(None, "--labels-file", help="class names, one per line (UTF-8)")
-ImagesArg = typer.Argument(..., help="image files, folders or glob patterns", show_default=False)
+ImagesArg = typer.Argument(..., help="image files, folders (searched into subfolders) or glob patterns",
+                           show_default=False)
+LimitOpt = typer.Option(None, "--limit", min=1, help="use only the first N images")
 
 
 def version_callback(value: bool) -> None:
@@ -110,7 +119,7 @@ def parse_stages(text: str | None) -> list[tuple[int, int]] | None:
     except ValueError:
         stages = []
     if not stages or any(len(s) != 2 or min(s) < 1 for s in stages):
-        raise EngineError(f"--stages {text!r} is not like '50:5,500:1' (n_samples:keep, positive, comma separated)")
+        raise UsageMistake(f"--stages {text!r} is not like '50:5,500:1' (n_samples:keep, positive, comma separated)")
     return stages  # type: ignore[return-value]
 
 
@@ -118,7 +127,7 @@ def race_options(strategy, z: float | None, budget: int | None) -> dict:
     """classify's race keywords from --strategy/--z/--budget; the race flags need the race."""
     strategy = getattr(strategy, "value", strategy)
     if (z is not None or budget is not None) and strategy not in (None, "race"):
-        raise EngineError("--z and --budget tune the race; use them with --strategy race")
+        raise UsageMistake("--z and --budget tune the race; use them with --strategy race")
     if strategy is None and (z is not None or budget is not None):
         strategy = "race"
     return {"strategy": strategy, "z": z, "budget": budget}
@@ -136,8 +145,16 @@ def parse_steps(text: str, flag: str = "--noise-steps") -> list[int]:
     except ValueError:
         steps = []
     if not steps or min(steps) < 0:
-        raise EngineError(f"{flag} {text!r} is not like '50,200' (noise steps, comma separated integers ≥ 0)")
+        raise UsageMistake(f"{flag} {text!r} is not like '50,200' (noise steps, comma separated integers ≥ 0)")
     return steps
+
+
+def one_step(text: str) -> int:
+    """--noise-steps where a command reads features at one fixed step: '50' -> 50."""
+    steps = parse_steps(text)
+    if len(steps) != 1:
+        raise UsageMistake(f"--noise-steps {text!r}: this command reads one fixed noise step, e.g. --noise-steps 50")
+    return steps[0]
 
 
 def read_text_lines(path: Path, what: str) -> list[str]:
@@ -153,12 +170,28 @@ def read_text_lines(path: Path, what: str) -> list[str]:
         raise EngineError(f"cannot read {what} {path}: {e.strerror or e}") from None
 
 
+TextOpt = typer.Option(None, "--text", "-t", help="a caption, commas and all (repeat the option for several)")
+TextsFileOpt = typer.Option(None, "--texts-file", help="captions, one per line (UTF-8)")
+
+
+def read_texts(texts: list[str] | None, texts_file: Path | None) -> list[str]:
+    """--text (repeated) or --texts-file: each --text is one caption, commas included; a lone caption with a
+    comma gets a note, since `--text "a,b"` may have meant two."""
+    if (not texts) == (texts_file is None):
+        raise UsageMistake("give the captions: --text 'a cat' (repeat) or --texts-file FILE, not both")
+    if texts_file is not None:
+        return read_text_lines(texts_file, "texts file")
+    if len(texts) == 1 and "," in texts[0]:
+        err.print(f"note: one caption {texts[0]!r} (a comma stays in its caption; repeat --text for several)")
+    return list(texts)
+
+
 def read_labels(labels: str | None, labels_file: Path | None, required: bool = True) -> list[str] | None:
     """--labels or --labels-file (exactly one); None when neither is given and they are optional."""
     if not required and labels is None and labels_file is None:
         return None
     if (labels is None) == (labels_file is None):
-        raise EngineError("give exactly one of --labels a,b,c or --labels-file FILE")
+        raise UsageMistake("give exactly one of --labels a,b,c or --labels-file FILE")
     if labels_file is not None:
         return read_text_lines(labels_file, "labels file")
     return split(labels) or []
@@ -168,6 +201,37 @@ def image_paths(images: List[str]) -> list[Path]:
     from diffscore.engine.images import expand_images
 
     return expand_images(images)
+
+
+def open_engine(engine: Path, backend, precision):
+    """diffscore.load, with the precisions and backends --help offers but this engine or machine cannot run
+    refused as usage mistakes (exit 2) before anything loads."""
+    import diffscore
+    from diffscore.engine.manifest import Manifest, unet_graph
+
+    backend, precision = getattr(backend, "value", backend), getattr(precision, "value", precision)
+    manifest = Manifest.load(engine)
+    if unet_graph(precision) not in manifest.graphs:
+        have = ", ".join(p for p in ("fp32", "fp16", "int8") if unet_graph(p) in manifest.graphs)
+        how = "diffscore export --precision fp16" if precision == "fp16" else "diffscore calibrate"
+        raise UsageMistake(f"--precision {precision}: {engine} has no {precision} UNet (it has {have}); make one with "
+                           f"`{how}` or pick one it has")
+    if precision == "bf16" and backend not in ("auto", "openvino"):
+        raise UsageMistake(f"--precision bf16 runs on --backend openvino only, not {backend}")
+    return diffscore.load(engine, backend=backend, precision=precision)
+
+
+def plan_line(eng, labels: list[str], images: int, template: str | None, stages, **race) -> None:
+    """Before a long Diffusion Classifier run: its UNet passes per image (and time, where known) on stderr."""
+    from diffscore.app.defaults import classify_plan
+    from diffscore.engine.options import check_labels, check_template
+
+    check_labels(labels)
+    if template is not None:
+        check_template(template)
+    line = classify_plan(eng, labels, images, stages=stages, **race)
+    if line:
+        err.print(line)
 
 
 def finish(rows: list[dict], fmt: Format, output: Path | None, title: str, table_rows: list[dict] | None = None) -> None:
@@ -199,24 +263,26 @@ def classify(
     diffdis_mode: Optional[DiffDisMode] = DiffDisModeOpt,
     timesteps: Optional[int] = typer.Option(None, min=1, help="diffdis denoise: shared (t, ε) per label (default: "
                                             "the engine's)"),
+    limit: Optional[int] = LimitOpt,
 ):
     """Classify images: the zero-shot Diffusion Classifier (default), a trained head (--method head) or
     DiffDis (--method diffdis).
 
-    confidence: the winner's lead over the best other class in standard errors of their paired errors."""
-    import diffscore
-
+    confidence: the winner's lead over the best other class in standard errors of their paired errors (a head:
+    its logit lead over the runner-up, log(p1/p2))."""
     check_output(output)
     label_list = read_labels(labels, labels_file, required=method is not Method.head)  # a head has its own labels
-    paths = image_paths(images)
+    paths = image_paths(images)[:limit]
     stage_list = parse_stages(stages)
     if method is not Method.diffdis and (diffdis_mode or timesteps):
-        raise EngineError("--diffdis-mode and --timesteps go with --method diffdis")
+        raise UsageMistake("--diffdis-mode and --timesteps go with --method diffdis")
     if head is not None and method is not Method.head:
-        raise EngineError(f"--head {head} names a trained head; use it with --method head")
+        raise UsageMistake(f"--head {head} names a trained head; use it with --method head")
     extra = {"diffdis_mode": diffdis_mode.value if diffdis_mode else None, "timesteps": timesteps} if method is Method.diffdis else {}
     readable = ReadableImages(paths)  # an unreadable image becomes an error row; the others are scored
-    with diffscore.load(engine, backend=backend.value, precision=precision.value) as eng:
+    with open_engine(engine, backend, precision) as eng:
+        if method is Method.dc:
+            plan_line(eng, label_list, len(paths), template, stage_list, **race_options(strategy, z, budget))
         results = readable.score(lambda images: eng.classify(
             images, label_list, method=method.value, head=head, template=template, stages=stage_list,
             loss=loss.value if loss else None, seed=seed, batch_size=batch_size, progress=True,
@@ -240,8 +306,7 @@ def classify(
 def match(
     engine: Path = typer.Argument(..., help="engine directory"),
     images: List[str] = ImagesArg,
-    texts: Optional[List[str]] = typer.Option(None, "--text", "-t", help="a caption (repeat the option)"),
-    texts_file: Optional[Path] = typer.Option(None, "--texts-file", help="captions, one per line (UTF-8)"),
+    texts: Optional[List[str]] = TextOpt, texts_file: Optional[Path] = TextsFileOpt,
     timesteps: Optional[int] = typer.Option(None, min=1, help="timesteps per pair (DSD), shared (t, ε) per text "
                                             "(diffdis denoise) (default: the engine's)"),
     bias_weight: Optional[float] = typer.Option(None, help="λ of the denoising bias (default: the engine's DSD preset's: "
@@ -253,22 +318,19 @@ def match(
                                        "the engine's DiffDis (`export --diffdis`), one image pass for all texts | itc: "
                                        "cosine similarity of a `diffscore finetune` run's embeddings (one UNet pass per image)"),
     diffdis_mode: Optional[DiffDisMode] = DiffDisModeOpt,
+    limit: Optional[int] = LimitOpt,
 ):
     """Image-text matching: an images x texts matrix of scores (higher = better match): DSD, DiffDis or ITC."""
-    import diffscore
-
     check_output(output)
-    if (not texts) == (texts_file is None):
-        raise EngineError("give the captions: --text 'a cat' (repeat) or --texts-file FILE, not both")
-    text_list = list(texts) if texts else read_text_lines(texts_file, "texts file")
-    paths = image_paths(images)
+    text_list = read_texts(texts, texts_file)
+    paths = image_paths(images)[:limit]
     if method is not MatchMethod.diffdis and diffdis_mode:
-        raise EngineError("--diffdis-mode goes with --method diffdis")
+        raise UsageMistake("--diffdis-mode goes with --method diffdis")
     if method is not MatchMethod.dsd and bias_weight is not None:
-        raise EngineError(f"--bias-weight is DSD's; --method {method.value} has none")
+        raise UsageMistake(f"--bias-weight is DSD's; --method {method.value} has none")
     extra = {"diffdis_mode": diffdis_mode.value if diffdis_mode else None} if method is MatchMethod.diffdis else {}
     readable = ReadableImages(paths)  # an unreadable image becomes an error row; the others are scored
-    with diffscore.load(engine, backend=backend.value, precision=precision.value) as eng:
+    with open_engine(engine, backend, precision) as eng:
         res = readable.score(lambda images: eng.match(images, text_list, steps=timesteps, bias_weight=bias_weight,
                                                       seed=seed, batch_size=batch_size, progress=True,
                                                       method=method.value, **extra))
@@ -289,14 +351,13 @@ def match(
 @app.command()
 def info(engine: Path = typer.Argument(..., help="engine directory"),
          verify: bool = typer.Option(False, "--verify", help="also check every file's sha256 (slow for big graphs)"),
-         fmt: Format = typer.Option(Format.table.value, "--format", "-f", help="table (for people) or json")):
+         fmt: InfoFormat = typer.Option(Format.table.value, "--format", "-f", help="table (for people) or json")):
     """What an engine directory holds: graphs, precisions, plans, captured layers, heads, defaults."""
     import dataclasses
 
     from diffscore.engine.manifest import Manifest
 
-    if fmt not in (Format.table, Format.json):
-        raise EngineError(f"info prints table or json, not {fmt.value}")
+    fmt = Format(fmt.value)
     m = Manifest.load(engine)
     bad = m.verify(engine) if verify else []
     if fmt is Format.json:
@@ -377,12 +438,51 @@ def demo(
     emit(rows, Format.table, f"held-out digits: {res['images']} images, wall {res['seconds']:.1f} s")
 
 
+# --- scoring defaults: recorded at export, changed by `diffscore defaults` (app/defaults.py) -------
+DefaultTemplateOpt = typer.Option(None, help="default prompt template, one {} for the label (fresh export: '{}')")
+DefaultStrategyOpt = typer.Option(None, help="default strategy: race (fresh export: adaptive, spread order until "
+                                  "`diffscore profile`) | stages (fixed pruning stages)")
+DefaultStagesOpt = typer.Option(None, help="default pruning stages n_samples:keep for --strategy stages, "
+                                "e.g. 50:5,500:1")
+DefaultLossOpt = typer.Option(None, help="default denoising error (fresh export: l2)")
+DefaultZOpt = typer.Option(None, "--z", help="race: standard errors behind the leader that drop a candidate")
+MinRoundsOpt = typer.Option(None, "--min-rounds", min=1, help="race: rounds before the first candidate may leave")
+RoundSizeOpt = typer.Option(None, "--round-size", min=1, help="race: timesteps per round")
+DefaultBudgetOpt = typer.Option(None, "--budget", min=1, help="race: at most this many UNet passes per image")
+DefaultTimestepsOpt = typer.Option(None, "--timesteps", min=1, help="default DSD timesteps per pair (match)")
+
+
+@app.command("defaults")
+def defaults_command(
+    engine: Path = typer.Argument(..., help="engine directory"),
+    template: Optional[str] = DefaultTemplateOpt, strategy: Optional[Strategy] = DefaultStrategyOpt,
+    stages: Optional[str] = DefaultStagesOpt, loss: Optional[Loss] = DefaultLossOpt,
+    z: Optional[float] = DefaultZOpt, min_rounds: Optional[int] = MinRoundsOpt,
+    round_size: Optional[int] = RoundSizeOpt, budget: Optional[int] = DefaultBudgetOpt,
+    timesteps: Optional[int] = DefaultTimestepsOpt,
+    reset: bool = typer.Option(False, "--reset", help="first go back to what a fresh export records"),
+):
+    """Show an engine's scoring defaults (what classify and match use when not told), or change them:
+    the manifest is rewritten atomically, under the engine's writer lock."""
+    from diffscore.app.defaults import change_defaults, describe, scoring_changes
+    from diffscore.engine.manifest import Manifest
+
+    changes = scoring_changes(template=template, strategy=getattr(strategy, "value", None), stages=parse_stages(stages),
+                              loss=getattr(loss, "value", None), timesteps=timesteps, z=z, min_rounds=min_rounds,
+                              round_size=round_size, budget=budget)
+    defaults = change_defaults(engine, changes, reset) if changes or reset else Manifest.load(engine).defaults
+    if changes or reset:
+        say(("changed ", "green"), f"the scoring defaults of {engine}: {', '.join(changes) or 'reset'}")
+    for line in describe(defaults, Manifest.load(engine).timestep_profile):
+        say(line)
+
+
 # --- build commands (torch extra) -----------------------------------------------------------------
 @app.command()
 def export(
     model: Path = ModelArg,
     out_dir: Path = typer.Argument(..., help="engine directory to create"),
-    precision: List[Precision] = typer.Option([Precision.fp32.value], "--precision", "-p",
+    precision: List[ExportPrecision] = typer.Option([Precision.fp32.value], "--precision", "-p",
                                               help="fp32 and/or fp16 (repeat; int8 comes from `diffscore calibrate`)"),
     attention_layers: Optional[str] = typer.Option(None, help="cross-attention modules to score, comma separated (default: last of each block)"),
     feature_blocks: Optional[str] = typer.Option(None, help="UNet blocks whose outputs the graph returns, e.g. mid_block,up_blocks.1"),
@@ -393,17 +493,29 @@ def export(
         None, help="DSD scoring preset: diffscore | discffusion (the seed's: its layers, timesteps, λ=1, conditional+"
                    "unconditional attention); default: the adapters', else discffusion"),
     diffdis: Optional[Path] = typer.Option(None, "--diffdis", help="a `diffscore train-diffdis` run to ship (one graph)"),
+    template: Optional[str] = DefaultTemplateOpt, strategy: Optional[Strategy] = DefaultStrategyOpt,
+    stages: Optional[str] = DefaultStagesOpt, loss: Optional[Loss] = DefaultLossOpt,
+    z: Optional[float] = DefaultZOpt, min_rounds: Optional[int] = MinRoundsOpt,
+    round_size: Optional[int] = RoundSizeOpt, budget: Optional[int] = DefaultBudgetOpt,
+    timesteps: Optional[int] = DefaultTimestepsOpt, threads: Optional[int] = ThreadsOpt,
 ):
-    """Export a diffusers model to an engine directory (ONNX graphs + manifest), atomically."""
-    if Precision.int8 in precision:
-        raise EngineError("export writes fp32 and fp16 graphs; make the INT8 UNet with `diffscore calibrate ENGINE`")
+    """Export a diffusers model to an engine directory (ONNX graphs + manifest), atomically.
+
+    The scoring defaults it records (change them later with `diffscore defaults`): the race in spread order
+    until `diffscore profile` records a timestep order, template '{}', loss l2."""
+    from diffscore.app.defaults import scoring_changes
+
+    changes = scoring_changes(template=template, strategy=getattr(strategy, "value", None), stages=parse_stages(stages),
+                              loss=getattr(loss, "value", None), timesteps=timesteps, z=z, min_rounds=min_rounds,
+                              round_size=round_size, budget=budget)
     require_torch("export")
+    set_threads(threads)
     from diffscore.export.onnx_export import export_engine
 
     precisions = tuple(dict.fromkeys(["fp32", *(p.value for p in precision)]))
     path = export_engine(model, out_dir, precisions=precisions, attention_layers=split(attention_layers),
                          feature_blocks=split(feature_blocks) or [], heads=head_dir, overwrite=overwrite, adapters=adapters,
-                         dsd_preset=dsd_preset.value if dsd_preset else None, diffdis=diffdis)
+                         dsd_preset=dsd_preset.value if dsd_preset else None, diffdis=diffdis, defaults=changes)
     say(("wrote ", "green"), str(path))
 
 
@@ -441,6 +553,7 @@ def train_head_command(
     feedback_pairs: Optional[str] = typer.Option(None, "--feedback-pairs", help="with --feedback: SOURCE:TARGET block "
                                                  "pairs, comma separated (default: every up_blocks.i into its mirrored "
                                                  "down block, where that reaches the head's blocks)"),
+    threads: Optional[int] = ThreadsOpt,
 ):
     """Train a head on UNet block features (extracted once, cached); then `export --head-dir`.
 
@@ -456,9 +569,10 @@ def train_head_command(
     spec_blocks, steps = split(blocks) or [], parse_steps(noise_steps)
     classes = read_labels(labels, labels_file, required=synthesize is not None or (pseudo_label is not None and not demo))
     if feedback_pairs is not None and not feedback:
-        raise EngineError("--feedback-pairs needs --feedback")
+        raise UsageMistake("--feedback-pairs needs --feedback")
     pairs = [[b.strip() for b in p.split(":")] for p in split(feedback_pairs) or []] if feedback else None
     require_torch("train-head")
+    set_threads(threads)
     from diffscore.app.demo import cache_root
     from diffscore.reference.features import FeatureSpec
     from diffscore.reference.head_training import TrainOptions, train_head_on_images
@@ -509,24 +623,24 @@ def check_label_free_flags(data, demo, synthesize, pseudo_label, save_samples, m
                            labels_given: bool) -> None:
     """train-head's sources of training images, and the flags that belong to one of them, before any work."""
     if synthesize is not None and pseudo_label is not None:
-        raise EngineError("--synthesize and --pseudo-label are two ways to train without labels; pick one")
+        raise UsageMistake("--synthesize and --pseudo-label are two ways to train without labels; pick one")
     if synthesize is not None and (demo or data is not None):
-        raise EngineError("--synthesize makes its own training images; drop --data/--demo")
+        raise UsageMistake("--synthesize makes its own training images; drop --data/--demo")
     if synthesize is None and demo == (data is not None):
-        raise EngineError("give exactly one of --data FOLDER, --demo, --synthesize N or --pseudo-label ENGINE --data FOLDER")
+        raise UsageMistake("give exactly one of --data FOLDER, --demo, --synthesize N or --pseudo-label ENGINE --data FOLDER")
     if save_samples is not None and synthesize is None:
-        raise EngineError("--save-samples saves the images --synthesize makes; use it with --synthesize")
+        raise UsageMistake("--save-samples saves the images --synthesize makes; use it with --synthesize")
     if (min_confidence is not None or strategy is not None) and pseudo_label is None:
-        raise EngineError("--min-confidence and --strategy choose the pseudo-labels; use them with --pseudo-label")
+        raise UsageMistake("--min-confidence and --strategy choose the pseudo-labels; use them with --pseudo-label")
     if synthesize is None and pseudo_label is None and (template is not None or labels_given):
-        raise EngineError("--labels and --template go with --synthesize or --pseudo-label; labelled folders name "
+        raise UsageMistake("--labels and --template go with --synthesize or --pseudo-label; labelled folders name "
                           "their classes by subfolder")
 
 
 @app.command("build-trt")
 def build_trt(
     engine: Path = typer.Argument(..., help="engine directory"),
-    precision: Precision = typer.Option(Precision.fp16.value, "--precision", "-p", help="which UNet graph to build"),
+    precision: BuildPrecision = typer.Option(Precision.fp16.value, "--precision", "-p", help="which UNet graph to build"),
     min_batch: int = typer.Option(1, min=1), opt_batch: int = typer.Option(8, min=1), max_batch: int = typer.Option(32, min=1),
 ):
     """Build TensorRT plans (strongly typed; precision comes from the ONNX) for this GPU."""
@@ -545,10 +659,12 @@ def parity(
     model: Optional[Path] = typer.Option(None, help="source model folder (default: the one recorded in the manifest)"),
     limit: int = typer.Option(100, min=0, help="use at most N images for the decision checks (0: none)"),
     labels: Optional[str] = LabelsOpt, labels_file: Optional[Path] = LabelsFileOpt,
+    threads: Optional[int] = ThreadsOpt,
 ):
     """Torch vs every available backend and precision: tensor errors, and top-1 decision agreement of
     fp32/fp16/int8 with torch fp32 on your images (or the demo digits); exit 1 on a failure."""
     require_torch("parity")
+    set_threads(threads)
     from diffscore.app.demo import demo_parity_inputs
     from diffscore.export.parity import run_parity
 
@@ -561,10 +677,10 @@ def parity(
         if not readable.read:
             readable.check()
     elif labels or labels_file:
-        raise EngineError("--labels needs images to judge: diffscore parity ENGINE IMAGES... --labels a,b,c")
+        raise UsageMistake("--labels needs images to judge: diffscore parity ENGINE IMAGES... --labels a,b,c")
     else:
         inputs = demo_parity_inputs(engine, limit)
-    if not run_parity(engine, model, echo=say, **inputs):
+    if not run_parity(engine, model, echo=say, progress=True, **inputs):
         raise EngineError("parity failed: see the FAILED lines above")
     if images:
         readable.check("parity was judged on the other {n} (see the SKIPPED lines above)")
@@ -577,7 +693,7 @@ def profile(
                                        "ground truth needed (keep your test images out)"),
     labels: Optional[str] = LabelsOpt, labels_file: Optional[Path] = LabelsFileOpt,
     template: Optional[str] = typer.Option(None, help="prompt template with one {} (default: the engine's)"),
-    timesteps: Optional[int] = typer.Option(None, min=2, help="points of the race's timestep grid (default 100)"),
+    grid: Optional[int] = typer.Option(None, "--grid", min=2, help="points of the race's timestep grid (default 100)"),
     limit: Optional[int] = typer.Option(None, min=1, help="use only the first N images"),
     loss: Optional[Loss] = typer.Option(None, help="denoising error (default: the engine's)"),
     seed: int = SeedOpt, batch_size: Optional[int] = BatchOpt,
@@ -599,7 +715,7 @@ def profile(
     readable = ReadableImages(expand_images(images)[:limit])  # an unreadable image is skipped and reported
     with diffscore.load(engine, backend=backend.value) as eng, engine_writer(engine, "profile"):
         order = readable.score(lambda paths: make_profile(
-            eng, paths, label_list, templates=None if template is None else [template], timesteps=timesteps,
+            eng, paths, label_list, templates=[template] if template else None, timesteps=grid,
             loss=loss.value if loss else None, seed=seed, batch_size=batch_size, progress=True))
         if order is not None:
             with disk_errors(engine):
@@ -625,13 +741,14 @@ def calibrate(
                                              "(default: time_embedding,conv_in,conv_out,conv_shortcut; 'none')"),
     smoothquant: Optional[float] = typer.Option(None, "--smoothquant", metavar="ALPHA", help="SmoothQuant-style scaling "
                                                 "of LayerNorm -> linear layers before quantizing, α in (0, 1), e.g. 0.5"),
+    limit: Optional[int] = LimitOpt,
 ):
     """INT8 UNet: calibrate on real scoring inputs, quantize (Q/DQ), gate on decisions, record in the engine."""
     from diffscore.calibration.pipeline import calibrate as run_calibration
 
     label_list = read_labels(labels, labels_file, required=False)  # --demo brings its own
     if demo == bool(images):
-        raise EngineError("give images (files, folders or globs) or --demo, not both")
+        raise UsageMistake("give images (files, folders or globs) or --demo, not both")
     if engine.is_dir():  # a read-only or full disk shows now, not after the calibration work
         check_writable_dir(engine, f"calibrate writes the INT8 UNet into {engine}")
     source = None
@@ -639,11 +756,11 @@ def calibrate(
         from diffscore.app.digits import CLASS_NAMES, training_images
 
         if label_list is not None and label_list != list(CLASS_NAMES):
-            raise EngineError(f"the demo digits are labelled {', '.join(CLASS_NAMES)}; --labels {','.join(label_list)!r} "
+            raise UsageMistake(f"the demo digits are labelled {', '.join(CLASS_NAMES)}; --labels {','.join(label_list)!r} "
                               "does not match them (leave --labels out with --demo)")
         pool, label_list, source = training_images(), list(CLASS_NAMES), "demo training digits"
     else:
-        pool = image_paths(images)
+        pool = image_paths(images)[:limit]
         source = f"{len(pool)} images ({', '.join(images[:3])}{', …' if len(images) > 3 else ''})"
     patterns = None if keep_float is None else [p for p in split(keep_float) or [] if p != "none"]
     res = run_calibration(engine, images=pool, labels=label_list, source=source, samples=samples, method=ranges.value,
@@ -683,11 +800,13 @@ def train_prompts(
     overwrite: bool = typer.Option(False, help="replace an existing run directory's adapter"),
     preset: DsdPresetChoice = typer.Option(DEFAULT_DSD_PRESET, help="DSD preset trained for: discffusion (the default: attention + bias, a new "
                                                    "t and ε per pair, gradients clipped at 1.0) | diffscore (attention score)"),
+    threads: Optional[int] = ThreadsOpt,
 ):
     """Few-shot prompt learning for DSD matching: a rank-4 LoRA on the attention projections (export with --adapters)."""
     if demo == (data is not None):
-        raise EngineError("give exactly one of --data PAIRS.jsonl or --demo")
+        raise UsageMistake("give exactly one of --data PAIRS.jsonl or --demo")
     require_torch("train-prompts")
+    set_threads(threads)
     from diffscore.app.digits import demo_pairs
     from diffscore.reference.prompt_learning import PromptLearningConfig, read_pairs
     from diffscore.reference.prompt_learning import train_prompts as run_training
@@ -709,23 +828,27 @@ def train_diffdis(
     out_dir: Path = typer.Option(..., "--out", help="run directory: diffdis.safetensors + diffdis.json"),
     blocks: str = typer.Option("down_blocks.1,mid_block,up_blocks.1", help="UNet blocks the text stream reads "
                                "(several scales), comma separated"),
-    image_step: int = typer.Option(50, "--image-step", min=0, help="the image's fixed noise step"),
+    noise_steps: str = typer.Option("50", "--noise-steps", help="the image's fixed noise step (one)"),
     epochs: int = typer.Option(150, min=1, help="at most; training stops early on a 10% validation split of the images"),
     batch_size: int = typer.Option(128, min=1, help="pairs per optimiser step"),
     lr: float = typer.Option(1e-3, min=0.0, help="AdamW learning rate"),
     timesteps: int = typer.Option(5, "--timesteps", min=1, help="default shared (t, ε) per candidate of the denoise mode"),
-    generate_steps: int = typer.Option(4, min=1, help="DDIM steps of the generate mode (baked into the exported graph)"),
+    generate_steps: int = typer.Option(4, "--sampling-steps", min=1, help="DDIM steps of the generate mode (baked "
+                                       "into the exported graph)"),
     mode: DiffDisMode = typer.Option(DiffDisMode.denoise.value, help="the engine's default inference mode"),
     seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed of the fixed noises, the initialisation, the split and shuffling"),
     overwrite: bool = typer.Option(False, help="replace an existing run"),
+    threads: Optional[int] = ThreadsOpt,
 ):
     """Train DiffDis: a text stream that denoises the caption's text embedding with cross-attention to the frozen
     UNet's block features (several scales) at a fixed noise step; then `export --diffdis RUN`."""
     if demo == (data is not None):
-        raise EngineError("give exactly one of --data PAIRS.jsonl or --demo")
+        raise UsageMistake("give exactly one of --data PAIRS.jsonl or --demo")
     if not lr > 0:
-        raise EngineError(f"--lr must be > 0, got {lr}")
+        raise UsageMistake(f"--lr must be > 0, got {lr}")
+    image_step = one_step(noise_steps)
     require_torch("train-diffdis")
+    set_threads(threads)
     from diffscore.reference.diffdis import DiffDisTrainOptions, train_diffdis_run
     from diffscore.reference.prompt_learning import read_pairs
 
@@ -760,16 +883,19 @@ def finetune_command(
     lr: float = typer.Option(3e-3, min=0.0, help="AdamW learning rate of the LoRA and the projections"),
     batch_size: int = typer.Option(32, min=1, help="images per step (the contrastive batch)"),
     blocks: str = typer.Option("mid_block", help="UNet blocks pooled into the image embedding, comma separated"),
-    noise_step: int = typer.Option(50, "--noise-step", min=0, help="the image embedding's fixed noise step"),
+    noise_steps: str = typer.Option("50", "--noise-steps", help="the image embedding's fixed noise step (one)"),
     val_shots: int = typer.Option(2, min=0, help="validation pairs per caption for early stopping, from pairs that "
                                   "are not shots (0: train every step)"),
     seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed of the shots, noise, timesteps and initialisation"),
     overwrite: bool = typer.Option(False, help="replace an existing run directory's weights"),
+    threads: Optional[int] = ThreadsOpt,
 ):
     """UniDiff-style fine-tuning: LoRA + projections with ITC, IS and RSC (then `export --adapters RUN`, `match --method itc`)."""
     if demo == (data is not None):
-        raise EngineError("give exactly one of --data PAIRS.jsonl or --demo")
+        raise UsageMistake("give exactly one of --data PAIRS.jsonl or --demo")
+    noise_step = one_step(noise_steps)
     require_torch("finetune")
+    set_threads(threads)
     from diffscore.app.digits import demo_pairs
     from diffscore.reference.finetune import FinetuneConfig, check_config, finetune
     from diffscore.reference.prompt_learning import read_pairs
@@ -799,7 +925,9 @@ def batch(
     output: Path = typer.Option(..., "--output", "-o", help="results file: .parquet or .jsonl (written at the end)"),
     labels: Optional[str] = LabelsOpt, labels_file: Optional[Path] = LabelsFileOpt,
     texts: Optional[List[str]] = typer.Option(None, "--text", "-t", help="DSD matching instead of classifying: a "
-                                              "caption (repeat the option)"),
+                                              "caption, commas and all (repeat the option)"),
+    texts_file: Optional[Path] = typer.Option(None, "--texts-file", help="DSD matching instead of classifying: "
+                                              "captions, one per line (UTF-8)"),
     method: Method = typer.Option(Method.dc.value, help="dc: zero-shot Diffusion Classifier | head: a trained head"),
     head: Optional[str] = typer.Option(None, help="the head's name (--method head), when the engine has several"),
     template: Optional[str] = typer.Option(None, help="prompt template with one {} (default: the engine's)"),
@@ -810,6 +938,7 @@ def batch(
     cpus_per_actor: float = CpusPerActorOpt, gpus_per_actor: float = GpusPerActorOpt,
     batch_images: int = typer.Option(16, help="images per actor call"),
     backend: Backend = BackendOpt, precision: Precision = PrecisionOpt,
+    limit: Optional[int] = LimitOpt,
 ):
     """Score many images with Ray Data: an actor pool of engines, results in one Parquet/JSONL file.
 
@@ -819,10 +948,12 @@ def batch(
 
     check_target(output)
     scale.check_output(output)
+    if limit is not None:
+        images = [str(p) for p in image_paths(images)[:limit]]
     common = dict(actors=actors, batch_images=batch_images, num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
                   backend=backend.value, precision=precision.value, address=address)
-    if texts:
-        dataset = scale.match_dataset(images, engine, list(texts), seed=seed, **common)
+    if texts or texts_file:
+        dataset = scale.match_dataset(images, engine, read_texts(texts, texts_file), seed=seed, **common)
     else:
         label_list = read_labels(labels, labels_file, required=method is Method.dc)
         dataset = scale.classify_dataset(images, engine, label_list, method=method.value, head=head, template=template,
@@ -911,6 +1042,9 @@ def main(argv: list[str] | None = None) -> None:
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
         code = app(args=argv, prog_name="diffscore", standalone_mode=False)
+    except UsageMistake as e:
+        error_line(str(e))
+        sys.exit(2)
     except EngineError as e:
         error_line(str(e))
         sys.exit(1)

@@ -67,15 +67,31 @@ def flat(row: dict) -> dict:
     return {k: json.dumps(v) if isinstance(v, (list, dict, tuple)) else v for k, v in row.items()}
 
 
+def csv_row(row: dict) -> dict:
+    """A row for a CSV file: a ranking as one column per rank (`rank1`, `rank1 score`, ...), a dict of scores
+    as one column per key, anything else nested as compact JSON."""
+    cells = {}
+    for key, value in row.items():
+        if key == "ranking" and isinstance(value, list):
+            for i, (label, score, *_) in enumerate(value, 1):
+                cells.update({f"rank{i}": label, f"rank{i} score": score})
+        elif key == "scores" and isinstance(value, dict):
+            cells.update(value)
+        else:
+            cells[key] = json.dumps(value) if isinstance(value, (list, dict, tuple)) else value
+    return cells
+
+
 def render(rows: list[dict], fmt: Format) -> str:
     if fmt is Format.json:
         return json.dumps(rows, indent=1) + "\n"
     if fmt is Format.jsonl:
         return "".join(json.dumps(r) + "\n" for r in rows)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else [])
+    cells = [csv_row(r) for r in rows]
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for c in cells for k in c)))
     writer.writeheader()
-    writer.writerows(flat(r) for r in rows)
+    writer.writerows(cells)
     return buf.getvalue()
 
 
@@ -98,7 +114,8 @@ def write_rows(rows: list[dict], path: Path) -> None:
     fmt = output_format(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", newline="") as f:
+        # a CSV file starts with a UTF-8 BOM, so spreadsheet programs read its labels and captions as UTF-8
+        with os.fdopen(fd, "w", newline="", encoding="utf-8-sig" if fmt is Format.csv else "utf-8") as f:
             f.write(render(rows, fmt))
         os.replace(tmp, path)
     except BaseException:

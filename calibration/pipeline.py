@@ -17,6 +17,7 @@ from pathlib import Path
 from diffscore.errors import EngineError
 from diffscore.export.atomic import disk_errors, exclusive, temp_dir
 from diffscore.engine.manifest import CalibrationRecord, GraphSpec, Manifest, resolve_inside, sha256_files
+from diffscore.engine.progress import progress_bar
 
 log = logging.getLogger("diffscore")
 
@@ -92,6 +93,7 @@ def calibrate(engine_dir: str | Path, *, images, labels: list[str] | None, sourc
     guard.enter_context(exclusive(engine_dir, "writing"))
     guard.enter_context(disk_errors(engine_dir))
     swap = sensitivity.UnetSwap(engine_dir)
+    swap.progress = progress
     work = temp_dir(engine_dir, ".calibrate-")
     try:
         cal = dataset.collect(swap.engine, [pool[i] for i in cal_ids], labels, samples, seed=seed, source=source,
@@ -104,7 +106,9 @@ def calibrate(engine_dir: str | Path, *, images, labels: list[str] | None, sourc
         layers = quantize.quantizable_layers(onnx.load(str(fp32_path), load_external_data=False))
         keep = quantize.select_float(layers, quantize.DEFAULT_FLOAT if keep_float is None else keep_float)
         ranges = work / "ranges.json"
-        model = quantize.quantize_unet(fp32_path, cal, method=method, keep_float=keep, ranges_cache=ranges)
+        with progress_bar(f"quantize ({method})", 1, progress) as advance:
+            model = quantize.quantize_unet(fp32_path, cal, method=method, keep_float=keep, ranges_cache=ranges)
+            advance()
         rows, steps, gate = [], [], None
         if report:
             rows = sensitivity.layer_sensitivity(swap, fp32_path, cal, val_images[:SENSITIVITY_IMAGES], labels,

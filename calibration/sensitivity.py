@@ -55,6 +55,7 @@ class UnetSwap:
         small = int(np.prod(self.engine.manifest.sample_shape)) <= CONCURRENT_MAX_ELEMENTS
         self.threads = 1 if small else None  # as `load` does: concurrent single-threaded runs on CPU
         self._tmp = Path(tempfile.mkdtemp(prefix="diffscore-swap-"))
+        self.progress = False  # a bar per decision run (the gate's); never inside layer_sensitivity's own bar
 
     def use(self, model: onnx.ModelProto | None) -> "UnetSwap":
         """Score with `model` (None: the fp32 UNet): an engine whose UNet runner is the candidate's,
@@ -83,7 +84,7 @@ class UnetSwap:
 
     def decisions(self, images, labels, seed: int = 0) -> list[str]:
         """Top-1 labels of the engine's own staged classifier (its default stages and loss)."""
-        return [r.label for r in self.engine.classify(images, labels, seed=seed)]
+        return [r.label for r in self.engine.classify(images, labels, seed=seed, progress=self.progress)]
 
     def close(self):
         import shutil

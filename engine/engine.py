@@ -24,7 +24,8 @@ from diffscore.engine.manifest import PRECISIONS, Manifest, ScoringDefaults, une
 from diffscore.engine.options import (check_count, check_distinct_tokens, check_finite, check_labels, check_seed,
                                       check_templates)
 from diffscore.engine.progress import progress_bar
-from diffscore.engine.results import Classification, ClassifyOptions, MatchOptions, MatchResult, classification
+from diffscore.engine.results import (Classification, ClassifyOptions, MatchOptions, MatchResult, classification,
+                                      named_images)
 from diffscore.kernels import (LOSSES, PairedRace, RaceConfig, add_noise, denoising_error, dsd_pair_scores, dsd_preset,
                                dsd_timesteps, epsilon_from_output, new_run, pool_layer_scores, race_plan, shared_noise)
 from diffscore.kernels.racing import DEFAULT_GRID
@@ -291,13 +292,20 @@ class Engine(HeadScoring, TextConditioning):
                                        min_rounds=min_rounds, round_size=round_size, budget=budget,
                                        timesteps=timesteps, use_profile=use_profile, diffdis_mode=diffdis_mode))
 
-    def classify_iter(self, images, labels: list[str] | None = None, *, method: str = "dc", head: str | None = None,
-                      template: str | None = None, templates: list[str] | None = None,
-                      stages: list[tuple[int, int]] | None = None, loss: str | None = None, seed: int = 0,
-                      batch_size: int | None = None, progress: bool = False, strategy: str | None = None,
-                      z: float | None = None, min_rounds: int | None = None, round_size: int | None = None,
-                      budget: int | None = None, timesteps: int | None = None, use_profile: bool = True,
-                      diffdis_mode: str | None = None):
+    def classify_iter(self, images, labels: list[str] | None = None, **options):
+        """`classify` as a generator: see _classify_iter. Each result carries its image's path (`image`)."""
+        images, names = named_images(images)
+        for result in self._classify_iter(images, labels, **options):
+            result.image = names.popleft()
+            yield result
+
+    def _classify_iter(self, images, labels: list[str] | None = None, *, method: str = "dc", head: str | None = None,
+                       template: str | None = None, templates: list[str] | None = None,
+                       stages: list[tuple[int, int]] | None = None, loss: str | None = None, seed: int = 0,
+                       batch_size: int | None = None, progress: bool = False, strategy: str | None = None,
+                       z: float | None = None, min_rounds: int | None = None, round_size: int | None = None,
+                       budget: int | None = None, timesteps: int | None = None, use_profile: bool = True,
+                       diffdis_mode: str | None = None):
         """`classify` as a generator: results in input order as windows of images finish; images are read,
         decoded and encoded one window at a time, so memory does not grow with their number. Options are
         checked before the first image is read."""

@@ -56,7 +56,7 @@ class HeadScoring:
         heads = self.manifest.heads
         if not heads:
             raise EngineError(f"{self.engine_dir} has no trained head; train one with `diffscore train-head` and "
-                              "export it with `diffscore export MODEL OUT --head HEAD_DIR`")
+                              "export it with `diffscore export MODEL OUT --head-dir HEAD_DIR`")
         if head is None:
             if len(heads) > 1:
                 raise EngineError(f"{self.engine_dir} has several heads ({', '.join(heads)}); choose one (--head NAME)")
@@ -95,8 +95,10 @@ class HeadScoring:
         options = ClassifyOptions("head", tuple(classes), seed=spec.seed, head=name, backend=self.backend,
                                   precision="fp32")
         results = []
-        for row in p:
+        for row, logit in zip(p, logits):
             order = np.argsort(-row, kind="stable")
+            lead = float(logit[order[0]] - logit[order[1]]) if len(order) > 1 else float("inf")  # log(p1 / p2)
             results.append(Classification(label=classes[order[0]], ranking=[(classes[c], float(row[c])) for c in order],
-                                          passes=len(spec.steps) * spec.passes_per_step, options=options))
+                                          passes=len(spec.steps) * spec.passes_per_step, options=options,
+                                          confidence=lead))
         return results

@@ -168,6 +168,12 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def image_files_under(folder: Path) -> list[Path]:
+    """Image files in `folder` and every subfolder (hidden ones skipped), sorted by path."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
 def image_folder(folder: str | Path) -> tuple[list[Path], list[int], list[str]]:
     """(image paths, label indices, class names) of a folder with one subfolder per class (name = label)."""
     folder = Path(folder)
@@ -189,8 +195,9 @@ def image_folder(folder: str | Path) -> tuple[list[Path], list[int], list[str]]:
 
 
 def expand_images(inputs) -> list[Path]:
-    """Image files from what a user types: files, folders (their image files, sorted) and glob patterns,
-    in the order given. Refuses a path that matches nothing, and an empty result, in one line."""
+    """Image files from what a user types: files, folders (their image files and their subfolders', e.g. the
+    `<label>/` layout train-head reads, sorted by path) and glob patterns, in the order given. Refuses a path
+    that matches nothing, and an empty result, in one line."""
     import glob
 
     found: list[Path] = []
@@ -202,7 +209,7 @@ def expand_images(inputs) -> list[Path]:
                 raise EngineError(f"no image files match {item!r}")
             found += files
         elif Path(item).is_dir():
-            files = image_files(Path(item))
+            files = image_files_under(Path(item))
             if not files:
                 raise EngineError(f"folder {item} has no image files ({' '.join(IMAGE_SUFFIXES)})")
             found += files

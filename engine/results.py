@@ -43,8 +43,10 @@ class Classification:
     options: ClassifyOptions | None = None
     # Diffusion Classifier: the winner's lead over the best prompt of another class, in standard errors of their
     # paired error differences on the timesteps both saw (kernels.ranking.confidence); ~3 and above: more
-    # timesteps would rarely flip the decision. inf with one class; None for a trained head.
+    # timesteps would rarely flip the decision. A trained head: the winner's logit lead over the runner-up,
+    # log(p_winner / p_runner_up). inf with one class.
     confidence: float | None = None
+    image: str | None = None  # the image's path, when it was given as a path (not as pixels)
 
     @property
     def scores(self) -> dict[str, float]:
@@ -54,7 +56,8 @@ class Classification:
         """JSON-ready: label, ranking as [class, score, timesteps evaluated], passes, confidence (None when
         infinite: one class), options."""
         finite = self.confidence is not None and math.isfinite(self.confidence)
-        return {"label": self.label, "passes": self.passes, "confidence": self.confidence if finite else None,
+        return {**({"image": self.image} if self.image is not None else {}), "label": self.label,
+                "passes": self.passes, "confidence": self.confidence if finite else None,
                 "ranking": [[c, float(s), self.evaluated.get(c)] if self.evaluated else [c, float(s)]
                             for c, s in self.ranking],
                 "options": self.options.to_dict() if self.options else None}
@@ -99,6 +102,24 @@ class MatchResult:
     def best(self) -> list[str]:
         """The best-matching text of each image."""
         return [self.texts[j] for j in self.scores.argmax(axis=1)]
+
+
+def named_images(images):
+    """(the same images as an iterable, a deque that receives each one's path (None for pixels) as it is read):
+    results come in input order, so the reader pops a name per result."""
+    from collections import deque
+    from pathlib import Path
+
+    if isinstance(images, (str, Path)) or not hasattr(images, "__iter__") or hasattr(images, "shape"):
+        images = [images]  # one image given alone
+    names = deque()
+
+    def reading():
+        for image in images:
+            names.append(str(image) if isinstance(image, (str, Path)) else None)
+            yield image
+
+    return reading(), names
 
 
 def classification(run, labels: list[str], candidate_class, options: ClassifyOptions | None = None) -> Classification:

@@ -16,6 +16,7 @@ import torch
 from diffscore.engine.backends.choice import make_runner
 from diffscore.engine.engine import load
 from diffscore.engine.manifest import BATCH, PRECISIONS, Manifest, unet_graph
+from diffscore.engine.progress import progress_bar
 from diffscore.errors import EngineError
 from diffscore.export.graphs import VaeEncoderGraph, text_encoder_graph
 from diffscore.export.itc import itc_parity
@@ -107,12 +108,15 @@ def real_images(manifest: Manifest, n: int, rng, images=None) -> list:
     return [np.asarray(Image.fromarray(b.squeeze(-1) if b.shape[-1] == 1 else b).resize((size, size), Image.BICUBIC)) for b in base]
 
 
-def tensor_parity(engine_dir: Path, manifest: Manifest, comp, images=None) -> list[Verdict]:
+def tensor_parity(engine_dir: Path, manifest: Manifest, comp, images=None, progress: bool = False) -> list[Verdict]:
     """Each graph's feed through the torch runner and through every backend's runner of every precision."""
     torch_runners = {g: TorchRunner(m, manifest.graphs[g], g) for g, m in torch_modules(comp, manifest).items()}
     verdicts = []
-    for kind, per_graph in feeds(manifest, comp, engine_dir, images=images).items():
-        for graph, feed in per_graph.items():
+    all_feeds = feeds(manifest, comp, engine_dir, images=images)
+    checks = [(kind, graph, feed) for kind, per_graph in all_feeds.items() for graph, feed in per_graph.items()]
+    with progress_bar("parity: tensors", len(checks), progress) as advance:
+        for kind, graph, feed in checks:
+            advance(0, f"({graph}, {kind})")
             want = torch_runners[graph].infer(feed)
             variants = [g for g in manifest.graphs if g == graph or g.startswith(f"{graph}.")]
             for backend in available_backends(manifest):
@@ -127,6 +131,7 @@ def tensor_parity(engine_dir: Path, manifest: Manifest, comp, images=None) -> li
                     for spec in manifest.graphs[variant].outputs:
                         verdicts.append(compare(f"{backend} {precision} {graph}:{spec.name} ({kind})",
                                                 got[spec.name], want[spec.name], RTOL.get(precision)))
+            advance()
     return verdicts
 
 
@@ -181,13 +186,17 @@ def head_decision_parity(engine_dir: Path, manifest: Manifest, comp, images: lis
 
 
 def decision_parity(engine_dir: Path, manifest: Manifest, comp, images: list, labels: list[str],
-                    source: str = "images", seed: int = 0) -> list[Verdict]:
-    """Top-1 agreement of each backend/precision with the fp32 torch reference on the caller's images."""
+                    source: str = "images", seed: int = 0, progress: bool = False) -> list[Verdict]:
+    """Top-1 agreement of each backend/precision with the fp32 torch reference on the caller's images, both
+    with the engine's default strategy (the race with its profile, or its stages): what `classify` runs."""
+    from diffscore.kernels import RaceConfig
     from diffscore.reference.classifier import classify_reference
 
-    opts = dict(templates=[manifest.defaults.template], stages=[tuple(s) for s in manifest.defaults.stages],
-                loss=manifest.defaults.loss, seed=seed)
-    want = [r.label for r in classify_reference(comp, images, list(labels), **opts)]
+    d = manifest.defaults
+    opts = dict(templates=[d.template], stages=[tuple(s) for s in d.stages], loss=d.loss, seed=seed)
+    race = dict(strategy=d.strategy, race=RaceConfig(**d.race.given()), profile=manifest.timestep_profile)
+    with progress_bar("parity: torch decisions", len(images), progress) as advance:
+        want = [r.label for r in classify_reference(comp, images, list(labels), **opts, **race, progress=advance)]
     rows = []
     for backend in available_backends(manifest):
         for precision in PRECISIONS:
@@ -196,8 +205,9 @@ def decision_parity(engine_dir: Path, manifest: Manifest, comp, images: list, la
             if precision == "bf16" and "bf16" not in precisions_on(backend, manifest, "unet"):
                 continue
             eng = load(engine_dir, backend=backend, precision=precision)
-            got = [r.label for r in eng.classify(images, list(labels), template=opts["templates"][0],
-                                                 stages=opts["stages"], loss=opts["loss"], seed=seed)]
+            got = [r.label for r in eng.classify(images, list(labels), template=opts["templates"][0], loss=opts["loss"],
+                                                 seed=seed, progress=progress,
+                                                 **({"stages": opts["stages"]} if d.strategy == "stages" else {}))]
             rows.append(agreement(f"{backend} {precision}", got, want, "torch fp32", source))
     return rows
 
@@ -234,7 +244,7 @@ def reference_components(manifest: Manifest, model_dir: str | Path | None = None
 
 
 def run_parity(engine_dir: str | Path, model_dir: str | Path | None = None, images: list | None = None,
-               labels: list[str] | None = None, source: str = "images", echo=print) -> bool:
+               labels: list[str] | None = None, source: str = "images", echo=print, progress: bool = False) -> bool:
     """Print every verdict and a summary; True when every bound of DESIGN.md §4 holds.
 
     images: real inputs for the tensor checks and, with `labels`, the decision checks (`source` names
@@ -242,13 +252,14 @@ def run_parity(engine_dir: str | Path, model_dir: str | Path | None = None, imag
     engine_dir = Path(engine_dir)
     manifest = Manifest.load(engine_dir)
     comp = reference_components(manifest, model_dir)
-    verdicts = (tensor_parity(engine_dir, manifest, comp, images) + head_parity(engine_dir, manifest, comp, images=images)
+    verdicts = (tensor_parity(engine_dir, manifest, comp, images, progress)
+                + head_parity(engine_dir, manifest, comp, images=images)
                 + match_parity(engine_dir, manifest, comp, images) + itc_parity(engine_dir, manifest, comp, images))
     for v in verdicts:
         echo(str(v))
     decisions = []
     if images and labels:
-        decisions = decision_parity(engine_dir, manifest, comp, images, labels, source)
+        decisions = decision_parity(engine_dir, manifest, comp, images, labels, source, progress=progress)
     if images and manifest.heads:
         decisions += head_decision_parity(engine_dir, manifest, comp, images, source)
     decisions += diffdis_parity(engine_dir, manifest, comp, images, labels, source)

@@ -116,8 +116,8 @@ def demo_engine(demo_model, tmp_path_factory) -> Path:
     from diffscore.export.onnx_export import export_engine
 
     return export_engine(demo_model, tmp_path_factory.mktemp("demo") / "engine", precisions=("fp32", "fp16"),
-                         defaults={"template": DEFAULT_TEMPLATE, "stages": [list(s) for s in DEMO_STAGES], "loss": DEMO_LOSS},
-                         show_progress=False)
+                         defaults={"template": DEFAULT_TEMPLATE, "stages": [list(s) for s in DEMO_STAGES], "loss": DEMO_LOSS,
+                                   "strategy": "stages"}, show_progress=False)
 
 
 @pytest.fixture

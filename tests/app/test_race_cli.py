@@ -41,7 +41,7 @@ def test_profile_command_records_the_order(run_cli, engine, images, tmp_path):
     import shutil
 
     target = shutil.copytree(engine, tmp_path / "engine")
-    code, out, err = run_cli("profile", target, str(images / "*.png"), "--labels", "cat,dog,bird", "--timesteps", "10")
+    code, out, err = run_cli("profile", target, str(images / "*.png"), "--labels", "cat,dog,bird", "--grid", "10")
     assert code == 0, err
     profile = Manifest.load(target).timestep_profile
     assert sorted(profile) == list(range(50, 1000, 100))

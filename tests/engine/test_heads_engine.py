@@ -95,6 +95,9 @@ def test_classify_with_a_head(engine_dir, demo_model, digits, heads):
     assert all(r.passes == 2 and len(r.ranking) == 10 for r in got)
     assert all(abs(sum(p for _, p in r.ranking) - 1) < 1e-6 and r.ranking[0][1] >= r.ranking[1][1] for r in got)
     assert np.mean([CLASS_NAMES.index(r.label) == t for r, t in zip(got, truth)]) >= 0.9
+    # a real confidence: the winner's logit lead over the runner-up, log(p1 / p2) of torch's own logits
+    lead = [np.sort(row)[-1] - np.sort(row)[-2] for row in want]
+    np.testing.assert_allclose([r.confidence for r in got], lead, rtol=1e-3, atol=1e-4)
     same = eng.classify(images[:3], list(reversed(CLASS_NAMES)), method="head", head="probe")  # same set: fine
     assert [r.label for r in same] == [r.label for r in got[:3]]
 
@@ -160,7 +163,7 @@ def test_cli_train_head_and_classify(demo_model, digit_folder, engine_dir, tmp_p
     (["--data", "{folder}", "--kind", "knn"], 2, "'knn' is not one of"),
     (["--data", "{folder}", "--kind", "attention", "--blocks", "mid_block,up_blocks.0", "--noise-steps", "50"], 1,
      "one block at one step"),
-    ([], 1, "exactly one of --data FOLDER, --demo, --synthesize N or --pseudo-label ENGINE --data FOLDER"),
+    ([], 2, "exactly one of --data FOLDER, --demo, --synthesize N or --pseudo-label ENGINE --data FOLDER"),
 ])
 def test_cli_train_head_mistakes_are_one_line(demo_model, digit_folder, tmp_path, monkeypatch, run_cli, args, exit_code,
                                               message):

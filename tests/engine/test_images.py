@@ -100,3 +100,28 @@ def test_an_image_too_elongated_to_resize_is_refused_in_one_line(monkeypatch):
     with pytest.raises(EngineError, match="1 x 200 pixels is too elongated.*51,200 pixels, over the limit of 10,000"):
         preprocess(Image.new("L", (1, 200)), 16, 1)
     assert preprocess(Image.new("L", (1, 30)), 16, 1).shape == (1, 16, 16)  # 16 x 480 = 7,680: fine
+
+
+def test_folders_are_searched_into_subfolders_in_path_order(tmp_path):
+    """`<label>/` layouts (train-head's) work wherever images are read; hidden folders stay out."""
+    from diffscore.engine.images import expand_images
+
+    for name in ("b/2.png", "a/1.png", "a/sub/0.png", "top.png", ".hidden/x.png", "a/notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (4, 4)).save(tmp_path / name) if name.endswith(".png") else (tmp_path / name).write_text("x")
+    found = [p.relative_to(tmp_path).as_posix() for p in expand_images([tmp_path])]
+    assert found == ["a/1.png", "a/sub/0.png", "b/2.png", "top.png"]
+
+
+def test_classify_iter_results_carry_their_image_path(engines, tmp_path):
+    import diffscore
+
+    paths = []
+    for i in range(3):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+        paths.append(tmp_path / f"{i}.png")
+    eng = diffscore.load(engines["pixel"], backend="ort-cpu")
+    images = [str(paths[0]), paths[1], np.asarray(Image.open(paths[2]))]  # str, Path, pixels
+    got = list(eng.classify_iter(iter(images), ["a", "b"], stages=[(2, 1)]))
+    assert [r.image for r in got] == [str(paths[0]), str(paths[1]), None]
+    assert got[0].to_dict()["image"] == str(paths[0]) and "image" not in got[2].to_dict()
