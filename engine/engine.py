@@ -70,7 +70,7 @@ def load(engine_dir: str | Path, backend: str = "auto", device: int = 0, precisi
         require_bf16()
     workers = None
     if precision != "bf16":  # bf16 exists on the CPU only
-        backend = resolve_backend(manifest, backend, unet)
+        backend = resolve_backend(manifest, backend, unet, device)
     if backend == "auto":  # a CPU: the backend and threading measured fastest for this engine here (cached)
         from diffscore.engine.autoselect import choose_cpu_backend
 

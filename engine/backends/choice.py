@@ -26,7 +26,7 @@ def cpu_workers(manifest: Manifest, backend: str, threads: int | None) -> int:
     return 1
 
 
-def resolve_backend(manifest: Manifest, backend: str, unet: str) -> str:
+def resolve_backend(manifest: Manifest, backend: str, unet: str, device: int = 0) -> str:
     """A GPU backend when `auto` finds one, else "auto" still (load() then measures the CPU backends)."""
     if backend != "auto":
         return backend
@@ -36,7 +36,7 @@ def resolve_backend(manifest: Manifest, backend: str, unet: str) -> str:
     if any(p.graph == unet for p in manifest.plans.values()):
         from diffscore.engine.backends.tensorrt import matching_plan
 
-        if matching_plan(manifest, unet) is not None:
+        if matching_plan(manifest, unet, device) is not None:
             return "tensorrt"
     for name, provider in (("ort-trt", "TensorrtExecutionProvider"), ("ort-cuda", "CUDAExecutionProvider")):
         if provider in providers:
@@ -58,10 +58,10 @@ def make_runner(engine_dir: Path, manifest: Manifest, graph: str, backend: str, 
         from diffscore.engine.backends.tensorrt import TensorRTRunner, import_tensorrt, matching_plan
 
         import_tensorrt()  # the install message first, when TensorRT itself is missing
-        plan = matching_plan(manifest, graph)
+        plan = matching_plan(manifest, graph, device)
         if plan is None:
             raise EngineError(f"{engine_dir} has no TensorRT plan of {graph} for this GPU and TensorRT; run `diffscore build-trt {engine_dir}`")
-        return TensorRTRunner(resolve_inside(engine_dir, plan.file, f"plan of {graph}"), plan, spec)
+        return TensorRTRunner(resolve_inside(engine_dir, plan.file, f"plan of {graph}"), plan, spec, device)
     from diffscore.engine.backends.onnxruntime import OnnxRuntimeRunner
 
     return OnnxRuntimeRunner(resolve_inside(engine_dir, spec.file, f"graph {graph}"), spec, backend, device,
