@@ -50,6 +50,7 @@ from diffscore.export.verdicts import MIN_AGREEMENT, RTOL, compare  # noqa: E402
 
 BATCHES = (8, 32, 64)
 DEMO_IMAGES = 450
+MODEL = HERE.parent / "models" / "demo"  # the reference of (b), (c), (e): not the path the engine recorded
 
 
 class Check:
@@ -196,7 +197,7 @@ def check_torch_cuda(ck: Check, engine_dir: Path, device: str) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32: TF32 would miss 1e-4
     torch.backends.cudnn.allow_tf32 = False
     manifest = Manifest.load(engine_dir)
-    comp = reference_components(manifest)
+    comp = reference_components(manifest, MODEL)
     cpu = reference_runners(comp, manifest, "cpu", torch.float32)
     per_kind = feeds(manifest, comp, engine_dir)
     for precision, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
@@ -221,7 +222,7 @@ def check_demo_job(ck: Check, engine_dir: Path, device: str, images: int) -> Non
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     manifest = Manifest.load(engine_dir)
-    runners = reference_runners(reference_components(manifest), manifest, device, torch.float32)
+    runners = reference_runners(reference_components(manifest, MODEL), manifest, device, torch.float32)
     results = {}
     # threads=1: one worker, since a torch module (its score sink) serves one call at a time
     with load(engine_dir, backend="ort-cpu", runners=runners, threads=1) as eng:
@@ -389,7 +390,7 @@ def check_tensorrt(ck: Check, engine_dir: Path, images: int) -> None:
     work = Path(tempfile.mkdtemp()) / "engine"
     shutil.copytree(engine_dir, work)  # plans and the timing cache go beside the graphs
     manifest = Manifest.load(work)
-    comp = reference_components(manifest)
+    comp = reference_components(manifest, MODEL)
     cpu = reference_runners(comp, manifest, "cpu", torch.float32)
     feed = feeds(manifest, comp, work)["real"]
     with load(work, backend="ort-cpu") as eng:
