@@ -7,7 +7,9 @@ that need them: the rest of the runtime works on machines without them.
 
 from __future__ import annotations
 
+import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from diffscore.engine.backends.base import RunnerBase
 from diffscore.errors import EngineError
 from diffscore.engine.manifest import BATCH, GraphSpec, Manifest, PlanSpec
 
+log = logging.getLogger("diffscore")
 PIP_HINT = "pip install 'diffscore[tensorrt]' on a machine with an NVIDIA GPU (TensorRT 10 or 11)"
 INSTALL_HINT = f"TensorRT is not installed: {PIP_HINT}"
 
@@ -67,14 +70,30 @@ def set_device(cudart, device: int) -> None:
     cuda_call(cudart.cudaSetDevice(device), f"cudaSetDevice({device})")
 
 
-def gpu_slug(cudart, device: int | None = None) -> str:
-    """A GPU's model (the current one by default) as a file-name slug, e.g. "nvidia-h100-80gb-hbm3"."""
+@dataclass(frozen=True)
+class GpuModel:
+    """What a plan's portability depends on: the model's name, its compute capability and SM count, and
+    whether it is integrated (a Jetson module: one name, "Orin", for boards of 4 to 16 SMs and 4 to 64 GB)."""
+
+    slug: str  # the name as a file-name slug, e.g. "nvidia-h100-80gb-hbm3"
+    compute_capability: str  # "9.0"
+    multiprocessors: int
+    integrated: bool = False
+
+
+def gpu_model(cudart, device: int | None = None) -> GpuModel:
+    """GPU `device` (the current one by default)."""
     if device is None:
         device = cuda_call(cudart.cudaGetDevice(), "cudaGetDevice")
-    name = cuda_call(cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties").name
-    if isinstance(name, bytes):
-        name = name.split(b"\0")[0].decode(errors="replace")
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    props = cuda_call(cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+    name = props.name.split(b"\0")[0].decode(errors="replace") if isinstance(props.name, bytes) else props.name
+    return GpuModel(re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"), f"{props.major}.{props.minor}",
+                    int(props.multiProcessorCount), bool(getattr(props, "integrated", 0)))
+
+
+def gpu_slug(cudart, device: int | None = None) -> str:
+    """A GPU's model (the current one by default) as a file-name slug, e.g. "nvidia-h100-80gb-hbm3"."""
+    return gpu_model(cudart, device).slug
 
 
 def tensorrt_version(trt) -> str:
@@ -82,20 +101,40 @@ def tensorrt_version(trt) -> str:
     return ".".join(trt.__version__.split(".")[:3])
 
 
+def plan_fit(plan: PlanSpec, gpu: GpuModel, version: str) -> str | None:
+    """"exact" (same model, same SM count), "compatible" (another discrete GPU of the same compute capability,
+    e.g. H100 SXM vs PCIe: TensorRT runs the plan, tuned for the other one), or None (refused: another TensorRT
+    version or compute capability, or an integrated GPU whose model or SM count differs)."""
+    if plan.tensorrt_version != version:
+        return None
+    if plan.gpu == gpu.slug and plan.multiprocessors in (0, gpu.multiprocessors):
+        return "exact"
+    if not gpu.integrated and plan.compute_capability and plan.compute_capability == gpu.compute_capability:
+        return "compatible"
+    return None
+
+
 def matching_plan(manifest: Manifest, graph: str, device: int = 0) -> PlanSpec | None:
-    """The plan of `graph` built for GPU `device`'s model and this TensorRT version. None when there is none,
-    or when TensorRT or that GPU is missing here, so that callers can fall back to ONNX Runtime."""
+    """The plan of `graph` for GPU `device` and this TensorRT version (an exact one first). None when there is
+    none, or when TensorRT or that GPU is missing here, so that callers can fall back to ONNX Runtime."""
     try:
         trt, cudart = import_tensorrt()
-        gpu = gpu_slug(cudart, device)
+        gpu = gpu_model(cudart, device)
     except (EngineError, RuntimeError, OSError):
         return None
     return find_plan(manifest.plans, graph, gpu, tensorrt_version(trt))
 
 
-def find_plan(plans: dict[str, PlanSpec], graph: str, gpu: str, version: str) -> PlanSpec | None:
-    """The plan of manifest graph `graph` built for this GPU and TensorRT version, if there is one."""
-    return next((p for p in plans.values() if (p.graph, p.gpu, p.tensorrt_version) == (graph, gpu, version)), None)
+def find_plan(plans: dict[str, PlanSpec], graph: str, gpu: GpuModel, version: str,
+              exact: bool = False) -> PlanSpec | None:
+    """The plan of manifest graph `graph` for this GPU and TensorRT version: an exact fit first, then (unless
+    `exact`) a compatible one."""
+    fits = {p.file: plan_fit(p, gpu, version) for p in plans.values() if p.graph == graph}
+    for wanted in ("exact",) if exact else ("exact", "compatible"):
+        found = next((p for p in plans.values() if p.graph == graph and fits[p.file] == wanted), None)
+        if found is not None:
+            return found
+    return None
 
 
 def shape_at(shape: list, batch: int) -> tuple[int, ...]:
@@ -128,17 +167,24 @@ class TensorRTRunner(RunnerBase):
         self.device = device
         set_device(self._cudart, device)  # the engine, its context and buffers live on the current device
 
-        here = (gpu_slug(self._cudart, device), tensorrt_version(trt))
-        if (spec.gpu, spec.tensorrt_version) != here:
+        gpu, version = gpu_model(self._cudart, device), tensorrt_version(trt)
+        fit = plan_fit(spec, gpu, version)
+        if fit is None:
             raise EngineError(
-                f"{plan_path.name} was built for {spec.gpu} with TensorRT {spec.tensorrt_version}, GPU {device} here is "
-                f"{here[0]} with TensorRT {here[1]}; build plans here with `diffscore build-trt {plan_path.parent}`"
+                f"{plan_path.name} was built for {spec.gpu} ({spec.multiprocessors or '?'} SMs, compute capability "
+                f"{spec.compute_capability or '?'}) with TensorRT {spec.tensorrt_version}, GPU {device} here is "
+                f"{gpu.slug} ({gpu.multiprocessors} SMs, {gpu.compute_capability}) with TensorRT {version}; "
+                f"build plans here with `diffscore build-trt {plan_path.parent}`"
             )
+        if fit == "compatible":
+            log.warning("%s was built on %s and runs on %s (same compute capability %s): rebuild it here with "
+                        "`diffscore build-trt %s` for this GPU's own tuning", plan_path.name, spec.gpu, gpu.slug,
+                        gpu.compute_capability, plan_path.parent)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._engine = trt.Runtime(self._logger).deserialize_cuda_engine(plan_path.read_bytes())
         if self._engine is None:
             raise EngineError(
-                f"TensorRT {here[1]} could not load {plan_path.name} (see its log above); "
+                f"TensorRT {version} could not load {plan_path.name} (see its log above); "
                 f"rebuild it with `diffscore build-trt {plan_path.parent}`"
             )
         self._context = self._engine.create_execution_context()

@@ -47,7 +47,8 @@ class FakeCudart:
         def __int__(self):
             raise AssertionError("int(cuda object) is deprecated in cuda-bindings 13: use get_cuda_native_handle")
 
-    def __init__(self, gpus=("NVIDIA H100 80GB HBM3",), total=80 << 30):
+    def __init__(self, gpus=(("NVIDIA H100 80GB HBM3", 9, 0, 132),), total=80 << 30):
+        """gpus: (name, major, minor, SMs[, integrated]) per device."""
         self.calls = Calls()
         self.gpus, self.total, self.device = list(gpus), total, 0
         self.buffers: dict[int, ctypes.Array] = {}
@@ -75,7 +76,9 @@ class FakeCudart:
         self.calls.append(("cudaGetDeviceProperties", device))
         if not 0 <= device < len(self.gpus):
             return (self.cudaError_t.cudaErrorInvalidDevice, None)
-        return self._ok(types.SimpleNamespace(name=self.gpus[device].encode() + b"\0\0"))
+        name, major, minor, sms, *integrated = self.gpus[device]
+        return self._ok(types.SimpleNamespace(name=name.encode() + b"\0\0", major=major, minor=minor,
+                                              multiProcessorCount=sms, integrated=int(bool(integrated and integrated[0]))))
 
     def cudaMemGetInfo(self):
         used = sum(len(b) for b in self.buffers.values())
