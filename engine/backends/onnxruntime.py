@@ -23,11 +23,19 @@ PROVIDERS = {
 }
 
 
+def import_onnxruntime():
+    """The onnxruntime module, or one line saying which extra installs it."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise EngineError("ONNX Runtime is not installed: pip install 'diffscore[cpu]', or 'diffscore[gpu]' on a CUDA "
+                          "machine (one of the two); or use --backend tensorrt with plans built for this GPU") from None
+    return onnxruntime
+
+
 def available_providers() -> list[str]:
     """The providers this onnxruntime was *built* with: not proof that their libraries load (see gpu_backends)."""
-    import onnxruntime as ort
-
-    return ort.get_available_providers()
+    return import_onnxruntime().get_available_providers()
 
 
 def tensorrt_loadable() -> bool:
@@ -77,13 +85,14 @@ class OnnxRuntimeRunner(RunnerBase):
     def __init__(self, path: Path, spec: GraphSpec, backend: str = "ort-cpu", device_id: int = 0, threads: int | None = None,
                  graph: str | None = None, batches: tuple[int, int, int] = (1, 32, 32)):
         """batches: (min, opt, max) batch of the TensorRT provider's profile."""
-        import onnxruntime as ort
+        ort = import_onnxruntime()
 
         missing = PROVIDERS[backend][0] not in ort.get_available_providers()
         if missing:
             raise EngineError(
                 f"backend {backend} needs {PROVIDERS[backend][0]}, which this onnxruntime lacks "
-                f"(has {', '.join(ort.get_available_providers())}); pip install 'diffscore[gpu]' on a CUDA machine"
+                f"(has {', '.join(ort.get_available_providers())}); on a CUDA machine: pip uninstall onnxruntime, "
+                "then pip install 'diffscore[gpu]'"
             )
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -19,7 +19,8 @@ from diffscore.errors import EngineError
 from diffscore.engine.manifest import BATCH, GraphSpec, Manifest, PlanSpec
 
 log = logging.getLogger("diffscore")
-PIP_HINT = "pip install 'diffscore[tensorrt]' on a machine with an NVIDIA GPU (TensorRT 10 or 11)"
+PIP_HINT = ("pip install 'diffscore[tensorrt-cu12]' (CUDA 12 driver) or 'diffscore[tensorrt-cu13]' (CUDA 13) on a "
+            "machine with an NVIDIA GPU (TensorRT 10 or 11); on a Jetson, apt's TensorRT (docs/gpu.md)")
 INSTALL_HINT = f"TensorRT is not installed: {PIP_HINT}"
 
 

@@ -226,3 +226,32 @@ def test_auto_does_not_choose_ort_trt_without_tensorrt(ort_gpu, engines, monkeyp
     assert resolve_backend(manifest, "auto", "unet") == "ort-cuda"
     monkeypatch.setattr(ort_backend, "tensorrt_loadable", lambda: True)
     assert resolve_backend(manifest, "auto", "unet") == "ort-trt"
+
+
+# --- installs -----------------------------------------------------------------------------------------
+def test_jetson_install_runs_without_onnxruntime(gpu, monkeypatch):
+    """The x86 part of the Jetson path (docs/gpu.md): the core runtime + TensorRT plans built on the board,
+    no ONNX Runtime at all (apt's TensorRT; no GPU ONNX Runtime wheel on PyPI for aarch64)."""
+    _, _, engine_dir = gpu((AGX_ORIN,))
+    build_plans(engine_dir, precision="fp32", max_batch=8, workspace_gib=2)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    with load(engine_dir) as eng:  # auto: this board's plans
+        assert eng.backend == "tensorrt"
+        assert eng.classify([np.zeros((16, 16, 3), np.uint8)], ["cat", "dog"], stages=[(2, 1)])[0].passes == 4
+    with pytest.raises(EngineError, match=r"ONNX Runtime is not installed: pip install 'diffscore\[cpu\]'"):
+        load(engine_dir, backend="ort-cpu")
+
+
+def test_extras_resolve_one_onnxruntime_and_cuda_python_of_tensorrts_cuda_major():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
+    name = lambda req: req.split(">")[0].split("<")[0].split("=")[0].split("[")[0].strip()
+    ort = {"onnxruntime", "onnxruntime-gpu"}
+    assert not ort & {name(r) for r in project["dependencies"]}  # the core lets the user choose
+    extras = {k: {name(r): r for r in v} for k, v in project["optional-dependencies"].items()}
+    assert [k for k, v in extras.items() if ort & set(v)] == ["cpu", "gpu"]
+    assert all(len(ort & set(v)) == 1 for k, v in extras.items() if k in ("cpu", "gpu"))
+    for major in ("12", "13"):
+        reqs = extras[f"tensorrt-cu{major}"]
+        assert set(reqs) == {f"tensorrt-cu{major}", "cuda-python"}
+        assert f"<{int(major) + 1}" in reqs["cuda-python"] and f">={major}" in reqs["cuda-python"]
