@@ -641,12 +641,20 @@ def check_label_free_flags(data, demo, synthesize, pseudo_label, save_samples, m
 def build_trt(
     engine: Path = typer.Argument(..., help="engine directory"),
     precision: BuildPrecision = typer.Option(Precision.fp16.value, "--precision", "-p", help="which UNet graph to build"),
-    min_batch: int = typer.Option(1, min=1), opt_batch: int = typer.Option(8, min=1), max_batch: int = typer.Option(32, min=1),
+    min_batch: int = typer.Option(1, min=1),
+    opt_batch: Optional[int] = typer.Option(None, min=1, help="the batch TensorRT tunes for [default: --max-batch, "
+                                            "the batch the runtime runs]"),
+    max_batch: int = typer.Option(32, min=1),
+    workspace_gib: Optional[float] = typer.Option(None, "--workspace-gib", help="cap on TensorRT's build scratch "
+                                                  "memory, e.g. 2 on a Jetson [default: TensorRT's, the GPU's memory]"),
+    timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="timing cache file to reuse and update "
+                                                "[default: one per GPU and TensorRT version in the engine]"),
 ):
     """Build TensorRT plans (strongly typed; precision comes from the ONNX) for this GPU."""
     from diffscore.export.tensorrt_build import build_plans
 
-    for plan in build_plans(engine, precision=precision.value, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch):
+    for plan in build_plans(engine, precision=precision.value, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
+                            timing_cache=timing_cache, workspace_gib=workspace_gib):
         say(("plan ", "green"), f"{plan.file} ({plan.size / 1e6:.1f} MB)")
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from diffscore.engine.backends.base import Runner
-from diffscore.engine.backends.choice import BACKENDS, cpu_workers, make_runner, resolve_backend
+from diffscore.engine.backends.choice import BACKENDS, GPU_BATCH, VAE_BATCH, cpu_workers, make_runner, resolve_backend
 from diffscore.engine.conditioning import PromptCache, TextConditioning, read_tokenizer
 from diffscore.engine.heads import HeadScoring
 from diffscore.engine.images import IMAGE_WINDOW, count_images, image_windows, preprocess_batch
@@ -77,7 +77,7 @@ def load(engine_dir: str | Path, backend: str = "auto", device: int = 0, precisi
         require_bf16()
     workers = None
     if precision != "bf16":  # bf16 exists on the CPU only
-        backend = resolve_backend(manifest, backend, unet)
+        backend = resolve_backend(manifest, backend, unet, device)
     if backend == "auto":  # a CPU: the backend and threading measured fastest for this engine here (cached)
         from diffscore.engine.autoselect import choose_cpu_backend
 
@@ -186,12 +186,13 @@ class Engine(HeadScoring, TextConditioning):
         return dsd_preset(own)
 
     def default_batch_size(self) -> int:
-        """Pairs per UNet call: small samples batch wide on CPU; GPUs and big latents less so."""
-        plans = [p for p in self.manifest.plans.values() if p.graph.startswith("unet")]
-        if self.backend == "tensorrt" and plans:
-            return min(p.max_batch for p in plans)
+        """Pairs per UNet call: small samples batch wide on CPU; GPUs and big latents less so. On TensorRT, the
+        max_batch of the plan the UNet runs (this GPU's, this precision's), not of other GPUs' plans."""
+        plan_max = getattr(self.runners.get("unet"), "max_batch", None)
+        if self.backend == "tensorrt" and plan_max:
+            return plan_max
         elements = int(np.prod(self.manifest.sample_shape))
-        return int(np.clip(2**13 // elements, 1, 128)) if self.backend in ("ort-cpu", "openvino") else 32
+        return int(np.clip(2**13 // elements, 1, 128)) if self.backend in ("ort-cpu", "openvino") else GPU_BATCH
 
     # --- inputs ---------------------------------------------------------------------------------
     def check_prompts(self, prompts: list[str], what: str) -> None:
@@ -207,7 +208,7 @@ class Engine(HeadScoring, TextConditioning):
         or the text encoder (each distinct prompt once per call, however small the cache)."""
         found = {p: item for p in dict.fromkeys(prompts) if (item := self.prompt_cache.get(p)) is not None}
         missing = [p for p in dict.fromkeys(prompts) if p not in found]
-        step = self.default_batch_size()  # a TensorRT plan takes at most its max_batch
+        step = getattr(self.runners["text_encoder"], "max_batch", None) or self.default_batch_size()  # a plan's limit
         for lo in range(0, len(missing), step):
             chunk = missing[lo : lo + step]
             out = self.runners["text_encoder"].infer(self.token_feed(chunk))
@@ -223,7 +224,8 @@ class Engine(HeadScoring, TextConditioning):
         pixels = preprocess_batch(images, m.image_size, m.image_channels)
         if m.pixel_space:
             return pixels
-        vae, step = self.runners["vae_encoder"], min(8, self.default_batch_size())
+        vae = self.runners["vae_encoder"]
+        step = min(VAE_BATCH, getattr(vae, "max_batch", None) or self.default_batch_size())
         return np.concatenate([vae.infer({"image": pixels[i : i + step]})["latent"] for i in range(0, len(pixels), step)])
 
     # --- the UNet over many pairs -------------------------------------------------------------

@@ -73,6 +73,9 @@ class PlanSpec:
     max_batch: int
     sha256: str
     size: int
+    # what TensorRT's plan compatibility depends on (empty/0 in plans built before they were recorded)
+    compute_capability: str = ""  # e.g. "9.0"
+    multiprocessors: int = 0  # Jetson modules all report the name "Orin": their SM counts tell them apart
 
 
 @dataclass

@@ -29,12 +29,10 @@ log = logging.getLogger("diffscore")
 
 
 def available_backends(manifest: Manifest) -> list[str]:
-    from diffscore.engine.backends.onnxruntime import available_providers
+    from diffscore.engine.backends.onnxruntime import gpu_backends
     from diffscore.engine.backends.tensorrt import matching_plan
 
-    providers = available_providers()
-    found = ["ort-cpu"]
-    found += [b for b, p in (("ort-cuda", "CUDAExecutionProvider"), ("ort-trt", "TensorrtExecutionProvider")) if p in providers]
+    found = ["ort-cpu", *sorted(gpu_backends())]
     if any(matching_plan(manifest, g) for g in manifest.graphs):
         found.append("tensorrt")
     from diffscore.engine.backends.openvino import openvino_version

@@ -2,8 +2,9 @@
 
 Precision comes from the ONNX graphs themselves (fp16 tensors, int8 Q/DQ nodes) and the network is
 strongly typed, so no precision builder flags are set (TensorRT 11 removed them); only TF32 is turned
-off for fp32 graphs, to keep them at fp32 accuracy. One optimization profile spans the symbolic batch
-axis. A timing cache kept in the engine directory makes later builds (another precision, another
+off for fp32 graphs, to keep them at fp32 accuracy. One optimization profile per graph spans the batch
+sizes the runtime calls that graph with (graph_batches): the UNet and text encoder up to max_batch, tuned
+for max_batch (the runtime fills its batches), the VAE encoder up to 8 images. A timing cache kept in the engine directory makes later builds (another precision, another
 batch range) fast. Plans already built for this GPU, TensorRT version and batch range are reused, so
 running this twice costs only a hash check.
 """
@@ -18,16 +19,27 @@ from diffscore.engine.backends.tensorrt import (
     BATCH,
     cuda_call,
     find_plan,
-    gpu_slug,
+    gpu_model,
     import_tensorrt,
     shape_at,
     tensorrt_version,
 )
+from diffscore.engine.backends.choice import VAE_BATCH
 from diffscore.errors import EngineError
 from diffscore.engine.manifest import GraphSpec, Manifest, PlanSpec, sha256_file, unet_graph
 
 log = logging.getLogger("diffscore")
 PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def graph_batches(key: str, batches: tuple[int, int, int]) -> tuple[int, int, int]:
+    """(min, opt, max) batch of graph `key`'s profile: the VAE encoder is called with at most 8 images (at
+    512² its activations at 32 would reserve GBs for nothing); the others with up to max_batch."""
+    lo, opt, hi = batches
+    if key.split(".")[0] == "vae_encoder":
+        hi = min(hi, VAE_BATCH)
+        return min(lo, hi), min(opt, hi), hi
+    return batches
 
 
 def tensorrt_available() -> str | None:
@@ -62,16 +74,21 @@ def build_plans(
     engine_dir: Path | str,
     precision: str = "fp16",
     min_batch: int = 1,
-    opt_batch: int = 8,
+    opt_batch: int | None = None,
     max_batch: int = 32,
     timing_cache: Path | str | None = None,
     workspace_gib: float | None = None,
 ) -> list[PlanSpec]:
     """Build (or reuse) a plan for every graph `precision` runs and record them in the manifest.
 
+    opt_batch: the batch TensorRT tunes for; default max_batch, the batch the runtime runs.
     timing_cache: file to load and update (default: one per GPU and TensorRT version in engine_dir).
-    workspace_gib: cap on TensorRT's scratch memory while building; None leaves TensorRT's default.
+    workspace_gib: cap on TensorRT's scratch memory while building (a Jetson shares it with the CPU);
+        None leaves TensorRT's default (the GPU's memory).
     """
+    opt_batch = max_batch if opt_batch is None else opt_batch
+    if workspace_gib is not None and not workspace_gib > 0:
+        raise EngineError(f"workspace_gib must be above 0, got {workspace_gib}")
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise EngineError(
             "batch sizes must satisfy 1 <= min_batch <= opt_batch <= max_batch, "
@@ -81,16 +98,17 @@ def build_plans(
     manifest = Manifest.load(engine_dir)
     keys = graphs_for(manifest, precision)
     trt, cudart = import_tensorrt()
-    gpu, version = gpu_slug(cudart), tensorrt_version(trt)
+    model, version = gpu_model(cudart), tensorrt_version(trt)
+    gpu = model.slug
     cache_path = Path(timing_cache) if timing_cache else engine_dir / f"timing.{gpu}.trt{version}.cache"
-    batches = (min_batch, opt_batch, max_batch)
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     cache = None  # one timing cache shared by every graph's build
     plans = []
     for key in keys:
-        existing = find_plan(manifest.plans, key, gpu, version)
+        batches = graph_batches(key, (min_batch, opt_batch, max_batch))
+        existing = find_plan(manifest.plans, key, model, version, exact=True)
         if existing and _reusable(existing, engine_dir, batches):
             log.info("%s: reusing %s", key, existing.file)
             plans.append(existing)
@@ -112,8 +130,9 @@ def build_plans(
         _write_atomic(cache_path, config.get_timing_cache().serialize())
         spec = PlanSpec(
             file=name, graph=key, gpu=gpu, tensorrt_version=version, precision=graph.precision,
-            min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
+            min_batch=batches[0], opt_batch=batches[1], max_batch=batches[2],
             sha256=sha256_file(engine_dir / name), size=(engine_dir / name).stat().st_size,
+            compute_capability=model.compute_capability, multiprocessors=model.multiprocessors,
         )
         manifest.plans[name.removesuffix(".plan")] = spec
         manifest.save(engine_dir)  # after each plan, so an interrupted run keeps what it built

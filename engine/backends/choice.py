@@ -17,6 +17,8 @@ BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt", "openvino")
 # single-threaded runs of one session than as one multi-threaded run: measured on the demo UNet,
 # 2 cores, batch 128: 855 vs 691 samples/s. Big latents keep ONNX Runtime's intra-op threading.
 CONCURRENT_MAX_ELEMENTS = 4096
+GPU_BATCH = 32  # UNet pairs per call on the ONNX Runtime GPU backends (TensorRT: its plan's max_batch)
+VAE_BATCH = 8  # images per VAE encoder call (export/tensorrt_build.py builds that graph's profile for it)
 
 
 def cpu_workers(manifest: Manifest, backend: str, threads: int | None) -> int:
@@ -26,22 +28,18 @@ def cpu_workers(manifest: Manifest, backend: str, threads: int | None) -> int:
     return 1
 
 
-def resolve_backend(manifest: Manifest, backend: str, unet: str) -> str:
+def resolve_backend(manifest: Manifest, backend: str, unet: str, device: int = 0) -> str:
     """A GPU backend when `auto` finds one, else "auto" still (load() then measures the CPU backends)."""
     if backend != "auto":
         return backend
-    from diffscore.engine.backends.onnxruntime import available_providers
+    from diffscore.engine.backends.onnxruntime import gpu_backends
 
-    providers = available_providers()
     if any(p.graph == unet for p in manifest.plans.values()):
         from diffscore.engine.backends.tensorrt import matching_plan
 
-        if matching_plan(manifest, unet) is not None:
+        if matching_plan(manifest, unet, device) is not None:
             return "tensorrt"
-    for name, provider in (("ort-trt", "TensorrtExecutionProvider"), ("ort-cuda", "CUDAExecutionProvider")):
-        if provider in providers:
-            return name
-    return "auto"  # a CPU: load() measures the CPU backends
+    return next(iter(gpu_backends()), "auto")  # "auto": a CPU, load() measures the CPU backends
 
 
 def make_runner(engine_dir: Path, manifest: Manifest, graph: str, backend: str, device: int, threads, *,
@@ -55,14 +53,15 @@ def make_runner(engine_dir: Path, manifest: Manifest, graph: str, backend: str, 
         return OpenVINORunner(resolve_inside(engine_dir, spec.file, f"graph {graph}"), spec, precision, threads,
                               streams=workers, graph=graph)
     if backend == "tensorrt":
-        from diffscore.engine.backends.tensorrt import TensorRTRunner, import_tensorrt, matching_plan
+        from diffscore.engine.backends.tensorrt import TensorRTRunner, import_tensorrt, matching_plan, set_device
 
-        import_tensorrt()  # the install message first, when TensorRT itself is missing
-        plan = matching_plan(manifest, graph)
+        set_device(import_tensorrt()[1], device)  # the install message first, then an absent device's
+        plan = matching_plan(manifest, graph, device)
         if plan is None:
             raise EngineError(f"{engine_dir} has no TensorRT plan of {graph} for this GPU and TensorRT; run `diffscore build-trt {engine_dir}`")
-        return TensorRTRunner(resolve_inside(engine_dir, plan.file, f"plan of {graph}"), plan, spec)
+        return TensorRTRunner(resolve_inside(engine_dir, plan.file, f"plan of {graph}"), plan, spec, device)
     from diffscore.engine.backends.onnxruntime import OnnxRuntimeRunner
 
     return OnnxRuntimeRunner(resolve_inside(engine_dir, spec.file, f"graph {graph}"), spec, backend, device,
-                             1 if workers > 1 else threads, graph)
+                             1 if workers > 1 else threads, graph,
+                             batches=(1, VAE_BATCH, VAE_BATCH) if graph == "vae_encoder" else (1, GPU_BATCH, GPU_BATCH))

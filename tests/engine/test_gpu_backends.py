@@ -1,0 +1,257 @@
+"""The GPU backends without a GPU: TensorRT's builder and runner and ONNX Runtime's GPU providers against
+recording fakes (tests/engine/trt_fakes.py), checked call by call against the documented APIs."""
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from trt_fakes import FakeCudart, fake_tensorrt, installed, plan_bytes  # noqa: E402
+
+from diffscore.engine.backends.tensorrt import TensorRTRunner, matching_plan  # noqa: E402
+from diffscore.engine.engine import load  # noqa: E402
+from diffscore.engine.manifest import GraphSpec, Manifest, PlanSpec, TensorSpec  # noqa: E402
+from diffscore.errors import EngineError  # noqa: E402
+from diffscore.export.tensorrt_build import build_plans  # noqa: E402
+
+H100_SXM = ("NVIDIA H100 80GB HBM3", 9, 0, 132)
+H100_PCIE = ("NVIDIA H100 PCIe", 9, 0, 114)
+AGX_ORIN = ("Orin", 8, 7, 16, True)  # every Jetson Orin module reports the name "Orin"
+ORIN_NANO = ("Orin", 8, 7, 8, True)
+ONNX_TYPES = {onnx.TensorProto.FLOAT: "FLOAT", onnx.TensorProto.FLOAT16: "HALF", onnx.TensorProto.INT64: "INT64",
+              onnx.TensorProto.INT32: "INT32"}
+
+
+def onnx_io(path):
+    """What the fake parser reads from an ONNX graph: its inputs and outputs (names and types from the file, shapes
+    from the manifest beside it, whose symbolic axes the exporter names freely); eps copies sample (identity)."""
+    graph = onnx.load(path, load_external_data=False).graph
+    spec = next(g for g in Manifest.load(Path(path).parent).graphs.values() if g.file == Path(path).name)
+    shapes = {t.name: [-1 if d == "batch" else d for d in t.shape] for t in spec.inputs + spec.outputs}
+    kind = lambda v: ONNX_TYPES[v.type.tensor_type.elem_type]
+    inputs = {v.name: (kind(v), shapes[v.name]) for v in graph.input}
+    outputs = {v.name: (kind(v), shapes[v.name], "sample" if v.name == "eps" else None) for v in graph.output}
+    return inputs, outputs
+
+
+@pytest.fixture
+def gpu(engines, tmp_path):
+    """make(gpus) -> (trt, cudart, engine dir): a copy of the tiny SD engine and fakes installed while the test runs."""
+    engine_dir = shutil.copytree(engines["sd1"], tmp_path / "engine")
+    stack = []
+
+    def make(gpus=(H100_SXM,)):
+        cudart = FakeCudart(gpus)
+        trt = fake_tensorrt(cudart, onnx_io=onnx_io)
+        ctx = installed(trt, cudart)
+        ctx.__enter__()
+        stack.append(ctx)
+        return trt, cudart, engine_dir
+
+    yield make
+    for ctx in reversed(stack):
+        ctx.__exit__(None, None, None)
+
+
+def test_load_on_device_1_builds_and_runs_everything_on_gpu_1(gpu):
+    trt, cudart, engine_dir = gpu((H100_SXM, H100_SXM))
+    build_plans(engine_dir, precision="fp32", max_batch=16)
+    cudart.calls.clear()
+    with load(engine_dir, backend="tensorrt", device=1) as eng:
+        assert ("cudaSetDevice", 1) in cudart.calls and ("cudaSetDevice", 0) not in cudart.calls
+        assert {c[1] for c in cudart.calls.named("cudaMalloc")} == {1}  # every buffer on GPU 1
+        results = eng.classify([np.zeros((16, 16, 3), np.uint8)], ["cat", "dog"], stages=[(4, 1)], loss="l2")
+    assert results[0].passes == 8
+    # the stream goes to TensorRT as its address (cuda-bindings 13 deprecates int(handle); the fake refuses it)
+    assert all(isinstance(c[1], int) for c in trt.calls.named("execute_async_v3"))
+    assert cudart.streams == 0 and not cudart.buffers  # closed: streams destroyed, memory freed
+
+
+def test_absent_device_is_one_line(gpu):
+    _, _, engine_dir = gpu((H100_SXM,))
+    build_plans(engine_dir, precision="fp32", max_batch=8)
+    with pytest.raises(EngineError, match=r"^device=1 does not exist: this machine has 1 GPU\(s\)") as err:
+        load(engine_dir, backend="tensorrt", device=1)
+    assert "\n" not in str(err.value)
+
+
+def test_profiles_per_graph_opt_at_the_runtime_batch_workspace_and_timing_cache(gpu, tmp_path):
+    trt, _, engine_dir = gpu()
+    cache = tmp_path / "timing.cache"
+    build_plans(engine_dir, precision="fp32", max_batch=32, workspace_gib=2, timing_cache=cache)
+    builds = {inputs[0]: (shapes, pool) for _, inputs, shapes, pool, _ in trt.calls.named("build")}
+    vae, _ = builds["image"]
+    unet, pool = builds["encoder_hidden_states"]
+    assert [s[0] for s in vae["image"]] == [1, 8, 8]  # the VAE encoder is called with at most 8 images
+    assert [s[0] for s in unet["sample"]] == [1, 32, 32]  # opt = max: the runtime runs full batches of max_batch
+    assert pool == {"WORKSPACE": 2 * 2**30}
+    assert cache.read_bytes() == b"timing"
+    plans = {p.graph: p for p in Manifest.load(engine_dir).plans.values()}
+    assert (plans["vae_encoder"].max_batch, plans["unet"].opt_batch, plans["unet"].multiprocessors) == (8, 32, 132)
+    assert plans["unet"].compute_capability == "9.0"
+    with pytest.raises(EngineError, match="workspace_gib must be above 0"):
+        build_plans(engine_dir, workspace_gib=0)
+
+
+def test_batch_size_comes_from_this_gpus_plan_only(gpu):
+    _, _, engine_dir = gpu((AGX_ORIN,))
+    build_plans(engine_dir, precision="fp32", max_batch=4)  # a Jetson's plans in the same engine directory
+    with installed(*_fakes((H100_SXM,))):
+        build_plans(engine_dir, precision="fp32", max_batch=16)
+        with load(engine_dir, backend="tensorrt") as eng:
+            assert eng.runners["unet"].max_batch == 16
+            assert eng.default_batch_size() == 16  # not the Jetson plan's 4
+
+
+def _fakes(gpus):
+    cudart = FakeCudart(gpus)
+    return fake_tensorrt(cudart, onnx_io=onnx_io), cudart
+
+
+def test_plan_from_another_h100_variant_runs_with_a_warning_another_orin_is_refused(gpu, caplog):
+    _, _, engine_dir = gpu((H100_SXM,))
+    build_plans(engine_dir, precision="fp32", max_batch=8)
+    manifest = Manifest.load(engine_dir)
+    with installed(*_fakes((H100_PCIE,))), caplog.at_level(logging.WARNING, logger="diffscore"):
+        plan = matching_plan(manifest, "unet")
+        assert plan is not None and plan.gpu == "nvidia-h100-80gb-hbm3"  # same compute capability: TensorRT runs it
+        TensorRTRunner(engine_dir / plan.file, plan, manifest.graphs["unet"]).close()
+    assert "rebuild it here" in caplog.text
+
+    with installed(*_fakes((AGX_ORIN,))):
+        build_plans(engine_dir, precision="fp32", max_batch=8)
+    manifest = Manifest.load(engine_dir)
+    with installed(*_fakes((ORIN_NANO,))):  # same name and compute capability, half the SMs and memory
+        assert matching_plan(manifest, "unet") is None
+        orin = next(p for p in manifest.plans.values() if p.gpu == "orin" and p.graph == "unet")
+        with pytest.raises(EngineError, match=r"built for orin \(16 SMs.*here is orin \(8 SMs") as err:
+            TensorRTRunner(engine_dir / orin.file, orin, manifest.graphs["unet"])
+        assert "\n" not in str(err.value)
+
+
+def _plan_file(tmp_path, inputs, outputs):
+    path = tmp_path / "x.plan"
+    path.write_bytes(plan_bytes(inputs, outputs))
+    spec = GraphSpec("x.onnx", "", 0, "fp32", [TensorSpec("x", "float32", ["batch", 2])],
+                     [TensorSpec("y", "float32", ["batch", 2])])
+    return path, PlanSpec("x.plan", "x", "nvidia-h100-80gb-hbm3", "10.8.0", "fp32", 1, 4, 4, "", 0), spec
+
+
+def test_plan_dtype_other_than_the_manifests_is_refused_not_cast(tmp_path):
+    path, plan, spec = _plan_file(tmp_path, {"x": ("HALF", [-1, 2])}, {"y": ("FLOAT", [-1, 2], None)})
+    cudart = FakeCudart()
+    with installed(fake_tensorrt(cudart), cudart):
+        runner = TensorRTRunner(path, plan, spec)
+        with pytest.raises(EngineError, match="input x is float32, the TensorRT plan takes float16"):
+            runner.infer({"x": np.ones((2, 2), np.float32)})
+        runner.close()
+
+
+def test_bf16_io_is_one_line_not_a_raw_type_error(tmp_path):
+    path, plan, spec = _plan_file(tmp_path, {"x": ("FLOAT", [-1, 2])}, {"y": ("BF16", [-1, 2], None)})
+    cudart = FakeCudart()
+    with installed(fake_tensorrt(cudart), cudart), pytest.raises(EngineError, match="BF16 input or output"):
+        TensorRTRunner(path, plan, spec)
+
+
+# --- ONNX Runtime's GPU providers ------------------------------------------------------------------
+import onnxruntime  # noqa: E402
+
+REAL_SESSION = onnxruntime.InferenceSession
+
+
+class RecordingSession:
+    """onnxruntime.InferenceSession's stand-in: records the providers asked for, reports `runs_on`."""
+
+    asked: list = []
+    runs_on = ["CPUExecutionProvider"]
+
+    def __init__(self, path, options, providers):
+        RecordingSession.asked = providers
+        self._real = REAL_SESSION(path, options, providers=["CPUExecutionProvider"])
+
+    def get_providers(self):
+        return list(self.runs_on)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+@pytest.fixture
+def ort_gpu(monkeypatch):
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "InferenceSession", RecordingSession)
+    return RecordingSession
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_ort_trt_sets_precision_flags_and_a_batch_profile(ort_gpu, engines, precision):
+    from diffscore.engine.backends.onnxruntime import OnnxRuntimeRunner
+
+    manifest = Manifest.load(engines["sd1"])
+    spec = manifest.graphs["unet"]
+    spec = GraphSpec(spec.file, spec.sha256, spec.size, precision, spec.inputs, spec.outputs)
+    ort_gpu.runs_on = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    runner = OnnxRuntimeRunner(engines["sd1"] / spec.file, spec, "ort-trt", 0, graph="unet", batches=(1, 16, 32))
+    name, options = ort_gpu.asked[0]
+    assert name == "TensorrtExecutionProvider" and runner.name == "onnxruntime:TensorrtExecutionProvider"
+    assert options["trt_fp16_enable"] == (precision == "fp16") and options["trt_int8_enable"] == (precision == "int8")
+    sample = "x".join(map(str, manifest.sample_shape))
+    assert options["trt_profile_min_shapes"].startswith(f"sample:1x{sample},timestep:1,encoder_hidden_states:1x")
+    assert options["trt_profile_opt_shapes"].startswith(f"sample:16x{sample},")
+    assert options["trt_profile_max_shapes"].startswith(f"sample:32x{sample},")
+
+
+def test_a_session_that_fell_back_to_the_cpu_is_refused_not_reported_as_cuda(ort_gpu, engines):
+    from diffscore.engine.backends.onnxruntime import OnnxRuntimeRunner
+
+    spec = Manifest.load(engines["sd1"]).graphs["unet"]
+    ort_gpu.runs_on = ["CPUExecutionProvider"]  # what onnxruntime does when libcudart/libcudnn do not load
+    with pytest.raises(EngineError, match="created the unet session on CPUExecutionProvider, not CUDAExecution"):
+        OnnxRuntimeRunner(engines["sd1"] / spec.file, spec, "ort-cuda", 0, graph="unet")
+
+
+def test_auto_does_not_choose_ort_trt_without_tensorrt(ort_gpu, engines, monkeypatch):
+    from diffscore.engine.backends import onnxruntime as ort_backend
+    from diffscore.engine.backends.choice import resolve_backend
+
+    manifest = Manifest.load(engines["sd1"])
+    monkeypatch.setattr(ort_backend, "tensorrt_loadable", lambda: False)
+    assert resolve_backend(manifest, "auto", "unet") == "ort-cuda"
+    monkeypatch.setattr(ort_backend, "tensorrt_loadable", lambda: True)
+    assert resolve_backend(manifest, "auto", "unet") == "ort-trt"
+
+
+# --- installs -----------------------------------------------------------------------------------------
+def test_jetson_install_runs_without_onnxruntime(gpu, monkeypatch):
+    """The x86 part of the Jetson path (docs/gpu.md): the core runtime + TensorRT plans built on the board,
+    no ONNX Runtime at all (apt's TensorRT; no GPU ONNX Runtime wheel on PyPI for aarch64)."""
+    _, _, engine_dir = gpu((AGX_ORIN,))
+    build_plans(engine_dir, precision="fp32", max_batch=8, workspace_gib=2)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    with load(engine_dir) as eng:  # auto: this board's plans
+        assert eng.backend == "tensorrt"
+        assert eng.classify([np.zeros((16, 16, 3), np.uint8)], ["cat", "dog"], stages=[(2, 1)])[0].passes == 4
+    with pytest.raises(EngineError, match=r"ONNX Runtime is not installed: pip install 'diffscore\[cpu\]'"):
+        load(engine_dir, backend="ort-cpu")
+
+
+def test_extras_resolve_one_onnxruntime_and_cuda_python_of_tensorrts_cuda_major():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
+    name = lambda req: req.split(">")[0].split("<")[0].split("=")[0].split("[")[0].strip()
+    ort = {"onnxruntime", "onnxruntime-gpu"}
+    assert not ort & {name(r) for r in project["dependencies"]}  # the core lets the user choose
+    extras = {k: {name(r): r for r in v} for k, v in project["optional-dependencies"].items()}
+    assert [k for k, v in extras.items() if ort & set(v)] == ["cpu", "gpu"]
+    assert all(len(ort & set(v)) == 1 for k, v in extras.items() if k in ("cpu", "gpu"))
+    for major in ("12", "13"):
+        reqs = extras[f"tensorrt-cu{major}"]
+        assert set(reqs) == {f"tensorrt-cu{major}", "cuda-python"}
+        assert f"<{int(major) + 1}" in reqs["cuda-python"] and f">={major}" in reqs["cuda-python"]
