@@ -20,8 +20,8 @@ class ClassifyOptions:
     stages: tuple[tuple[int, int], ...] = ()  # dc: (n_samples, keep) per pruning stage
     loss: str = ""  # dc: l2 | l1 | huber
     seed: int = 0  # of the shared noise
-    strategy: str = ""  # dc: "stages" (fixed pruning stages) | "race" (adaptive paired racing)
-    race: dict | None = None  # dc race: z, min_rounds, round_size, budget, grid size, profile used
+    strategy: str = ""  # dc: "stages" (fixed pruning stages) | "race" (adaptive paired racing) | "cascade"
+    race: dict | None = None  # dc race/cascade: z, min_rounds, round_size, budget, grid size, profile used (+ cascade)
     head: str = ""  # head: its name in the engine
     backend: str = ""  # where it ran ("torch" for the reference)
     precision: str = ""
@@ -45,6 +45,9 @@ class Classification:
     # paired error differences on the timesteps both saw (kernels.ranking.confidence); ~3 and above: more
     # timesteps would rarely flip the decision. inf with one class; None for a trained head.
     confidence: float | None = None
+    # strategy "cascade": the first stage (kernels/cascade.py): shortlister, shortlist, its scores and softmax
+    # mass, passes of each stage; None otherwise
+    cascade: dict | None = None
 
     @property
     def scores(self) -> dict[str, float]:
@@ -57,7 +60,8 @@ class Classification:
         return {"label": self.label, "passes": self.passes, "confidence": self.confidence if finite else None,
                 "ranking": [[c, float(s), self.evaluated.get(c)] if self.evaluated else [c, float(s)]
                             for c, s in self.ranking],
-                "options": self.options.to_dict() if self.options else None}
+                "options": self.options.to_dict() if self.options else None,
+                **({"cascade": self.cascade} if self.cascade is not None else {})}
 
 
 @dataclass(frozen=True)
