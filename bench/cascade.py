@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import sys
 import time
@@ -34,7 +35,7 @@ from adaptive import replay, replay_stages  # noqa: E402
 from common import RESULTS, machine, machine_line, publish  # noqa: E402
 
 import diffscore  # noqa: E402
-from diffscore.app.demo import DEMO_MODEL, DEMO_RACE, DEMO_STAGES, cache_root, demo_engine_dir  # noqa: E402
+from diffscore.app.demo import DEMO_MODEL, DEMO_RACE, cache_root, demo_engine_dir  # noqa: E402
 from diffscore.kernels import PairedRace, RaceConfig, race_plan  # noqa: E402
 from diffscore.kernels.cascade import CascadeConfig, cascade_run  # noqa: E402
 
@@ -42,9 +43,10 @@ GRID = 100
 FONTS_MODEL = Path(__file__).resolve().parents[1] / "models" / "fonts62"
 HEAD_BLOCKS, HEAD_STEPS = ["down_blocks.1", "mid_block"], [50, 200]  # the heads bench's linear probe
 RACE = RaceConfig(**DEMO_RACE)  # the demo's race (z = 1, min_rounds = 1, rounds of 5) on both models
-K_VALUES = (1, 2, 3, 5, 8)
-MASSES = (0.9, 0.99)
+K_VALUES = (1, 2, 3, 5, 8)  # fixed shortlist sizes replayed
+MASSES = (0.9, 0.99, 0.999)
 CLASS_COUNTS = (10, 20, 40, 62)
+FIXED = [[(10, 3), (100, 1)], [(20, 5), (100, 1)], [(20, 1)]]  # replayable on the 100-point grid (its last stage)
 TARGET = 0.995
 
 
@@ -109,15 +111,16 @@ def row(name, how, winners, reference, truth, passes, images_per_s=None, data=""
             "images_per_s": images_per_s}
 
 
+def fixed_name(stages) -> str:
+    return "fixed " + "->".join(f"({n},{k})" for n, k in stages) + (" of the 100-grid" if len(stages) == 1 else "")
+
+
+CONFIGS = [CascadeConfig(k=k) for k in K_VALUES] + [CascadeConfig(k=5, mass=m) for m in MASSES]
+
+
 def cascades(errors, scores, profile, head_passes):
     """{name: (winners, passes)} for every k and mass."""
-    out = {}
-    for k in K_VALUES:
-        out[f"cascade k={k}"] = replay_cascade(errors, scores, CascadeConfig(k=k), profile, head_passes)
-    for mass in MASSES:
-        out[f"cascade mass={mass:g} (k<=5)"] = replay_cascade(errors, scores, CascadeConfig(k=5, mass=mass), profile,
-                                                             head_passes)
-    return out
+    return {config_name(c): replay_cascade(errors, scores, c, profile, head_passes) for c in CONFIGS}
 
 
 def replayed_rows(data, errors, scores, truth, profile, head_passes) -> list[dict]:
@@ -126,10 +129,9 @@ def replayed_rows(data, errors, scores, truth, profile, head_passes) -> list[dic
     order = race_plan(1000, GRID, profile)[1]
     rows = [row(f"exhaustive ({n_classes} classes x {GRID} timesteps)", "engine", reference, reference, truth,
                 np.full(len(errors), n_classes * GRID), data=data)]
-    for stages in (DEMO_STAGES, [(20, 5), (100, 1)]):
+    for stages in FIXED:
         winners, passes = replay_stages(errors, stages)
-        rows.append(row("fixed " + "->".join(f"({n},{k})" for n, k in stages), "replay", winners, reference, truth,
-                        passes, data=data))
+        rows.append(row(fixed_name(stages), "replay", winners, reference, truth, passes, data=data))
     winners, passes = replay_race(errors, order)
     rows.append(row(f"race z={RACE.z:g}", "replay", winners, reference, truth, passes, data=data))
     rows.append(row("head alone (linear probe)", "replay", scores.argmax(axis=1), reference, truth,
@@ -139,12 +141,22 @@ def replayed_rows(data, errors, scores, truth, profile, head_passes) -> list[dic
     return rows
 
 
-def timed_rows(data, engine, images, labels, reference, truth, k) -> tuple[list[dict], dict]:
+def config_options(config: CascadeConfig) -> dict:
+    return {"k": config.k, "mass": config.mass}
+
+
+def config_name(config: CascadeConfig) -> str:
+    return f"cascade k={config.k}" if config.mass is None else f"cascade mass={config.mass:g} (k<={config.k})"
+
+
+def timed_rows(data, engine, images, labels, reference, truth, config) -> tuple[list[dict], dict]:
     """Race, head and cascade on the engine, timed; the cascade's decisions/passes against its replay."""
     rows, out = [], {}
+    engine.classify(images[:2], labels, strategy="cascade", **config_options(config), **DEMO_RACE, timesteps=GRID)
     for name, options in ((f"race z={RACE.z:g}", dict(strategy="race", **DEMO_RACE, timesteps=GRID)),
                           ("head alone (linear probe)", dict(method="head")),
-                          (f"cascade k={k}", dict(strategy="cascade", k=k, **DEMO_RACE, timesteps=GRID))):
+                          (config_name(config), dict(strategy="cascade", **config_options(config), **DEMO_RACE,
+                                                     timesteps=GRID))):
         start = time.perf_counter()
         results = engine.classify(images, labels, seed=0, **options)
         speed = len(images) / (time.perf_counter() - start)
@@ -172,12 +184,13 @@ def digits(args) -> tuple[list[dict], dict]:
     v_err = grid_errors(engine, v_images, labels, "digits-val")
     v_ref = v_err.mean(axis=2).argmin(axis=1)
     v_scores = head_scores(engine, v_images, "digits-val")
-    choice = {}
-    for k in K_VALUES:
-        winners, passes = replay_cascade(v_err, v_scores, CascadeConfig(k=k), profile, head_passes)
-        choice[k] = {"agreement": float(np.mean(winners == v_ref)), "passes_per_image": float(passes.mean())}
-    good = [k for k in K_VALUES if choice[k]["agreement"] >= TARGET]
-    default_k = min(good) if good else max(K_VALUES)
+    choice = []
+    for config in CONFIGS:
+        winners, passes = replay_cascade(v_err, v_scores, config, profile, head_passes)
+        choice.append({"config": config_options(config), "agreement": float(np.mean(winners == v_ref)),
+                       "passes_per_image": float(passes.mean())})
+    good = [c for c in choice if c["agreement"] >= TARGET] or [max(choice, key=lambda c: c["agreement"])]
+    default = CascadeConfig(**min(good, key=lambda c: c["passes_per_image"])["config"])
     # held-out
     images, truth = list(split.test_images[: args.digits]), split.test_labels[: args.digits]
     errors = grid_errors(engine, images, labels, "digits-test")
@@ -185,15 +198,20 @@ def digits(args) -> tuple[list[dict], dict]:
     rows = replayed_rows("digits (10 classes)", errors, scores, truth, profile, head_passes)
     t = args.timed
     reference = errors.mean(axis=2).argmin(axis=1)
-    engine_rows, out = timed_rows("digits (10 classes)", engine, images[:t], labels, reference[:t], truth[:t], default_k)
-    replayed = replay_cascade(errors[:t], scores[:t], CascadeConfig(k=default_k), profile, head_passes)
-    check = {"same_decisions": int(np.sum(out[f"cascade k={default_k}"][0] == replayed[0])),
-             "same_passes": int(np.sum(out[f"cascade k={default_k}"][1] == replayed[1])), "images": t}
-    return rows + engine_rows, {"validation_images": len(v_images), "validation": choice, "default_k": default_k,
-                                "engine_equals_replay": check}
+    engine_rows, out = timed_rows("digits (10 classes)", engine, images[:t], labels, reference[:t], truth[:t], default)
+    check = engine_check(out[config_name(default)], errors[:t], scores[:t], default, profile, head_passes)
+    return rows + engine_rows, {"validation_images": len(v_images), "validation": choice,
+                                "default": config_options(default), "engine_equals_replay": check}
 
 
-def fonts(args, default_k: int) -> tuple[list[dict], dict]:
+def engine_check(engine_out, errors, scores, config, profile, head_passes) -> dict:
+    """How many of the engine's cascade decisions and pass counts its replay on the grid errors reproduces."""
+    winners, passes = replay_cascade(errors, scores, config, profile, head_passes)
+    return {"same_decisions": int(np.sum(engine_out[0] == winners)), "same_passes": int(np.sum(engine_out[1] == passes)),
+            "images": len(winners)}
+
+
+def fonts(args, default: CascadeConfig) -> tuple[list[dict], dict]:
     from fonts_data import CLASS_NAMES, arrays, build
 
     labels = list(CLASS_NAMES)
@@ -212,28 +230,25 @@ def fonts(args, default_k: int) -> tuple[list[dict], dict]:
     t = min(args.timed, len(images))
     reference = errors.mean(axis=2).argmin(axis=1)
     engine_rows, out = timed_rows("glyphs (62 classes, held-out typefaces)", engine, images[:t], labels, reference[:t],
-                                  truth[:t], default_k)
-    replayed = replay_cascade(errors[:t], scores[:t], CascadeConfig(k=default_k), None, head_passes)
-    check = {"same_decisions": int(np.sum(out[f"cascade k={default_k}"][0] == replayed[0])),
-             "same_passes": int(np.sum(out[f"cascade k={default_k}"][1] == replayed[1])), "images": t}
-    return rows + engine_rows, {"engine_equals_replay": check, "cost": cost_by_classes(errors, scores, truth, default_k)}
+                                  truth[:t], default)
+    check = engine_check(out[config_name(default)], errors[:t], scores[:t], default, None, head_passes)
+    cost = cost_by_classes(errors, scores, [CascadeConfig(k=k) for k in (3, 5, 8)] + [default])
+    return rows + engine_rows, {"images": len(images), "engine_equals_replay": check, "cost": cost}
 
 
-def cost_by_classes(errors, scores, truth, k) -> list[dict]:
-    """Passes/image and agreement on seeded class subsets (images whose true class is in the subset)."""
+def cost_by_classes(errors, scores, configs) -> list[dict]:
+    """Passes/image and agreement with the exhaustive decision among seeded class subsets (every image is
+    classified among each subset's classes, its own class in it or not: the cost does not depend on it)."""
     out = []
-    rng = np.random.default_rng(0)
-    perm = rng.permutation(errors.shape[1])
+    perm = np.random.default_rng(0).permutation(errors.shape[1])
     for n in CLASS_COUNTS:
         classes = np.sort(perm[:n])
-        keep = np.isin(truth, classes)
-        e, s = errors[keep][:, classes], scores[keep][:, classes]
+        e, s = errors[:, classes], scores[:, classes]
         reference = e.mean(axis=2).argmin(axis=1)
-        entry = {"classes": n, "images": int(keep.sum())}
-        for name, (winners, passes) in {"fixed (10,3)->(40,1)": replay_stages(e, DEMO_STAGES),
-                                        "race": replay_race(e, race_plan(1000, GRID)[1]),
-                                        f"cascade k={k}": replay_cascade(e, s, CascadeConfig(k=k), None, len(HEAD_STEPS)),
-                                        }.items():
+        runs = {fixed_name(FIXED[0]): replay_stages(e, FIXED[0]), f"race z={RACE.z:g}": replay_race(e, race_plan(1000, GRID)[1]),
+                **{config_name(c): replay_cascade(e, s, c, None, len(HEAD_STEPS)) for c in dict.fromkeys(configs)}}
+        entry = {"classes": n, "images": len(e)}
+        for name, (winners, passes) in runs.items():
             entry[name] = {"passes_per_image": float(passes.mean()), "agreement": float(np.mean(winners == reference))}
         out.append(entry)
     return out
@@ -290,13 +305,21 @@ def main() -> None:
     ap.add_argument("--validation", type=int, default=60, help="validation digits the default k is chosen on")
     ap.add_argument("--fonts", type=int, default=60, help="held-out glyphs scored exhaustively (62 x 100 passes each)")
     ap.add_argument("--timed", type=int, default=30, help="images per data set run on the engine, timed")
-    ap.add_argument("--skip-fonts", action="store_true")
+    ap.add_argument("--skip-fonts", action="store_true", help="the digits only")
+    ap.add_argument("--skip-digits", action="store_true", help="the glyphs only; the digits' rows and default come "
+                    "from the last bench/results/cascade.json")
     args = ap.parse_args()
-    rows, info = digits(args)
-    result = {"rows": rows, "digits": info, "grid": GRID, "race": DEMO_RACE, "head": {"kind": "linear",
-              "blocks": HEAD_BLOCKS, "steps": HEAD_STEPS}}
+    if args.skip_digits:
+        result = json.loads((RESULTS / "cascade.json").read_text())
+        result["digits_run"] = {"date": result.pop("date"), "machine": result.pop("machine")}
+        result.pop("benchmark")
+        result["rows"] = [r for r in result["rows"] if r["data"].startswith("digits")]
+    else:
+        rows, info = digits(args)
+        result = {"rows": rows, "digits": info, "grid": GRID, "race": DEMO_RACE,
+                  "head": {"kind": "linear", "blocks": HEAD_BLOCKS, "steps": HEAD_STEPS}}
     if not args.skip_fonts:
-        font_rows, font_info = fonts(args, info["default_k"])
+        font_rows, font_info = fonts(args, CascadeConfig(**result["digits"]["default"]))
         result["rows"] += font_rows
         result["fonts"] = font_info
     png = RESULTS / "cascade.png"
