@@ -99,3 +99,22 @@ def test_cli_cascade(setup, run_cli_out, tmp_path):
         assert r["options"]["strategy"] == "cascade" and r["options"]["race"]["cascade"]["k"] == 2
     code, _, err = run_cli_out("classify", engine_dir, tmp_path / "im0.png", "--labels", ",".join(LABELS), "--k", "2")
     assert code == 1 and "use them with strategy cascade" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_diffdis_shortlists_its_best_k(tiny_models, images_for, tmp_path):
+    from diffscore.reference.diffdis import DiffDisTrainOptions, train_diffdis_run
+
+    comp = load_components(tiny_models["pixel"])
+    train = images_for(comp, 8, seed=3)
+    train_diffdis_run(tiny_models["pixel"], train, [f"a photo of a {LABELS[i % 5]}" for i in range(8)], tmp_path / "run",
+                      options=DiffDisTrainOptions(epochs=1, batch_size=4), progress=False, dim=16, heads=2, timesteps=3,
+                      generate_steps=2)
+    engine_dir = export_engine(tiny_models["pixel"], tmp_path / "engine", diffdis=tmp_path / "run", show_progress=False)
+    images = images_for(comp, 4, seed=4)
+    with diffscore.load(engine_dir, backend="ort-cpu") as eng:
+        got = eng.classify(images, LABELS, strategy="cascade", shortlist="diffdis", k=2, **RACE)
+        alone = eng.classify(images, LABELS, method="diffdis")
+        for image, r, d in zip(images, got, alone):
+            assert r.cascade["shortlist"] == [c for c, _ in d.ranking[:2]] and r.cascade["by"] == "diffdis-denoise"
+            plain = eng.classify([image], r.cascade["shortlist"], strategy="race", **RACE)[0]
+            assert (r.label, r.passes) == (plain.label, 1 + plain.passes)
