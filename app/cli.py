@@ -64,7 +64,8 @@ Strategy = choices("Strategy", STRATEGIES)
 Shortlister = choices("Shortlister", SHORTLISTERS)
 DsdPresetChoice = choices("DsdPreset", DSD_PRESETS)
 StrategyOpt = typer.Option(None, help="stages: fixed pruning stages | race: adaptive paired racing, stops when the "
-                           "leader is z standard errors ahead (default: the engine's; --stages implies stages)")
+                           "leader is z standard errors ahead | cascade: a head or DiffDis shortlists --k classes, the "
+                           "race decides among them (default: the engine's; --stages implies stages)")
 ZOpt = typer.Option(None, "--z", help="race: standard errors behind the leader that drop a candidate "
                     "(default: the engine's)")
 BudgetOpt = typer.Option(None, min=1, help="race: at most this many UNet passes per image")
