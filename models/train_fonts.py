@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see train_demo.py: spinning OpenMP threads starve each other
@@ -26,14 +25,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see train_demo.py: spinni
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import diffusers
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from fonts_data import CHARS, SIZE, caption, char_name, load_split
-from train_demo import batches, build_scheduler, cosine, noised, optimiser_step, warmup_steps
+from train_demo import build_scheduler, train_steps, warmup_steps
 
 DEMO = Path(__file__).resolve().parent / "demo"
 PLAIN_FRACTION = 0.3  # captions that name the character only (the classifier's prompts)
@@ -98,26 +96,9 @@ def main() -> None:
     text_encoder = CLIPTextModel.from_pretrained(DEMO / "text_encoder")
     unet, scheduler = build_unet(), build_scheduler()
     ids_table = caption_table(tokenizer, looks)
-    alphas_cumprod = scheduler.alphas_cumprod
-
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
-    sched = cosine(opt, args.steps)
-    unet.train()
-    text_encoder.train()
-    t0, ema_loss = time.time(), None
-    bar = tqdm(zip(range(args.steps), batches(rng, len(x_all), args.batch_size)), total=args.steps, desc="train",
-               mininterval=10)
-    for step, idx in bar:
-        x0 = shifted(rng, x_all[idx])
-        cond = text_encoder(ids_table[caption_rows(rng, labels[idx], look_idx[idx], len(looks))]).last_hidden_state
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),))
-        noise = torch.randn_like(x0)
-        loss = F.mse_loss(unet(noised(alphas_cumprod, x0, t, noise), t, cond).sample, noise)
-        optimiser_step(opt, sched, loss, params)
-        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{ema_loss:.4f}", refresh=False)
-    wall = time.time() - t0
+    ema_loss, _, wall = train_steps(
+        unet, text_encoder, scheduler, args, rng, len(x_all),
+        lambda idx: (shifted(rng, x_all[idx]), ids_table[caption_rows(rng, labels[idx], look_idx[idx], len(looks))]))
 
     out.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(out / "unet")
