@@ -33,6 +33,7 @@ from diffscore.engine.backends.choice import BACKENDS
 from diffscore.engine.manifest import PRECISIONS
 from diffscore.errors import EngineError, UsageMistake, not_a_file
 from diffscore.kernels import LOSSES, STRATEGIES
+from diffscore.kernels.cascade import SHORTLISTERS
 from diffscore.kernels.dsd import DEFAULT_DSD_PRESET, DSD_PRESETS
 
 try:  # recent typer bundles its own click (not installed beside it); older typer raises click's exceptions
@@ -68,9 +69,11 @@ Strategy = choices("Strategy", STRATEGIES)
 ExportPrecision = choices("ExportPrecision", ("fp32", "fp16"))  # int8 comes from calibrate, bf16 is a runtime hint
 InfoFormat = choices("InfoFormat", ("table", "json"))
 BuildPrecision = choices("BuildPrecision", ("fp32", "fp16", "int8"))  # bf16 is OpenVINO's, no TensorRT plan
+Shortlister = choices("Shortlister", SHORTLISTERS)
 DsdPresetChoice = choices("DsdPreset", DSD_PRESETS)
 StrategyOpt = typer.Option(None, help="stages: fixed pruning stages | race: adaptive paired racing, stops when the "
-                           "leader is z standard errors ahead (default: the engine's; --stages implies stages)")
+                           "leader is z standard errors ahead | cascade: a head or DiffDis shortlists --k classes, the "
+                           "race decides among them (default: the engine's; --stages implies stages)")
 ZOpt = typer.Option(None, "--z", help="race: standard errors behind the leader that drop a candidate "
                     "(default: the engine's)")
 BudgetOpt = typer.Option(None, min=1, help="race: at most this many UNet passes per image")
@@ -126,11 +129,17 @@ def parse_stages(text: str | None) -> list[tuple[int, int]] | None:
 def race_options(strategy, z: float | None, budget: int | None) -> dict:
     """classify's race keywords from --strategy/--z/--budget; the race flags need the race."""
     strategy = getattr(strategy, "value", strategy)
-    if (z is not None or budget is not None) and strategy not in (None, "race"):
-        raise UsageMistake("--z and --budget tune the race; use them with --strategy race")
+    if (z is not None or budget is not None) and strategy not in (None, "race", "cascade"):
+        raise UsageMistake("--z and --budget tune the race; use them with --strategy race (or cascade)")
     if strategy is None and (z is not None or budget is not None):
         strategy = "race"
     return {"strategy": strategy, "z": z, "budget": budget}
+
+
+def cascade_options(shortlist, k: int | None, mass: float | None) -> dict:
+    """classify's cascade keywords (the engine refuses them without --strategy cascade)."""
+    given = {"shortlist": getattr(shortlist, "value", shortlist), "k": k, "mass": mass}
+    return {name: v for name, v in given.items() if v is not None}
 
 
 def split(text: str | None) -> list[str] | None:
@@ -264,9 +273,15 @@ def classify(
     timesteps: Optional[int] = typer.Option(None, min=1, help="diffdis denoise: shared (t, ε) per label (default: "
                                             "the engine's)"),
     limit: Optional[int] = LimitOpt,
+    shortlist: Optional[Shortlister] = typer.Option(None, help="cascade: who shortlists, the engine's head (--head) "
+                                                    "or its DiffDis (default: head)"),
+    k: Optional[int] = typer.Option(None, "--k", min=1, help="cascade: classes the race decides among (default 3; "
+                                    "with --mass: at most)"),
+    mass: Optional[float] = typer.Option(None, "--mass", min=0.0, max=1.0, help="cascade: per image, the fewest best "
+                                         "classes whose shortlister probability sums to MASS (at most --k)"),
 ):
     """Classify images: the zero-shot Diffusion Classifier (default), a trained head (--method head) or
-    DiffDis (--method diffdis).
+    DiffDis (--method diffdis). --strategy cascade: a head or DiffDis shortlists --k classes, the race decides.
 
     confidence: the winner's lead over the best other class in standard errors of their paired errors (a head:
     its logit lead over the runner-up, log(p1/p2))."""
@@ -286,7 +301,7 @@ def classify(
         results = readable.score(lambda images: eng.classify(
             images, label_list, method=method.value, head=head, template=template, stages=stage_list,
             loss=loss.value if loss else None, seed=seed, batch_size=batch_size, progress=True,
-            **race_options(strategy, z, budget), **extra)) or []
+            **race_options(strategy, z, budget), **extra, **cascade_options(shortlist, k, mass))) or []
         title = (f"head {eng.head_name(head)} (higher probability = better)" if method is Method.head
                  else "DiffDis (higher score = better)" if method is Method.diffdis
                  else "Diffusion Classifier (lower mean error = better)")

@@ -28,6 +28,7 @@ from diffscore.engine.results import (Classification, ClassifyOptions, MatchOpti
                                       named_images)
 from diffscore.kernels import (LOSSES, PairedRace, RaceConfig, add_noise, denoising_error, dsd_pair_scores, dsd_preset,
                                dsd_timesteps, epsilon_from_output, new_run, pool_layer_scores, race_plan, shared_noise)
+from diffscore.kernels.cascade import cascade_config
 from diffscore.kernels.racing import DEFAULT_GRID
 
 log = logging.getLogger("diffscore")
@@ -263,7 +264,8 @@ class Engine(HeadScoring, TextConditioning):
                  batch_size: int | None = None, progress: bool = False, strategy: str | None = None,
                  z: float | None = None, min_rounds: int | None = None, round_size: int | None = None,
                  budget: int | None = None, timesteps: int | None = None, use_profile: bool = True,
-                 diffdis_mode: str | None = None) -> list[Classification]:
+                 diffdis_mode: str | None = None, shortlist: str | None = None, k: int | None = None,
+                 mass: float | None = None) -> list[Classification]:
         """One Classification per image (ranking best first, UNet passes used, confidence, the options it
         ran with). `classify_iter` takes the same arguments and yields them one by one, in bounded memory.
 
@@ -285,14 +287,18 @@ class Engine(HeadScoring, TextConditioning):
         strategy: "stages" (fixed stages) or "race" (adaptive paired racing over a `timesteps`-point grid,
             default: the engine's profile, else 100, in rounds of `round_size`, dropping a candidate `z`
             standard errors behind the leader after `min_rounds` rounds, at most `budget` passes per
-            image; `use_profile`: visit the grid in the engine's profiled order). Default: "stages" when
-            `stages` is given, else the engine's default strategy.
+            image; `use_profile`: visit the grid in the engine's profiled order); or "cascade": the
+            `shortlist`er ("head": the engine's head `head`, default; "diffdis") keeps each image's `k` best
+            classes (default 3; with `mass`: the fewest whose softmax mass reaches it, at most k), then the
+            race decides among them (kernels/cascade.py; passes count both stages, `result.cascade` the first).
+            Default: "stages" when `stages` is given, else the engine's default strategy.
         """
         return list(self.classify_iter(images, labels, method=method, head=head, template=template,
                                        templates=templates, stages=stages, loss=loss, seed=seed,
                                        batch_size=batch_size, progress=progress, strategy=strategy, z=z,
                                        min_rounds=min_rounds, round_size=round_size, budget=budget,
-                                       timesteps=timesteps, use_profile=use_profile, diffdis_mode=diffdis_mode))
+                                       timesteps=timesteps, use_profile=use_profile, diffdis_mode=diffdis_mode,
+                                       shortlist=shortlist, k=k, mass=mass))
 
     def classify_iter(self, images, labels: list[str] | None = None, **options):
         """`classify` as a generator: see _classify_iter. Each result carries its image's path (`image`)."""
@@ -307,7 +313,8 @@ class Engine(HeadScoring, TextConditioning):
                        batch_size: int | None = None, progress: bool = False, strategy: str | None = None,
                        z: float | None = None, min_rounds: int | None = None, round_size: int | None = None,
                        budget: int | None = None, timesteps: int | None = None, use_profile: bool = True,
-                       diffdis_mode: str | None = None):
+                       diffdis_mode: str | None = None, shortlist: str | None = None, k: int | None = None,
+                       mass: float | None = None):
         """`classify` as a generator: results in input order as windows of images finish; images are read,
         decoded and encoded one window at a time, so memory does not grow with their number. Options are
         checked before the first image is read."""
@@ -341,12 +348,20 @@ class Engine(HeadScoring, TextConditioning):
         profile = self.manifest.timestep_profile if use_profile else None
         try:
             config = RaceConfig(**{**self.defaults.race.given(), **given})  # call > engine default > RaceConfig
-            make = lambda n: new_run(strategy, n, T, stages=stages, race=config, grid_size=timesteps,  # noqa: E731
-                                     profile=profile)
+            make = lambda n: new_run("race" if strategy == "cascade" else strategy, n, T,  # noqa: E731
+                                     stages=stages, race=config, grid_size=timesteps, profile=profile)
             make(len(labels) * len(templates))  # bad options fail here, before any image is read
+            cascade = cascade_config(strategy, shortlist, k, mass)
         except (ValueError, TypeError) as e:
             raise EngineError(str(e)) from None
-        race = None if strategy != "race" else {**config.__dict__, "timesteps": timesteps, "profile": profile is not None}
+        race = None if strategy == "stages" else {**config.__dict__, "timesteps": timesteps, "profile": profile is not None}
+        if cascade is not None:
+            from diffscore.engine.cascade import classify_cascade
+
+            yield from classify_cascade(self, images, labels, templates, cascade, config, loss=loss, seed=seed,
+                                        batch_size=batch_size, progress=progress, head=head, diffdis_mode=diffdis_mode,
+                                        timesteps=timesteps, profile=profile, race_options=race)
+            return
         options = ClassifyOptions("dc", tuple(labels), tuple(templates), tuple(stages) if strategy == "stages" else (),
                                   loss, seed, strategy=strategy, race=race, backend=self.backend, precision=self.precision)
         for run, candidate_class in self._score_runs(images, labels, templates, make, loss, seed, batch_size, progress):

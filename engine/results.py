@@ -20,8 +20,8 @@ class ClassifyOptions:
     stages: tuple[tuple[int, int], ...] = ()  # dc: (n_samples, keep) per pruning stage
     loss: str = ""  # dc: l2 | l1 | huber
     seed: int = 0  # of the shared noise
-    strategy: str = ""  # dc: "stages" (fixed pruning stages) | "race" (adaptive paired racing)
-    race: dict | None = None  # dc race: z, min_rounds, round_size, budget, grid size, profile used
+    strategy: str = ""  # dc: "stages" (fixed pruning stages) | "race" (adaptive paired racing) | "cascade"
+    race: dict | None = None  # dc race/cascade: z, min_rounds, round_size, budget, grid size, profile used (+ cascade)
     head: str = ""  # head: its name in the engine
     backend: str = ""  # where it ran ("torch" for the reference)
     precision: str = ""
@@ -47,6 +47,9 @@ class Classification:
     # log(p_winner / p_runner_up). inf with one class.
     confidence: float | None = None
     image: str | None = None  # the image's path, when it was given as a path (not as pixels)
+    # strategy "cascade": the first stage (kernels/cascade.py): shortlister, shortlist, its scores and softmax
+    # mass, passes of each stage; None otherwise
+    cascade: dict | None = None
 
     @property
     def scores(self) -> dict[str, float]:
@@ -60,7 +63,8 @@ class Classification:
                 "passes": self.passes, "confidence": self.confidence if finite else None,
                 "ranking": [[c, float(s), self.evaluated.get(c)] if self.evaluated else [c, float(s)]
                             for c, s in self.ranking],
-                "options": self.options.to_dict() if self.options else None}
+                "options": self.options.to_dict() if self.options else None,
+                **({"cascade": self.cascade} if self.cascade is not None else {})}
 
 
 @dataclass(frozen=True)

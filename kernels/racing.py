@@ -21,7 +21,7 @@ import numpy as np
 from diffscore.kernels.timesteps import timestep_grid
 
 DEFAULT_GRID = 100  # timesteps in the race's grid when the engine has no profile
-STRATEGIES = ("stages", "race")
+STRATEGIES = ("stages", "race", "cascade")  # cascade: kernels/cascade.py
 DEFAULT_STRATEGY = "race"  # every engine races until told otherwise (bench/default_race.py)
 
 
@@ -211,4 +211,6 @@ def new_run(strategy: str, n_candidates: int, num_train_timesteps: int, *, stage
     if strategy == "race":
         grid, order = race_plan(num_train_timesteps, grid_size, profile)
         return PairedRace(n_candidates, grid, order, race)
+    if strategy == "cascade":
+        raise ValueError("strategy cascade starts from a shortlister's scores: kernels.cascade.cascade_run")
     raise ValueError(f"unknown strategy {strategy!r}; choose {' or '.join(STRATEGIES)}")

@@ -141,6 +141,28 @@ def noised(alphas_cumprod: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, nois
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
+def train_steps(unet, text_encoder, scheduler, args, rng, n: int, batch) -> tuple[float, float, float]:
+    """The denoising loop of the pixel trainers (this one, train_fonts.py): UNet and text encoder trained together,
+    ε-MSE at uniform t; `batch(index array) -> (x0, caption token ids)`. Returns (loss EMA, last loss, seconds)."""
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    sched = cosine(opt, args.steps)
+    unet.train()
+    text_encoder.train()
+    t0, ema_loss = time.time(), None
+    bar = tqdm(zip(range(args.steps), batches(rng, n, args.batch_size)), total=args.steps, desc="train", mininterval=2)
+    for step, idx in bar:
+        x0, ids = batch(idx)
+        cond = text_encoder(ids).last_hidden_state
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),))
+        noise = torch.randn_like(x0)
+        loss = F.mse_loss(unet(noised(scheduler.alphas_cumprod, x0, t, noise), t, cond).sample, noise)
+        optimiser_step(opt, sched, loss, params)
+        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{ema_loss:.4f}", refresh=False)
+    return ema_loss, loss.item(), time.time() - t0
+
+
 def build_models() -> tuple[CLIPTextModel, UNet2DConditionModel, DDPMScheduler]:
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -189,27 +211,8 @@ def main() -> None:
     ids_table = caption_table(tokenizer)
     x_tr, y_tr, x_val, y_val = load_data(args.seed)
     images = torch.from_numpy(x_tr)
-    alphas_cumprod = scheduler.alphas_cumprod
-
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
-    sched = cosine(opt, args.steps)
-
-    unet.train()
-    text_encoder.train()
-    t0, ema_loss = time.time(), None
-    bar = tqdm(zip(range(args.steps), batches(rng, len(images), args.batch_size)), total=args.steps, desc="train",
-               mininterval=2)
-    for step, idx in bar:
-        x0 = images[idx]
-        cond = text_encoder(ids_table[caption_rows(rng, y_tr[idx])]).last_hidden_state
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),))
-        noise = torch.randn_like(x0)
-        loss = F.mse_loss(unet(noised(alphas_cumprod, x0, t, noise), t, cond).sample, noise)
-        optimiser_step(opt, sched, loss, params)
-        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{ema_loss:.4f}", refresh=False)
-    wall = time.time() - t0
+    ema_loss, last_loss, wall = train_steps(unet, text_encoder, scheduler, args, rng, len(images),
+                                            lambda idx: (images[idx], ids_table[caption_rows(rng, y_tr[idx])]))
 
     out.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(out / "unet")
@@ -227,7 +230,7 @@ def main() -> None:
     log = {
         "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "lr_schedule": f"linear warmup {warmup_steps(args.steps)} + cosine to 0",
         "optimizer": "AdamW(weight_decay=0.01), grad clip 1.0", "seed": args.seed, "wall_time_s": round(wall, 1),
-        "final_loss_ema": round(ema_loss, 5), "final_loss_last_batch": round(loss.item(), 5),
+        "final_loss_ema": round(ema_loss, 5), "final_loss_last_batch": round(last_loss, 5),
         "train_size": len(x_tr), "val_size": len(x_val), "val_fraction_of_train_split": VAL_FRACTION,
         "caption_dropout": CAPTION_DROPOUT, "templates": list(TRAIN_TEMPLATES),
         "unet_params": sum(p.numel() for p in unet.parameters()),

@@ -13,8 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from diffscore.engine.images import preprocess_batch
+from diffscore.engine.cascade import cascade_result
 from diffscore.engine.results import Classification, classification
 from diffscore.kernels import RaceConfig, new_run, shared_noise
+from diffscore.kernels.cascade import CascadeConfig, cascade_run
 from diffscore.reference.loading import (Components, add_noise, encode_conditioning, encode_images, epsilon_hat, take,
                                          unet_output)
 
@@ -42,10 +44,16 @@ def classify_reference(
     race: RaceConfig = RaceConfig(),
     timesteps: int | None = None,
     profile: list[int] | None = None,
+    shortlist_scores: np.ndarray | None = None,
+    shortlist_passes: int = 0,
+    cascade: CascadeConfig = CascadeConfig(),
 ) -> list[Classification]:
     """Classify images among `labels`; each (label, template) prompt is one candidate.
 
-    strategy "stages": fixed `stages`; "race": the paired race (`race`, over a `timesteps` grid or `profile`)."""
+    strategy "stages": fixed `stages`; "race": the paired race (`race`, over a `timesteps` grid or `profile`);
+    "cascade": the race among each image's shortlist (`cascade`) of its row of `shortlist_scores` (images, labels),
+    higher = better, from a shortlister that cost `shortlist_passes` UNet passes per image (e.g.
+    reference.heads.head_logits_reference)."""
     prompts = [tmpl.format(label) for label in labels for tmpl in templates]
     candidate_class = np.repeat(np.arange(len(labels)), len(templates))
     conditioning = encode_conditioning(components, prompts)  # (P, L, D) states (+ SDXL's), once per label set
@@ -54,8 +62,12 @@ def classify_reference(
     abar = components.alphas_cumprod
     results = []
     for x0 in x0s:
-        run = new_run(strategy, len(prompts), components.num_train_timesteps, stages=stages, race=race,
-                      grid_size=timesteps, profile=profile)
+        if strategy == "cascade":
+            run = cascade_run(shortlist_scores[len(results)], len(templates), components.num_train_timesteps, cascade,
+                              race, timesteps, profile)
+        else:
+            run = new_run(strategy, len(prompts), components.num_train_timesteps, stages=stages, race=race,
+                          grid_size=timesteps, profile=profile)
         eps = torch.from_numpy(shared_noise(seed, len(run.timesteps), tuple(x0.shape)))
         t_all = torch.from_numpy(run.timesteps)
         while (req := run.request()) is not None:
@@ -71,7 +83,9 @@ def classify_reference(
                 eps_hat = epsilon_hat(components, out, x_t[k], t_all[pos][k])
                 errors[lo : lo + batch_size] = torch_error(eps[pos][k], eps_hat, loss)
             run.submit(errors.view(len(cand), len(pos)).double().numpy())
-        results.append(classification(run, labels, candidate_class))
+        results.append(classification(run, labels, candidate_class) if strategy != "cascade" else
+                       cascade_result(run, labels, candidate_class, shortlist_scores[len(results)], shortlist_passes,
+                                      cascade.by, cascade))
         if progress is not None:
             progress(1)
     return results

@@ -1,0 +1,333 @@
+"""The cascade (a one-pass head shortlists, the race decides) against fixed stages, the race and the head alone,
+on the digits demo and on the 62-class glyph model's held-out typefaces, in one run.
+
+    .venv/bin/python bench/cascade.py [--digits N] [--fonts N] [--timed N]
+
+Per data set: a linear-probe head is trained on the model's training images (features cached) and exported
+with the model; every candidate's error at every point of the race's 100-timestep grid is computed on the
+engine for N held-out images (the exhaustive decision: classes x 100 passes an image, hence a subset);
+fixed stages, the race and the cascade at several k (fixed, and by the head's softmax mass) are replayed on
+those errors with the engine's own drivers (kernels/, the same (t, eps) pairs the engine uses), passes
+counting the head's. The cascade's default k is the smallest whose agreement on the digits' VALIDATION
+slice reaches 99.5 %. Then on the engine, timed, on the first --timed images: race, head, cascade (its
+decisions and passes checked against the replay). Cost against the number of classes: the 62-class
+model's held-out images restricted to seeded class subsets of 10, 20, 40, 62.
+Writes bench/results/cascade.json and cascade.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+from adaptive import replay, replay_stages  # noqa: E402
+from common import RESULTS, machine, machine_line, publish  # noqa: E402
+
+import diffscore  # noqa: E402
+from diffscore.app.demo import DEMO_MODEL, DEMO_RACE, cache_root, demo_engine_dir  # noqa: E402
+from diffscore.kernels import PairedRace, RaceConfig, race_plan  # noqa: E402
+from diffscore.kernels.cascade import CascadeConfig, cascade_run  # noqa: E402
+
+GRID = 100
+FONTS_MODEL = Path(__file__).resolve().parents[1] / "models" / "fonts62"
+HEAD_BLOCKS, HEAD_STEPS = ["down_blocks.1", "mid_block"], [50, 200]  # the heads bench's linear probe
+RACE = RaceConfig(**DEMO_RACE)  # the demo's race (z = 1, min_rounds = 1, rounds of 5) on both models
+K_VALUES = (1, 2, 3, 5, 8)  # fixed shortlist sizes replayed
+MASSES = (0.9, 0.99, 0.999)
+CLASS_COUNTS = (10, 20, 40, 62)
+FIXED = [[(10, 3), (100, 1)], [(20, 5), (100, 1)], [(20, 1)]]  # replayable on the 100-point grid (its last stage)
+TARGET = 0.995
+
+
+def cached(name: str, make):
+    path = cache_root() / "cascade" / f"{name}.npy"
+    if path.is_file():
+        return np.load(path)
+    value = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, value)
+    return value
+
+
+def key(images) -> str:
+    return hashlib.sha256(np.stack(images).tobytes()).hexdigest()[:12]
+
+
+def engine_with_head(model_dir: Path, name: str, images, labels, classes, defaults: dict, profile=None) -> Path:
+    """The model exported with a linear probe trained on (images, labels), cached."""
+    from diffscore.engine.profiling import save_profile
+    from diffscore.export.onnx_export import export_engine
+    from diffscore.reference.features import FeatureSpec
+    from diffscore.reference.head_training import TrainOptions, train_head_on_images
+    from diffscore.reference.heads import save_head
+
+    root = cache_root() / "cascade" / f"{name}-{key(images)}"
+    if (root / "engine" / "manifest.json").is_file():
+        return root / "engine"
+    head, config = train_head_on_images(model_dir, images, labels, classes, "linear", FeatureSpec(HEAD_BLOCKS, HEAD_STEPS),
+                                        TrainOptions(), root / "features", progress=True)
+    save_head(head, config, root / "probe")
+    engine_dir = export_engine(model_dir, root / "engine", heads=[root / "probe"], defaults=defaults, overwrite=True,
+                               show_progress=False)
+    if profile:
+        save_profile(engine_dir, profile)
+    return engine_dir
+
+
+def grid_errors(engine, images, labels, name: str) -> np.ndarray:
+    return cached(f"{name}-grid-{key(images)}", lambda: engine.grid_errors(images, labels, timesteps=GRID, progress=True))
+
+
+def head_scores(engine, images, name: str) -> np.ndarray:
+    return cached(f"{name}-head-{key(images)}", lambda: engine.head_logits(images).astype(np.float64))
+
+
+def replay_race(errors, order):
+    grid, _ = race_plan(1000, GRID)
+    out = [replay(PairedRace(e.shape[0], grid, order, RACE), e, lambda r, p: p) for e in errors]
+    return np.array([w for w, _ in out]), np.array([p for _, p in out])
+
+
+def replay_cascade(errors, scores, config: CascadeConfig, profile, head_passes: int):
+    out = [replay(cascade_run(s, 1, 1000, config, RACE, GRID, profile), e, lambda r, p: p) for e, s in zip(errors, scores)]
+    return np.array([w for w, _ in out]), np.array([p for _, p in out]) + head_passes
+
+
+def row(name, how, winners, reference, truth, passes, images_per_s=None, data=""):
+    return {"data": data, "strategy": name, "how": how, "images": len(winners),
+            "agreement": float(np.mean(np.asarray(winners) == reference)),
+            "accuracy": float(np.mean(np.asarray(winners) == truth)), "passes_per_image": float(np.mean(passes)),
+            "images_per_s": images_per_s}
+
+
+def fixed_name(stages) -> str:
+    return "fixed " + "->".join(f"({n},{k})" for n, k in stages) + (" of the 100-grid" if len(stages) == 1 else "")
+
+
+CONFIGS = [CascadeConfig(k=k) for k in K_VALUES] + [CascadeConfig(k=5, mass=m) for m in MASSES]
+
+
+def cascades(errors, scores, profile, head_passes):
+    """{name: (winners, passes)} for every k and mass."""
+    return {config_name(c): replay_cascade(errors, scores, c, profile, head_passes) for c in CONFIGS}
+
+
+def replayed_rows(data, errors, scores, truth, profile, head_passes) -> list[dict]:
+    reference = errors.mean(axis=2).argmin(axis=1)
+    n_classes = errors.shape[1]
+    order = race_plan(1000, GRID, profile)[1]
+    rows = [row(f"exhaustive ({n_classes} classes x {GRID} timesteps)", "engine", reference, reference, truth,
+                np.full(len(errors), n_classes * GRID), data=data)]
+    for stages in FIXED:
+        winners, passes = replay_stages(errors, stages)
+        rows.append(row(fixed_name(stages), "replay", winners, reference, truth, passes, data=data))
+    winners, passes = replay_race(errors, order)
+    rows.append(row(f"race z={RACE.z:g}", "replay", winners, reference, truth, passes, data=data))
+    rows.append(row("head alone (linear probe)", "replay", scores.argmax(axis=1), reference, truth,
+                    np.full(len(errors), head_passes), data=data))
+    for name, (winners, passes) in cascades(errors, scores, profile, head_passes).items():
+        rows.append(row(name, "replay", winners, reference, truth, passes, data=data))
+    return rows
+
+
+def config_options(config: CascadeConfig) -> dict:
+    return {"k": config.k, "mass": config.mass}
+
+
+def config_name(config: CascadeConfig) -> str:
+    return f"cascade k={config.k}" if config.mass is None else f"cascade mass={config.mass:g} (k<={config.k})"
+
+
+def timed_rows(data, engine, images, labels, reference, truth, config) -> tuple[list[dict], dict]:
+    """Race, head and cascade on the engine, timed; the cascade's decisions/passes against its replay."""
+    rows, out = [], {}
+    engine.classify(images[:2], labels, strategy="cascade", **config_options(config), **DEMO_RACE, timesteps=GRID)
+    for name, options in ((f"race z={RACE.z:g}", dict(strategy="race", **DEMO_RACE, timesteps=GRID)),
+                          ("head alone (linear probe)", dict(method="head")),
+                          (config_name(config), dict(strategy="cascade", **config_options(config), **DEMO_RACE,
+                                                     timesteps=GRID))):
+        start = time.perf_counter()
+        results = engine.classify(images, labels, seed=0, **options)
+        speed = len(images) / (time.perf_counter() - start)
+        winners = np.array([labels.index(r.label) for r in results])
+        passes = np.array([r.passes for r in results])
+        rows.append(row(name, "engine", winners, reference, truth, passes, speed, data=data))
+        out[name] = (winners, passes)
+    return rows, out
+
+
+def digits(args) -> tuple[list[dict], dict]:
+    from diffscore.app.digits import CLASS_NAMES, load_digits_split, validation_indices
+
+    split = load_digits_split()
+    labels = list(CLASS_NAMES)
+    demo = diffscore.load(demo_engine_dir(), backend="ort-cpu")
+    profile = demo.manifest.timestep_profile
+    fit, val = validation_indices()
+    engine_dir = engine_with_head(DEMO_MODEL, "digits", list(split.train_images[fit]), split.train_labels[fit], labels,
+                                  {"template": demo.defaults.template, "loss": demo.defaults.loss}, profile)
+    engine = diffscore.load(engine_dir, backend="ort-cpu")
+    head_passes = len(HEAD_STEPS)
+    # validation: the default k
+    v_images = list(split.train_images[val[: args.validation]])
+    v_err = grid_errors(engine, v_images, labels, "digits-val")
+    v_ref = v_err.mean(axis=2).argmin(axis=1)
+    v_scores = head_scores(engine, v_images, "digits-val")
+    choice = []
+    for config in CONFIGS:
+        winners, passes = replay_cascade(v_err, v_scores, config, profile, head_passes)
+        choice.append({"config": config_options(config), "agreement": float(np.mean(winners == v_ref)),
+                       "passes_per_image": float(passes.mean())})
+    good = [c for c in choice if c["agreement"] >= TARGET] or [max(choice, key=lambda c: c["agreement"])]
+    default = CascadeConfig(**min(good, key=lambda c: c["passes_per_image"])["config"])
+    # held-out
+    images, truth = list(split.test_images[: args.digits]), split.test_labels[: args.digits]
+    errors = grid_errors(engine, images, labels, "digits-test")
+    scores = head_scores(engine, images, "digits-test")
+    rows = replayed_rows("digits (10 classes)", errors, scores, truth, profile, head_passes)
+    t = args.timed
+    reference = errors.mean(axis=2).argmin(axis=1)
+    engine_rows, out = timed_rows("digits (10 classes)", engine, images[:t], labels, reference[:t], truth[:t], default)
+    check = engine_check(out[config_name(default)], errors[:t], scores[:t], default, profile, head_passes)
+    return rows + engine_rows, {"validation_images": len(v_images), "validation": choice,
+                                "default": config_options(default), "engine_equals_replay": check}
+
+
+def engine_check(engine_out, errors, scores, config, profile, head_passes) -> dict:
+    """How many of the engine's cascade decisions and pass counts its replay on the grid errors reproduces."""
+    winners, passes = replay_cascade(errors, scores, config, profile, head_passes)
+    return {"same_decisions": int(np.sum(engine_out[0] == winners)), "same_passes": int(np.sum(engine_out[1] == passes)),
+            "images": len(winners)}
+
+
+def fonts(args, default: CascadeConfig) -> tuple[list[dict], dict]:
+    from fonts_data import CLASS_NAMES, arrays, build
+
+    labels = list(CLASS_NAMES)
+    data = arrays(build())  # rendered from the installed packages (models/fonts_data.py's SPLIT)
+    train, test = data["train"], data["held_out"]
+    engine_dir = engine_with_head(FONTS_MODEL, "fonts62", list(train["images"]), train["labels"], labels,
+                                  {"template": "{}", "loss": "l2"})
+    engine = diffscore.load(engine_dir, backend="ort-cpu")
+    rng = np.random.default_rng(0)
+    pick = np.sort(rng.permutation(len(test["labels"]))[: args.fonts])  # a seeded subset of the held-out glyphs
+    images, truth = list(test["images"][pick]), test["labels"][pick]
+    errors = grid_errors(engine, images, labels, "fonts-test")
+    scores = head_scores(engine, images, "fonts-test")
+    head_passes = len(HEAD_STEPS)
+    rows = replayed_rows("glyphs (62 classes, held-out typefaces)", errors, scores, truth, None, head_passes)
+    t = min(args.timed, len(images))
+    reference = errors.mean(axis=2).argmin(axis=1)
+    engine_rows, out = timed_rows("glyphs (62 classes, held-out typefaces)", engine, images[:t], labels, reference[:t],
+                                  truth[:t], default)
+    check = engine_check(out[config_name(default)], errors[:t], scores[:t], default, None, head_passes)
+    cost = cost_by_classes(errors, scores, [CascadeConfig(k=k) for k in (3, 5, 8)] + [default])
+    return rows + engine_rows, {"images": len(images), "engine_equals_replay": check, "cost": cost}
+
+
+def cost_by_classes(errors, scores, configs) -> list[dict]:
+    """Passes/image and agreement with the exhaustive decision among seeded class subsets (every image is
+    classified among each subset's classes, its own class in it or not: the cost does not depend on it)."""
+    out = []
+    perm = np.random.default_rng(0).permutation(errors.shape[1])
+    for n in CLASS_COUNTS:
+        classes = np.sort(perm[:n])
+        e, s = errors[:, classes], scores[:, classes]
+        reference = e.mean(axis=2).argmin(axis=1)
+        runs = {fixed_name(FIXED[0]): replay_stages(e, FIXED[0]), f"race z={RACE.z:g}": replay_race(e, race_plan(1000, GRID)[1]),
+                **{config_name(c): replay_cascade(e, s, c, None, len(HEAD_STEPS)) for c in dict.fromkeys(configs)}}
+        entry = {"classes": n, "images": len(e)}
+        for name, (winners, passes) in runs.items():
+            entry[name] = {"passes_per_image": float(passes.mean()), "agreement": float(np.mean(winners == reference))}
+        out.append(entry)
+    return out
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = list(dict.fromkeys(r["data"] for r in rows))
+    fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 4.2))
+    for ax, data in zip(np.atleast_1d(axes), sets):
+        mine = [r for r in rows if r["data"] == data and r["how"] != "engine" or
+                (r["data"] == data and r["strategy"].startswith("exhaustive"))]
+        for prefix, style in (("cascade k=", "o-"), ("cascade mass", "s"), ("race", "D"), ("fixed", "k^"),
+                              ("head", "v"), ("exhaustive", "*")):
+            pts = sorted((r["passes_per_image"], r["agreement"], r["strategy"]) for r in mine
+                         if r["strategy"].startswith(prefix))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=prefix.rstrip("= "))
+        ax.set_xscale("log")
+        ax.set_xlabel("UNet passes per image (head passes included)")
+        ax.set_ylabel("agreement with the exhaustive decision")
+        ax.set_title(data)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def render(result: dict, info: dict) -> list[str]:
+    rows = result["rows"]
+    table = ["| data | strategy | run | images | agreement | accuracy | passes/image | images/s |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    table += [f"| {r['data']} | {r['strategy']} | {r['how']} | {r['images']} | {100 * r['agreement']:.2f} % | "
+              f"{100 * r['accuracy']:.2f} % | {r['passes_per_image']:.1f} | "
+              f"{'' if r['images_per_s'] is None else format(r['images_per_s'], '.2f')} |" for r in rows]
+    if "cost" in result.get("fonts", {}):
+        cost = result["fonts"]["cost"]
+        names = [n for n in cost[0] if n not in ("classes", "images")]
+        table += ["", "| classes | images | " + " | ".join(f"{n} passes (agreement)" for n in names) + " |",
+                  "|---:|---:|" + "---:|" * len(names)]
+        table += [f"| {c['classes']} | {c['images']} | " + " | ".join(
+            f"{c[n]['passes_per_image']:.1f} ({100 * c[n]['agreement']:.1f} %)" for n in names) + " |" for c in cost]
+    table += ["", f"Machine: {machine_line(info)} (shared with other jobs: images/s are ratios within this run)."]
+    return table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--digits", type=int, default=150, help="held-out digits scored exhaustively")
+    ap.add_argument("--validation", type=int, default=60, help="validation digits the default k is chosen on")
+    ap.add_argument("--fonts", type=int, default=60, help="held-out glyphs scored exhaustively (62 x 100 passes each)")
+    ap.add_argument("--timed", type=int, default=30, help="images per data set run on the engine, timed")
+    ap.add_argument("--skip-fonts", action="store_true", help="the digits only")
+    ap.add_argument("--skip-digits", action="store_true", help="the glyphs only; the digits' rows and default come "
+                    "from the last bench/results/cascade.json")
+    args = ap.parse_args()
+    if args.skip_digits:
+        result = json.loads((RESULTS / "cascade.json").read_text())
+        result["digits_run"] = {"date": result.pop("date"), "machine": result.pop("machine")}
+        result.pop("benchmark")
+        result["rows"] = [r for r in result["rows"] if r["data"].startswith("digits")]
+    else:
+        rows, info = digits(args)
+        result = {"rows": rows, "digits": info, "grid": GRID, "race": DEMO_RACE,
+                  "head": {"kind": "linear", "blocks": HEAD_BLOCKS, "steps": HEAD_STEPS}}
+    if not args.skip_fonts:
+        font_rows, font_info = fonts(args, CascadeConfig(**result["digits"]["default"]))
+        result["rows"] += font_rows
+        result["fonts"] = font_info
+    png = RESULTS / "cascade.png"
+    RESULTS.mkdir(exist_ok=True)
+    plot(result["rows"], png)
+    result["plot"] = png.name
+    publish("cascade", result, render(result, machine()), readme=False)
+
+
+if __name__ == "__main__":
+    main()
