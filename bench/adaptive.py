@@ -151,7 +151,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--update-docs", action="store_true")
     parser.add_argument("--limit", type=int, default=None, help="a smoke run: at most N images per split")
-    parser.add_argument("--render", action="store_true", help="only re-render docs/benchmarks.md's table from bench/results/adaptive.json")
+    parser.add_argument("--render", action="store_true",
+                        help="only re-render the docs table from bench/results/adaptive.json")
     args = parser.parse_args()
     if args.render:
         saved = json.loads((RESULTS / "adaptive.json").read_text())

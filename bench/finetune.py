@@ -7,7 +7,7 @@ against DSD on the same images and captions. Everything is scored on the compile
 CPU); the held-out denoising loss in torch (4 seeded (t, ε) per image, its own caption).
 
     .venv/bin/python bench/finetune.py [--limit N] [--shots 1 5 10] [--train-steps S] [--update-docs]
-    (docs/benchmarks.md's run: --limit 100 --train-steps 80, to fit the shared 2-core machine; --render-only re-renders it)
+    (the docs' run: --limit 100 --train-steps 80, to fit the shared 2-core machine; --render-only re-renders it)
 
 Nothing is tuned on the held-out split: the shots come from the training split minus bench/match.py's
 validation slice; early stopping uses 2 more training pairs per class. Fine-tuning settings are the

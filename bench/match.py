@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--parity-images", type=int, default=10, help="held-out images for the torch-vs-engine check")
     parser.add_argument("--presets-only", action="store_true",
                         help="only the rows the DSD presets need: (a), (b), (e) and the discffusion prompt learning (f); "
-                             "writes bench/results/match_presets.json and docs/benchmarks.md's bench:match_presets block")
+                             "writes bench/results/match_presets.json and the docs' bench:match_presets block")
     parser.add_argument("--update-docs", action="store_true")
     args = parser.parse_args()
 

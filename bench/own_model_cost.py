@@ -48,17 +48,18 @@ def main() -> None:
              "|---|---:|" + "---:|" * len(paths)]
     table += [f"| {name} | {n:.0f} | " + " | ".join(duration(n * seconds_per_pass[p]) for p in paths) + " |"
               for name, n in passes.items()]
-    table += ["", f"Cost per image = UNet passes per image × time per image-pass. Time per image-pass: SD-1.5-size UNet "
+    table += ["", "Cost per image = UNet passes per image × time per image-pass. "
+              f"Time per image-pass: SD-1.5-size UNet "
               f"({sd['unet_params_M']:.0f} M parameters) at batch {sd['batch']}, `bench/export_sd.py` "
               f"({sd['date']}; {machine_line(sd['machine'])}). Passes per image: 10 labels on the demo digits, "
               f"`bench/adaptive.py` ({adaptive['date']}) and `bench/heads.py` ({heads['date']}); a head's graph stops "
               "after the last block it reads, so its passes cost at most a full pass each. Text encoder and VAE "
               "encoder not included. Combined by `bench/own_model_cost.py`."]
-    publish("own_model_cost", {"seconds_per_pass": seconds_per_pass, "passes_per_image": passes,
-                               "seconds_per_image": {name: {p: n * s for p, s in seconds_per_pass.items()}
-                                                     for name, n in passes.items()},
-                               "sources": {"export_sd": sd["date"], "adaptive": adaptive["date"], "heads": heads["date"]}},
-            table, args.update_docs)
+    result = {"seconds_per_pass": seconds_per_pass, "passes_per_image": passes,
+              "seconds_per_image": {name: {p: n * s for p, s in seconds_per_pass.items()}
+                                    for name, n in passes.items()},
+              "sources": {"export_sd": sd["date"], "adaptive": adaptive["date"], "heads": heads["date"]}}
+    publish("own_model_cost", result, table, args.update_docs)
 
 
 if __name__ == "__main__":

@@ -37,8 +37,9 @@ def installed(tmp_path_factory) -> Path:
     venv.EnvBuilder().create(env)  # without its own pip and setuptools: the test environment's serve it
     (site_packages(env) / "test-environment.pth").write_text(sysconfig.get_path("purelib") + "\n")
     shutil.copytree(REPO, source, ignore=NOT_SOURCE)
-    install = subprocess.run([sys.executable, "-m", "pip", "--python", env / "bin" / "python", "install", "-q", "--no-deps",
-                              "--no-build-isolation", "--no-index", source], capture_output=True, text=True, cwd=root)
+    install = subprocess.run([sys.executable, "-m", "pip", "--python", env / "bin" / "python", "install", "-q",
+                              "--no-deps", "--no-build-isolation", "--no-index", source],
+                             capture_output=True, text=True, cwd=root)
     assert install.returncode == 0, install.stderr[-2000:]
     shutil.rmtree(source)
     return env
@@ -52,7 +53,8 @@ def run_in(env: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_installed_package_carries_its_demo_models(installed, tmp_path):
     code = ("import diffscore, diffscore.app.demo as d; print(diffscore.__file__); print(d.DEMO_MODEL); "
-            "print((d.DEMO_MODEL / 'model_index.json').is_file(), (d.DEMO_MODEL.parent / 'demo-latent' / 'vae').is_dir())")
+            "print((d.DEMO_MODEL / 'model_index.json').is_file(), "
+            "(d.DEMO_MODEL.parent / 'demo-latent' / 'vae').is_dir())")
     done = run_in(installed, installed / "bin" / "python", "-c", code, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     package_file, model, flags = done.stdout.splitlines()
