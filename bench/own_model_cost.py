@@ -1,6 +1,7 @@
 """What one image costs on your own Stable Diffusion model, from measured figures: the per-pass time of an
 SD-1.5-size UNet on each CPU path (bench/export_sd.py) times the UNet passes per image of each strategy
-(bench/adaptive.py, bench/heads.py: 10 labels, measured on the demo digits).
+(bench/adaptive.py, bench/heads.py: 10 labels, measured on the demo digits). Where bench/results/gpu_check.json
+exists (bench/gpu_check.py on a GPU machine), its SD-1.5 UNet rows add a column per precision.
 
     .venv/bin/python bench/own_model_cost.py [--update-docs]
 
@@ -26,9 +27,27 @@ HEADS = ("difformer", "attention")  # bench/heads.py rows: the best head, and th
 
 
 def duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
     if seconds < 120:
         return f"{seconds:.0f} s"
     return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def gpu_seconds_per_pass() -> tuple[dict[str, float], str]:
+    """The fastest ms/image of bench/gpu_check.py's SD-1.5 UNet passes without score capture (what the Diffusion
+    Classifier and heads run), per precision; nothing when that result is absent or has no such rows."""
+    path = RESULTS / "gpu_check.json"
+    if not path.is_file():
+        return {}, ""
+    result = json.loads(path.read_text())
+    best: dict[str, float] = {}
+    for row in result.get("sections", {}).get("d", {}).get("rows", []):
+        if isinstance(row, dict) and not row.get("capture") and row.get("ms_per_image"):
+            name = f"GPU torch {row['precision']} ({result['machine'].get('gpu', 'GPU')})"
+            best[name] = min(best.get(name, float("inf")), row["ms_per_image"] / 1000)
+    line = f" GPU columns: `bench/gpu_check.py` ({result['date']}; {result.get('machine_line', '')})." if best else ""
+    return best, line
 
 
 def main() -> None:
@@ -43,6 +62,8 @@ def main() -> None:
         passes[f"{kind} head ({', '.join(head['blocks'])} at t = {', '.join(map(str, head['steps']))})"] = \
             head["passes_per_image"]
     seconds_per_pass = {path: ms / 1000 for path, ms in sd["ms_per_pass"].items()}
+    gpu, gpu_line = gpu_seconds_per_pass()
+    seconds_per_pass.update(gpu)
     paths = list(seconds_per_pass)
     table = ["| strategy (10 labels) | UNet passes / image | " + " | ".join(paths) + " |",
              "|---|---:|" + "---:|" * len(paths)]
@@ -54,7 +75,7 @@ def main() -> None:
               f"({sd['date']}; {machine_line(sd['machine'])}). Passes per image: 10 labels on the demo digits, "
               f"`bench/adaptive.py` ({adaptive['date']}) and `bench/heads.py` ({heads['date']}); a head's graph stops "
               "after the last block it reads, so its passes cost at most a full pass each. Text encoder and VAE "
-              "encoder not included. Combined by `bench/own_model_cost.py`."]
+              f"encoder not included.{gpu_line} Combined by `bench/own_model_cost.py`."]
     result = {"seconds_per_pass": seconds_per_pass, "passes_per_image": passes,
               "seconds_per_image": {name: {p: n * s for p, s in seconds_per_pass.items()}
                                     for name, n in passes.items()},
