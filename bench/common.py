@@ -71,7 +71,7 @@ def update_docs(section: str, markdown: str) -> Path:
     return pages[0]
 
 
-update_readme = update_docs  # the name from before the tables moved out of README.md into docs/
+update_readme = update_docs  # the name other branches' scripts may still import (the tables left README.md)
 
 
 def machine_line(info: dict) -> str:
@@ -80,12 +80,13 @@ def machine_line(info: dict) -> str:
             f"onnxruntime {info['onnxruntime']}, torch {info.get('torch', '-')}")
 
 
-def publish(name: str, result: dict, table: list[str], docs: bool) -> Path:
-    """Write bench/results/<name>.json, print the markdown table and, if asked, put it in its docs page."""
+def publish(name: str, result: dict, table: list[str], readme: bool) -> Path:
+    """Write bench/results/<name>.json, print the markdown table and, if `readme` (the name from when the tables
+    lived in README.md), put it in its docs page."""
     path = write_result(name, result)
     print("\n".join(table))
     print(f"wrote {path}")
-    if docs:
+    if readme:
         print(f"updated {update_docs(name, chr(10).join(table))}")
     return path
 
