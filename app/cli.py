@@ -434,6 +434,7 @@ def demo(
     strategy: Optional[Strategy] = StrategyOpt, z: Optional[float] = ZOpt, budget: Optional[int] = BudgetOpt,
 ):
     """The main job: zero-shot classification of held-out handwritten digits on the demo model."""
+    require_torch("demo")  # the first run exports the demo model; the digits come from scikit-learn (same extra)
     import diffscore
     from diffscore.app.demo import demo_engine_dir, logistic_baseline, run_demo
     from diffscore.app.digits import load_digits_split

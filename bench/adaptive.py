@@ -1,6 +1,6 @@
 """Adaptive racing against fixed stages on the demo: the exhaustive decision's agreement for how many passes.
 
-    .venv/bin/python bench/adaptive.py [--update-readme]
+    .venv/bin/python bench/adaptive.py [--update-docs]
 
 1. Validation (the training split's validation slice, never held-out): every candidate's error at every
    point of the 100-timestep grid; the race is replayed on those errors for a range of z and min_rounds,
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, machine_line, publish, update_readme  # noqa: E402
+from common import RESULTS, machine, machine_line, publish, update_docs  # noqa: E402
 
 import diffscore  # noqa: E402
 from diffscore.app.demo import DEMO_STAGES, cache_root, demo_engine_dir  # noqa: E402
@@ -149,13 +149,14 @@ def plot(rows, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--update-docs", action="store_true")
     parser.add_argument("--limit", type=int, default=None, help="a smoke run: at most N images per split")
-    parser.add_argument("--render", action="store_true", help="only re-render README's table from bench/results/adaptive.json")
+    parser.add_argument("--render", action="store_true",
+                        help="only re-render the docs table from bench/results/adaptive.json")
     args = parser.parse_args()
     if args.render:
         saved = json.loads((RESULTS / "adaptive.json").read_text())
-        update_readme("adaptive", "\n".join(render(saved, saved["machine"])))
+        update_docs("adaptive", "\n".join(render(saved, saved["machine"])))
         return
 
     split = load_digits_split()
@@ -207,11 +208,11 @@ def main() -> None:
     plot(rows, png)
     result = {"rows": rows, "validation": chosen, "engine_equals_replay": checks, "grid": GRID, "round_size": ROUND_SIZE,
               "plot": png.name}
-    publish("adaptive", result, render(result, machine()), args.update_readme)
+    publish("adaptive", result, render(result, machine()), args.update_docs)
 
 
 def render(result: dict, info: dict) -> list[str]:
-    """The README table and the summary lines, all computed from the result."""
+    """The docs/benchmarks.md table and the summary lines, all computed from the result."""
     rows, chosen, checks = result["rows"], result["validation"], result["engine_equals_replay"]
     z, min_rounds = chosen["chosen"]["z"], chosen["chosen"]["min_rounds"]
     table = ["| strategy | run | images | agreement | accuracy | passes/image | images/s |", "|---|---|---:|---:|---:|---:|---:|"]
@@ -246,7 +247,7 @@ def render(result: dict, info: dict) -> list[str]:
                           for k, v in checks.items()) + ". The seed's schedules ran on the first "
               f"{SEED_IMAGES} digits only (1,375-2,750 passes an image); the templates row on the first {TEMPLATE_IMAGES}.",
               "", f"Machine: {machine_line(info)} (shared with other jobs: timings are ratios within this one run).",
-              "", "![agreement and accuracy against UNet passes per image](bench/results/adaptive.png)"]
+              "", "![agreement and accuracy against UNet passes per image](../bench/results/adaptive.png)"]
     return table
 
 

@@ -2,14 +2,14 @@
 CPU backend and precision (ONNX Runtime fp32/int8, OpenVINO fp32/bf16/int8), in one run: images/s for
 each, the ratios, UNet passes per image, agreement.
 
-    .venv/bin/python bench/classify.py [--limit N] [--update-readme]
+    .venv/bin/python bench/classify.py [--limit N] [--update-docs]
 
 The torch rows are the reference as strong as torch runs it on CPU: torch.inference_mode, its batch of
 256 UNet pairs, the intra-op thread count (1 or one per core) timed faster on two images first (on a
 shared, oversubscribed machine one thread wins by far: OpenMP threads wait on each other), eager and
 with `torch.compile(unet, dynamic=True)` (compiled before timing); the faster one is the baseline. The paths take turns every 32 images, so
 background load affects all alike.
-Writes bench/results/classify.json; --update-readme regenerates README's performance table.
+Writes bench/results/classify.json; --update-docs regenerates its docs/benchmarks.md performance table.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def cpu_variants() -> list[tuple[str, str, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=None, help="first N held-out images (default: all)")
-    parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--update-docs", action="store_true")
     args = parser.parse_args()
 
     import torch
@@ -151,7 +151,7 @@ def main() -> None:
                  f"image, paths interleaved every {CHUNK} images; load average {min(loads):.1f}-{max(loads):.1f} during "
                  f"the run (2 cores shared with other jobs: ratios, not absolute rates, are the figure); measured on "
                  f"{machine_line(machine())} by `bench/classify.py`.")
-    publish("classify", result, table, args.update_readme)
+    publish("classify", result, table, args.update_docs)
 
 
 if __name__ == "__main__":

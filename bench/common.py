@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = Path(__file__).resolve().parents[1] / "docs"  # the bench tables live in docs/benchmarks.md
 
 
 # The instruction sets that decide fp32/fp16/int8 kernel speed (VNNI and AMX are what make INT8 pay on CPU).
@@ -57,20 +57,21 @@ def write_result(name: str, result: dict) -> Path:
     return path
 
 
-def update_readme(section: str, markdown: str) -> None:
-    """Replace the README text between <!-- bench:SECTION --> and <!-- /bench:SECTION -->."""
-    update_doc(README, section, markdown)
-
-
-def update_doc(path: Path, section: str, markdown: str) -> None:
-    """Replace the text of a markdown file between <!-- bench:SECTION --> and <!-- /bench:SECTION -->."""
-    text = path.read_text()
+def update_docs(section: str, markdown: str) -> Path:
+    """Replace the text between <!-- bench:SECTION --> and <!-- /bench:SECTION --> in the one docs/*.md page
+    that holds them (docs/benchmarks.md for the tables the README used to carry)."""
     start, end = f"<!-- bench:{section} -->", f"<!-- /bench:{section} -->"
-    if start not in text or end not in text:
-        raise SystemExit(f"{path.name} has no {start} ... {end} markers")
-    head, rest = text.split(start, 1)
+    pages = [p for p in sorted(DOCS.glob("*.md")) if start in (text := p.read_text()) and end in text]
+    if len(pages) != 1:
+        where = ", ".join(str(p.relative_to(DOCS.parent)) for p in pages) or "no page"
+        raise SystemExit(f"expected one docs/*.md page with {start} ... {end} markers, found {where}")
+    head, rest = pages[0].read_text().split(start, 1)
     _, tail = rest.split(end, 1)
-    path.write_text(f"{head}{start}\n{markdown.strip()}\n{end}{tail}")
+    pages[0].write_text(f"{head}{start}\n{markdown.strip()}\n{end}{tail}")
+    return pages[0]
+
+
+update_readme = update_docs  # the name other branches' scripts may still import (the tables left README.md)
 
 
 def machine_line(info: dict) -> str:
@@ -80,12 +81,13 @@ def machine_line(info: dict) -> str:
 
 
 def publish(name: str, result: dict, table: list[str], readme: bool) -> Path:
-    """Write bench/results/<name>.json, print the markdown table and, if asked, put it in README."""
+    """Write bench/results/<name>.json, print the markdown table and, if `readme` (the name from when the tables
+    lived in README.md), put it in its docs page."""
     path = write_result(name, result)
     print("\n".join(table))
     print(f"wrote {path}")
     if readme:
-        update_readme(name, "\n".join(table))
+        print(f"updated {update_docs(name, chr(10).join(table))}")
     return path
 
 

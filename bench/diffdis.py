@@ -2,7 +2,7 @@
 benchmark's R@1 (bench/match.py's task, imported), for both DiffDis inference modes beside DSD and the
 Diffusion Classifier, with images/s, all on the compiled engine (ONNX Runtime CPU, fp32).
 
-    .venv/bin/python bench/diffdis.py [--limit N] [--dc-limit N] [--epochs E] [--update-readme]
+    .venv/bin/python bench/diffdis.py [--limit N] [--dc-limit N] [--epochs E] [--update-docs]
 
 DiffDis is trained here (`train_diffdis_run`, seed 0, its defaults) on the demo's TRAINING split captioned
 with 6 of the demo's 8 caption templates: "a handwritten digit {word}" and "the number {num}" are held
@@ -16,7 +16,7 @@ Classifier (classification: the demo's stages; matching: its ranking of the 5 ca
 below). Read from bench/results/match.json and match_presets.json (earlier runs of bench/match.py, their
 date and load in the note): DSD + denoising bias with the validated λ, DSD after prompt learning
 (K = 1, 5, 10) and the DC's R@1, because re-training prompt learning takes ~10 minutes on this machine.
-Writes bench/results/diffdis.json; --update-readme fills README's <!-- bench:diffdis --> block.
+Writes bench/results/diffdis.json; --update-docs fills docs/benchmarks.md's <!-- bench:diffdis --> block.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--dc-limit", type=int, default=None, help="the Diffusion Classifier on the first N only")
     parser.add_argument("--epochs", type=int, default=None, help="DiffDis training epochs at most (default: its own)")
     parser.add_argument("--parity-images", type=int, default=20)
-    parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--update-docs", action="store_true")
     args = parser.parse_args()
 
     import torch
@@ -176,7 +176,7 @@ def main() -> None:
               f"those runs. One run, ONNX Runtime CPU fp32; load average {load_start:.1f} at the start, {timing_load:.1f} "
               f"when timing began, {end_load:.1f} at the end (2 cores shared with other jobs: compare images/s within "
               f"this run only). Measured on {machine_line(machine())} by `bench/diffdis.py`."]
-    publish("diffdis", result, table, args.update_readme)
+    publish("diffdis", result, table, args.update_docs)
 
 
 if __name__ == "__main__":

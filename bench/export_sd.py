@@ -6,7 +6,7 @@ and OpenVINO (fp32; bf16 where the CPU has it; INT8 Q/DQ from `diffscore calibra
 one random latent: fine for timing, meaningless for accuracy) and reports export time, file sizes, peak
 memory of each path (each runs in a process of its own), per-pass latency and parity.
 
-    .venv/bin/python bench/export_sd.py [--workdir /tmp/sd15] [--batch 2] [--no-int8] [--resume] [--update-readme]
+    .venv/bin/python bench/export_sd.py [--workdir /tmp/sd15] [--batch 2] [--no-int8] [--resume] [--update-docs]
 
 Writes bench/results/export_sd.json. Needs ~15 GB RAM and ~10 GB disk; takes 15-30 minutes on 2 cores.
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_line, update_readme, write_result  # noqa: E402
+from common import machine_line, update_docs, write_result  # noqa: E402
 
 DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "models" / "demo" / "tokenizer"
 
@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--tokenizer", type=Path, default=DEMO_TOKENIZER, help="a CLIP tokenizer folder")
     parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the INT8 UNet (quantizing takes minutes)")
-    parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--update-docs", action="store_true")
     parser.add_argument("--resume", action="store_true", help="keep the export and the paths already timed in --workdir")
     parser.add_argument("--child", choices=PATHS, help=argparse.SUPPRESS)  # one path, in its own process
     args = parser.parse_args()
@@ -152,8 +152,8 @@ def main() -> None:
     path = write_result("export_sd", result)
     print(json.dumps(result, indent=1))
     print(f"wrote {path}")
-    if args.update_readme:
-        update_readme("export_sd", readme_table(json.loads(path.read_text())))
+    if args.update_docs:
+        update_docs("export_sd", readme_table(json.loads(path.read_text())))
 
 
 def run_path(path: str, workdir: Path) -> dict:

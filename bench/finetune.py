@@ -6,15 +6,15 @@ zero-shot DSD and the Diffusion Classifier on the plain demo engine; images/s of
 against DSD on the same images and captions. Everything is scored on the compiled engine (ONNX Runtime
 CPU); the held-out denoising loss in torch (4 seeded (t, ε) per image, its own caption).
 
-    .venv/bin/python bench/finetune.py [--limit N] [--shots 1 5 10] [--train-steps S] [--update-readme]
-    (README's run: --limit 100 --train-steps 80, to fit the shared 2-core machine; --render-only re-renders it)
+    .venv/bin/python bench/finetune.py [--limit N] [--shots 1 5 10] [--train-steps S] [--update-docs]
+    (the docs' run: --limit 100 --train-steps 80, to fit the shared 2-core machine; --render-only re-renders it)
 
 Nothing is tuned on the held-out split: the shots come from the training split minus bench/match.py's
 validation slice; early stopping uses 2 more training pairs per class. Fine-tuning settings are the
 `diffscore finetune` defaults (lr 3e-3, batch 32, mid_block at t = 50, 64-d embeddings), chosen before
 any run; DSD prompt-learning figures are bench/match.py's own (bench/results/match*.json), cited, not rerun.
 
-Writes bench/results/finetune.json; --update-readme fills README's <!-- bench:finetune --> section.
+Writes bench/results/finetune.json; --update-docs fills docs/benchmarks.md's <!-- bench:finetune --> section.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, machine_line, publish, timed, update_readme  # noqa: E402
+from common import RESULTS, machine, machine_line, publish, timed, update_docs  # noqa: E402
 from match import dc_r_at_1, r_at_1, split_training  # noqa: E402
 
 import diffscore  # noqa: E402
@@ -52,7 +52,7 @@ def accuracy(engine, images, labels, **options) -> float:
 
 
 def render(result: dict, info: dict) -> list[str]:
-    """The README table and notes, from a result (so a stored run can be re-rendered: --render-only)."""
+    """The docs/benchmarks.md table and notes, from a result (so a stored run can be re-rendered: --render-only)."""
     rows, speed, cited, load, n = (result[k] for k in ("rows", "speed", "prompt_learning_cited", "load_average", "images"))
     table = ["| method | K | R@1 (5 captions) | accuracy (10 classes) | held-out denoising loss |",
              "|---|---:|---:|---:|---:|"]
@@ -86,15 +86,15 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=150, help="fine-tuning steps at most (early stopping)")
     parser.add_argument("--dc-r-at-1", action="store_true", help="also the Diffusion Classifier's R@1 (140 UNet passes "
                         "per image; bench/match.py row (d) has it)")
-    parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--update-docs", action="store_true")
     parser.add_argument("--render-only", action="store_true", help="re-render bench/results/finetune.json, no run")
     args = parser.parse_args()
     if args.render_only:
         stored = json.loads((RESULTS / "finetune.json").read_text())
         table = render(stored, stored["machine"])
         print("\n".join(table))
-        if args.update_readme:
-            update_readme("finetune", "\n".join(table))
+        if args.update_docs:
+            update_docs("finetune", "\n".join(table))
         return
 
     import torch
@@ -166,7 +166,7 @@ def main() -> None:
               "timing_s": timing, "prompt_learning_cited": cited, "torch_threads": 1,
               "load_average": {"before": load_before, "training": load_training, "end": os.getloadavg()[0]}}
     table = render(result, info)
-    publish("finetune", result, table, args.update_readme)
+    publish("finetune", result, table, args.update_docs)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """One-pass heads next to the zero-shot Diffusion Classifier on the held-out demo digits, in one run.
 
-    .venv/bin/python bench/heads.py [--dc-limit N] [--update-readme]
+    .venv/bin/python bench/heads.py [--dc-limit N] [--update-docs]
 
 Trains the linear probe, the attention head and the DifFormer head on the demo's training split
 (features extracted once and cached), the DifFeed linear probe and DifFormer head (reference/feedback.py:
@@ -10,7 +10,7 @@ exports them with the demo model into one engine; then on ONNX Runtime CPU measu
 accuracy and images/s beside the Diffusion Classifier's default stages (with its UNet passes per
 image) and a logistic regression on pixels. The DC and the full-data heads alternate every CHUNK
 images, so background load hits them alike. Also measures the head inside the UNet graph against the
-head as its own graph. Writes bench/results/heads.json; --update-readme regenerates README's table.
+head as its own graph. Writes bench/results/heads.json; --update-docs regenerates its docs/benchmarks.md table.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dc-limit", type=int, default=None, help="time the DC on the first N held-out images (default: all)")
     parser.add_argument("--epochs", type=int, default=None, help="cap every head's epochs (a quick check of this script)")
-    parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--update-docs", action="store_true")
     args = parser.parse_args()
     cap = lambda epochs: min(epochs, args.epochs or epochs)
 
@@ -241,7 +241,7 @@ def main() -> None:
                              "the price is a copy of those layers' weights per head (fp32, ONNX Runtime)"},
         "load_average_1min": {"start": load_start, "timed_start": load_timed, "end": load_end},
     }
-    publish("heads", result, readme_block(result, machine()).splitlines(), args.update_readme)
+    publish("heads", result, readme_block(result, machine()).splitlines(), args.update_docs)
 
 
 def readme_block(r: dict, info: dict) -> str:

@@ -5,9 +5,9 @@ training digits; tensors and held-out decisions against torch fp32), the zero-sh
 trained on the training split, all on the held-out digits and ONNX Runtime CPU, beside the pixel demo's
 Diffusion Classifier on the same images.
 
-    .venv/bin/python bench/latent_demo.py [--parity-images 100] [--update-readme]
+    .venv/bin/python bench/latent_demo.py [--parity-images 100] [--update-docs]
 
-Writes bench/results/latent_demo.json; --update-readme fills README's <!-- bench:latent_demo --> block.
+Writes bench/results/latent_demo.json; --update-docs fills docs/benchmarks.md's <!-- bench:latent_demo --> block.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def timed_classify(engine, images, **options) -> tuple[list, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parity-images", type=int, default=100, help="held-out digits for the parity decisions")
-    parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--update-docs", action="store_true")
     args = parser.parse_args()
 
     import torch
@@ -87,7 +87,7 @@ def main() -> None:
     result = {"held_out_images": len(images), "parity_images": args.parity_images, "parity_passed": parity_ok,
               "parity": lines, "rows": rows, "latent_shape": manifest.sample_shape, "image_size": manifest.image_size,
               "calibration": manifest.calibration.gate if manifest.calibration else None}
-    publish("latent_demo", result, readme_block(result, machine()).splitlines(), args.update_readme)
+    publish("latent_demo", result, readme_block(result, machine()).splitlines(), args.update_docs)
 
 
 def readme_block(r: dict, info: dict) -> str:

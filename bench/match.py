@@ -5,7 +5,7 @@ on the compiled engine (ONNX Runtime CPU); and the same zero-shot and prompt-lea
 `discffusion` DSD preset (kernels/dsd.py: the seed's scoring and training), whose default-vs-diffscore
 choice is made on the validation slice only.
 
-    .venv/bin/python bench/match.py [--limit N] [--steps S] [--lr LR] [--update-readme]
+    .venv/bin/python bench/match.py [--limit N] [--steps S] [--lr LR] [--update-docs]
 
 The task: every held-out image against 5 captions "a handwritten digit {word}": its own and those of
 4 confusable digits, fixed per class (NEGATIVES: digits whose strokes overlap most, e.g. 3 vs 5/8/9,
@@ -15,7 +15,7 @@ held-out split: λ of the denoising bias is chosen on a validation slice of the 
 (VAL_PER_CLASS images per class), and the few-shot images come from the rest of the training split.
 Prompt learning trains against all 9 other captions (hardest negative), not just the 4 above.
 
-Writes bench/results/match.json; --update-readme fills README's <!-- bench:match --> section
+Writes bench/results/match.json; --update-docs fills docs/benchmarks.md's <!-- bench:match --> section
 (--presets-only: match_presets.json and <!-- bench:match_presets -->).
 """
 
@@ -108,8 +108,8 @@ def main() -> None:
     parser.add_argument("--parity-images", type=int, default=10, help="held-out images for the torch-vs-engine check")
     parser.add_argument("--presets-only", action="store_true",
                         help="only the rows the DSD presets need: (a), (b), (e) and the discffusion prompt learning (f); "
-                             "writes bench/results/match_presets.json and README's bench:match_presets block")
-    parser.add_argument("--update-readme", action="store_true")
+                             "writes bench/results/match_presets.json and the docs' bench:match_presets block")
+    parser.add_argument("--update-docs", action="store_true")
     args = parser.parse_args()
 
     import torch
@@ -223,7 +223,7 @@ def main() -> None:
                  + "".join(f"Engine vs torch with the {p['preset']} adapter{' and score weights' * p['score_weights']}: max rel. "
                            f"error {p['max_rel_elementwise']:.1e} on {p['pairs']} pairs. " for p in parity)
                  + f"Measured on {machine_line(machine())} by `bench/match.py`.")
-    publish("match_presets" if args.presets_only else "match", result, table, args.update_readme)
+    publish("match_presets" if args.presets_only else "match", result, table, args.update_docs)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ engine with 64 x 64 x 4 latents (a tiny random-weight SD-layout model: the VAE (
 small so 2,000 images take minutes, the images and latents are Stable Diffusion's size). Each run is a fresh process that classifies a generator
 of file paths with `Engine.classify_iter`; the figure is its peak resident set size (ru_maxrss).
 
-    .venv/bin/python bench/memory.py [--update-readme]
+    .venv/bin/python bench/memory.py [--update-docs]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, machine_line, update_readme, write_result  # noqa: E402
+from common import machine, machine_line, update_docs, write_result  # noqa: E402
 
 COUNTS = (100, 2000)
 SIZE = 512
@@ -72,7 +72,7 @@ def write_photos(folder: Path, n: int = 100) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--update-docs", action="store_true")
     args = parser.parse_args()
     from diffscore.export.onnx_export import export_engine
 
@@ -90,14 +90,14 @@ def main() -> None:
     result = {"image_size": SIZE, "latent": [4, 64, 64], "rows": rows}
     path = write_result("memory", result)
     print(f"wrote {path}")
-    if args.update_readme:
+    if args.update_docs:
         lines = ["| images (512 × 512 JPEG, a generator of paths) | peak RSS | wall |", "|---:|---:|---:|"]
         lines += [f"| {r['images']:,} | {r['peak_rss_mb']:.0f} MB | {r['seconds']:.0f} s |" for r in rows]
         lines.append("")
         lines.append(f"`Engine.classify_iter`, stages [(1, 1)], 2 labels, a tiny random-weight SD-layout model with "
                      f"64 × 64 × 4 latents, ONNX Runtime CPU, each count in a fresh process. Measured on "
                      f"{machine_line(machine())} by `bench/memory.py`.")
-        update_readme("memory", "\n".join(lines))
+        update_docs("memory", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 axis (the ONNX graph as exported) and reshaped to a static batch, at fp32, the Q/DQ INT8 graph and the
 bf16 hint, beside ONNX Runtime fp32, in one run.
 
-    .venv/bin/python bench/openvino_shapes.py [--batch 128] [--calls 40] [--update-readme]
+    .venv/bin/python bench/openvino_shapes.py [--batch 128] [--calls 40] [--update-docs]
 
 Each setting runs as the engine runs it on this CPU: one compiled model (or session) served by one
 concurrent caller per core (OpenVINO: as many streams), random UNet inputs, best of 3 timed rounds of
@@ -41,7 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=128, help="UNet batch (the engine's on the demo)")
     parser.add_argument("--calls", type=int, default=40)
-    parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--update-docs", action="store_true")
     args = parser.parse_args()
 
     import onnxruntime as ort
@@ -88,7 +88,7 @@ def main() -> None:
     table += [f"| {name} | {rate:,.0f} | {rate / base:.2f}x |" for name, rate in rows.items()]
     table += ["", f"Demo UNet, batch {batch}, {workers} concurrent callers (OpenVINO: as many streams), best of 3 rounds "
               f"of {args.calls} calls; measured on {machine_line(machine())} by `bench/openvino_shapes.py`."]
-    publish("openvino_shapes", result, table, args.update_readme)
+    publish("openvino_shapes", result, table, args.update_docs)
 
 
 if __name__ == "__main__":

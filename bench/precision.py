@@ -2,7 +2,7 @@
 classification job, in one run: images/s, ratio to ONNX Runtime fp32, held-out accuracy and top-1
 agreement with ONNX Runtime fp32.
 
-    .venv/bin/python bench/precision.py [--limit N] [--rounds R] [--profile] [--smoothquant A] [--update-readme]
+    .venv/bin/python bench/precision.py [--limit N] [--rounds R] [--profile] [--smoothquant A] [--update-docs]
 
 The held-out digits are split into R chunks and the precisions take turns on each chunk, so a load
 change on a shared machine hits all of them alike. One untimed pass over the same chunks comes first (steady state: compiled
@@ -12,7 +12,7 @@ batch shapes, prompt cache). The engines run as `diffscore.load` sets them up
 training digits only; one more INT8 row is the same calibration with SmoothQuant-style scaling at α = A
 (default 0.5) on a copy of the engine. --profile adds where the UNet time goes per op type (fp32 vs int8, one thread,
 one batch) and the int8/fp32 throughput of a plain GEMM on this CPU: what bounds the INT8 speed-up.
-Writes bench/results/precision.json; --update-readme fills README's precision table.
+Writes bench/results/precision.json; --update-docs fills docs/benchmarks.md's precision table.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also profile the UNet per op type and a plain GEMM")
     parser.add_argument("--smoothquant", type=float, default=0.5, metavar="ALPHA",
                         help="add an INT8 row calibrated with SmoothQuant-style scaling at this α (0: no such row)")
-    parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--update-docs", action="store_true")
     args = parser.parse_args()
 
     engine_dir = demo_engine_all_precisions()
@@ -124,7 +124,7 @@ def main() -> None:
                  "`bench/precision.py`.")
     if args.profile:
         print(json.dumps(result["profile"], indent=1))
-    publish("precision", result, table, args.update_readme)
+    publish("precision", result, table, args.update_docs)
     scratch.cleanup()
 
 

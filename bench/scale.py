@@ -2,7 +2,7 @@
 stages) in one process vs Ray Data with 1 and 2 actors, and Ray Serve requests/s with p50/p95 latency
 at concurrency 1 and 8, on a local Ray bounded to this machine's cores.
 
-    .venv/bin/python bench/scale.py [--images N] [--requests N] [--update-readme]
+    .venv/bin/python bench/scale.py [--images N] [--requests N] [--update-docs]
 
 The same PNG files go through every path; each Ray path's results are checked against the
 in-process ones. Ray Data times are end to end (actor start-up and engine loading included; Ray's own
@@ -10,7 +10,7 @@ start-up is reported apart). Each actor gets cores / actors CPUs (= its ONNX Run
 in-process engine and the one Serve replica get all of them. Serving: one image per request, base64
 PNG, over HTTP on 127.0.0.1; `concurrency` clients send requests back to back.
 
-Writes bench/results/scale.json; --update-readme fills README's <!-- bench:scale --> section.
+Writes bench/results/scale.json; --update-docs fills docs/benchmarks.md's <!-- bench:scale --> section.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=64, help="held-out digits for the batch job")
     parser.add_argument("--requests", type=int, default=32, help="requests per serving run (one image each)")
-    parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--update-docs", action="store_true")
     args = parser.parse_args()
 
     import base64
@@ -154,7 +154,7 @@ def main() -> None:
     ]
     publish("scale", {"images": len(paths), "batch": rows, "serving": serving, "checks": checks,
                       "ray_start_s": ray_start, "served": info["served"], "load_average": [load_start, load_end],
-                      "ray": ray.__version__}, table, args.update_readme)
+                      "ray": ray.__version__}, table, args.update_docs)
 
 
 if __name__ == "__main__":

@@ -31,12 +31,11 @@ import psutil
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, machine_line, update_doc, write_result  # noqa: E402
+from common import machine, machine_line, update_docs, write_result  # noqa: E402
 
 from diffscore.app.demo import demo_engine_dir  # noqa: E402
 
 TOKEN = "bench-exposure-token-0123456789"
-DOC = Path(__file__).resolve().parents[1] / "docs" / "serving.md"
 
 
 def status_of(url: str, token: str | None = None, body: dict | None = None) -> int:
@@ -135,7 +134,7 @@ def main() -> None:
     print("\n".join(lines))
     print(f"wrote {path}")
     if args.update_doc:
-        update_doc(DOC, "serve_exposure", "\n".join(lines))
+        update_docs("serve_exposure", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Heads trained without human labels next to the zero-shot Diffusion Classifier, on the held-out demo digits, in one run.
 
-    .venv/bin/python bench/zero_shot_heads.py [--update-readme]
+    .venv/bin/python bench/zero_shot_heads.py [--update-docs]
 
 Two label-free routes, beside the supervised heads of bench/heads.py (same blocks, steps and training options):
 - synthetic: the demo model generates N ∈ {10, 50, 200} images per digit (DPM-Solver++, 10 steps, guidance 2,
@@ -13,7 +13,7 @@ Nothing is tuned on the 450 held-out digits (the true training labels are only u
 pseudo-labels were). Each head is a DifFormer head and a linear probe. All heads ship in one engine; the DC (the
 demo's fixed stages, and the engine's race) and the heads alternate every CHUNK held-out images on ONNX
 Runtime CPU. Writes bench/results/zero_shot_heads.json and zero_shot_samples.png (a grid of the generated
-digits); --update-readme regenerates README's block.
+digits); --update-docs regenerates its docs/benchmarks.md block.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from diffscore.app.digits import CLASS_NAMES, DEFAULT_TEMPLATE, load_digits_spli
 PER_CLASS = (10, 50, 200)  # synthetic images per digit
 THRESHOLD = 1.0  # pseudo-labels: least confidence kept (train-head's default)
 KINDS = ("difformer", "linear")  # the supervised bench's best head and its cheapest
-GRID = 8  # generated samples per digit in the README's picture
+GRID = 8  # generated samples per digit in docs/benchmarks.md's picture
 
 
 def sample_grid(images: list, per_class: int, path: Path, show: int = GRID, scale: int = 6) -> Path:
@@ -58,8 +58,8 @@ def sample_grid(images: list, per_class: int, path: Path, show: int = GRID, scal
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="a quick check of this script: few images, 2 epochs, "
-                        "figures meaningless, README untouched")
-    parser.add_argument("--update-readme", action="store_true")
+                        "figures meaningless, docs untouched")
+    parser.add_argument("--update-docs", action="store_true")
     args = parser.parse_args()
 
     import torch
@@ -183,7 +183,7 @@ def main() -> None:
         "load_average_1min": {"start": load_start, "timed_start": load_timed, "end": load_end},
     }
     publish("zero_shot_heads" + ("_smoke" if args.smoke else ""), result, readme_block(result, machine()).splitlines(),
-            args.update_readme and not args.smoke)
+            args.update_docs and not args.smoke)
 
 
 def readme_block(r: dict, info: dict) -> str:
@@ -224,7 +224,7 @@ def readme_block(r: dict, info: dict) -> str:
               f"{', '.join(map(str, r['steps']))}; 1-min load average {load['start']:.1f} at the start, {load['timed_start']:.1f} "
               f"when timing began, {load['end']:.1f} at the end; the machine is shared with other jobs, so ratios within the run "
               f"are the figure), {machine_line(info)}.",
-              "", f"![generated training digits, {GRID} per class](bench/results/zero_shot_samples.png)"]
+              "", f"![generated training digits, {GRID} per class](../bench/results/zero_shot_samples.png)"]
     return "\n".join(lines)
 
 
