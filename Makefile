@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/diffscore demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	PYTHONSAFEPATH=1 $(BIN)/python -m pytest
 
 clean:
 	rm -rf $(VENV) .cache

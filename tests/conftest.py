@@ -3,12 +3,20 @@ pixel space) and the shipped demo model. Tiny means seconds, not minutes, on 2 C
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# The checkout root *is* the diffscore package (pyproject maps it), so with the root on sys.path its folders are
+# importable as top-level names: `python -m pytest` puts it there, and our `kernels/` then shadows Hugging Face's
+# `kernels` package, which transformers imports ("cannot import name 'CUDAProperties' from 'kernels'"). Tests
+# import diffscore from the install only; PYTHONSAFEPATH keeps the root off the path of `python -m` subprocesses.
+os.environ["PYTHONSAFEPATH"] = "1"
+sys.path[:] = [p for p in sys.path if p not in ("", ".") and Path(p).resolve() != REPO]
 DEMO_MODEL = REPO / "models" / "demo"
 KINDS = ("sd1", "sd2", "pixel")
 
