@@ -31,6 +31,7 @@ MAX_TIMESTEPS = 100_000  # length of the training schedule
 MAX_SEED = 2**32 - 1
 HEX64 = re.compile(r"[0-9a-f]{64}")
 MODULE_NAME = re.compile(r"[A-Za-z0-9_.]{1,256}")  # a diffusers module name, e.g. up_blocks.1.attentions.0
+AXIS = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # a symbolic axis: "batch", "queries"
 KEY = re.compile(r"[A-Za-z0-9_.\-]{1,128}")  # a graph, head, file or plan key
 DTYPES = ("float32", "float16", "float64", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
 GRAPH_PRECISIONS = ("fp32", "fp16", "int8")
@@ -141,12 +142,10 @@ def labels(where: str, values: list[str]) -> None:
 
 
 def shape_of(where: str, shape: list, exact: list | None = None) -> None:
-    """Dims: BATCH first or a positive int; with `exact`, equal to it (BATCH where it says BATCH)."""
-    from diffscore.engine.manifest import BATCH
-
-    if len(shape) > 8 or any(not (d == BATCH or (isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= MAX_DIM))
-                             for d in shape):
-        raise bad(where, shape, f"at most 8 dims, each {BATCH!r} or an integer in [1, {MAX_DIM}]")
+    """Dims: a symbolic axis name (BATCH, "queries", ...) or a positive int; with `exact`, equal to it."""
+    if len(shape) > 8 or any(not (isinstance(d, str) and AXIS.fullmatch(d) or
+                                  isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= MAX_DIM) for d in shape):
+        raise bad(where, shape, f"at most 8 dims, each an axis name or an integer in [1, {MAX_DIM}]")
     if exact is not None and list(shape) != list(exact):
         raise bad(where, shape, f"{exact} (the manifest's own sizes)")
 
