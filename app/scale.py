@@ -57,7 +57,8 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, object_st
     try:
         with loopback_ray(local):
             ray.init(address=address, num_cpus=num_cpus if local else None, include_dashboard=dashboard,
-                     dashboard_host=LOOPBACK, object_store_memory=object_store_mb * 2**20 if local and object_store_mb else None,
+                     dashboard_host=LOOPBACK,
+                     object_store_memory=object_store_mb * 2**20 if local and object_store_mb else None,
                      log_to_driver=False, configure_logging=False,
                      runtime_env={"worker_process_setup_hook": "diffscore.app.scale.bind_worker_servers"},
                      **({"_node_ip_address": LOOPBACK} if local else {}))

@@ -412,8 +412,8 @@ def build_app(engine_dir, *, replicas: int = 1, num_cpus: float = 1, num_gpus: f
     return DiffscoreServer.options(
         num_replicas=replicas, max_ongoing_requests=2 * max_batch_size,
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
-    ).bind(str(engine_dir), backend, precision, engine_threads(num_cpus, num_gpus), limits, max_batch_size, batch_wait_s,
-           token and token_digest(token), docs)
+    ).bind(str(engine_dir), backend, precision, engine_threads(num_cpus, num_gpus), limits, max_batch_size,
+           batch_wait_s, token and token_digest(token), docs)
 
 
 def start_server(engine_dir, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
