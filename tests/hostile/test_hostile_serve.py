@@ -273,6 +273,24 @@ def test_a_short_token_is_a_usage_mistake_that_does_not_repeat_it(demo_engine, r
     assert code == 2 and "without spaces" in err and "has a space" not in err, err
 
 
+def test_what_cannot_serve_is_one_line_before_ray_starts(demo_engine, run_cli, tmp_path):
+    """A port in use, an address not of this machine, a damaged engine: exit 1 and one line, no traceback."""
+    pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'diffscore[ray]'")
+    import shutil
+
+    damaged = shutil.copytree(demo_engine, tmp_path / "engine")
+    (damaged / "unet.onnx").write_bytes((damaged / "unet.onnx").read_bytes()[:1000])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cases = [(["--port", taken.getsockname()[1]], demo_engine, "cannot listen on 127.0.0.1:"),
+                 (["--host", "203.0.113.7"], demo_engine, "cannot listen on 203.0.113.7:8000"),  # TEST-NET-3
+                 (["--port", free_port()], damaged, "graph unet (unet.onnx) is 1000 bytes")]
+        for args, engine, message in cases:
+            code, err = run_cli("serve", engine, *args)
+            assert code == 1 and message in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
 def test_sigterm_exits_143_and_leaves_no_ray_process(served):
     """Last in the module: the server ends as `kill` or systemd ends it."""
     import psutil
