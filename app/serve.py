@@ -193,7 +193,7 @@ def shorten(value, limit: int = 60) -> str:
     """A request value as JSON for an error line, cut to `limit` characters (a caller may send megabytes)."""
     try:
         text = json.dumps(value, allow_nan=True)
-    except (TypeError, ValueError):  # ints too long for str(), deep nesting
+    except (TypeError, ValueError, RecursionError):  # ints too long for str(), deep nesting
         text = type(value).__name__
     return text if len(text) <= limit else text[:limit] + "…"
 
