@@ -1,7 +1,8 @@
 """Hostile requests against `diffscore serve` as a user starts it (one server for the whole module: the CLI in
 a subprocess, default host, token from DIFFSCORE_TOKEN): every malformed field, body, image or route is a 4xx
 with a one-line {"error": ...}, never a 500; no socket of the server or of any Ray process it started listens
-beyond loopback; the token is asked for; SIGTERM exits 143 and leaves no Ray process behind."""
+beyond loopback (`batch` starts its Ray with the same scale.start_ray); the token is asked for; SIGTERM exits
+143 and leaves no Ray process behind."""
 
 from __future__ import annotations
 
