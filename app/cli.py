@@ -1026,20 +1026,23 @@ def serve(
 
     from diffscore.app.serve import start_server
 
-    if token is None and host not in ("127.0.0.1", "localhost", "::1"):
-        err.print(Text.assemble(("warning: ", "yellow"), f"serving on {host} without a token: anyone who reaches port "
-                                f"{port} can use it (set DIFFSCORE_TOKEN)"))
+    started, deployed = not ray.is_initialized(), False  # in-process callers may have a Ray of their own
     try:
         url = start_server(engine, host=host, port=port, address=address, replicas=replicas, num_cpus=cpus_per_replica,
                            num_gpus=gpus_per_replica, backend=backend.value, precision=precision.value,
                            max_batch_size=max_batch, token=token, docs=docs, dashboard=dashboard)
+        deployed = True
+        if token is None and host not in ("127.0.0.1", "localhost", "::1"):
+            err.print(Text.assemble(("warning: ", "yellow"), f"serving on {host} without a token: anyone who reaches "
+                                    f"port {port} can use it (set DIFFSCORE_TOKEN)"))
         say(f"serving {engine} at {url} ({replicas} replica{'s' * (replicas > 1)}"
             f"{', bearer token' if token else ''}); Ctrl-C stops")
         while True:
             time.sleep(3600)
     finally:  # Ctrl-C or SIGTERM (main turns it into KeyboardInterrupt): Serve and the Ray this started end too
-        if ray.is_initialized():
+        if ray.is_initialized() and (started or deployed):
             ray_serve.shutdown()
+        if ray.is_initialized() and started:
             ray.shutdown()
 
 

@@ -57,7 +57,8 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, object_st
     try:
         with loopback_ray(local):
             ray.init(address=address, num_cpus=num_cpus if local else None, include_dashboard=dashboard,
-                     dashboard_host=LOOPBACK, object_store_memory=object_store_mb * 2**20 if local and object_store_mb else None,
+                     dashboard_host=LOOPBACK,
+                     object_store_memory=object_store_mb * 2**20 if local and object_store_mb else None,
                      log_to_driver=False, configure_logging=False,
                      runtime_env={"worker_process_setup_hook": "diffscore.app.scale.bind_worker_servers"},
                      **({"_node_ip_address": LOOPBACK} if local else {}))
@@ -109,11 +110,15 @@ def bind_worker_servers() -> None:
 
 
 def check_engine_dir(engine_dir) -> Path:
-    """The engine directory as an absolute path (actors and replicas may run elsewhere), checked here
-    so that a wrong path is one line before Ray starts anything."""
+    """The engine directory as an absolute path (actors and replicas may run elsewhere), checked here (its
+    manifest and files, as loading does) so that a wrong path or a damaged engine is one line before Ray starts
+    anything, not a replica or actor failing to start."""
+    from diffscore.engine.manifest import Manifest
+
     engine_dir = Path(engine_dir).resolve()
     if not (engine_dir / "manifest.json").is_file():
         raise EngineError(f"{engine_dir} is not an engine directory (no manifest.json); make one with `diffscore export`")
+    Manifest.load(engine_dir)
     return engine_dir
 
 

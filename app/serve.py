@@ -29,6 +29,7 @@ import hmac
 import json
 import logging
 import math
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,6 +42,7 @@ import_ray("diffscore serve")  # the install hint, before the imports below fail
 from fastapi import FastAPI, Request  # noqa: E402  (fastapi comes with ray[serve])
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
+import ray  # noqa: E402
 from ray import serve  # noqa: E402
 from starlette.exceptions import HTTPException  # noqa: E402
 
@@ -191,7 +193,7 @@ def shorten(value, limit: int = 60) -> str:
     """A request value as JSON for an error line, cut to `limit` characters (a caller may send megabytes)."""
     try:
         text = json.dumps(value, allow_nan=True)
-    except (TypeError, ValueError):  # ints too long for str(), deep nesting
+    except (TypeError, ValueError, RecursionError):  # ints too long for str(), deep nesting
         text = type(value).__name__
     return text if len(text) <= limit else text[:limit] + "…"
 
@@ -383,6 +385,24 @@ class DiffscoreServer:
         return get_redoc_html(openapi_url="/openapi.json", title="diffscore")
 
 
+def check_free(host: str, port: int) -> None:
+    """Refuse a host:port this machine cannot listen on (in use, not one of its addresses) before Ray starts."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's own socket: TIME_WAIT is fine
+            s.bind((host, port))
+    except OSError as e:
+        raise EngineError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port, or a --host "
+                          "that is an address of this machine") from None
+
+
+def last_line(error: BaseException) -> str:
+    """The root cause of a Ray error: the last line of its text (Ray puts the remote traceback first)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
 TOKEN_ENV = "DIFFSCORE_TOKEN"
 MIN_TOKEN_CHARS = 16
 
@@ -412,8 +432,8 @@ def build_app(engine_dir, *, replicas: int = 1, num_cpus: float = 1, num_gpus: f
     return DiffscoreServer.options(
         num_replicas=replicas, max_ongoing_requests=2 * max_batch_size,
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
-    ).bind(str(engine_dir), backend, precision, engine_threads(num_cpus, num_gpus), limits, max_batch_size, batch_wait_s,
-           token and token_digest(token), docs)
+    ).bind(str(engine_dir), backend, precision, engine_threads(num_cpus, num_gpus), limits, max_batch_size,
+           batch_wait_s, token and token_digest(token), docs)
 
 
 def start_server(engine_dir, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
@@ -424,7 +444,12 @@ def start_server(engine_dir, *, host: str = "127.0.0.1", port: int = 8000, addre
     A Ray started here listens on loopback only, whatever `host` is (scale.start_ray); only the HTTP proxy
     listens on `host`. `dashboard`: Ray's dashboard, on loopback too."""
     app = build_app(engine_dir, **options)
+    if address is None:
+        check_free(host, port)  # one line now, not a proxy actor's traceback after Ray has started
     start_ray(address, dashboard=dashboard)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(app, name=APP_NAME, route_prefix="/")
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(app, name=APP_NAME, route_prefix="/")
+    except (ray.exceptions.RayError, RuntimeError) as e:  # a replica that cannot load the engine, a proxy that
+        raise EngineError(f"the server did not start: {last_line(e)}") from None  # cannot bind: their last line
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

@@ -87,7 +87,8 @@ def run(engine: Path, host: str) -> dict:
     answers = {"GET /health (no token)": status_of(url + "/health"), "GET /info (no token)": status_of(url + "/info"),
                "GET /info (token)": status_of(url + "/info", TOKEN), "GET /docs": status_of(url + "/docs", TOKEN),
                "GET /openapi.json": status_of(url + "/openapi.json", TOKEN)}
-    for name, im in [("12,000 x 12,000", Image.new("1", (12_000, 12_000))), ("1 x 1,500,000", Image.new("1", (1, 1_500_000)))]:
+    for name, im in [("12,000 x 12,000", Image.new("1", (12_000, 12_000))),
+                     ("1 x 1,500,000", Image.new("1", (1, 1_500_000)))]:
         buf = io.BytesIO()
         im.save(buf, format="PNG")
         body = {"images": [base64.b64encode(buf.getvalue()).decode()], "labels": ["zero", "one"]}

@@ -144,22 +144,3 @@ def test_encoded_bytes_get_the_checks_of_a_file():
     assert all("cannot read image bytes: not an image in a known format (PNG, JPEG, BMP, GIF, WEBP, TIFF)" in e
                for e in errors[2:]), errors
 
-
-def test_the_local_ray_listens_on_loopback_only(ray_session):
-    """The Ray every `batch` starts (scale.start_ray, as this session's): no socket of this process or of any Ray
-    process below it (GCS, raylet, agents, workers) listens beyond loopback. The served case, with Serve's
-    processes: tests/hostile/test_hostile_serve.py."""
-    import ipaddress
-
-    psutil = pytest.importorskip("psutil")
-    me = psutil.Process()
-    sockets = []
-    for process in [me, *me.children(recursive=True)]:
-        try:
-            sockets += [(c.laddr.ip, c.laddr.port, process.name()) for c in process.net_connections("inet")
-                        if c.status == psutil.CONN_LISTEN]
-        except (psutil.NoSuchProcess, psutil.ZombieProcess):
-            pass
-    assert {"gcs_server", "raylet"} <= {name for _, _, name in sockets}, sockets
-    loopback = [ipaddress.ip_address(ip) for ip, _, _ in sockets]
-    assert all((getattr(a, "ipv4_mapped", None) or a).is_loopback for a in loopback), sockets

@@ -55,7 +55,8 @@ def server(ray_session, scale_engine):
     with socket.socket() as s:  # a free port on the loopback interface
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    url = start_server(scale_engine, host="127.0.0.1", port=port, num_cpus=0.5, batch_wait_s=0.05, backend=BACKEND, docs=True,
+    url = start_server(scale_engine, host="127.0.0.1", port=port, num_cpus=0.5, batch_wait_s=0.05, backend=BACKEND,
+                       docs=True,
                        limits=Limits(max_bytes=100_000, max_images=8, max_labels=20, max_pixels=2_000_000))
     yield url
     serve.shutdown()

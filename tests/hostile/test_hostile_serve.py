@@ -1,7 +1,8 @@
 """Hostile requests against `diffscore serve` as a user starts it (one server for the whole module: the CLI in
 a subprocess, default host, token from DIFFSCORE_TOKEN): every malformed field, body, image or route is a 4xx
 with a one-line {"error": ...}, never a 500; no socket of the server or of any Ray process it started listens
-beyond loopback; the token is asked for; SIGTERM exits 143 and leaves no Ray process behind."""
+beyond loopback (`batch` starts its Ray with the same scale.start_ray); the token is asked for; SIGTERM exits
+143 and leaves no Ray process behind."""
 
 from __future__ import annotations
 
@@ -176,6 +177,9 @@ CASES = [
     ("seed-2**40", "POST", "/classify", classify(seed=2**40), 400, "seed must be an integer in [0, 4294967295]"),
     ("seed-nan", "POST", "/classify", lambda: json.dumps(classify(seed=float("nan"))).encode(), 400,
      '"seed" must be int'),
+    ("seed-nested-300", "POST", "/classify", lambda: json.dumps(classify(seed=[])).replace("[]", "[" * 300 + "]" * 300)
+     .encode(), 400,
+     '"seed" must be int, got [[[['),
     ("head-number", "POST", "/head", {"images": [GOOD], "head": 5}, 400, '"head" must be str'),
     ("head-unknown", "POST", "/head", {"images": [GOOD], "head": "nope"}, 400, "head"),
     ("texts-missing", "POST", "/match", {"images": [GOOD]}, 400, '"texts" must be a list of strings'),
@@ -229,7 +233,8 @@ def test_every_endpoint_but_health_asks_for_the_token(served):
         for token, headers in [(None, None), ("not-the-token-000000000", None), (TOKEN.upper(), None),
                                (None, {"Authorization": f"Basic {TOKEN}"}), (None, {"Authorization": TOKEN})]:
             got, answer = call(served.url, path, body, method=method, token=token, headers=headers)
-            assert got == 401 and list(answer) == ["error"] and "Authorization: Bearer" in answer["error"], (path, answer)
+            assert got == 401 and list(answer) == ["error"], (path, answer)
+            assert "Authorization: Bearer" in answer["error"], answer
             assert TOKEN not in answer["error"]
     assert call(served.url, "/health", token=None) == (200, {"status": "ok"})
     status, info = call(served.url, "/info")
@@ -270,6 +275,24 @@ def test_a_short_token_is_a_usage_mistake_that_does_not_repeat_it(demo_engine, r
     monkeypatch.setenv("DIFFSCORE_TOKEN", "has a space but long enough")
     code, err = run_cli("serve", demo_engine)
     assert code == 2 and "without spaces" in err and "has a space" not in err, err
+
+
+def test_what_cannot_serve_is_one_line_before_ray_starts(demo_engine, run_cli, tmp_path):
+    """A port in use, an address not of this machine, a damaged engine: exit 1 and one line, no traceback."""
+    pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'diffscore[ray]'")
+    import shutil
+
+    damaged = shutil.copytree(demo_engine, tmp_path / "engine")
+    (damaged / "unet.onnx").write_bytes((damaged / "unet.onnx").read_bytes()[:1000])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cases = [(["--port", taken.getsockname()[1]], demo_engine, "cannot listen on 127.0.0.1:"),
+                 (["--host", "203.0.113.7"], demo_engine, "cannot listen on 203.0.113.7:8000"),  # TEST-NET-3
+                 (["--port", free_port()], damaged, "graph unet (unet.onnx) is 1000 bytes")]
+        for args, engine, message in cases:
+            code, err = run_cli("serve", engine, *args)
+            assert code == 1 and message in err and len(err.strip().splitlines()) == 1, (args, err)
 
 
 def test_sigterm_exits_143_and_leaves_no_ray_process(served):
