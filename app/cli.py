@@ -669,8 +669,8 @@ def build_trt(
     """Build TensorRT plans (strongly typed; precision comes from the ONNX) for this GPU."""
     from diffscore.export.tensorrt_build import build_plans
 
-    for plan in build_plans(engine, precision=precision.value, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
-                            timing_cache=timing_cache, workspace_gib=workspace_gib):
+    for plan in build_plans(engine, precision=precision.value, min_batch=min_batch, opt_batch=opt_batch,
+                            max_batch=max_batch, timing_cache=timing_cache, workspace_gib=workspace_gib):
         say(("plan ", "green"), f"{plan.file} ({plan.size / 1e6:.1f} MB)")
 
 

@@ -246,7 +246,8 @@ def sd15_unet(tiny: bool):
 
     if tiny:
         return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                    block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    block_out_channels=(32, 64),
+                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
                                     attention_head_dim=8, norm_num_groups=8)
     return UNet2DConditionModel(  # the runwayml/stable-diffusion-v1-5 unet/config.json values (bench/export_sd.py)

@@ -96,6 +96,8 @@ def load(engine_dir: str | Path, backend: str = "auto", device: int = 0, precisi
                        precision=precision if name == unet else "fp32")
         for name in names
     }
+    if "unet" not in given:  # the engine reads ε̂ and the scores of the UNet graph, never its features.* maps
+        runners["unet"].fetch = {"eps", "attn_scores"}
     engine = Engine(engine_dir, manifest, runners, backend, precision, workers, device, threads)
     engine._borrowed = set(given)  # the caller's runners: the caller closes them
     return engine

@@ -140,8 +140,8 @@ class OnnxRuntimeRunner(RunnerBase):
             raise EngineError(f"{self.graph}: this runner was closed")
         try:
             if not self._gpu:
-                values = self.session.run(None, feed)
-                return {o.name: v for o, v in zip(self.session.get_outputs(), values)}
+                names = [o.name for o in self.session.get_outputs() if self.fetch is None or o.name in self.fetch]
+                return dict(zip(names, self.session.run(names, feed)))
             binding = self.session.io_binding()
             for name, array in feed.items():
                 binding.bind_cpu_input(name, np.ascontiguousarray(array))

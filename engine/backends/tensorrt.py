@@ -241,7 +241,7 @@ class TensorRTRunner(RunnerBase):
         if not self._context.execute_async_v3(native_handle(self._stream)):
             raise EngineError(f"{self.graph}: TensorRT execution failed (see its log above)")
         outputs = {}
-        for name in self._output_names:
+        for name in self._output_names if self.fetch is None else [n for n in self._output_names if n in self.fetch]:
             out = np.empty(tuple(self._context.get_tensor_shape(name)), self._dtypes[name])
             cuda_call(
                 cudart.cudaMemcpyAsync(

@@ -255,3 +255,25 @@ def test_extras_resolve_one_onnxruntime_and_cuda_python_of_tensorrts_cuda_major(
         reqs = extras[f"tensorrt-cu{major}"]
         assert set(reqs) == {f"tensorrt-cu{major}", "cuda-python"}
         assert f"<{int(major) + 1}" in reqs["cuda-python"] and f">={major}" in reqs["cuda-python"]
+
+
+def test_only_the_outputs_the_engine_reads_are_copied_back(tmp_path, engines):
+    inputs = {"x": ("FLOAT", [-1, 2])}
+    outputs = {"y": ("FLOAT", [-1, 2], "x"), "features.big": ("FLOAT", [-1, 4096], None)}
+    path = tmp_path / "x.plan"
+    path.write_bytes(plan_bytes(inputs, outputs))
+    spec = GraphSpec("x.onnx", "", 0, "fp32", [TensorSpec("x", "float32", ["batch", 2])],
+                     [TensorSpec("y", "float32", ["batch", 2]), TensorSpec("features.big", "float32", ["batch", 4096])])
+    plan = PlanSpec("x.plan", "x", "nvidia-h100-80gb-hbm3", "10.8.0", "fp32", 1, 4, 4, "", 0)
+    cudart = FakeCudart()
+    with installed(fake_tensorrt(cudart), cudart):
+        runner = TensorRTRunner(path, plan, spec)
+        runner.fetch = {"y"}
+        x = np.arange(6, dtype=np.float32).reshape(3, 2)
+        out = runner.infer({"x": x})
+        runner.close()
+    assert list(out) == ["y"] and np.array_equal(out["y"], x)
+    assert [c[1:] for c in cudart.calls.named("cudaMemcpyAsync") if c[1] == "cudaMemcpyDeviceToHost"] == \
+        [("cudaMemcpyDeviceToHost", x.nbytes)]  # not the 3 x 4096 floats of features.big
+    with load(engines["sd1"], backend="ort-cpu") as eng:  # the engine asks every backend for eps and scores only
+        assert eng.runners["unet"].fetch == {"eps", "attn_scores"}

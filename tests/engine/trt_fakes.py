@@ -78,7 +78,7 @@ class FakeCudart:
             return (self.cudaError_t.cudaErrorInvalidDevice, None)
         name, major, minor, sms, *integrated = self.gpus[device]
         return self._ok(types.SimpleNamespace(name=name.encode() + b"\0\0", major=major, minor=minor,
-                                              multiProcessorCount=sms, integrated=int(bool(integrated and integrated[0]))))
+                                              multiProcessorCount=sms, integrated=int(any(integrated))))
 
     def cudaMemGetInfo(self):
         used = sum(len(b) for b in self.buffers.values())
