@@ -295,6 +295,16 @@ def render(result: dict, info: dict) -> list[str]:
                   "|---:|---:|" + "---:|" * len(names)]
         table += [f"| {c['classes']} | {c['images']} | " + " | ".join(
             f"{c[n]['passes_per_image']:.1f} ({100 * c[n]['agreement']:.1f} %)" for n in names) + " |" for c in cost]
+    dg = result["digits"]
+    table += ["", f"Shortlist chosen on the digits' validation slice ({dg['validation_images']} training digits, never "
+              f"held-out): the cheapest setting with >= {100 * TARGET:g} % agreement: " + ", ".join(
+                  f"{config_name(CascadeConfig(**c['config']))} {100 * c['agreement']:.1f} % at {c['passes_per_image']:.1f}"
+                  for c in dg["validation"]) + f" -> {config_name(CascadeConfig(**dg['default']))}."]
+    for name in ("digits", "fonts"):
+        if name in result:
+            c = result[name]["engine_equals_replay"]
+            table.append(f"Engine cascade = replay ({name}): {c['same_decisions']}/{c['images']} decisions, "
+                         f"{c['same_passes']}/{c['images']} pass counts.")
     table += ["", f"Machine: {machine_line(info)} (shared with other jobs: images/s are ratios within this run)."]
     return table
 
