@@ -306,7 +306,19 @@ def render(result: dict, info: dict) -> list[str]:
             table.append(f"Engine cascade = replay ({name}): {c['same_decisions']}/{c['images']} decisions, "
                          f"{c['same_passes']}/{c['images']} pass counts.")
     table += ["", f"Machine: {machine_line(info)} (shared with other jobs: images/s are ratios within this run)."]
+    if "digits_run" in result:
+        run = result["digits_run"]
+        table.append(f"Digits rows: run of {run['date']} on {machine_line(run['machine'])}; glyph rows: run of "
+                     f"{result.get('date', 'this run')}.")
     return table
+
+
+def update_docs(table: list[str]) -> None:
+    """docs/cascade.md's text between <!-- bench:cascade --> and <!-- /bench:cascade -->."""
+    path = Path(__file__).resolve().parents[1] / "docs" / "cascade.md"
+    head, rest = path.read_text().split("<!-- bench:cascade -->")
+    _, tail = rest.split("<!-- /bench:cascade -->")
+    path.write_text(head + "<!-- bench:cascade -->\n" + "\n".join(table) + "\n<!-- /bench:cascade -->" + tail)
 
 
 def main() -> None:
@@ -318,7 +330,12 @@ def main() -> None:
     ap.add_argument("--skip-fonts", action="store_true", help="the digits only")
     ap.add_argument("--skip-digits", action="store_true", help="the glyphs only; the digits' rows and default come "
                     "from the last bench/results/cascade.json")
+    ap.add_argument("--render", action="store_true", help="only re-render docs/cascade.md's table from the JSON")
     args = ap.parse_args()
+    if args.render:
+        saved = json.loads((RESULTS / "cascade.json").read_text())
+        update_docs(render(saved, saved["machine"]))
+        return
     if args.skip_digits:
         result = json.loads((RESULTS / "cascade.json").read_text())
         result["digits_run"] = {"date": result.pop("date"), "machine": result.pop("machine")}
@@ -336,6 +353,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     plot(result["rows"], png)
     result["plot"] = png.name
+    update_docs(render(result, machine()))
     publish("cascade", result, render(result, machine()), readme=False)
 
 
