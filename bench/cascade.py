@@ -295,8 +295,30 @@ def render(result: dict, info: dict) -> list[str]:
                   "|---:|---:|" + "---:|" * len(names)]
         table += [f"| {c['classes']} | {c['images']} | " + " | ".join(
             f"{c[n]['passes_per_image']:.1f} ({100 * c[n]['agreement']:.1f} %)" for n in names) + " |" for c in cost]
+    dg = result["digits"]
+    table += ["", f"Shortlist chosen on the digits' validation slice ({dg['validation_images']} training digits, never "
+              f"held-out): the cheapest setting with >= {100 * TARGET:g} % agreement: " + ", ".join(
+                  f"{config_name(CascadeConfig(**c['config']))} {100 * c['agreement']:.1f} % at {c['passes_per_image']:.1f}"
+                  for c in dg["validation"]) + f" -> {config_name(CascadeConfig(**dg['default']))}."]
+    for name in ("digits", "fonts"):
+        if name in result:
+            c = result[name]["engine_equals_replay"]
+            table.append(f"Engine cascade = replay ({name}): {c['same_decisions']}/{c['images']} decisions, "
+                         f"{c['same_passes']}/{c['images']} pass counts.")
     table += ["", f"Machine: {machine_line(info)} (shared with other jobs: images/s are ratios within this run)."]
+    if "digits_run" in result:
+        run = result["digits_run"]
+        table.append(f"Digits rows: run of {run['date']} on {machine_line(run['machine'])}; glyph rows: run of "
+                     f"{result.get('date', 'this run')}.")
     return table
+
+
+def update_docs(table: list[str]) -> None:
+    """docs/cascade.md's text between <!-- bench:cascade --> and <!-- /bench:cascade -->."""
+    path = Path(__file__).resolve().parents[1] / "docs" / "cascade.md"
+    head, rest = path.read_text().split("<!-- bench:cascade -->")
+    _, tail = rest.split("<!-- /bench:cascade -->")
+    path.write_text(head + "<!-- bench:cascade -->\n" + "\n".join(table) + "\n<!-- /bench:cascade -->" + tail)
 
 
 def main() -> None:
@@ -308,7 +330,12 @@ def main() -> None:
     ap.add_argument("--skip-fonts", action="store_true", help="the digits only")
     ap.add_argument("--skip-digits", action="store_true", help="the glyphs only; the digits' rows and default come "
                     "from the last bench/results/cascade.json")
+    ap.add_argument("--render", action="store_true", help="only re-render docs/cascade.md's table from the JSON")
     args = ap.parse_args()
+    if args.render:
+        saved = json.loads((RESULTS / "cascade.json").read_text())
+        update_docs(render(saved, saved["machine"]))
+        return
     if args.skip_digits:
         result = json.loads((RESULTS / "cascade.json").read_text())
         result["digits_run"] = {"date": result.pop("date"), "machine": result.pop("machine")}
@@ -326,6 +353,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     plot(result["rows"], png)
     result["plot"] = png.name
+    update_docs(render(result, machine()))
     publish("cascade", result, render(result, machine()), readme=False)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from diffscore.engine.images import IMAGE_WINDOW, image_windows
 from diffscore.engine.results import ClassifyOptions, classification
 from diffscore.errors import EngineError
 from diffscore.kernels.cascade import CascadeConfig, cascade_run, softmax
@@ -42,7 +43,7 @@ def classify_cascade(engine, images, labels: list[str], templates: list[str], co
                      loss: str, seed: int, batch_size: int | None, progress: bool, head: str | None,
                      diffdis_mode: str | None, timesteps: int | None, profile, race_options: dict):
     """Classifications of `images` (materialised: the shortlister sees them all first) by the cascade."""
-    images = list(images)
+    images = [im for window in image_windows(images, IMAGE_WINDOW) for im in window]  # one image alone, too
     if not images:
         raise EngineError("no images given")
     scores, passes, by = shortlister_scores(engine, images, labels, config, head=head, template=templates[0],

@@ -68,7 +68,8 @@ def test_tiny_mass_keeps_the_heads_pick_at_head_cost(setup):
     with diffscore.load(engine_dir, backend="ort-cpu") as eng:
         cascade = eng.classify(images, LABELS, strategy="cascade", mass=1e-9)
         head = eng.classify(images, method="head")
-    assert [r.label for r in cascade] == [r.label for r in head]
+        alone = eng.classify(images[0], LABELS, strategy="cascade", mass=1e-9)  # one image given alone
+    assert [r.label for r in cascade] == [r.label for r in head] and [r.label for r in alone] == [head[0].label]
     assert all(r.passes == 1 and r.confidence is None and r.cascade["race_passes"] == 0 for r in cascade)
 
 

@@ -4,6 +4,7 @@ subset of them, rendered here), the splits share no typeface, and --fonts takes 
 import importlib.util
 import json
 import subprocess
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,6 +19,7 @@ SUBSET = {"validation": ["fonts-crosextra-carlito"], "held_out": ["fonts-crosext
 def load_module():
     spec = importlib.util.spec_from_file_location("fonts_data", MODELS / "fonts_data.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["fonts_data"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
