@@ -57,17 +57,26 @@ def write_result(name: str, result: dict) -> Path:
     return path
 
 
-def update_docs(section: str, markdown: str) -> Path:
-    """Replace the text between <!-- bench:SECTION --> and <!-- /bench:SECTION --> in the one docs/*.md page
-    that holds them (docs/benchmarks.md for the tables the README used to carry)."""
+def update_doc(path: Path, section: str, markdown: str) -> None:
+    """Replace the text of a markdown file between <!-- bench:SECTION --> and <!-- /bench:SECTION -->."""
+    text = path.read_text()
     start, end = f"<!-- bench:{section} -->", f"<!-- /bench:{section} -->"
-    pages = [p for p in sorted(DOCS.glob("*.md")) if start in (text := p.read_text()) and end in text]
+    if start not in text or end not in text:
+        raise SystemExit(f"{path.name} has no {start} ... {end} markers")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{start}\n{markdown.strip()}\n{end}{tail}")
+
+
+def update_docs(section: str, markdown: str) -> Path:
+    """update_doc on the one docs/*.md page that holds the SECTION's markers (docs/benchmarks.md for the tables the
+    README used to carry)."""
+    marker = f"<!-- bench:{section} -->"
+    pages = [p for p in sorted(DOCS.glob("*.md")) if marker in p.read_text()]
     if len(pages) != 1:
         where = ", ".join(str(p.relative_to(DOCS.parent)) for p in pages) or "no page"
-        raise SystemExit(f"expected one docs/*.md page with {start} ... {end} markers, found {where}")
-    head, rest = pages[0].read_text().split(start, 1)
-    _, tail = rest.split(end, 1)
-    pages[0].write_text(f"{head}{start}\n{markdown.strip()}\n{end}{tail}")
+        raise SystemExit(f"expected one docs/*.md page with {marker}, found {where}")
+    update_doc(pages[0], section, markdown)
     return pages[0]
 
 
