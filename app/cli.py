@@ -127,6 +127,8 @@ def race_options(strategy, z: float | None, budget: int | None) -> dict:
     strategy = getattr(strategy, "value", strategy)
     if (z is not None or budget is not None) and strategy not in (None, "race"):
         raise UsageMistake("--z and --budget tune the race; use them with --strategy race")
+    if z is not None and not z > 0:
+        raise UsageMistake(f"--z {z}: z must be > 0 (standard errors behind the leader that drop a candidate)")
     if strategy is None and (z is not None or budget is not None):
         strategy = "race"
     return {"strategy": strategy, "z": z, "budget": budget}

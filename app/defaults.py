@@ -139,7 +139,10 @@ def classify_plan(engine, labels: list[str], images: int, *, strategy=None, stag
 
     d = engine.defaults
     strategy = strategy or ("stages" if stages else d.strategy)
-    race = RaceConfig(**{**d.race.given(), **{k: v for k, v in dict(z=z, budget=budget).items() if v is not None}})
+    try:
+        race = RaceConfig(**{**d.race.given(), **{k: v for k, v in dict(z=z, budget=budget).items() if v is not None}})
+    except ValueError:  # classify itself says what is wrong, in one line
+        return None
     profile = engine.manifest.timestep_profile
     plan = dict(stages=[tuple(s) for s in stages or d.stages]) if strategy == "stages" else \
         dict(race=race, grid=len(profile) if profile else None)
