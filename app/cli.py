@@ -131,6 +131,8 @@ def race_options(strategy, z: float | None, budget: int | None) -> dict:
     strategy = getattr(strategy, "value", strategy)
     if (z is not None or budget is not None) and strategy not in (None, "race", "cascade"):
         raise UsageMistake("--z and --budget tune the race; use them with --strategy race (or cascade)")
+    if z is not None and not z > 0:
+        raise UsageMistake(f"--z {z}: z must be > 0 (standard errors behind the leader that drop a candidate)")
     if strategy is None and (z is not None or budget is not None):
         strategy = "race"
     return {"strategy": strategy, "z": z, "budget": budget}
@@ -468,6 +470,14 @@ DefaultBudgetOpt = typer.Option(None, "--budget", min=1, help="race: at most thi
 DefaultTimestepsOpt = typer.Option(None, "--timesteps", min=1, help="default DSD timesteps per pair (match)")
 
 
+def flag_defaults(template, strategy, stages, loss, timesteps, **race) -> dict:
+    """The scoring defaults export and `defaults` were given, checked (app/defaults.scoring_changes)."""
+    from diffscore.app.defaults import scoring_changes
+
+    return scoring_changes(template=template, strategy=getattr(strategy, "value", None), stages=parse_stages(stages),
+                           loss=getattr(loss, "value", None), timesteps=timesteps, **race)
+
+
 @app.command("defaults")
 def defaults_command(
     engine: Path = typer.Argument(..., help="engine directory"),
@@ -480,12 +490,11 @@ def defaults_command(
 ):
     """Show an engine's scoring defaults (what classify and match use when not told), or change them:
     the manifest is rewritten atomically, under the engine's writer lock."""
-    from diffscore.app.defaults import change_defaults, describe, scoring_changes
+    from diffscore.app.defaults import change_defaults, describe
     from diffscore.engine.manifest import Manifest
 
-    changes = scoring_changes(template=template, strategy=getattr(strategy, "value", None), stages=parse_stages(stages),
-                              loss=getattr(loss, "value", None), timesteps=timesteps, z=z, min_rounds=min_rounds,
-                              round_size=round_size, budget=budget)
+    changes = flag_defaults(template, strategy, stages, loss, timesteps, z=z, min_rounds=min_rounds,
+                            round_size=round_size, budget=budget)
     defaults = change_defaults(engine, changes, reset) if changes or reset else Manifest.load(engine).defaults
     if changes or reset:
         say(("changed ", "green"), f"the scoring defaults of {engine}: {', '.join(changes) or 'reset'}")
@@ -519,11 +528,8 @@ def export(
 
     The scoring defaults it records (change them later with `diffscore defaults`): the race in spread order
     until `diffscore profile` records a timestep order, template '{}', loss l2."""
-    from diffscore.app.defaults import scoring_changes
-
-    changes = scoring_changes(template=template, strategy=getattr(strategy, "value", None), stages=parse_stages(stages),
-                              loss=getattr(loss, "value", None), timesteps=timesteps, z=z, min_rounds=min_rounds,
-                              round_size=round_size, budget=budget)
+    changes = flag_defaults(template, strategy, stages, loss, timesteps, z=z, min_rounds=min_rounds,
+                            round_size=round_size, budget=budget)
     require_torch("export")
     set_threads(threads)
     from diffscore.export.onnx_export import export_engine

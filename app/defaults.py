@@ -111,8 +111,9 @@ def expected_passes(strategy: str, candidates: int, *, stages=None, race: RaceCo
 def passes_line(strategy: str, candidates: int, images: int, samples_per_s: float | None = None, **plan) -> str:
     """One stderr line before a run: UNet passes per image (and a time estimate where a UNet rate is known)."""
     low, high = expected_passes(strategy, candidates, **plan)
-    per_image = f"{low:,}" if low == high else f"{low:,} to {high:,} (the race stops when one label is left)"
-    line = f"{strategy}: {per_image} UNet passes per image, {images:,} image{'s' * (images != 1)}"
+    per_image = f"{low:,}" if low == high else f"{low:,} to {high:,}"
+    note = "" if low == high else " (the race stops when one label is left)"
+    line = f"{strategy}: {per_image} UNet passes per image{note}, {images:,} image{'s' * (images != 1)}"
     if samples_per_s:
         first, last = low * images / samples_per_s, high * images / samples_per_s
         line += f"; about {duration(first)}" + ("" if low == high else f" to {duration(last)}") + " here"
@@ -139,7 +140,10 @@ def classify_plan(engine, labels: list[str], images: int, *, strategy=None, stag
 
     d = engine.defaults
     strategy = strategy or ("stages" if stages else d.strategy)
-    race = RaceConfig(**{**d.race.given(), **{k: v for k, v in dict(z=z, budget=budget).items() if v is not None}})
+    try:
+        race = RaceConfig(**{**d.race.given(), **{k: v for k, v in dict(z=z, budget=budget).items() if v is not None}})
+    except ValueError:  # classify itself says what is wrong, in one line
+        return None
     profile = engine.manifest.timestep_profile
     plan = dict(stages=[tuple(s) for s in stages or d.stages]) if strategy == "stages" else \
         dict(race=race, grid=len(profile) if profile else None)

@@ -13,9 +13,9 @@ _console = Console(stderr=True)
 @contextmanager
 def progress_bar(description: str, total: int | None, enabled: bool = True):
     """Yields ``advance(n=1, note=None)``; `note` (e.g. the running loss) follows the description.
-    A no-op bar when disabled (library calls, tests) and when stderr is no terminal (a log file, a pipe:
-    a bar there is noise; the command's own result lines say what was done)."""
-    if not enabled or not _console.is_terminal:
+    A no-op bar when disabled (library calls, tests) and when stderr is no terminal or notebook (a log file,
+    a pipe: a bar there is noise; the command's own result lines say what was done)."""
+    if not enabled or not (_console.is_terminal or _console.is_jupyter):
         yield lambda n=1, note=None: None
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())

@@ -176,8 +176,9 @@ def test_sigterm_ends_a_long_command_with_143(demo_model, demo_engine, tmp_path,
         Image.fromarray(image).save(tmp_path / "digits" / f"{i}.png")
     args = [a.format(engine=demo_engine, model=demo_model, images=tmp_path / "digits", tmp=tmp_path) for a in command]
     proc = subprocess.Popen([sys.executable, "-m", "diffscore.app.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    time.sleep(8)  # past start-up, into the long work
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)  # not the checkout: its kernels/ folder
+    # would shadow the `kernels` package transformers looks for
+    time.sleep(20 if command[0] == "train-prompts" else 8)  # past start-up (imports, model load), into the work
     assert proc.poll() is None, proc.communicate()[1]
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)

@@ -54,6 +54,6 @@ def test_limit_and_a_disagreeing_model_fails(setup, tiny_models, tmp_path, run_c
 def test_labels_without_images_and_images_without_labels(setup, run_cli_out):
     engine, imgs = setup
     code, text = parity(run_cli_out, engine, "--labels", "cat,dog")
-    assert code == 1 and "--labels needs images" in text and "Traceback" not in text
+    assert code == 2 and "--labels needs images" in text and "Traceback" not in text
     code, text = parity(run_cli_out, engine, imgs)
-    assert code == 1 and "give exactly one of --labels" in text
+    assert code == 2 and "give exactly one of --labels" in text

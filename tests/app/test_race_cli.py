@@ -49,10 +49,10 @@ def test_profile_command_records_the_order(run_cli, engine, images, tmp_path):
 
 
 @pytest.mark.parametrize("args, exit_code, message", [
-    (["--strategy", "stages", "--z", "2"], 1, "use them with --strategy race"),
+    (["--strategy", "stages", "--z", "2"], 2, "use them with --strategy race"),
     (["--strategy", "fastest"], 2, "'fastest' is not one of"),
     (["--strategy", "race", "--budget", "2"], 1, "cannot score 3 candidates"),
-    (["--strategy", "race", "--z", "-1"], 1, "z must be > 0"),
+    (["--strategy", "race", "--z", "-1"], 2, "z must be > 0"),
 ])
 def test_race_mistakes_are_one_line(run_cli, engine, images, args, exit_code, message):
     code, _, err = run_cli("classify", engine, images / "im0.png", "--labels", "cat,dog,bird", *args)

@@ -207,11 +207,11 @@ def test_auto_keeps_most_sensitive_layers_until_gate_holds(monkeypatch):
     (["{missing}", "--labels", "a,b"], 1, "does not exist"),
     (["{folder}", "--labels", ","], 1, "non-empty"),
     (["{folder}"], 1, "--labels"),
-    (["--demo", "--labels", "cat,dog"], 1, "does not match"),
+    (["--demo", "--labels", "cat,dog"], 2, "does not match"),
     (["--demo", "--samples", "4"], 1, "too few"),
     (["--demo", "--ranges", "kl"], 2, "'kl' is not one of"),
     (["--demo", "--smoothquant", "1.5"], 1, "--smoothquant takes α in (0, 1)"),
-    (["{folder}", "--demo", "--labels", "a"], 1, "give images (files, folders or globs) or --demo, not both"),
+    (["{folder}", "--demo", "--labels", "a"], 2, "give images (files, folders or globs) or --demo, not both"),
     (["{one}", "--labels", "a,b"], 1, "too few to hold some out"),
 ])
 def test_bad_input_is_one_line(engine_dir, tmp_path, run_cli, args, exit_code, message):

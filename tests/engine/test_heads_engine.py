@@ -158,7 +158,7 @@ def test_cli_train_head_and_classify(demo_model, digit_folder, engine_dir, tmp_p
 @pytest.mark.parametrize("args,exit_code,message", [
     (["--data", "{empty}"], 1, "no class subfolders"),
     (["--data", "{folder}", "--blocks", "middle"], 1, "unknown block 'middle'"),
-    (["--data", "{folder}", "--noise-steps", "fifty"], 1, "not like '50,200'"),
+    (["--data", "{folder}", "--noise-steps", "fifty"], 2, "not like '50,200'"),
     (["--data", "{folder}", "--noise-steps", "5000"], 1, "outside [0, 1000)"),
     (["--data", "{folder}", "--kind", "knn"], 2, "'knn' is not one of"),
     (["--data", "{folder}", "--kind", "attention", "--blocks", "mid_block,up_blocks.0", "--noise-steps", "50"], 1,
