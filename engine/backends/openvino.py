@@ -89,8 +89,11 @@ class OpenVINORunner(RunnerBase):
 
     def __init__(self, path: Path, spec: GraphSpec, precision: str = "fp32", threads: int | None = None,
                  streams: int = 1, graph: str | None = None):
-        self.config = {"INFERENCE_PRECISION_HINT": HINTS.get(precision, "f32"), "NUM_STREAMS": str(max(1, streams)),
-                       "CACHE_DIR": str(cache_dir("openvino", spec.sha256))}
+        hint = HINTS.get(precision, "f32")
+        # One compile cache per graph *and* inference precision: from a CACHE_DIR shared by both, OpenVINO 2026.4
+        # loads the f32 blob of a graph for its bf16 compile, which then returns NaN (seen on an AMX CPU).
+        self.config = {"INFERENCE_PRECISION_HINT": hint, "NUM_STREAMS": str(max(1, streams)),
+                       "CACHE_DIR": str(cache_dir("openvino", spec.sha256, hint))}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
         if precision == "bf16":

@@ -129,6 +129,23 @@ def test_threads_and_compiled_model_cache(engines, tmp_path, monkeypatch):
     assert any((tmp_path / "openvino").rglob("*.blob")), "the compiled model is cached for the next load"
 
 
+@pytest.mark.skipif(not ovb.cpu_has_bf16(), reason="bf16 needs a CPU with AVX-512 BF16 or AMX")
+def test_bf16_after_fp32_in_one_cache_stays_finite(engines, tmp_path, monkeypatch):
+    """OpenVINO 2026.4 served a bf16 compile the f32 blob of the same graph from a shared compile cache, and
+    returned NaN (seen on an AMX CPU): each precision keeps a cache of its own, and bf16 stays near torch's fp32."""
+    monkeypatch.setenv("DIFFSCORE_CACHE", str(tmp_path))
+    d = engines["pixel"]
+    m = Manifest.load(d)
+    feed = random_feed(m, "unet", 6)
+    outs = {}
+    for precision in ("fp32", "bf16"):
+        with make_runner(d, m, "unet", "openvino", 0, None, precision=precision) as runner:
+            outs[precision] = runner.infer(feed)
+    for name, want in outs["fp32"].items():
+        assert np.isfinite(outs["bf16"][name]).all(), name
+        assert compare(f"bf16 {name}", outs["bf16"][name], want, RTOL["bf16"]).passed
+
+
 def test_compiled_buckets_stay_within_the_budget(engines, monkeypatch):
     """With room for one compiled model, alternating batch sizes recompile (least recently used out) and
     still equal ONNX Runtime."""
