@@ -255,8 +255,8 @@ class Engine(HeadScoring, TextConditioning):
         chunks = [slice(lo, lo + batch_size) for lo in range(0, n, batch_size)]
         list(self._pool.map(run, chunks) if self._pool else map(run, chunks))
         if not (np.isfinite(errors).all() and np.isfinite(scores).all()):  # never a label picked among NaNs
-            raise EngineError(f"the UNet of {self.engine_dir} gave NaN or infinite errors: the engine directory is "
-                              "damaged (graph weights or schedule); re-export it")
+            raise EngineError(f"the {self.precision} UNet of {self.engine_dir} gave NaN or infinite errors: the engine "
+                              "is damaged (weights or schedule) or overflows in this precision; try fp32 or re-export it")
         return errors, scores
 
     # --- Diffusion Classifier -----------------------------------------------------------------

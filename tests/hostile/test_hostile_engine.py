@@ -101,6 +101,11 @@ def set_tokenizer(path, value):
 
 _engine_bytes: dict[str, bytes] = {}  # the pristine engine's graph files, for swap_graph
 
+HEAD = {"graph": "unet", "kind": "linear", "labels": ["a", "b"], "blocks": ["mid_block"], "steps": [50], "seed": 0,
+        "prompt": "", "weights": "w", "config": "c"}  # a head record, valid but for what each case changes
+DIFFDIS = {"graph": "unet", "blocks": ["mid_block"], "image_step": 1, "seed": 0, "eos_token_id": 1, "text_dim": 4,
+           "timesteps": 5, "generate_steps": 2, "mode": "denoise", "weights": "w", "config": "c"}
+
 # (id, edit, a phrase the one-line message holds)
 MANIFEST_CASES = [
     # digests, sizes, files
@@ -190,27 +195,17 @@ MANIFEST_CASES = [
     ("profile-beyond-T", put("timestep_profile", [5000]), "timestep_profile"),
     ("profile-repeated", put("timestep_profile", [5, 5]), "timestep_profile"),
     # records that name graphs and layers
-    ("head-missing-graph", put("heads", {"h": {"graph": "head.h", "kind": "linear", "labels": ["a", "b"],
-                                               "blocks": ["mid_block"], "steps": [50], "seed": 0, "prompt": "",
-                                               "weights": "w", "config": "c"}}), "heads"),
-    ("diffdis-missing-graph", put("diffdis", {"graph": "nope", "blocks": ["mid_block"], "image_step": 1, "seed": 0,
-                                              "eos_token_id": 1, "text_dim": 4, "timesteps": 5, "generate_steps": 2,
-                                              "mode": "denoise", "weights": "w", "config": "c"}), "diffdis"),
+    ("head-missing-graph", put("heads", {"h": {**HEAD, "graph": "head.h"}}), "heads"),
+    ("diffdis-missing-graph", put("diffdis", {**DIFFDIS, "graph": "nope"}), "diffdis"),
     ("plan-batches", put("plans", {"p": {"file": "p.plan", "graph": "unet", "gpu": "g", "tensorrt_version": "10.0.0",
                                          "precision": "fp16", "min_batch": 8, "opt_batch": 4, "max_batch": 2,
                                          "sha256": "0" * 64, "size": 1}}), "plans"),
     ("score-weights-keys", put("adapters", {"prompt_learning": {"adapters": "run", "lora_rank": 4,
                                                                 "adapter_sha256": "0" * 64,
                                                                 "score_weights": {"x": 1.0}}}), "score_weights"),
-    ("head-labels-repeated", put("heads", {"h": {"graph": "unet", "kind": "linear", "labels": ["a", "a"],
-                                                 "blocks": ["mid_block"], "steps": [50], "seed": 0, "prompt": "",
-                                                 "weights": "w", "config": "c"}}), "labels"),
-    ("head-step-beyond-T", put("heads", {"h": {"graph": "unet", "kind": "linear", "labels": ["a", "b"],
-                                               "blocks": ["mid_block"], "steps": [1000], "seed": 0, "prompt": "",
-                                               "weights": "w", "config": "c"}}), "steps"),
-    ("diffdis-mode-x", put("diffdis", {"graph": "unet", "blocks": ["mid_block"], "image_step": 1, "seed": 0,
-                                       "eos_token_id": 1, "text_dim": 4, "timesteps": 5, "generate_steps": 2,
-                                       "mode": "x", "weights": "w", "config": "c"}), "diffdis.mode"),
+    ("head-labels-repeated", put("heads", {"h": {**HEAD, "labels": ["a", "a"]}}), "labels"),
+    ("head-step-beyond-T", put("heads", {"h": {**HEAD, "steps": [1000]}}), "steps"),
+    ("diffdis-mode-x", put("diffdis", {**DIFFDIS, "mode": "x"}), "diffdis.mode"),
     ("itc-missing-graph", put("itc", {"image_graph": "itc_image", "text_graph": "itc_text", "noise_step": 50,
                                       "seed": 0, "blocks": ["mid_block"], "dim": 8}), "itc.image_graph"),
     ("calibration-gate-partial", put("calibration", {
