@@ -80,7 +80,7 @@ def test_cli_classify_formats(demo_engine, digit_files, reference_results):
     assert all(len(entry) == 3 and entry[2] >= 1 for r in rows for entry in r["ranking"])
     assert rows[0]["options"]["stages"] == [list(s) for s in DEMO_STAGES] and rows[0]["options"]["seed"] == 0
     proc = run_cli("classify", demo_engine, *digit_files, "--labels", ",".join(CLASS_NAMES), "--format", "csv")
-    assert proc.returncode == 0 and proc.stdout.splitlines()[0] == "image,label,error,runner_up,passes,confidence,ranking,options"
+    assert proc.returncode == 0 and proc.stdout.splitlines()[0] == "image,label,mean_error,runner_up,passes,confidence,ranking,options"
 
 
 def test_cli_match(demo_engine, digit_files):
