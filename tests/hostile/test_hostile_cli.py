@@ -12,6 +12,7 @@ import csv
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -85,12 +86,9 @@ def files(tmp_path_factory, demo_engine) -> dict:
 
 
 def fill(args: list[str], values: dict) -> list[str]:
-    out = []
-    for a in args:
-        for k, v in values.items():
-            a = a.replace("{" + k + "}", str(v))
-        out.append(a)
-    return out
+    """{e}, {i}, ... -> their paths; any other brace (a template's {}) stays as typed."""
+    known = re.compile(r"\{(" + "|".join(values) + r")\}")
+    return [known.sub(lambda m: str(values[m.group(1)]), a) for a in args]
 
 
 def _cases():
