@@ -296,14 +296,14 @@ def classify(
     if head is not None and method is not Method.head:
         raise UsageMistake(f"--head {head} names a trained head; use it with --method head")
     extra = {"diffdis_mode": diffdis_mode.value if diffdis_mode else None, "timesteps": timesteps} if method is Method.diffdis else {}
-    readable = ReadableImages(paths)  # an unreadable image becomes an error row; the others are scored
+    readable = ReadableImages(paths).start()  # an unreadable image becomes an error row; the others are scored
     with open_engine(engine, backend, precision) as eng:
         if method is Method.dc:
             plan_line(eng, label_list, len(paths), template, stage_list, **race_options(strategy, z, budget))
-        results = readable.score(lambda images: eng.classify(
-            images, label_list, method=method.value, head=head, template=template, stages=stage_list,
-            loss=loss.value if loss else None, seed=seed, batch_size=batch_size, progress=True,
-            **race_options(strategy, z, budget), **extra, **cascade_options(shortlist, k, mass))) or []
+        results = eng.classify(readable, label_list, method=method.value, head=head, template=template,
+                               stages=stage_list, loss=loss.value if loss else None, seed=seed, batch_size=batch_size,
+                               progress=True, **race_options(strategy, z, budget), **extra,
+                               **cascade_options(shortlist, k, mass))
         title = (f"head {eng.head_name(head)} (higher probability = better)" if method is Method.head
                  else "DiffDis (higher score = better)" if method is Method.diffdis
                  else "Diffusion Classifier (lower mean error = better)")
@@ -346,20 +346,17 @@ def match(
     if method is not MatchMethod.dsd and bias_weight is not None:
         raise UsageMistake(f"--bias-weight is DSD's; --method {method.value} has none")
     extra = {"diffdis_mode": diffdis_mode.value if diffdis_mode else None} if method is MatchMethod.diffdis else {}
-    readable = ReadableImages(paths)  # an unreadable image becomes an error row; the others are scored
+    readable = ReadableImages(paths).start()  # an unreadable image becomes an error row; the others are scored
     with open_engine(engine, backend, precision) as eng:
-        res = readable.score(lambda images: eng.match(images, text_list, steps=timesteps, bias_weight=bias_weight,
-                                                      seed=seed, batch_size=batch_size, progress=True,
-                                                      method=method.value, **extra))
-    rows = []
-    if res is not None:
-        read = readable.read_paths
-        if fmt is Format.table:
-            rows = [{"image": str(p), **{t: float(s) for t, s in zip(res.texts, row)}, "best": b}
-                    for p, row, b in zip(read, res.scores, res.best())]
-        else:
-            rows = [{"image": str(p), "best": b, "scores": dict(zip(res.texts, map(float, row))),
-                     "options": res.options.to_dict()} for p, row, b in zip(read, res.scores, res.best())]
+        res = eng.match(readable, text_list, steps=timesteps, bias_weight=bias_weight, seed=seed,
+                        batch_size=batch_size, progress=True, method=method.value, **extra)
+    read, best = readable.read_paths, res.best()
+    if fmt is Format.table:
+        rows = [{"image": str(p), **{t: float(s) for t, s in zip(res.texts, row)}, "best": b}
+                for p, row, b in zip(read, res.scores, best)]
+    else:
+        rows = [{"image": str(p), "best": b, "scores": dict(zip(res.texts, map(float, row))),
+                 "options": res.options.to_dict()} for p, row, b in zip(read, res.scores, best)]
     title = {MatchMethod.dsd: "DSD", MatchMethod.diffdis: "DiffDis", MatchMethod.itc: "ITC"}[method]
     finish(readable.rows(rows), fmt, output, f"{title} scores (higher = better match)", readable.rows(rows, ""))
     readable.check()
@@ -742,16 +739,15 @@ def profile(
     from diffscore.export.atomic import disk_errors
 
     label_list = read_labels(labels, labels_file)
-    readable = ReadableImages(expand_images(images)[:limit])  # an unreadable image is skipped and reported
+    readable = ReadableImages(expand_images(images)[:limit]).start()  # an unreadable image is skipped, reported
     with diffscore.load(engine, backend=backend.value) as eng, engine_writer(engine, "profile"):
-        order = readable.score(lambda paths: make_profile(
-            eng, paths, label_list, templates=[template] if template else None, timesteps=grid,
-            loss=loss.value if loss else None, seed=seed, batch_size=batch_size, progress=True))
-        if order is not None:
-            with disk_errors(engine):
-                save_profile(engine, order)
-            say(f"profile of {len(order)} timesteps from {len(readable.read)} images saved in {engine}; first ten: "
-                f"{', '.join(map(str, order[:10]))}")
+        order = make_profile(eng, readable, label_list, templates=[template] if template else None,
+                             timesteps=grid, loss=loss.value if loss else None, seed=seed, batch_size=batch_size,
+                             progress=True)
+        with disk_errors(engine):
+            save_profile(engine, order)
+    say(f"profile of {len(order)} timesteps from {len(readable.read)} images saved in {engine}; first ten: "
+        f"{', '.join(map(str, order[:10]))}")
     readable.check("the profile was learned from the other {n}")
 
 

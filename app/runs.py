@@ -129,17 +129,34 @@ class ReadableImages:
         self.paths = [Path(p) for p in paths]
         self.read: list[int] = []  # positions of the images handed to the scorer, in order
         self.errors: dict[int, str] = {}  # position -> why it could not be read
+        self._first = None  # (position, image) of the first readable image, read by start()
 
     def __len__(self) -> int:  # the progress bar's total
         return len(self.paths)
 
+    def start(self) -> "ReadableImages":
+        """Read up to the first readable image before any work: when none can be read, one line (exit 1), no
+        engine loaded, no progress bar."""
+        from diffscore.engine.images import to_pil
+
+        for i, path in enumerate(self.paths):
+            try:
+                self._first = (i, to_pil(path))
+                return self
+            except EngineError as e:
+                self.errors[i] = str(e)
+        self.check()
+        return self
+
     def __iter__(self):
         from diffscore.engine.images import to_pil
 
-        self.read, self.errors = [], {}
-        for i, path in enumerate(self.paths):
+        first, self._first = self._first, None
+        skip = first[0] if first else 0  # the images before it failed in start(); their errors stay
+        self.read, self.errors = [], {i: e for i, e in self.errors.items() if i < skip}
+        for i in range(skip, len(self.paths)):
             try:
-                image = to_pil(path)
+                image = first[1] if first and i == first[0] else to_pil(self.paths[i])
             except EngineError as e:
                 self.errors[i] = str(e)
                 continue
@@ -157,16 +174,6 @@ class ReadableImages:
             pass
         return [str(p) for p in self.read_paths]
 
-    def score(self, scorer):
-        """scorer(self), e.g. `lambda images: engine.classify(images, labels)`; None when no image could be
-        read (nothing to score: every row is an error row)."""
-        try:
-            return scorer(self)
-        except EngineError:
-            if self.errors and not self.read:
-                return None
-            raise
-
     def rows(self, read_rows: list[dict], fill=None) -> list[dict]:
         """Every image's row in input order: `read_rows` (one per image read, in order) and {image, error}
         for each image that could not be read. Every row gets the same keys (`fill` where it has none)."""
@@ -179,12 +186,14 @@ class ReadableImages:
         return rows
 
     def check(self, kept: str = "the results of the other {n} are kept, each failure as a row with its error") -> None:
-        """At the end of a run: one line (exit 1) when some images could not be read; `kept` says what became
-        of the others ({n}: how many were read)."""
+        """One line (exit 1) when some images could not be read; `kept` says what became of the others ({n}: how
+        many were read)."""
         if not self.errors:
             return
         first = self.errors[min(self.errors)]
-        if not self.read:
+        if len(self.paths) == 1:
+            raise EngineError(first)
+        if not self.read and len(self.errors) == len(self.paths):
             raise EngineError(f"none of the {len(self.paths)} images could be read (first: {first})")
         raise EngineError(f"{len(self.errors)} of {len(self.paths)} images could not be read (first: {first}); "
                           + kept.format(n=len(self.read)))

@@ -83,7 +83,7 @@ def test_cli_classify_formats(demo_engine, digit_files, reference_results):
     assert rows[0]["options"]["stages"] == [list(s) for s in DEMO_STAGES] and rows[0]["options"]["seed"] == 0
     proc = run_cli("classify", demo_engine, *digit_files, "--labels", ",".join(CLASS_NAMES), "--format", "csv")
     assert proc.returncode == 0 and proc.stdout.splitlines()[0] == ",".join(
-        ["image", "label", "error", "runner_up", "passes", "confidence"]
+        ["image", "label", "mean_error", "runner_up", "passes", "confidence"]
         + [f"rank{i}{s}" for i in range(1, 11) for s in ("", " score")] + ["options"])
 
 

@@ -12,6 +12,7 @@ import csv
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -66,7 +67,6 @@ def files(tmp_path_factory, demo_engine) -> dict:
     (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (root / "empty.png").write_bytes(b"")
     (root / "text.png").write_text("hello")
-    Image.new("L", (64, 64), 0).save(root / "zero.png")
     (root / "bom.txt").write_bytes("\ufeffzero\none\n".encode("utf-8"))
     (root / "latin1.txt").write_bytes("café\nthé\n".encode("latin-1"))
     (root / "empty.txt").write_text("")
@@ -86,12 +86,9 @@ def files(tmp_path_factory, demo_engine) -> dict:
 
 
 def fill(args: list[str], values: dict) -> list[str]:
-    out = []
-    for a in args:
-        for k, v in values.items():
-            a = a.replace("{" + k + "}", str(v))
-        out.append(a)
-    return out
+    """{e}, {i}, ... -> their paths; any other brace (a template's {}) stays as typed."""
+    known = re.compile(r"\{(" + "|".join(values) + r")\}")
+    return [known.sub(lambda m: str(values[m.group(1)]), a) for a in args]
 
 
 def _cases():
@@ -123,6 +120,11 @@ def _cases():
         ("glob matching nothing", "classify {e} {r}/*.nothing -l a,b", 1, "no image files match"),
         ("match image a FIFO", "match {e} {r}/fifo.png -t a", 1, "FIFO"),
         ("profile image a loop", "profile {e} {r}/loop.png -l a,b", 1, "symlink loop"),
+        ("image corrupt", "classify {e} {r}/corrupt.png -l a,b", 1, "cannot read image"),
+        ("image empty file", "classify {e} {r}/empty.png -l a,b", 1, "cannot read image"),
+        ("image is text", "match {e} {r}/text.png -t a", 1, "cannot read image"),
+        ("profile image corrupt", "profile {e} {r}/corrupt.png -l a,b", 1, "cannot read image"),
+        ("all images unreadable", "classify {e} {r}/corrupt.png {r}/text.png -l a,b -o {w}/x.csv", 1, "none of the 2"),
         # labels and texts
         ("labels duplicate", "classify {e} {i} -b ort-cpu -l a,a", 1, "duplicates"),
         ("labels empty", "classify {e} {i} -b ort-cpu -l ,", 1, "non-empty"),
@@ -360,17 +362,18 @@ def test_one_unreadable_image_among_many_is_a_row_not_a_lost_run(run_cli_out, fi
     assert code2 == 0 and [r["label"] for r in json.loads(stdout2)] == [r["label"] for r in rows[:10] + rows[11:]]
 
 
-def test_match_keeps_every_row_and_a_run_of_only_bad_images_too(run_cli_out, files, twenty_and_one, tmp_path):
+def test_match_keeps_every_row_and_a_run_of_only_bad_images_is_one_line(run_cli_out, files, twenty_and_one, tmp_path):
     out = tmp_path / "m.jsonl"
     code, _, err = run_cli_out("match", files["engine"], twenty_and_one, "-t", "a zero", "-t", "a one", "--timesteps",
                                "2", "-b", "ort-cpu", "-f", "json", "-o", out)
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert code == 1 and len(rows) == 21 and rows[10]["scores"] is None and "cannot read" in rows[10]["error"]
     assert all(r["error"] is None and set(r["scores"]) == {"a zero", "a one"} for r in rows[:10] + rows[11:])
+    # nothing readable: nothing to score, one line before the engine is even loaded
     code, stdout, err = run_cli_out("classify", files["engine"], files["root"] / "corrupt.png",
-                                    files["root"] / "text.png", "-l", "a,b", "-b", "ort-cpu", "-f", "json")
-    assert code == 1 and err.strip().splitlines()[-1].startswith("error: none of the 2 images could be read")
-    assert [r["error"] is not None for r in json.loads(stdout)] == [True, True]
+                                    files["root"] / "text.png", "-l", "a,b", "-o", tmp_path / "none.csv")
+    assert code == 1 and one_line(err) and "none of the 2 images could be read" in err, err
+    assert stdout == "" and not (tmp_path / "none.csv").exists()
 
 
 def test_profile_learns_from_the_readable_images_and_takes_the_writer_lock(run_cli, files, tmp_path, twenty_and_one):
