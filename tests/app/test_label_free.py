@@ -116,17 +116,17 @@ def test_pseudo_label_head_records_the_engine(tiny_models, engines, unlabelled, 
 
 MISTAKES = [
     (["--synthesize", "0", "--labels", "a,b"], 2, "--synthesize"),
-    (["--synthesize", "2"], 1, "exactly one of --labels"),
-    (["--synthesize", "2", "--labels", "a,b", "--demo"], 1, "drop --data/--demo"),
+    (["--synthesize", "2"], 2, "exactly one of --labels"),
+    (["--synthesize", "2", "--labels", "a,b", "--demo"], 2, "drop --data/--demo"),
     (["--synthesize", "2", "--labels", "a,b", "--template", "no braces"], 1, "{}"),
     (["--synthesize", "2", "--labels", "a", "--sampling-steps", "1"], 1, "at least two labels"),
-    (["--synthesize", "2", "--labels", "a,b", "--pseudo-label", "{engine}"], 1, "pick one"),
+    (["--synthesize", "2", "--labels", "a,b", "--pseudo-label", "{engine}"], 2, "pick one"),
     (["--synthesize", "2", "--labels", "a,b", "--sampler", "euler"], 2, "--sampler"),
     (["--pseudo-label", "{engine}", "--data", "{empty}", "--labels", "a,b"], 1, "has no image files"),
-    (["--pseudo-label", "{engine}", "--labels", "a,b"], 1, "exactly one of --data"),
-    (["--demo", "--save-samples", "{tmp}/s"], 1, "use it with --synthesize"),
-    (["--demo", "--min-confidence", "2"], 1, "use them with --pseudo-label"),
-    (["--demo", "--labels", "a,b"], 1, "go with --synthesize or --pseudo-label"),
+    (["--pseudo-label", "{engine}", "--labels", "a,b"], 2, "exactly one of --data"),
+    (["--demo", "--save-samples", "{tmp}/s"], 2, "use it with --synthesize"),
+    (["--demo", "--min-confidence", "2"], 2, "use them with --pseudo-label"),
+    (["--demo", "--labels", "a,b"], 2, "go with --synthesize or --pseudo-label"),
 ]
 
 

@@ -121,6 +121,6 @@ def test_cli_train_export_classify_match(pixel, images, tmp_path, run_cli, run_c
     assert json.loads(out)[0]["options"]["method"] == "diffdis-denoise"
     for args, message in (((tmp_path / "0.png", "--labels", "a,b", "--diffdis-mode", "generate"), "go with --method diffdis"),):
         code, err = run_cli("classify", engine, *args)
-        assert code == 1 and message in err and len(err.strip().splitlines()) == 1
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1  # usage mistakes
     code, err = run_cli("train-diffdis", pixel, "--out", tmp_path / "x")
-    assert code == 1 and "exactly one of --data" in err
+    assert code == 2 and "exactly one of --data" in err

@@ -93,15 +93,15 @@ def test_cli_train_feedback_head_and_info(demo_model, digit_folder, engine_dir, 
     assert "DifFeed feedback up_blocks.0:down_blocks.1, up_blocks.1:down_blocks.0, 2 UNet passes per step" in out
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--feedback-pairs", "up_blocks.0:down_blocks.1"], "--feedback-pairs needs --feedback"),
-    (["--feedback", "--feedback-pairs", "up_blocks.0"], "is not SOURCE:TARGET"),
-    (["--feedback", "--feedback-pairs", "down_blocks.0:up_blocks.0"], "from a later block to an earlier one"),
-    (["--feedback", "--blocks", "down_blocks.0", "--feedback-pairs", "up_blocks.0:down_blocks.1"], "cannot reach"),
+@pytest.mark.parametrize("args,exit_code,message", [
+    (["--feedback-pairs", "up_blocks.0:down_blocks.1"], 2, "--feedback-pairs needs --feedback"),
+    (["--feedback", "--feedback-pairs", "up_blocks.0"], 1, "is not SOURCE:TARGET"),
+    (["--feedback", "--feedback-pairs", "down_blocks.0:up_blocks.0"], 1, "from a later block to an earlier one"),
+    (["--feedback", "--blocks", "down_blocks.0", "--feedback-pairs", "up_blocks.0:down_blocks.1"], 1, "cannot reach"),
 ])
-def test_cli_feedback_mistakes_are_one_line(demo_model, tmp_path, monkeypatch, run_cli, args, message):
+def test_cli_feedback_mistakes_are_one_line(demo_model, tmp_path, monkeypatch, run_cli, args, exit_code, message):
     monkeypatch.setenv("DIFFSCORE_CACHE", str(tmp_path))
     code, stderr = run_cli("train-head", demo_model, "--demo", *args, "--out", tmp_path / "h")
-    assert code == 1 and "Traceback" not in stderr
+    assert code == exit_code and "Traceback" not in stderr
     assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert not (tmp_path / "h").exists()
