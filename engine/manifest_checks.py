@@ -257,7 +257,8 @@ def check_manifest(m, path: Path) -> None:
     for key in ("unet", "unet.fp16", "unet.int8"):
         graph_io(m, key, {"sample": ("float32", sample), "timestep": ("float32", [BATCH]),
                           "encoder_hidden_states": ("float32", [BATCH, L, D])},
-                 {"eps": (None, sample), "attn_scores": (None, [BATCH, len(m.attention_layers)])})
+                 {"eps": (None, sample),  # score outputs only where layers are captured (an ε̂-only graph has none)
+                  **({"attn_scores": (None, [BATCH, len(m.attention_layers)])} if m.attention_layers else {})})
 
     # heads, adapters, defaults, records
     names("heads", list(m.heads), KEY)

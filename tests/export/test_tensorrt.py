@@ -148,8 +148,8 @@ def engine_dir(tmp_path):
     graphs = {"text_encoder": _text_encoder(tmp_path), "unet": _unet(tmp_path, "fp32")}
     graphs["unet.fp16"] = _unet(tmp_path, "fp16")
     Manifest(
-        diffscore_version="0.1.0", source_path="tiny", source_sha256="0", image_size=8, image_channels=1,
-        latent_scaling=None, sample_shape=[1, 8, 8], alphas_cumprod=[0.5], tokenizer="tokenizer.json", max_length=8,
+        diffscore_version="0.1.0", source_path="tiny", source_sha256="0" * 64, image_size=8, image_channels=1,
+        latent_scaling=None, sample_shape=[1, 8, 8], alphas_cumprod=np.linspace(0.999, 0.01, 1000).tolist(), tokenizer="tokenizer.json", max_length=8,
         text_hidden_size=16, attention_layers=[], feature_blocks=[], graphs=graphs,
     ).save(tmp_path)
     return tmp_path
@@ -186,10 +186,10 @@ def test_bad_batch_range_is_one_clear_line(engine_dir):
 
 @pytest.mark.skipif(NO_TENSORRT is None, reason="TensorRT is installed here")
 def test_without_tensorrt_the_error_says_what_to_install(engine_dir):
-    with pytest.raises(EngineError, match=r"pip install 'diffscore\[tensorrt\]'") as error:
+    with pytest.raises(EngineError, match=r"pip install 'diffscore\[tensorrt-cu12\]'") as error:
         build_plans(engine_dir)
     assert "\n" not in str(error.value)
-    with pytest.raises(EngineError, match=r"pip install 'diffscore\[tensorrt\]'"):
+    with pytest.raises(EngineError, match=r"pip install 'diffscore\[tensorrt-cu12\]'"):
         TensorRTRunner(engine_dir / "x.plan", None, None)
     assert matching_plan(Manifest.load(engine_dir), "unet") is None  # callers fall back to ONNX Runtime
 
