@@ -35,6 +35,7 @@ from diffscore.errors import EngineError, UsageMistake, not_a_file
 from diffscore.kernels import LOSSES, STRATEGIES
 from diffscore.kernels.cascade import SHORTLISTERS
 from diffscore.kernels.dsd import DEFAULT_DSD_PRESET, DSD_PRESETS
+from diffscore.kernels.timesteps import check_stages
 
 try:  # recent typer bundles its own click (not installed beside it); older typer raises click's exceptions
     from typer._click.exceptions import NoArgsIsHelpError, UsageError
@@ -123,6 +124,10 @@ def parse_stages(text: str | None) -> list[tuple[int, int]] | None:
         stages = []
     if not stages or any(len(s) != 2 or min(s) < 1 for s in stages):
         raise UsageMistake(f"--stages {text!r} is not like '50:5,500:1' (n_samples:keep, positive, comma separated)")
+    try:
+        check_stages(stages)  # keep counts that grow, before anything reads the stages
+    except ValueError as e:
+        raise UsageMistake(f"--stages {text!r}: {e}") from None
     return stages  # type: ignore[return-value]
 
 
@@ -741,7 +746,7 @@ def profile(
     label_list = read_labels(labels, labels_file)
     readable = ReadableImages(expand_images(images)[:limit]).start()  # an unreadable image is skipped, reported
     with diffscore.load(engine, backend=backend.value) as eng, engine_writer(engine, "profile"):
-        order = make_profile(eng, readable, label_list, templates=[template] if template else None,
+        order = make_profile(eng, readable, label_list, templates=None if template is None else [template],
                              timesteps=grid, loss=loss.value if loss else None, seed=seed, batch_size=batch_size,
                              progress=True)
         with disk_errors(engine):
