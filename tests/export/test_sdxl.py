@@ -102,7 +102,7 @@ def sdxl_engine(sdxl_model, image_folder, tmp_path_factory, run_cli_module):
                                "mid_block", "--noise-steps", "50,400", "--epochs", "3", "--out", head)
     assert code == 0, err
     return export_engine(sdxl_model, root / "engine", precisions=("fp32", "fp16"), heads=[head],
-                         defaults={"stages": STAGES}, show_progress=False)
+                         defaults={"stages": STAGES, "strategy": "stages"}, show_progress=False)
 
 
 @pytest.fixture(scope="module")
