@@ -53,6 +53,9 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, object_st
     if ray.is_initialized():
         return ray
     local = address is None
+    if local:  # the raylet and every worker inherit this process's environment
+        for name, seconds in SERVE_PATIENCE.items():
+            os.environ.setdefault(name, seconds)
     previous = signal.getsignal(signal.SIGTERM)
     try:
         with loopback_ray(local):
@@ -71,6 +74,10 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, object_st
 
 
 LOOPBACK = "127.0.0.1"
+# Ray Serve gives its HTTP proxy 5 s to report ready (10 s per health check) before the controller kills it; on a
+# busy 2-core machine a new worker process takes longer than that to start, and `serve` failed with "The actor
+# never ran - it was cancelled before it started running". A set environment variable still wins.
+SERVE_PATIENCE = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
 
 
 @contextmanager
