@@ -10,6 +10,7 @@ process are removed by the next run.
 from __future__ import annotations
 
 import fcntl
+import glob
 import logging
 import os
 import re
@@ -122,8 +123,9 @@ def build_dir(out_dir: Path, overwrite: bool = False):
     existed = out_dir.exists()
     with disk_errors(out_dir), exclusive(out_dir):
         remove_stale(out_dir.parent, f".{out_dir.name}.old-")
-        tmp = temp_dir(out_dir.parent, f".{out_dir.name}.partial-")
+        prefix = f".{out_dir.name}.partial-"
         try:
+            tmp = temp_dir(out_dir.parent, prefix)
             yield tmp
             tmp.chmod(0o755)  # mkdtemp makes it private; an engine directory is shared like any folder
             if not existed and out_dir.exists():
@@ -138,6 +140,7 @@ def build_dir(out_dir: Path, overwrite: bool = False):
                     os.rename(tmp, out_dir)  # never replaces a non-empty directory
                 except OSError:
                     raise EngineError(f"{out_dir} was written by another process meanwhile; nothing replaced") from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:  # by our own PID, not by `tmp`: a signal can land between mkdtemp and the assignment
+            for own in out_dir.parent.glob(f"{glob.escape(prefix)}{os.getpid()}-*"):
+                shutil.rmtree(own, ignore_errors=True)
             raise

@@ -7,6 +7,7 @@ from __future__ import annotations
 import enum
 import inspect
 import typing
+from pathlib import Path
 
 import pytest
 
@@ -157,6 +158,18 @@ def test_a_caption_with_a_comma_is_one_caption_and_says_so(run_cli_out, demo_eng
     assert list(json.loads(out)[0]["scores"]) == ["a,b"] and "repeat --text" in err
 
 
+def sigterm_caught(pid: int) -> bool:
+    """Whether process `pid` has a handler for SIGTERM (Linux: the SigCgt mask of /proc/PID/status)."""
+    import signal
+
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(caught >> (signal.SIGTERM - 1) & 1)
+
+
 @pytest.mark.parametrize("command", [
     ["classify", "{engine}", "{images}", "--labels", "zero,one,two,three", "--stages", "1000:1"],
     ["train-prompts", "{model}", "--demo", "--shots", "2", "--train-steps", "100000", "--out", "{tmp}/run"],
@@ -178,13 +191,24 @@ def test_sigterm_ends_a_long_command_with_143(demo_model, demo_engine, tmp_path,
     proc = subprocess.Popen([sys.executable, "-m", "diffscore.app.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=tmp_path)  # not the checkout: its kernels/ folder
     # would shadow the `kernels` package transformers looks for
-    time.sleep(20 if command[0] == "train-prompts" else 8)  # past start-up (imports, model load), into the work
+    # Into the work, however loaded the machine: the CLI's SIGTERM handler is installed (bit 15 of SigCgt),
+    # and a classification has said what it costs (its cost line comes before any pass).
+    deadline = time.monotonic() + 600
+    while not sigterm_caught(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    said = []  # a classification's lines up to its cost line (the `auto` backend's timing note may come first)
+    while command[0] == "classify" and not (said and said[-1].startswith("stages")):
+        said.append(proc.stderr.readline())
+        if not said[-1]:
+            break
+    time.sleep(2)
     assert proc.poll() is None, proc.communicate()[1]
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=300)
+    err = "".join(said) + err
     assert proc.returncode == 143, err
     assert err.strip().splitlines()[-1] == "error: terminated (SIGTERM); nothing half-written was left", err
     assert "Traceback" not in err
     assert not (tmp_path / "run").exists()
     if command[0] == "classify":  # a long run first says what it costs: 4 labels x 1,000 timesteps
-        assert err.startswith("stages: 4,000 UNet passes per image, 40 images"), err
+        assert any(line.startswith("stages: 4,000 UNet passes per image, 40 images") for line in said), err
