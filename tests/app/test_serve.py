@@ -156,7 +156,7 @@ def test_a_killed_replica_is_replaced(ray_session, server, engine, digit_files):
                 if a["name"].startswith("SERVE_REPLICA::") and before["replica"] in a["name"]]
     assert len(replicas) == 1, replicas
     ray_session.kill(ray_session.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
-    deadline, after = time.monotonic() + 90, None
+    deadline, after = time.monotonic() + 300, None  # a new worker on a busy 2-core machine
     while time.monotonic() < deadline:
         try:
             status, info = request(server, "/info", timeout=10)
@@ -166,7 +166,7 @@ def test_a_killed_replica_is_replaced(ray_session, server, engine, digit_files):
             after = info
             break
         time.sleep(1)
-    assert after is not None, "no new replica within 90 s"
+    assert after is not None, "no new replica within 300 s"
     image = digit_files[1][0]
     status, answer = request(server, "/classify", {"images": [png_b64(image)], "labels": LABELS, "stages": STAGES,
                                                    "seed": SEED})
