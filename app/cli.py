@@ -409,8 +409,9 @@ def info(engine: Path = typer.Argument(..., help="engine directory"),
             if h.training is not None:
                 say(f"  {h.training.describe()}")
         if m.itc is not None:
-            say(f"itc (match --method itc): {', '.join(m.itc.blocks)} at step {m.itc.noise_step}, {m.itc.dim}-d, "
-                f"trained with {'+'.join(m.itc.objectives)}")
+            where = (f"CLIP towers ({m.itc.image_size}x{m.itc.image_size} images, {m.itc.max_length} tokens)"
+                     if m.itc.kind == "clip" else f"{', '.join(m.itc.blocks)} at step {m.itc.noise_step}")
+            say(f"itc (match --method itc): {where}, {m.itc.dim}-d, trained with {'+'.join(m.itc.objectives)}")
         say(f"defaults: {json.dumps(dataclasses.asdict(m.defaults))}")
         if m.diffdis is not None:
             d = m.diffdis

@@ -225,7 +225,7 @@ def finetune_clip(model_dir: str | Path, pairs: Pairs, out_dir: str | Path, cfg:
         "lora": {"rank": cfg.rank, "alpha": cfg.rank, "target_modules": list(TARGET_MODULES),
                  "trainable_params": sum(p.numel() for p in lora)},
         "clip": {"dir": CLIP_SUBDIR, "input": asdict(spec), "projection_dim": int(clip.config.projection_dim),
-                 "trainable_params": sum(p.numel() for p in clip.parameters()), "logit_scale": float(clip_scale(clip))},
+                 "trainable_params": sum(p.numel() for p in clip.parameters()), "logit_scale": float(clip_scale(clip).detach())},
         "rsc_head": {"file": RSC_HEAD_FILE, "feature_dim": head.in_features},
         "trained": "CLIP's towers and projections in full (lr clip_lr), the UNet's attention LoRA and the RSC "
                    "projection (lr lr); the diffusion model's text encoder frozen",

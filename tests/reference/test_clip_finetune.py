@@ -147,6 +147,9 @@ def test_cli_finetune_clip_exports_clip_towers(clip_run, clip_dir, capsys):
     with diffscore.load(engine_dir, backend="ort-cpu") as engine:
         assert engine.manifest.itc.kind == "clip" and engine.manifest.itc.tokenizer == "clip_tokenizer.json"
     capsys.readouterr()
+    cli.main(["info", str(engine_dir)])
+    assert "itc (match --method itc): CLIP towers (8x8 images, 16 tokens), 12-d, trained with itc+is+rsc" in \
+        capsys.readouterr().out
     cli.main(["match", str(engine_dir), str(work / "0.png"), str(work / "1.png"), "--text", "zero", "--text", "one",
               "--method", "itc", "-f", "json", "-b", "ort-cpu"])
     rows = json.loads(capsys.readouterr().out)
