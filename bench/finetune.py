@@ -141,7 +141,8 @@ def render_clip(result: dict, info: dict) -> list[str]:
     trained = [r for r in result["rows"] if "steps_run" in r]
     load = result["load_average"]
     return table + ["", f"One run of `bench/finetune.py --clip {result['clip']}`: {result['images']} held-out digits, "
-                    f"≤ {result['train_steps']} steps per run (validation every 25 steps on 2 training pairs per class; "
+                    f"≤ {result['train_steps']} steps per run (validation every 25 steps on 2 training pairs per "
+                    "class; "
                     f"steps run: {', '.join(str(r['steps_run']) for r in trained)}; best (kept) step: "
                     f"{', '.join(str(r['best_step']) for r in trained)}), torch 1 thread; load average "
                     f"{load['before']:.1f} before, {load['end']:.1f} at the end; {machine_line(info)}."]
@@ -165,7 +166,8 @@ def clip_main(args) -> None:
         images, labels = images[: args.limit], labels[: args.limit]
     held_captions = [caption(int(y), DEFAULT_TEMPLATE) for y in labels]
     _, rest = split_training(split)  # bench/match.py's validation slice stays out
-    pairs = Pairs([split.train_images[i] for i in rest], [caption(int(split.train_labels[i]), DEFAULT_TEMPLATE) for i in rest])
+    pairs = Pairs([split.train_images[i] for i in rest],
+                  [caption(int(split.train_labels[i]), DEFAULT_TEMPLATE) for i in rest])
     work = Path(tempfile.mkdtemp(prefix="bench-finetune-clip-"))
     base_loss = denoising_loss(load_components(DEMO_MODEL), images, held_captions, DENOISE_T, SEED)
     rows = [{"method": "shipped CLIP, not fine-tuned", "shots": 0, "denoising_loss": base_loss,
@@ -178,8 +180,8 @@ def clip_main(args) -> None:
                 name = "+".join(o.upper() for o in objectives)
                 tag = f"lr{lr:g}-k{k}-{'-'.join(objectives)}"
                 comp = load_components(DEMO_MODEL)
-                cfg = FinetuneConfig(objectives=objectives, shots=k, steps=args.train_steps, seed=SEED, clip=str(args.clip),
-                                     clip_lr=lr)
+                cfg = FinetuneConfig(objectives=objectives, shots=k, steps=args.train_steps, seed=SEED,
+                                     clip=str(args.clip), clip_lr=lr)
                 run = finetune(DEMO_MODEL, pairs, work / f"run-{tag}", cfg, progress=True, comp=comp)
                 loss = denoising_loss(comp, images, held_captions, DENOISE_T, SEED)  # the LoRA active, unmerged
                 engine_dir = export_engine(DEMO_MODEL, work / f"engine-{tag}", adapters=work / f"run-{tag}",

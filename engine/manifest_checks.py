@@ -346,6 +346,7 @@ def check_manifest(m, path: Path) -> None:
                 values = getattr(itc, key)
                 if len(values) != itc.image_channels or (key == "image_std" and min(values) <= 0):
                     raise bad(f"itc.{key}", values, f"{itc.image_channels} per-channel values (std > 0)")
-            graph_io(m, itc.image_graph, {"pixel_values": ("float32", [BATCH, itc.image_channels, itc.image_size,
-                                                                        itc.image_size])}, {"embedding": ("float32", None)})
-            graph_io(m, itc.text_graph, {"input_ids": ("int64", [BATCH, itc.max_length])}, {"embedding": ("float32", None)})
+            pixels = [BATCH, itc.image_channels, itc.image_size, itc.image_size]
+            embedding = {"embedding": ("float32", None)}
+            graph_io(m, itc.image_graph, {"pixel_values": ("float32", pixels)}, embedding)
+            graph_io(m, itc.text_graph, {"input_ids": ("int64", [BATCH, itc.max_length])}, embedding)

@@ -29,7 +29,8 @@ from tqdm import tqdm  # noqa: E402
 import transformers  # noqa: E402
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer  # noqa: E402
 
-from diffscore.app.digits import DEFAULT_TEMPLATE, TRAIN_TEMPLATES, caption, load_digits_split, validation_indices  # noqa: E402
+from diffscore.app.digits import (DEFAULT_TEMPLATE, TRAIN_TEMPLATES, caption, load_digits_split,  # noqa: E402
+                                  validation_indices)
 
 HERE = Path(__file__).parent
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # OpenAI CLIP's
@@ -113,8 +114,10 @@ def main() -> None:
     model.eval()
     with torch.no_grad():  # 10-way zero-shot accuracy on the validation slice, per template
         z_i = F.normalize(model.get_image_features(pixel_values=x_val).pooler_output, dim=-1)
-        z_t = F.normalize(model.get_text_features(input_ids=table).pooler_output, dim=-1).view(len(TRAIN_TEMPLATES), 10, -1)
-        val_acc = {t: float(((z_i @ z_t[k].T).argmax(1).numpy() == y_val).mean()) for k, t in enumerate(TRAIN_TEMPLATES)}
+        z_t = F.normalize(model.get_text_features(input_ids=table).pooler_output, dim=-1)
+        z_t = z_t.view(len(TRAIN_TEMPLATES), 10, -1)  # (templates, digits, dim)
+        val_acc = {t: float(((z_i @ z_t[k].T).argmax(1).numpy() == y_val).mean())
+                   for k, t in enumerate(TRAIN_TEMPLATES)}
         default = tokenizer([caption(d, DEFAULT_TEMPLATE) for d in range(10)], padding="max_length", max_length=L,
                             truncation=True, return_tensors="pt").input_ids
         z_d = F.normalize(model.get_text_features(input_ids=default).pooler_output, dim=-1)
@@ -125,8 +128,10 @@ def main() -> None:
     tokenizer.save_pretrained(out)
     image_processor().save_pretrained(out)
     log = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-           "lr_schedule": f"linear warmup {warmup} + cosine to 0", "optimizer": "AdamW(weight_decay=0.1), grad clip 1.0",
-           "loss": "CLIP's symmetric InfoNCE, same-digit pairs positive (soft targets)", "templates": list(TRAIN_TEMPLATES),
+           "lr_schedule": f"linear warmup {warmup} + cosine to 0",
+           "optimizer": "AdamW(weight_decay=0.1), grad clip 1.0",
+           "loss": "CLIP's symmetric InfoNCE, same-digit pairs positive (soft targets)",
+           "templates": list(TRAIN_TEMPLATES),
            "train_size": len(fit), "val_size": len(val), "final_loss_ema": round(ema, 4), "wall_time_s": round(wall, 1),
            "val_accuracy_default_template": val_acc[DEFAULT_TEMPLATE], "val_accuracy_per_template": val_acc,
            "params": sum(p.numel() for p in model.parameters()), "torch_version": torch.__version__,

@@ -83,7 +83,8 @@ def load_clip(path: str | Path):
                           "a tokenizer: tokenizer.json, or vocab.json + merges.txt)") from None
     if getattr(tokenizer, "backend_tokenizer", None) is None:
         raise EngineError(f"the tokenizer in {path} has no fast (tokenizers) backend; save a tokenizer.json beside it")
-    pre = json.loads((path / "preprocessor_config.json").read_text()) if (path / "preprocessor_config.json").is_file() else {}
+    pre_file = path / "preprocessor_config.json"
+    pre = json.loads(pre_file.read_text()) if pre_file.is_file() else {}
     vision, text = model.config.vision_config, model.config.text_config
     spec = ClipInput(image_size=int(vision.image_size), image_channels=int(vision.num_channels),
                      image_mean=[float(v) for v in pre.get("image_mean", CLIP_MEAN)][: vision.num_channels],
@@ -202,7 +203,8 @@ def finetune_clip(model_dir: str | Path, pairs: Pairs, out_dir: str | Path, cfg:
 
     def snapshot(step):
         return {"step": step, "clip": {k: v.detach().clone() for k, v in clip.state_dict().items()},
-                "lora": [p.detach().clone() for p in lora], "head": {k: v.detach().clone() for k, v in head.state_dict().items()}}
+                "lora": [p.detach().clone() for p in lora],
+                "head": {k: v.detach().clone() for k, v in head.state_dict().items()}}
 
     def restore(state):
         clip.load_state_dict(state["clip"])
@@ -225,7 +227,8 @@ def finetune_clip(model_dir: str | Path, pairs: Pairs, out_dir: str | Path, cfg:
         "lora": {"rank": cfg.rank, "alpha": cfg.rank, "target_modules": list(TARGET_MODULES),
                  "trainable_params": sum(p.numel() for p in lora)},
         "clip": {"dir": CLIP_SUBDIR, "input": asdict(spec), "projection_dim": int(clip.config.projection_dim),
-                 "trainable_params": sum(p.numel() for p in clip.parameters()), "logit_scale": float(clip_scale(clip).detach())},
+                 "trainable_params": sum(p.numel() for p in clip.parameters()),
+                 "logit_scale": float(clip_scale(clip).detach())},
         "rsc_head": {"file": RSC_HEAD_FILE, "feature_dim": head.in_features},
         "trained": "CLIP's towers and projections in full (lr clip_lr), the UNet's attention LoRA and the RSC "
                    "projection (lr lr); the diffusion model's text encoder frozen",
@@ -260,7 +263,8 @@ def save_clip_run(unet, clip, tokenizer, source: Path, head: nn.Module, run_dir:
         shutil.copyfile(source / "preprocessor_config.json", tmp / "preprocessor_config.json")
     shutil.rmtree(run_dir / CLIP_SUBDIR, ignore_errors=True)
     tmp.replace(run_dir / CLIP_SUBDIR)
-    save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(run_dir / f".{RSC_HEAD_FILE}.tmp"))
+    save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()},
+              str(run_dir / f".{RSC_HEAD_FILE}.tmp"))
     (run_dir / f".{RSC_HEAD_FILE}.tmp").replace(run_dir / RSC_HEAD_FILE)
     save_adapters(unet, run_dir, training_log)
 

@@ -290,7 +290,9 @@ def split_pairs(pairs: Pairs, cfg: FinetuneConfig) -> tuple[np.ndarray, np.ndarr
     per caption from the rest for early stopping (only captions that have shots)."""
     shots = select_shots(pairs.captions, cfg.shots, cfg.seed)
     rest = np.setdiff1d(np.arange(len(pairs.captions)), shots)
-    val = rest[select_shots([pairs.captions[i] for i in rest], cfg.val_shots, cfg.seed + 1)] if cfg.val_shots and len(rest) else rest[:0]
+    val = rest[:0]
+    if cfg.val_shots and len(rest):
+        val = rest[select_shots([pairs.captions[i] for i in rest], cfg.val_shots, cfg.seed + 1)]
     vocab = list(dict.fromkeys(pairs.captions[i] for i in shots))
     val = np.array([i for i in val if pairs.captions[i] in vocab], dtype=np.int64)  # captions it trains on
     return shots, val, vocab

@@ -198,3 +198,14 @@ def test_clip_mistakes_are_one_line(tiny_models, tmp_path, run_cli, clip_dir):
     code, err = run_cli("finetune", tiny_models["pixel"], "--demo", "--shots", "1", "--out", tmp_path / "r",
                         "--clip", tiny_models["pixel"] / "text_encoder")
     assert code == 1 and "model_type 'clip'" in err and "Traceback" not in err
+
+
+def test_shipped_demo_clip_reads_the_held_out_digits(demo_model):
+    """models/demo-clip (models/train_clip.py) is a CLIPModel folder our loader takes, and it knows the digits."""
+    from diffscore.app.digits import DEFAULT_TEMPLATE, caption, load_digits_split
+    from diffscore.reference.clip_finetune import clip_similarity
+
+    split = load_digits_split()
+    images, labels = list(split.test_images[:60]), split.test_labels[:60]
+    scores = clip_similarity(demo_model.parent / "demo-clip", images, [caption(c, DEFAULT_TEMPLATE) for c in range(10)])
+    assert (scores.argmax(axis=1) == labels).mean() >= 0.9
