@@ -45,7 +45,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, machine_line, publish, timed, update_docs  # noqa: E402
+from common import RESULTS, machine, machine_line, publish, timed, update_docs, write_result  # noqa: E402
 from match import dc_r_at_1, r_at_1, split_training  # noqa: E402
 
 import diffscore  # noqa: E402
@@ -140,12 +140,53 @@ def render_clip(result: dict, info: dict) -> list[str]:
                      f"{r['denoising_loss']:.4f} |")
     trained = [r for r in result["rows"] if "steps_run" in r]
     load = result["load_average"]
+    if "parity" in result:
+        p = result["parity"]
+        table += ["", f"Parity of the served CLIP path ({p['run']}, {p['images']} held-out digits × the run's 10 "
+                  "captions, ONNX engine against transformers' CLIPModel in torch):"]
+        table += [f"`{c['verdict']}`" for c in p["checks"]]
     return table + ["", f"One run of `bench/finetune.py --clip {result['clip']}`: {result['images']} held-out digits, "
                     f"≤ {result['train_steps']} steps per run (validation every 25 steps on 2 training pairs per "
                     "class; "
                     f"steps run: {', '.join(str(r['steps_run']) for r in trained)}; best (kept) step: "
                     f"{', '.join(str(r['best_step']) for r in trained)}), torch 1 thread; load average "
                     f"{load['before']:.1f} before, {load['end']:.1f} at the end; {machine_line(info)}."]
+
+
+def clip_parity(engine_dir: Path, images) -> list[dict]:
+    """`diffscore parity`'s CLIP check on every held-out image: the served scores against transformers' CLIP (fp32
+    max relative error) and the top-1 caption decisions (agreement), per backend."""
+    from diffscore.engine.manifest import Manifest
+    from diffscore.export.clip_itc import clip_itc_parity
+
+    return [{"verdict": str(v), "passed": v.passed, "measured": v.measured, "decisions": v.decisions}
+            for v in clip_itc_parity(engine_dir, Manifest.load(engine_dir), images)]
+
+
+def parity_only(args) -> None:
+    """One run (K = max shots, ITC+IS+RSC, the first CLIP lr), its engine's parity on every held-out digit, merged into
+    the stored bench/results/finetune_clip.json (for a result made before the parity check was part of the run)."""
+    from diffscore.export.onnx_export import export_engine
+    from diffscore.reference.finetune import FinetuneConfig, finetune
+    from diffscore.reference.prompt_learning import Pairs
+
+    split = load_digits_split()
+    _, rest = split_training(split)
+    pairs = Pairs([split.train_images[i] for i in rest],
+                  [caption(int(split.train_labels[i]), DEFAULT_TEMPLATE) for i in rest])
+    work = Path(tempfile.mkdtemp(prefix="bench-finetune-clip-parity-"))
+    cfg = FinetuneConfig(shots=max(args.shots), steps=args.train_steps, seed=SEED, clip=str(args.clip),
+                         clip_lr=args.clip_lrs[0])
+    finetune(DEMO_MODEL, pairs, work / "run", cfg, progress=True)
+    engine_dir = export_engine(DEMO_MODEL, work / "engine", adapters=work / "run", show_progress=False)
+    stored = json.loads((RESULTS / "finetune_clip.json").read_text())
+    stored["parity"] = {"run": f"K={cfg.shots} ITC+IS+RSC, CLIP lr {cfg.clip_lr:g}",
+                        "checks": clip_parity(engine_dir, list(split.test_images)), "images": len(split.test_images)}
+    write_result("finetune_clip", {k: v for k, v in stored.items() if k not in ("benchmark", "date", "machine")})
+    table = render_clip(stored, stored["machine"])
+    print("\n".join(table))
+    if args.update_docs:
+        update_docs("finetune_clip", "\n".join(table))
 
 
 def clip_main(args) -> None:
@@ -193,7 +234,8 @@ def clip_main(args) -> None:
                              **row, "steps_run": run["steps_run"], "best_step": run["best_step"],
                              "train_s": run["wall_time_s"]})
                 print(json.dumps(rows[-1]), flush=True)
-    result = {"clip": str(args.clip), "images": len(images), "template": DEFAULT_TEMPLATE,
+    parity = {"run": f"K={k} {name}, CLIP lr {lr:g}", "checks": clip_parity(engine_dir, images), "images": len(images)}
+    result = {"clip": str(args.clip), "images": len(images), "template": DEFAULT_TEMPLATE, "parity": parity,
               "unseen_templates": unseen_templates(), "seed": SEED, "train_steps": args.train_steps,
               "denoising_timesteps_per_image": DENOISE_T, "rows": rows, "torch_threads": 1,
               "load_average": {"before": load_before, "end": os.getloadavg()[0]}}
@@ -212,6 +254,8 @@ def main() -> None:
     parser.add_argument("--clip", type=Path, default=None, help="UniDiff with this CLIP folder (finetune --clip) "
                         "instead: writes finetune_clip.json")
     parser.add_argument("--clip-lrs", type=float, nargs="+", default=list(CLIP_LRS), help="--clip: CLIP learning rates")
+    parser.add_argument("--parity-only", action="store_true", help="--clip: one run's parity on every held-out digit, "
+                        "merged into the stored finetune_clip.json")
     args = parser.parse_args()
     if args.render_only:
         name = "finetune_clip" if args.clip else "finetune"
@@ -222,7 +266,7 @@ def main() -> None:
             update_docs(name, "\n".join(table))
         return
     if args.clip:
-        return clip_main(args)
+        return parity_only(args) if args.parity_only else clip_main(args)
 
     import torch
 
