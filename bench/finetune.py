@@ -58,6 +58,19 @@ SEED = 0
 DENOISE_T = 4  # seeded (t, ε) per held-out image for the denoising loss
 
 
+def bench_data(limit: int | None):
+    """(held-out images, labels, their captions, the fine-tuning pairs): the test split (its first `limit`), and the
+    training split minus bench/match.py's validation slice, captioned with the default template."""
+    from diffscore.reference.prompt_learning import Pairs
+
+    split = load_digits_split()
+    images, labels = list(split.test_images)[:limit], split.test_labels[:limit]
+    _, rest = split_training(split)  # bench/match.py's validation slice stays out
+    pairs = Pairs([split.train_images[i] for i in rest],
+                  [caption(int(split.train_labels[i]), DEFAULT_TEMPLATE) for i in rest])
+    return images, labels, [caption(int(y), DEFAULT_TEMPLATE) for y in labels], pairs
+
+
 def accuracy(engine, images, labels, **options) -> float:
     """10-way held-out classification: the class caption with the best match score."""
     scores = np.asarray(engine.match(images, [caption(c, DEFAULT_TEMPLATE) for c in range(10)], seed=SEED, **options))
@@ -168,12 +181,8 @@ def parity_only(args) -> None:
     the stored bench/results/finetune_clip.json (for a result made before the parity check was part of the run)."""
     from diffscore.export.onnx_export import export_engine
     from diffscore.reference.finetune import FinetuneConfig, finetune
-    from diffscore.reference.prompt_learning import Pairs
 
-    split = load_digits_split()
-    _, rest = split_training(split)
-    pairs = Pairs([split.train_images[i] for i in rest],
-                  [caption(int(split.train_labels[i]), DEFAULT_TEMPLATE) for i in rest])
+    images, _, _, pairs = bench_data(None)
     work = Path(tempfile.mkdtemp(prefix="bench-finetune-clip-parity-"))
     cfg = FinetuneConfig(shots=max(args.shots), steps=args.train_steps, seed=SEED, clip=str(args.clip),
                          clip_lr=args.clip_lrs[0])
@@ -181,7 +190,7 @@ def parity_only(args) -> None:
     engine_dir = export_engine(DEMO_MODEL, work / "engine", adapters=work / "run", show_progress=False)
     stored = json.loads((RESULTS / "finetune_clip.json").read_text())
     stored["parity"] = {"run": f"K={cfg.shots} ITC+IS+RSC, CLIP lr {cfg.clip_lr:g}",
-                        "checks": clip_parity(engine_dir, list(split.test_images)), "images": len(split.test_images)}
+                        "checks": clip_parity(engine_dir, images), "images": len(images)}
     write_result("finetune_clip", {k: v for k, v in stored.items() if k not in ("benchmark", "date", "machine")})
     table = render_clip(stored, stored["machine"])
     print("\n".join(table))
@@ -197,18 +206,10 @@ def clip_main(args) -> None:
     from diffscore.reference.clip_finetune import clip_image_embeddings, clip_similarity
     from diffscore.reference.finetune import FinetuneConfig, denoising_loss, finetune
     from diffscore.reference.loading import load_components
-    from diffscore.reference.prompt_learning import Pairs
 
     torch.set_num_threads(1)
     load_before = os.getloadavg()[0]
-    split = load_digits_split()
-    images, labels = list(split.test_images), split.test_labels
-    if args.limit:
-        images, labels = images[: args.limit], labels[: args.limit]
-    held_captions = [caption(int(y), DEFAULT_TEMPLATE) for y in labels]
-    _, rest = split_training(split)  # bench/match.py's validation slice stays out
-    pairs = Pairs([split.train_images[i] for i in rest],
-                  [caption(int(split.train_labels[i]), DEFAULT_TEMPLATE) for i in rest])
+    images, labels, held_captions, pairs = bench_data(args.limit)
     work = Path(tempfile.mkdtemp(prefix="bench-finetune-clip-"))
     base_loss = denoising_loss(load_components(DEMO_MODEL), images, held_captions, DENOISE_T, SEED)
     rows = [{"method": "shipped CLIP, not fine-tuned", "shots": 0, "denoising_loss": base_loss,
@@ -273,17 +274,10 @@ def main() -> None:
     from diffscore.export.onnx_export import export_engine
     from diffscore.reference.finetune import FinetuneConfig, denoising_loss, finetune
     from diffscore.reference.loading import load_components
-    from diffscore.reference.prompt_learning import Pairs
 
     torch.set_num_threads(1)  # measured: 2 threads on the shared 2-core box ran a step 12x slower than 1
     load_before = os.getloadavg()[0]
-    split = load_digits_split()
-    images, labels = list(split.test_images), split.test_labels
-    if args.limit:
-        images, labels = images[: args.limit], labels[: args.limit]
-    held_captions = [caption(int(y), DEFAULT_TEMPLATE) for y in labels]
-    _, rest = split_training(split)  # bench/match.py's validation slice stays out
-    pairs = Pairs([split.train_images[i] for i in rest], [caption(int(split.train_labels[i]), DEFAULT_TEMPLATE) for i in rest])
+    images, labels, held_captions, pairs = bench_data(args.limit)
     work = Path(tempfile.mkdtemp(prefix="bench-finetune-"))
     rows, timing = [], {}
 

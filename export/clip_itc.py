@@ -22,23 +22,15 @@ from diffscore.reference.clip_finetune import CLIP_SUBDIR, image_features, load_
 TOKENIZER_FILE = "clip_tokenizer.json"
 
 
-class ClipImageGraph(nn.Module):
-    def __init__(self, clip):
+class ClipTowerGraph(nn.Module):
+    """One CLIP tower: its input -> (the L2-normalised embedding, CLIPModel.get_*_features)."""
+
+    def __init__(self, clip, features):
         super().__init__()
-        self.clip = clip
+        self.clip, self.features = clip, features  # features: image_features or text_features
 
-    def forward(self, pixel_values):
-        f = image_features(self.clip, pixel_values)
-        return F.normalize(f, dim=-1), f
-
-
-class ClipTextGraph(nn.Module):
-    def __init__(self, clip):
-        super().__init__()
-        self.clip = clip
-
-    def forward(self, input_ids):
-        f = text_features(self.clip, input_ids)
+    def forward(self, x):
+        f = self.features(self.clip, x)
         return F.normalize(f, dim=-1), f
 
 
@@ -51,9 +43,9 @@ def clip_itc_contracts(run: dict, run_dir: Path) -> tuple[dict, ItcSpec]:
     ids = torch.full((2, L), int(clip.config.text_config.eos_token_id or 0), dtype=torch.long)
     ids[:, 0] = int(clip.config.text_config.bos_token_id or 0)
     contracts = {
-        "itc_image": (ClipImageGraph(clip).eval(), (torch.randn(2, C, S, S),),
+        "itc_image": (ClipTowerGraph(clip, image_features).eval(), (torch.randn(2, C, S, S),),
                       [TensorSpec("pixel_values", "float32", [BATCH, C, S, S])], out),
-        "itc_text": (ClipTextGraph(clip).eval(), (ids,), [TensorSpec("input_ids", "int64", [BATCH, L])], out),
+        "itc_text": (ClipTowerGraph(clip, text_features).eval(), (ids,), [TensorSpec("input_ids", "int64", [BATCH, L])], out),
     }
     record = ItcSpec(image_graph="itc_image", text_graph="itc_text", noise_step=int(cfg["noise_step"]),
                      seed=int(cfg["seed"]), blocks=list(cfg["blocks"]), dim=dim, objectives=list(cfg["objectives"]),
