@@ -910,7 +910,8 @@ def finetune_command(
     objectives: str = typer.Option("itc,is,rsc", help="comma-separated subset of itc (image-text contrastive), is "
                                    "(denoising loss) and rsc (consistency of the contrastive and diffusion branches)"),
     shots: int = typer.Option(..., "--shots", "-k", min=1, help="training pairs per class (a class = a distinct caption)"),
-    out_dir: Path = typer.Option(..., "--out", help="run directory: adapter.safetensors, itc_heads.safetensors, training_log.json"),
+    out_dir: Path = typer.Option(..., "--out", help="run directory: adapter.safetensors, itc_heads.safetensors, training_log.json "
+                                 "(with --clip: clip/ and rsc_head.safetensors instead of itc_heads)"),
     train_steps: int = typer.Option(300, "--train-steps", min=1, help="optimiser steps at most (early stopping may end sooner)"),
     lr: float = typer.Option(3e-3, min=0.0, help="AdamW learning rate of the LoRA and the projections"),
     batch_size: int = typer.Option(32, min=1, help="images per step (the contrastive batch)"),

@@ -85,5 +85,5 @@ def match_itc(engine, images, texts: list[str], batch_size: int | None = None, p
     z_text = text_embeddings(engine, texts)
     z_image = image_embeddings(engine, images, batch_size, progress)
     scores = z_image.astype(np.float64) @ z_text.astype(np.float64).T
-    return MatchResult(scores, texts, MatchOptions((spec.noise_step,), 0.0, spec.seed, None, engine.backend, "fp32",
-                                                   method="itc"))
+    steps = () if spec.kind == "clip" else (spec.noise_step,)  # CLIP's towers see the image itself, no noise
+    return MatchResult(scores, texts, MatchOptions(steps, 0.0, spec.seed, None, engine.backend, "fp32", method="itc"))

@@ -154,6 +154,7 @@ def test_cli_finetune_clip_exports_clip_towers(clip_run, clip_dir, capsys):
               "--method", "itc", "-f", "json", "-b", "ort-cpu"])
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 2 and rows[0]["options"]["method"] == "itc" and set(rows[0]["scores"]) == {"zero", "one"}
+    assert rows[0]["options"]["timesteps"] == []  # no noise step: CLIP sees the image itself
 
 
 def test_served_clip_features_equal_transformers(clip_run):
