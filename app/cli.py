@@ -409,8 +409,9 @@ def info(engine: Path = typer.Argument(..., help="engine directory"),
             if h.training is not None:
                 say(f"  {h.training.describe()}")
         if m.itc is not None:
-            say(f"itc (match --method itc): {', '.join(m.itc.blocks)} at step {m.itc.noise_step}, {m.itc.dim}-d, "
-                f"trained with {'+'.join(m.itc.objectives)}")
+            where = (f"CLIP towers ({m.itc.image_size}x{m.itc.image_size} images, {m.itc.max_length} tokens)"
+                     if m.itc.kind == "clip" else f"{', '.join(m.itc.blocks)} at step {m.itc.noise_step}")
+            say(f"itc (match --method itc): {where}, {m.itc.dim}-d, trained with {'+'.join(m.itc.objectives)}")
         say(f"defaults: {json.dumps(dataclasses.asdict(m.defaults))}")
         if m.diffdis is not None:
             d = m.diffdis
@@ -909,7 +910,8 @@ def finetune_command(
     objectives: str = typer.Option("itc,is,rsc", help="comma-separated subset of itc (image-text contrastive), is "
                                    "(denoising loss) and rsc (consistency of the contrastive and diffusion branches)"),
     shots: int = typer.Option(..., "--shots", "-k", min=1, help="training pairs per class (a class = a distinct caption)"),
-    out_dir: Path = typer.Option(..., "--out", help="run directory: adapter.safetensors, itc_heads.safetensors, training_log.json"),
+    out_dir: Path = typer.Option(..., "--out", help="run directory: adapter.safetensors, itc_heads.safetensors, training_log.json "
+                                 "(with --clip: clip/ and rsc_head.safetensors instead of itc_heads)"),
     train_steps: int = typer.Option(300, "--train-steps", min=1, help="optimiser steps at most (early stopping may end sooner)"),
     lr: float = typer.Option(3e-3, min=0.0, help="AdamW learning rate of the LoRA and the projections"),
     batch_size: int = typer.Option(32, min=1, help="images per step (the contrastive batch)"),
@@ -920,10 +922,16 @@ def finetune_command(
     seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed of the shots, noise, timesteps and initialisation"),
     overwrite: bool = typer.Option(False, help="replace an existing run directory's weights"),
     threads: Optional[int] = ThreadsOpt,
+    clip: Optional[Path] = typer.Option(None, "--clip", help="a local transformers CLIPModel folder: ITC on its image and "
+                                        "text towers (trained in full), RSC between its image features and the UNet's "
+                                        "(UniDiff as published; models/demo-clip for the demo)"),
+    clip_lr: float = typer.Option(1e-4, "--clip-lr", min=0.0, help="AdamW learning rate of the CLIP towers (--clip)"),
 ):
     """UniDiff-style fine-tuning: LoRA + projections with ITC, IS and RSC (then `export --adapters RUN`, `match --method itc`)."""
     if demo == (data is not None):
         raise UsageMistake("give exactly one of --data PAIRS.jsonl or --demo")
+    if clip is not None and not clip.is_dir():
+        raise UsageMistake(f"--clip expects a local CLIPModel folder, got {clip} (no such folder)")
     noise_step = one_step(noise_steps)
     require_torch("finetune")
     set_threads(threads)
@@ -933,7 +941,8 @@ def finetune_command(
 
     cfg = check_config(FinetuneConfig(objectives=tuple(split(objectives) or ()), shots=shots, steps=train_steps, lr=lr,
                                       batch_size=batch_size, blocks=split(blocks) or [], noise_step=noise_step,
-                                      val_shots=val_shots, seed=seed))
+                                      val_shots=val_shots, seed=seed, clip=None if clip is None else str(clip),
+                                      clip_lr=clip_lr))
     pairs = demo_pairs() if demo else read_pairs(data)
     run = finetune(model, pairs, out_dir, cfg, overwrite=overwrite)
     stop = f", stopped early, best step {run['best_step']}" if run["stopped_early"] else ""

@@ -15,6 +15,19 @@ validation slice; early stopping uses 2 more training pairs per class. Fine-tuni
 any run; DSD prompt-learning figures are bench/match.py's own (bench/results/match*.json), cited, not rerun.
 
 Writes bench/results/finetune.json; --update-docs fills docs/benchmarks.md's <!-- bench:finetune --> section.
+
+With --clip CLIP_DIR (issue 30: UniDiff as published, `finetune --clip`), one run of the CLIP ablations instead:
+ITC / ITC+IS / ITC+IS+RSC at K = 1, 5, 10 and each --clip-lrs value (the default 1e-4 and a 10x stress setting,
+both fixed before any run), served from the exported engine (`match(method="itc")` on the fine-tuned CLIP
+towers, ONNX Runtime CPU). Per run: R@1 (bench/match.py's 5-caption task) and 10-way accuracy with the
+fine-tuning captions' template; the same accuracy averaged over the 7 training templates the fine-tuning never
+saw (retrieval of unseen captions: the shipped CLIP knew them); semantic collapse as the held-out image
+embeddings' mean pairwise cosine (1 = one point) and effective rank (exp of the entropy of the centred
+embeddings' normalised singular values); the held-out denoising loss of the UNet (torch). The shipped CLIP
+before fine-tuning is the first row (scored in torch: parity puts the engine within 1e-6 of it).
+
+    .venv/bin/python bench/finetune.py --clip models/demo-clip [--update-docs]
+    (writes bench/results/finetune_clip.json and docs/methods.md's <!-- bench:finetune_clip --> section)
 """
 
 from __future__ import annotations
@@ -43,6 +56,19 @@ SHOTS = (1, 5, 10)
 ABLATIONS = (("itc",), ("itc", "is"), ("itc", "is", "rsc"))
 SEED = 0
 DENOISE_T = 4  # seeded (t, ε) per held-out image for the denoising loss
+
+
+def bench_data(limit: int | None):
+    """(held-out images, labels, their captions, the fine-tuning pairs): the test split (its first `limit`), and the
+    training split minus bench/match.py's validation slice, captioned with the default template."""
+    from diffscore.reference.prompt_learning import Pairs
+
+    split = load_digits_split()
+    images, labels = list(split.test_images)[:limit], split.test_labels[:limit]
+    _, rest = split_training(split)  # bench/match.py's validation slice stays out
+    pairs = Pairs([split.train_images[i] for i in rest],
+                  [caption(int(split.train_labels[i]), DEFAULT_TEMPLATE) for i in rest])
+    return images, labels, [caption(int(y), DEFAULT_TEMPLATE) for y in labels], pairs
 
 
 def accuracy(engine, images, labels, **options) -> float:
@@ -79,6 +105,144 @@ def render(result: dict, info: dict) -> list[str]:
         f"{machine_line(info)}."]
 
 
+# --- UniDiff with CLIP (--clip) ----------------------------------------------------------------------
+CLIP_LRS = (1e-4, 1e-3)  # `finetune --clip-lr`: its default, and 10x as a stress setting where collapse is likelier
+
+
+def unseen_templates() -> list[str]:
+    """The demo's training templates other than the fine-tuning captions' (DEFAULT_TEMPLATE, with the word)."""
+    from diffscore.app.digits import TRAIN_TEMPLATES
+
+    return [t for t in TRAIN_TEMPLATES if caption(7, t) != caption(7, DEFAULT_TEMPLATE)]
+
+
+def collapse(z: np.ndarray) -> dict:
+    """Spread of L2-normalised embeddings: mean pairwise cosine (1 = collapsed to a point) and effective rank of
+    the centred embeddings (Roy & Vetterli 2007: exp of the entropy of the normalised singular values)."""
+    n = len(z)
+    mean_cos = float(((z @ z.T).sum() - n) / (n * (n - 1)))
+    s = np.linalg.svd(z - z.mean(axis=0), compute_uv=False)
+    p = s / s.sum()
+    return {"mean_pairwise_cosine": mean_cos, "effective_rank": float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))}
+
+
+def clip_row(scorer, embed, images, labels) -> dict:
+    """The CLIP metrics of one model: scorer(images, texts) -> (N, T) scores; embed(images) -> (N, d) unit rows."""
+    class Matcher:  # bench/match.py's r_at_1 calls engine.match(images, texts, seed=...)
+        def match(self, imgs, texts, **_):
+            return scorer(imgs, texts)
+
+    def acc(template):
+        scores = np.asarray(scorer(images, [caption(c, template) for c in range(10)]))
+        return float((scores.argmax(axis=1) == labels).mean())
+
+    unseen = {t: acc(t) for t in unseen_templates()}
+    return {"r_at_1": r_at_1(Matcher(), images, labels)[0], "accuracy_seen": acc(DEFAULT_TEMPLATE),
+            "accuracy_unseen": float(np.mean(list(unseen.values()))), "accuracy_unseen_per_template": unseen,
+            **collapse(np.asarray(embed(images), dtype=np.float64))}
+
+
+def render_clip(result: dict, info: dict) -> list[str]:
+    table = ["| model | CLIP lr | K | R@1 (5 captions) | accuracy, seen captions | accuracy, unseen captions | "
+             "mean pairwise cosine | effective rank | held-out denoising loss |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lr = f"{r['clip_lr']:g}" if r.get("clip_lr") else "–"
+        table.append(f"| {r['method']} | {lr} | {r['shots'] or '–'} | {r['r_at_1']:.2%} | {r['accuracy_seen']:.2%} | "
+                     f"{r['accuracy_unseen']:.2%} | {r['mean_pairwise_cosine']:.3f} | {r['effective_rank']:.2f} | "
+                     f"{r['denoising_loss']:.4f} |")
+    trained = [r for r in result["rows"] if "steps_run" in r]
+    load = result["load_average"]
+    if "parity" in result:
+        p = result["parity"]
+        table += ["", f"Parity of the served CLIP path ({p['run']}, {p['images']} held-out digits × the run's 10 "
+                  "captions, ONNX engine against transformers' CLIPModel in torch):"]
+        table += [f"- `{c['verdict']}`" for c in p["checks"]]
+    return table + ["", f"One run of `bench/finetune.py --clip {result['clip']}`: {result['images']} held-out digits, "
+                    f"≤ {result['train_steps']} steps per run (validation every 25 steps on 2 training pairs per "
+                    "class; "
+                    f"steps run: {', '.join(str(r['steps_run']) for r in trained)}; best (kept) step: "
+                    f"{', '.join(str(r['best_step']) for r in trained)}), torch 1 thread; load average "
+                    f"{load['before']:.1f} before, {load['end']:.1f} at the end; {machine_line(info)}."]
+
+
+def clip_parity(engine_dir: Path, images) -> list[dict]:
+    """`diffscore parity`'s CLIP check on every held-out image: the served scores against transformers' CLIP (fp32
+    max relative error) and the top-1 caption decisions (agreement), per backend."""
+    from diffscore.engine.manifest import Manifest
+    from diffscore.export.clip_itc import clip_itc_parity
+
+    return [{"verdict": str(v), "passed": v.passed, "measured": v.measured, "decisions": v.decisions}
+            for v in clip_itc_parity(engine_dir, Manifest.load(engine_dir), images)]
+
+
+def parity_only(args) -> None:
+    """One run (K = max shots, ITC+IS+RSC, the first CLIP lr), its engine's parity on every held-out digit, merged into
+    the stored bench/results/finetune_clip.json (for a result made before the parity check was part of the run)."""
+    from diffscore.export.onnx_export import export_engine
+    from diffscore.reference.finetune import FinetuneConfig, finetune
+
+    images, _, _, pairs = bench_data(None)
+    work = Path(tempfile.mkdtemp(prefix="bench-finetune-clip-parity-"))
+    cfg = FinetuneConfig(shots=max(args.shots), steps=args.train_steps, seed=SEED, clip=str(args.clip),
+                         clip_lr=args.clip_lrs[0])
+    finetune(DEMO_MODEL, pairs, work / "run", cfg, progress=True)
+    engine_dir = export_engine(DEMO_MODEL, work / "engine", adapters=work / "run", show_progress=False)
+    stored = json.loads((RESULTS / "finetune_clip.json").read_text())
+    stored["parity"] = {"run": f"K={cfg.shots} ITC+IS+RSC, CLIP lr {cfg.clip_lr:g}",
+                        "checks": clip_parity(engine_dir, images), "images": len(images), "machine": machine()}
+    (RESULTS / "finetune_clip.json").write_text(json.dumps(stored, indent=1))  # the main run's machine and date kept
+    table = render_clip(stored, stored["machine"])
+    print("\n".join(table))
+    if args.update_docs:
+        update_docs("finetune_clip", "\n".join(table))
+
+
+def clip_main(args) -> None:
+    import torch
+
+    from diffscore.engine.itc import image_embeddings
+    from diffscore.export.onnx_export import export_engine
+    from diffscore.reference.clip_finetune import clip_image_embeddings, clip_similarity
+    from diffscore.reference.finetune import FinetuneConfig, denoising_loss, finetune
+    from diffscore.reference.loading import load_components
+
+    torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]
+    images, labels, held_captions, pairs = bench_data(args.limit)
+    work = Path(tempfile.mkdtemp(prefix="bench-finetune-clip-"))
+    base_loss = denoising_loss(load_components(DEMO_MODEL), images, held_captions, DENOISE_T, SEED)
+    rows = [{"method": "shipped CLIP, not fine-tuned", "shots": 0, "denoising_loss": base_loss,
+             **clip_row(lambda i, t: clip_similarity(args.clip, i, t), lambda i: clip_image_embeddings(args.clip, i),
+                        images, labels)}]
+    print(json.dumps(rows[-1]), flush=True)
+    for lr in args.clip_lrs:
+        for k in args.shots:
+            for objectives in ABLATIONS:
+                name = "+".join(o.upper() for o in objectives)
+                tag = f"lr{lr:g}-k{k}-{'-'.join(objectives)}"
+                comp = load_components(DEMO_MODEL)
+                cfg = FinetuneConfig(objectives=objectives, shots=k, steps=args.train_steps, seed=SEED,
+                                     clip=str(args.clip), clip_lr=lr)
+                run = finetune(DEMO_MODEL, pairs, work / f"run-{tag}", cfg, progress=True, comp=comp)
+                loss = denoising_loss(comp, images, held_captions, DENOISE_T, SEED)  # the LoRA active, unmerged
+                engine_dir = export_engine(DEMO_MODEL, work / f"engine-{tag}", adapters=work / f"run-{tag}",
+                                           show_progress=False)
+                with diffscore.load(engine_dir, backend="ort-cpu") as engine:
+                    row = clip_row(lambda i, t: engine.match(i, t, method="itc").scores,
+                                   lambda i: image_embeddings(engine, i), images, labels)
+                rows.append({"method": f"UniDiff {name} with CLIP", "clip_lr": lr, "shots": k, "denoising_loss": loss,
+                             **row, "steps_run": run["steps_run"], "best_step": run["best_step"],
+                             "train_s": run["wall_time_s"]})
+                print(json.dumps(rows[-1]), flush=True)
+    parity = {"run": f"K={k} {name}, CLIP lr {lr:g}", "checks": clip_parity(engine_dir, images), "images": len(images)}
+    result = {"clip": str(args.clip), "images": len(images), "template": DEFAULT_TEMPLATE, "parity": parity,
+              "unseen_templates": unseen_templates(), "seed": SEED, "train_steps": args.train_steps,
+              "denoising_timesteps_per_image": DENOISE_T, "rows": rows, "torch_threads": 1,
+              "load_average": {"before": load_before, "end": os.getloadavg()[0]}}
+    publish("finetune_clip", result, render_clip(result, machine()), args.update_docs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N held-out images (default: all)")
@@ -88,31 +252,32 @@ def main() -> None:
                         "per image; bench/match.py row (d) has it)")
     parser.add_argument("--update-docs", action="store_true")
     parser.add_argument("--render-only", action="store_true", help="re-render bench/results/finetune.json, no run")
+    parser.add_argument("--clip", type=Path, default=None, help="UniDiff with this CLIP folder (finetune --clip) "
+                        "instead: writes finetune_clip.json")
+    parser.add_argument("--clip-lrs", type=float, nargs="+", default=list(CLIP_LRS), help="--clip: CLIP learning rates")
+    parser.add_argument("--parity-only", action="store_true", help="--clip: one run's parity on every held-out digit, "
+                        "merged into the stored finetune_clip.json")
     args = parser.parse_args()
     if args.render_only:
-        stored = json.loads((RESULTS / "finetune.json").read_text())
-        table = render(stored, stored["machine"])
+        name = "finetune_clip" if args.clip else "finetune"
+        stored = json.loads((RESULTS / f"{name}.json").read_text())
+        table = (render_clip if args.clip else render)(stored, stored["machine"])
         print("\n".join(table))
         if args.update_docs:
-            update_docs("finetune", "\n".join(table))
+            update_docs(name, "\n".join(table))
         return
+    if args.clip:
+        return parity_only(args) if args.parity_only else clip_main(args)
 
     import torch
 
     from diffscore.export.onnx_export import export_engine
     from diffscore.reference.finetune import FinetuneConfig, denoising_loss, finetune
     from diffscore.reference.loading import load_components
-    from diffscore.reference.prompt_learning import Pairs
 
     torch.set_num_threads(1)  # measured: 2 threads on the shared 2-core box ran a step 12x slower than 1
     load_before = os.getloadavg()[0]
-    split = load_digits_split()
-    images, labels = list(split.test_images), split.test_labels
-    if args.limit:
-        images, labels = images[: args.limit], labels[: args.limit]
-    held_captions = [caption(int(y), DEFAULT_TEMPLATE) for y in labels]
-    _, rest = split_training(split)  # bench/match.py's validation slice stays out
-    pairs = Pairs([split.train_images[i] for i in rest], [caption(int(split.train_labels[i]), DEFAULT_TEMPLATE) for i in rest])
+    images, labels, held_captions, pairs = bench_data(args.limit)
     work = Path(tempfile.mkdtemp(prefix="bench-finetune-"))
     rows, timing = [], {}
 

@@ -3,13 +3,17 @@
 One UNet pass per image (the image noised once at the run's step with its fixed ε, through the
 ``itc_image`` graph) and one text-encoder pass per text (+ the ``itc_text`` projection); the score is
 the cosine similarity of the two L2-normalised embeddings. No timesteps, no candidates × timesteps
-grid: this is the fast matching path, at the price of training (reference/finetune.py)."""
+grid: this is the fast matching path, at the price of training (reference/finetune.py).
+
+A `finetune --clip` run (manifest ``itc.kind == "clip"``) ships its fine-tuned CLIP towers instead: one vision
+pass per image (CLIP's own pixels: resize + centre crop, normalised with the record's mean and std) and one
+text-tower pass per text (the record's CLIP tokenizer); no UNet, no noise (export/clip_itc.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from diffscore.engine.images import IMAGE_WINDOW, count_images, image_windows
+from diffscore.engine.images import IMAGE_WINDOW, count_images, image_windows, preprocess_batch
 from diffscore.engine.options import check_count, check_labels
 from diffscore.engine.progress import progress_bar
 from diffscore.engine.results import MatchOptions, MatchResult
@@ -20,8 +24,30 @@ from diffscore.kernels import add_noise, shared_noise
 def text_embeddings(engine, texts: list[str]) -> np.ndarray:
     """(T, dim) L2-normalised text embeddings."""
     spec = engine.manifest.itc
+    if spec.kind == "clip":
+        ids = np.array([e.ids for e in clip_tokenizer(engine).encode_batch(list(texts))], dtype=np.int64)
+        return engine.graph_runner(spec.text_graph).infer({"input_ids": ids})["embedding"]
     hidden = engine.encode_text(texts)
     return engine.graph_runner(spec.text_graph).infer({"last_hidden_state": hidden})["embedding"]
+
+
+def clip_tokenizer(engine):
+    """The CLIP run's tokenizer (read once per engine)."""
+    tok = getattr(engine, "_itc_clip_tokenizer", None)
+    if tok is None:
+        from diffscore.engine.conditioning import read_tokenizer
+
+        tok = engine._itc_clip_tokenizer = read_tokenizer(engine.engine_dir, engine.manifest.itc.tokenizer,
+                                                          "ITC tokenizer")
+    return tok
+
+
+def clip_pixels(window, spec) -> np.ndarray:
+    """(N, C, S, S) float32 pixel_values: the engine's resize + centre crop in [-1, 1], then CLIP's normalisation."""
+    x = preprocess_batch(window, spec.image_size, spec.image_channels)
+    mean = np.asarray(spec.image_mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(spec.image_std, dtype=np.float32).reshape(1, -1, 1, 1)
+    return ((x + 1) / 2 - mean) / std
 
 
 def image_embeddings(engine, images, batch_size: int | None = None, progress: bool = False) -> np.ndarray:
@@ -33,11 +59,15 @@ def image_embeddings(engine, images, batch_size: int | None = None, progress: bo
     chunks = []
     with progress_bar("match itc", count_images(images), progress) as advance:
         for window in image_windows(images, max(step, IMAGE_WINDOW)):
-            x0 = engine.encode_images(window)
-            xt = np.concatenate([add_noise(x, eps, engine.alphas_cumprod, [spec.noise_step]) for x in x0])
-            for lo in range(0, len(xt), step):
-                chunks.append(runner.infer({"sample": xt[lo : lo + step]})["embedding"])
-            advance(len(x0))
+            if spec.kind == "clip":
+                feed_name, x = "pixel_values", clip_pixels(window, spec)
+            else:
+                x0 = engine.encode_images(window)
+                feed_name = "sample"
+                x = np.concatenate([add_noise(x, eps, engine.alphas_cumprod, [spec.noise_step]) for x in x0])
+            for lo in range(0, len(x), step):
+                chunks.append(runner.infer({feed_name: x[lo : lo + step]})["embedding"])
+            advance(len(x))
     if not chunks:
         raise EngineError("no images given")
     return np.concatenate(chunks)
@@ -55,5 +85,5 @@ def match_itc(engine, images, texts: list[str], batch_size: int | None = None, p
     z_text = text_embeddings(engine, texts)
     z_image = image_embeddings(engine, images, batch_size, progress)
     scores = z_image.astype(np.float64) @ z_text.astype(np.float64).T
-    return MatchResult(scores, texts, MatchOptions((spec.noise_step,), 0.0, spec.seed, None, engine.backend, "fp32",
-                                                   method="itc"))
+    steps = () if spec.kind == "clip" else (spec.noise_step,)  # CLIP's towers see the image itself, no noise
+    return MatchResult(scores, texts, MatchOptions(steps, 0.0, spec.seed, None, engine.backend, "fp32", method="itc"))

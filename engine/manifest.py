@@ -216,6 +216,14 @@ class ItcSpec:
     dim: int
     objectives: list[str] = field(default_factory=list)  # what the run trained with (itc, is, rsc)
     run: str = ""  # the run directory it came from
+    # kind "clip" (`finetune --clip`): the graphs are the run's CLIP towers, fed CLIP's inputs (engine/itc.py)
+    kind: str = "unet"  # unet: x_t -> embedding, text encoder states -> embedding | clip: pixel_values, input_ids
+    tokenizer: str | None = None  # clip: the CLIP tokenizer file (padding to max_length baked in)
+    max_length: int = 0  # clip: tokens per text
+    image_size: int = 0  # clip: the vision tower's square input
+    image_channels: int = 0
+    image_mean: list[float] = field(default_factory=list)  # clip: pixel_values = ((x + 1) / 2 - mean) / std
+    image_std: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -325,6 +333,8 @@ class Manifest:
             named[self.calibration.file] = "calibration set"
         if self.diffdis is not None:
             named.update({self.diffdis.weights: "DiffDis weights", self.diffdis.config: "DiffDis config"})
+        if self.itc is not None and self.itc.tokenizer:
+            named[self.itc.tokenizer] = "ITC tokenizer"
         return named
 
     def record_file(self, engine_dir: Path, name: str) -> None:

@@ -335,3 +335,18 @@ def check_manifest(m, path: Path) -> None:
         in_range("itc.seed", itc.seed, 0, MAX_SEED)
         in_range("itc.dim", itc.dim, 1, MAX_DIM)
         names("itc.blocks", itc.blocks, empty_ok=False)
+        one_of("itc.kind", itc.kind, ("unet", "clip"))
+        if itc.kind == "clip":  # the CLIP towers' feeds, built from these (engine/itc.py)
+            if not itc.tokenizer:
+                raise bad("itc.tokenizer", itc.tokenizer, "the CLIP tokenizer file of a kind 'clip' record")
+            in_range("itc.max_length", itc.max_length, 1, 1 << 16)
+            in_range("itc.image_size", itc.image_size, 1, 1 << 14)
+            one_of("itc.image_channels", itc.image_channels, (1, 3))
+            for key in ("image_mean", "image_std"):
+                values = getattr(itc, key)
+                if len(values) != itc.image_channels or (key == "image_std" and min(values) <= 0):
+                    raise bad(f"itc.{key}", values, f"{itc.image_channels} per-channel values (std > 0)")
+            pixels = [BATCH, itc.image_channels, itc.image_size, itc.image_size]
+            embedding = {"embedding": ("float32", None)}
+            graph_io(m, itc.image_graph, {"pixel_values": ("float32", pixels)}, embedding)
+            graph_io(m, itc.text_graph, {"input_ids": ("int64", [BATCH, itc.max_length])}, embedding)

@@ -72,6 +72,10 @@ def itc_parity(engine_dir: Path, manifest, comp, images=None, seed: int = 0) -> 
 
     if manifest.itc is None:
         return []
+    if manifest.itc.kind == "clip":  # a `finetune --clip` run: its CLIP towers against transformers'
+        from diffscore.export.clip_itc import clip_itc_parity
+
+        return clip_itc_parity(engine_dir, manifest, images, seed)
     run = read_run_log(manifest.itc.run)
     images = real_images(manifest, 3, np.random.default_rng(seed), images)
     texts = run["captions"][:5]

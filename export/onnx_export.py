@@ -28,6 +28,7 @@ from diffscore.export.atomic import build_dir, check_replaceable
 from diffscore.export.graphs import graph_contracts, head_contract, text_hidden_size
 from diffscore.kernels.dsd import DEFAULT_DSD_PRESET, DSD_PRESETS
 from diffscore.reference.heads import CONFIG as HEAD_CONFIG, WEIGHTS as HEAD_WEIGHTS
+from diffscore.reference.clip_finetune import is_clip_run
 from diffscore.reference.finetune import is_finetune_run, load_run_heads
 from diffscore.reference.loading import Components, load_components
 from diffscore.reference.scoring_unet import ScoringUNet, preset_attention_layers
@@ -82,7 +83,11 @@ def export_engine(
         from diffscore.reference.prompt_learning import apply_adapters
 
         run = apply_adapters(comp, adapters)
-        if is_finetune_run(adapters):  # a `diffscore finetune` run: its ITC heads ship as two graphs
+        if is_clip_run(adapters):  # a `finetune --clip` run: its CLIP towers ship as the ITC graphs
+            from diffscore.export.clip_itc import clip_itc_contracts
+
+            itc_graphs, itc = clip_itc_contracts(run, Path(adapters))
+        elif is_finetune_run(adapters):  # a `diffscore finetune` run: its ITC heads ship as two graphs
             from diffscore.export.itc import itc_contracts
 
             itc_graphs, itc = itc_contracts(comp, load_run_heads(adapters), run, Path(adapters))
@@ -129,6 +134,10 @@ def export_engine(
             write_tokenizer(comp, tmp / "tokenizer.json")
             if comp.tokenizer_2 is not None:
                 write_tokenizer(comp, tmp / "tokenizer_2.json", comp.tokenizer_2)
+            if itc is not None and itc.kind == "clip":
+                from diffscore.export.clip_itc import write_clip_tokenizer
+
+                write_clip_tokenizer(Path(adapters), tmp / itc.tokenizer, itc.max_length)
             for name, (_, config, head_dir) in trained.items():  # weights + config: parity rebuilds the torch head
                 shutil.copyfile(head_dir / HEAD_WEIGHTS, tmp / f"head.{name}.safetensors")
                 shutil.copyfile(head_dir / HEAD_CONFIG, tmp / f"head.{name}.json")

@@ -74,6 +74,8 @@ class FinetuneConfig:
     dim: int = 64  # embedding size
     is_weight: float = 1.0  # loss = itc + is_weight · is + rsc_weight · rsc
     rsc_weight: float = 1.0
+    clip: str | None = None  # a transformers CLIPModel folder: ITC on its towers, RSC against its image features
+    clip_lr: float = 1e-4  # AdamW on the CLIP towers (--clip): full fine-tuning wants a smaller step than a LoRA
     val_shots: int = 2  # validation pairs per caption, drawn from pairs that are not shots (0: no early stopping)
     eval_every: int = 25  # steps between validation checks
     patience: int = 4  # checks without improvement before stopping; the best check's weights are kept
@@ -198,6 +200,8 @@ def check_config(cfg: FinetuneConfig, comp: Components | None = None) -> Finetun
         raise EngineError(f"val_shots must be ≥ 0, got {cfg.val_shots}")
     if not cfg.lr > 0:
         raise EngineError(f"--lr must be > 0, got {cfg.lr}")
+    if not cfg.clip_lr > 0:
+        raise EngineError(f"--clip-lr must be > 0, got {cfg.clip_lr}")
     cfg.objectives = objectives
     if comp is not None:
         check_blocks(comp.unet, cfg.blocks)
@@ -212,17 +216,17 @@ def finetune(model_dir: str | Path, pairs: Pairs, out_dir: str | Path, config: F
 
     `comp` (already loaded) is modified: its UNet gets the LoRA (unmerged)."""
     cfg = check_config(config or FinetuneConfig())
+    if cfg.clip is not None:  # UniDiff with CLIP's towers: reference/clip_finetune.py
+        from diffscore.reference.clip_finetune import finetune_clip
+
+        return finetune_clip(model_dir, pairs, out_dir, cfg, progress=progress, comp=comp, overwrite=overwrite)
     out_dir = Path(out_dir)
     if (out_dir / ADAPTER_FILE).exists() and not overwrite:
         raise EngineError(f"{out_dir} already holds a trained run; pass --overwrite to replace it")
     comp = comp or load_components(model_dir)
     require_sd_conditioning(comp, "finetune")
     check_config(cfg, comp)
-    shots = select_shots(pairs.captions, cfg.shots, cfg.seed)
-    rest = np.setdiff1d(np.arange(len(pairs.captions)), shots)
-    val = rest[select_shots([pairs.captions[i] for i in rest], cfg.val_shots, cfg.seed + 1)] if cfg.val_shots and len(rest) else rest[:0]
-    vocab = list(dict.fromkeys(pairs.captions[i] for i in shots))
-    val = np.array([i for i in val if pairs.captions[i] in vocab], dtype=np.int64)  # captions it trains on
+    shots, val, vocab = split_pairs(pairs, cfg)
 
     def load(index):
         x0 = encode_images(comp, torch.from_numpy(preprocess_batch([pairs.images[i] for i in index], comp.image_size,
@@ -236,7 +240,6 @@ def finetune(model_dir: str | Path, pairs: Pairs, out_dir: str | Path, config: F
     shapes = block_shapes(comp, cfg.blocks)
     heads = ItcHeads(sum(shapes[b][0] for b in cfg.blocks), branches.hidden.shape[-1], cfg.dim)
     optimiser = torch.optim.AdamW(params + list(heads.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 2)  # the IS / RSC passes' t and ε
     T = comp.num_train_timesteps
     val_batch = None
@@ -244,39 +247,16 @@ def finetune(model_dir: str | Path, pairs: Pairs, out_dir: str | Path, config: F
         vx0, vcap = load(val)
         vgen = torch.Generator().manual_seed(cfg.seed + 3)  # one fixed (t, ε) per validation image
         val_batch = (vx0, vcap, torch.randint(0, T, (len(vx0),), generator=vgen), torch.randn(vx0.shape, generator=vgen))
-    B = min(cfg.batch_size, len(x0))
-    history: dict[str, list[float]] = {k: [] for k in cfg.objectives}
-    curve, best, best_state, since_best = [], math.inf, None, 0
-    start = time.perf_counter()
-    step = 0
-    with progress_bar("finetune", cfg.steps, enabled=progress) as advance:
-        for step in range(1, cfg.steps + 1):
-            idx = torch.from_numpy(rng.choice(len(x0), B, replace=False))
-            t = torch.randint(0, T, (B,), generator=gen)
-            eps = torch.randn((B, *x0.shape[1:]), generator=gen)
-            parts = branches.losses(heads, x0[idx], cap[idx], t, eps)
-            loss = branches.total(parts)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            for k, v in parts.items():
-                history[k].append(round(v.item(), 6))
-            advance(note=" ".join(f"{k} {np.mean(v[-20:]):.3f}" for k, v in history.items()))
-            if val_batch is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-                with torch.no_grad():
-                    vparts = branches.losses(heads, *val_batch)
-                    vloss = branches.total(vparts).item()
-                curve.append({"step": step, "loss": round(vloss, 6), **{k: round(v.item(), 6) for k, v in vparts.items()}})
-                if vloss < best:
-                    best, since_best = vloss, 0
-                    best_state = _snapshot(params, heads, step)
-                else:
-                    since_best += 1
-                    if since_best >= cfg.patience:
-                        break
-    seconds = time.perf_counter() - start
-    if best_state is not None:
-        _restore(params, heads, best_state)
+
+    def step_losses(idx):
+        t = torch.randint(0, T, (len(idx),), generator=gen)
+        eps = torch.randn((len(idx), *x0.shape[1:]), generator=gen)
+        return branches.losses(heads, x0[idx], cap[idx], t, eps)
+
+    loop = train_loop(cfg, len(x0), optimiser, step_losses, branches.total,
+                      None if val_batch is None else lambda: branches.losses(heads, *val_batch),
+                      lambda step: _snapshot(params, heads, step), lambda state: _restore(params, heads, state), progress)
+    step, seconds, history, curve = loop["steps_run"], loop["seconds"], loop["history"], loop["validation"]
     comp.unet.eval()
     training_log = {
         "kind": "finetune",
@@ -294,8 +274,7 @@ def finetune(model_dir: str | Path, pairs: Pairs, out_dir: str | Path, config: F
             "is": "mean squared error of ε̂(x_t, t, caption), t uniform in [0, T), fresh ε",
             "rsc": "symmetric InfoNCE between the contrastive and diffusion branches' embeddings of the same image",
         },
-        "steps_run": step, "best_step": best_state["step"] if best_state else step,
-        "stopped_early": step < cfg.steps, "validation": curve,
+        "steps_run": step, "best_step": loop["best_step"], "stopped_early": step < cfg.steps, "validation": curve,
         "loss": history, "wall_time_s": round(seconds, 2), "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
     }
@@ -304,6 +283,60 @@ def finetune(model_dir: str | Path, pairs: Pairs, out_dir: str | Path, config: F
     log.info("fine-tuned (%s) on %d pairs for %d steps in %.1f s -> %s", ",".join(cfg.objectives), len(shots), step,
              seconds, out_dir)
     return training_log
+
+
+def split_pairs(pairs: Pairs, cfg: FinetuneConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(shot indices, validation indices, captions trained on): `shots` pairs per caption, and `val_shots` more
+    per caption from the rest for early stopping (only captions that have shots)."""
+    shots = select_shots(pairs.captions, cfg.shots, cfg.seed)
+    rest = np.setdiff1d(np.arange(len(pairs.captions)), shots)
+    val = rest[:0]
+    if cfg.val_shots and len(rest):
+        val = rest[select_shots([pairs.captions[i] for i in rest], cfg.val_shots, cfg.seed + 1)]
+    vocab = list(dict.fromkeys(pairs.captions[i] for i in shots))
+    val = np.array([i for i in val if pairs.captions[i] in vocab], dtype=np.int64)  # captions it trains on
+    return shots, val, vocab
+
+
+def train_loop(cfg: FinetuneConfig, n: int, optimiser, step_losses, total, val_losses, snapshot, restore,
+               progress: bool) -> dict:
+    """The optimisation loop both fine-tunings share: seeded batches of `n` training pairs, the objectives'
+    losses per step (`step_losses(index) -> {objective: loss}`), a validation check every `eval_every` steps
+    (`val_losses()`, None: none), early stopping after `patience` checks without improvement, the best check's
+    weights restored (`snapshot(step) -> state`, `restore(state)`)."""
+    rng = np.random.default_rng(cfg.seed)
+    B = min(cfg.batch_size, n)
+    history: dict[str, list[float]] = {k: [] for k in cfg.objectives}
+    curve, best, best_state, since_best = [], math.inf, None, 0
+    start = time.perf_counter()
+    step = 0
+    with progress_bar("finetune", cfg.steps, enabled=progress) as advance:
+        for step in range(1, cfg.steps + 1):
+            parts = step_losses(torch.from_numpy(rng.choice(n, B, replace=False)))
+            loss = total(parts)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            for k, v in parts.items():
+                history[k].append(round(v.item(), 6))
+            advance(note=" ".join(f"{k} {np.mean(v[-20:]):.3f}" for k, v in history.items()))
+            if val_losses is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+                with torch.no_grad():
+                    vparts = val_losses()
+                    vloss = total(vparts).item()
+                curve.append({"step": step, "loss": round(vloss, 6), **{k: round(v.item(), 6) for k, v in vparts.items()}})
+                if vloss < best:
+                    best, since_best = vloss, 0
+                    best_state = snapshot(step)
+                else:
+                    since_best += 1
+                    if since_best >= cfg.patience:
+                        break
+    seconds = time.perf_counter() - start
+    if best_state is not None:
+        restore(best_state)
+    return {"steps_run": step, "best_step": best_state["step"] if best_state else step, "history": history,
+            "validation": curve, "seconds": seconds}
 
 
 def _snapshot(params, heads: ItcHeads, step: int) -> dict:

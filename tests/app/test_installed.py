@@ -54,13 +54,14 @@ def run_in(env: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_installed_package_carries_its_demo_models(installed, tmp_path):
     code = ("import diffscore, diffscore.app.demo as d; print(diffscore.__file__); print(d.DEMO_MODEL); "
             "print((d.DEMO_MODEL / 'model_index.json').is_file(), "
-            "(d.DEMO_MODEL.parent / 'demo-latent' / 'vae').is_dir())")
+            "(d.DEMO_MODEL.parent / 'demo-latent' / 'vae').is_dir(), "
+            "(d.DEMO_MODEL.parent / 'demo-clip' / 'model.safetensors').is_file())")
     done = run_in(installed, installed / "bin" / "python", "-c", code, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     package_file, model, flags = done.stdout.splitlines()
     assert Path(package_file).is_relative_to(site_packages(installed)), package_file  # not the checkout's
     assert Path(model) == site_packages(installed) / "diffscore" / "models" / "demo"
-    assert flags == "True True"
+    assert flags == "True True True"  # the demo, the latent demo and the demo's CLIP (finetune --clip)
 
 
 @pytest.mark.slow
