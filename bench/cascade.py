@@ -54,7 +54,8 @@ SETTINGS = [CascadeConfig(k=k, mass=None) for k in K_VALUES] + [CascadeConfig(k=
                                                                     for m in MASSES]
 SHOWN = [CascadeConfig(k=k, mass=None) for k in K_VALUES] + [CascadeConfig(k=k, mass=m) for k in (3, 5) for m in MASSES]
 # the race stage's own settings, measured on the digits (round size, z, min_rounds): is tuning them worth it?
-RACE_STAGE = [RaceConfig(z=z, min_rounds=m, round_size=r) for r, z, m in itertools.product((1, 2, 3, 5), (1.0, 1.5), (1, 2))]
+RACE_STAGE = [RaceConfig(z=z, min_rounds=m, round_size=r)
+              for r, z, m in itertools.product((1, 2, 3, 5), (1.0, 1.5), (1, 2))]
 CLASS_COUNTS = (10, 20, 40, 62)
 FIXED = [[(10, 3), (100, 1)], [(20, 5), (100, 1)], [(20, 1)]]  # replayable on the 100-point grid (its last stage)
 TARGET = 0.995
@@ -91,7 +92,8 @@ def grid_errors(engine_dir: Path, images, labels, name: str, workers: int = 1) -
     missing = list(dict.fromkeys(i for i, k in enumerate(keys) if k not in rows))
     if missing:
         chunks = [missing[i : i + 2] for i in range(0, len(missing), 2)]
-        print(f"{name}: {len(missing)} images x {len(labels)} classes x {GRID} timesteps on {workers} processes", flush=True)
+        print(f"{name}: {len(missing)} images x {len(labels)} classes x {GRID} timesteps on {workers} processes",
+              flush=True)
         with multiprocessing.get_context("spawn").Pool(workers, _load_worker, (str(engine_dir),)) as pool:
             jobs = ((labels, [images[i] for i in c]) for c in chunks)
             for n, (chunk, errors) in enumerate(zip(chunks, pool.imap(_grid_chunk, jobs)), 1):
@@ -142,7 +144,8 @@ def replay_race(errors, order, race: RaceConfig = RACE):
 
 
 def replay_cascade(errors, scores, config: CascadeConfig, profile, head_passes: int, race: RaceConfig = RACE):
-    out = [replay(cascade_run(s, 1, 1000, config, race, GRID, profile), e, lambda r, p: p) for e, s in zip(errors, scores)]
+    out = [replay(cascade_run(s, 1, 1000, config, race, GRID, profile), e, lambda r, p: p)
+           for e, s in zip(errors, scores)]
     return np.array([w for w, _ in out]), np.array([p for _, p in out]) + head_passes
 
 
@@ -179,8 +182,8 @@ def score_settings(errors, scores, profile, head_passes, settings, race: RaceCon
     out = []
     for config in settings:
         winners, passes = replay_cascade(errors, scores, config, profile, head_passes, race)
-        out.append({"config": config_options(config), "race": race.__dict__, "agreement": float(np.mean(winners == reference)),
-                    "passes_per_image": float(passes.mean())})
+        out.append({"config": config_options(config), "race": race.__dict__,
+                    "agreement": float(np.mean(winners == reference)), "passes_per_image": float(passes.mean())})
     return out
 
 
@@ -260,7 +263,8 @@ def digits(args) -> tuple[list[dict], dict]:
     tuned = [c for race in RACE_STAGE for c in score_settings(v_err, v_scores, profile, head_passes,
                                                               [s for s in SETTINGS if s.k > 1], race)]
     pick = cheapest_reaching(tuned, TARGET)
-    held = score_settings(errors, scores, profile, head_passes, [CascadeConfig(**pick["config"])], RaceConfig(**pick["race"]))[0]
+    held = score_settings(errors, scores, profile, head_passes, [CascadeConfig(**pick["config"])],
+                          RaceConfig(**pick["race"]))[0]
     t = args.timed
     reference = errors.mean(axis=2).argmin(axis=1)
     engine_rows, out = timed_rows("digits (10 classes)", engine, images[:t], labels, reference[:t], truth[:t], default)

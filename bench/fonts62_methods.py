@@ -6,9 +6,10 @@
 The held-out glyphs are bench/cascade.py's seeded draw (its exhaustive rows are reused from its cache: run it
 first). Diffusion Classifier rows (exhaustive, fixed stages, race, cascade) are replayed on those rows with the
 engine's drivers. Heads, all on the model's own features (down_blocks.1 + mid_block at t = 50, 200: 2 UNet
-passes an image), exported with the model into one engine and run on ONNX Runtime CPU: the linear probe and a
-DifFormer head trained on the training typefaces' labelled glyphs; a label-free linear probe trained on images
-the model generates itself (SampleOptions' defaults, 10 per class, prompt = the class name: no human label).
+passes an image), exported with the model into one engine and run on ONNX Runtime CPU: the linear probe (and with
+--difformer a DifFormer head) trained on the training typefaces' labelled glyphs; a label-free linear probe trained
+on images the model generates itself (SampleOptions' defaults, 10 per class, prompt = the class name: no human
+label).
 DSD (the engine's preset; `match` against the 62 class names) on the first --dsd glyphs. OpenVINO parity: the
 head and the cascade on the OpenVINO backend against ONNX Runtime's decisions. Nothing is tuned on the held-out
 glyphs. Writes bench/results/fonts62_methods.json.
@@ -45,7 +46,8 @@ SYNTHETIC_PER_CLASS = 10
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fonts", type=int, default=228, help="held-out glyphs (bench/cascade.py's draw and rows)")
-    ap.add_argument("--dsd", type=int, default=60, help="held-out glyphs DSD scores (62 texts x its steps passes each)")
+    ap.add_argument("--difformer", action="store_true", help="also train and score a DifFormer head")
+    ap.add_argument("--dsd", type=int, default=30, help="held-out glyphs DSD scores (62 texts x its steps passes each)")
     ap.add_argument("--update-docs", action="store_true")
     args = ap.parse_args()
     from fonts_data import CLASS_NAMES, arrays, build
@@ -78,7 +80,8 @@ def main() -> None:
     errors = grid_errors(probe_engine, images, labels, "fonts")
     engine = diffscore.load(probe_engine, backend="ort-cpu")
     scores = engine.head_logits(images).astype(np.float64)
-    add("Diffusion Classifier, exhaustive (62 classes x 100 timesteps)", "replay", errors.mean(axis=2).argmin(axis=1), 6200)
+    exhaustive = errors.mean(axis=2).argmin(axis=1)
+    add("Diffusion Classifier, exhaustive (62 classes x 100 timesteps)", "replay", exhaustive, 6200)
     for stages in FIXED[:2]:
         w, p = replay_stages(errors, stages)
         add(f"Diffusion Classifier, {fixed_name(stages)}", "replay", w, p.mean())
@@ -92,15 +95,18 @@ def main() -> None:
     # Heads: supervised (linear probe, DifFormer) and label-free (synthetic), one engine
     spec = FeatureSpec(HEAD_BLOCKS, HEAD_STEPS)
     comp = load_components(FONTS_MODEL)
-    heads = [root / "probe"]
+    heads, what = [root / "probe"], ["linear probe (labelled training glyphs)"]
     difformer = root / "difformer"
     t0 = time.perf_counter()
-    if not difformer.is_dir():
-        head, config = train_head_on_images(FONTS_MODEL, list(train["images"]), train["labels"], labels, "difformer",
-                                            spec, TrainOptions(), root / "features", progress=True, comp=comp)
-        save_head(head, config, difformer)
+    if args.difformer:  # minutes of training on a shared 2-core machine: opt-in
+        if not difformer.is_dir():
+            head, config = train_head_on_images(FONTS_MODEL, list(train["images"]), train["labels"], labels,
+                                                "difformer", spec, TrainOptions(), root / "features", progress=True,
+                                                comp=comp)
+            save_head(head, config, difformer)
+        heads.append(difformer)
+        what.append("DifFormer head (labelled training glyphs)")
     difformer_s = time.perf_counter() - t0
-    heads.append(difformer)
     synthetic_dir = root / f"synthetic-{SYNTHETIC_PER_CLASS}"
     t0 = time.perf_counter()
     if not synthetic_dir.is_dir():
@@ -110,16 +116,16 @@ def main() -> None:
         save_head(head, config, synthetic_dir)
     synthetic_s = time.perf_counter() - t0
     heads.append(synthetic_dir)
-    engine_dir = root / "methods-engine"
+    what.append(f"label-free linear probe (trained on {SYNTHETIC_PER_CLASS} generated images a class)")
+    engine_dir = root / ("methods-engine-difformer" if args.difformer else "methods-engine")
     if not (engine_dir / "manifest.json").is_file():
         export_engine(FONTS_MODEL, engine_dir, heads=heads, defaults={"template": "{}", "loss": "l2"}, overwrite=True,
                       show_progress=False)
     methods = diffscore.load(engine_dir, backend="ort-cpu")
     names = list(methods.manifest.heads)
-    for name, what in zip(names, ("linear probe (labelled training glyphs)", "DifFormer head (labelled training glyphs)",
-                                  f"label-free linear probe (trained on {SYNTHETIC_PER_CLASS} generated images a class)")):
+    for name, text in zip([h.name for h in heads], what):  # a head is named after its folder
         results = methods.classify(images, method="head", head=name)
-        add(f"head: {what}", "engine", [labels.index(r.label) for r in results], results[0].passes)
+        add(f"head: {text}", "engine", [labels.index(r.label) for r in results], results[0].passes)
 
     # DSD: the engine's preset, image against the 62 class names
     t0 = time.perf_counter()
@@ -153,8 +159,8 @@ def main() -> None:
 
 def render(result: dict, info: dict) -> list[str]:
     table = ["| method | run | held-out glyphs | accuracy | UNet passes/image |", "|---|---|---:|---:|---:|"]
-    table += [f"| {r['method']} | {r['how']} | {r['images']} | {100 * r['accuracy']:.1f} % | {r['passes_per_image']:.1f} |"
-              for r in result["rows"]]
+    table += [f"| {r['method']} | {r['how']} | {r['images']} | {100 * r['accuracy']:.1f} % | "
+              f"{r['passes_per_image']:.1f} |" for r in result["rows"]]
     parity = result["parity_openvino_vs_ort"]
     if "error" in parity:
         table += ["", f"OpenVINO parity: not run ({parity['error']})."]
