@@ -123,7 +123,8 @@ def engine_with_head(model_dir: Path, name: str, images, labels, classes, defaul
     root = cache_root() / "cascade" / f"{name}-{key}"
     if (root / "engine" / "manifest.json").is_file():
         return root / "engine"
-    head, config = train_head_on_images(model_dir, images, labels, classes, "linear", FeatureSpec(HEAD_BLOCKS, HEAD_STEPS),
+    head, config = train_head_on_images(model_dir, images, labels, classes, "linear",
+                                        FeatureSpec(HEAD_BLOCKS, HEAD_STEPS),
                                         TrainOptions(), root / "features", progress=True)
     save_head(head, config, root / "probe")
     engine_dir = export_engine(model_dir, root / "engine", heads=[root / "probe"], defaults=defaults, overwrite=True,
@@ -233,7 +234,8 @@ def timed_rows(data, engine, images, labels, reference, truth, config) -> tuple[
 def engine_check(engine_out, errors, scores, config, profile, head_passes) -> dict:
     """How many of the engine's cascade decisions and pass counts its replay on the grid errors reproduces."""
     winners, passes = replay_cascade(errors, scores, config, profile, head_passes)
-    return {"same_decisions": int(np.sum(engine_out[0] == winners)), "same_passes": int(np.sum(engine_out[1] == passes)),
+    return {"same_decisions": int(np.sum(engine_out[0] == winners)),
+            "same_passes": int(np.sum(engine_out[1] == passes)),
             "images": len(winners)}
 
 
@@ -268,8 +270,10 @@ def digits(args) -> tuple[list[dict], dict]:
     t = args.timed
     reference = errors.mean(axis=2).argmin(axis=1)
     engine_rows, out = timed_rows("digits (10 classes)", engine, images[:t], labels, reference[:t], truth[:t], default)
-    check = engine_check(out[config_name(default) + " (default)"], errors[:t], scores[:t], default, profile, head_passes)
-    return rows + engine_rows, {"validation_images": len(v_images), "validation": choice, "default": config_options(default),
+    check = engine_check(out[config_name(default) + " (default)"], errors[:t], scores[:t], default, profile,
+                         head_passes)
+    return rows + engine_rows, {"validation_images": len(v_images), "validation": choice,
+                                "default": config_options(default),
                                 "race_stage_tuned": {"settings": len(tuned), "validation": pick, "held_out": held},
                                 "engine_equals_replay": check}
 
@@ -321,7 +325,8 @@ def cost_by_classes(errors, scores, configs) -> list[dict]:
         classes = np.sort(perm[:n])
         e, s = errors[:, classes], scores[:, classes]
         reference = e.mean(axis=2).argmin(axis=1)
-        runs = {fixed_name(FIXED[0]): replay_stages(e, FIXED[0]), f"race z={RACE.z:g}": replay_race(e, race_plan(1000, GRID)[1]),
+        runs = {fixed_name(FIXED[0]): replay_stages(e, FIXED[0]),
+                f"race z={RACE.z:g}": replay_race(e, race_plan(1000, GRID)[1]),
                 **{config_name(c): replay_cascade(e, s, c, None, len(HEAD_STEPS)) for c in dict.fromkeys(configs)}}
         entry = {"classes": n, "images": len(e)}
         for name, (winners, passes) in runs.items():
@@ -380,20 +385,24 @@ def render(result: dict, info: dict) -> list[str]:
             f"{c[n]['passes_per_image']:.1f} ({100 * c[n]['agreement']:.1f} %)" for n in names) + " |" for c in cost]
     if "digits" in result:
         dg = result["digits"]
-        table += ["", f"Digits' default, chosen on the validation slice ({dg['validation_images']} training digits, never "
-                  f"held-out), the cheapest setting with >= {100 * TARGET:g} % agreement: {settings_line(dg['validation'])}"
+        table += ["", f"Digits' default, chosen on the validation slice ({dg['validation_images']} training digits, "
+                  f"never held-out), the cheapest setting with >= {100 * TARGET:g} % agreement: "
+                  f"{settings_line(dg['validation'])}"
                   f" -> **{config_name(CascadeConfig(**dg['default']))}**."]
         tuned = dg["race_stage_tuned"]
         pick, held = tuned["validation"], tuned["held_out"]
-        table.append(f"Tuning the race stage too ({tuned['settings']} settings: rounds of 1-5, z 1-1.5, min_rounds 1-2) "
+        table.append(f"Tuning the race stage too ({tuned['settings']} settings: rounds of 1-5, z 1-1.5, "
+                     "min_rounds 1-2) "
                      f"would pick {config_name(CascadeConfig(**pick['config']), RaceConfig(**pick['race']))}: "
                      f"{100 * pick['agreement']:.1f} % at {pick['passes_per_image']:.1f} passes on validation, "
-                     f"{100 * held['agreement']:.2f} % at {held['passes_per_image']:.1f} on the held-out digits (not shipped).")
+                     f"{100 * held['agreement']:.2f} % at {held['passes_per_image']:.1f} on the held-out digits "
+                     "(not shipped).")
     if "fonts" in result and "validation" in result["fonts"]:
         ft = result["fonts"]
         race = ft["validation_race"]
-        table.append(f"Glyph model's own setting, chosen on {ft['validation_images']} glyphs of the validation typefaces "
-                     f"(race: {100 * race['agreement']:.1f} % at {race['passes_per_image']:.1f}), the cheapest within 0.5 "
+        table.append(f"Glyph model's own setting, chosen on {ft['validation_images']} glyphs of the validation "
+                     f"typefaces (race: {100 * race['agreement']:.1f} % at {race['passes_per_image']:.1f}), the cheapest "
+                     "within 0.5 "
                      f"points of the race at <= 1/{FONT_SHARE} of its passes, else the best agreement there: "
                      f"{settings_line(ft['validation'])} -> **{config_name(CascadeConfig(**ft['default']))}**.")
     for name in ("digits", "fonts"):
@@ -424,8 +433,10 @@ def main() -> None:
     ap.add_argument("--fonts", type=int, default=228, help="held-out glyphs scored exhaustively (62 x 100 passes each)")
     ap.add_argument("--fonts-validation", type=int, default=142, help="validation-typeface glyphs scored exhaustively")
     ap.add_argument("--timed", type=int, default=30, help="digits run on the engine, timed")
-    ap.add_argument("--timed-fonts", type=int, default=6, help="glyphs run on the engine, timed (the race: ~420 passes each)")
-    ap.add_argument("--workers", type=int, default=1, help="processes computing missing exhaustive rows (one thread each)")
+    ap.add_argument("--timed-fonts", type=int, default=6,
+                    help="glyphs run on the engine, timed (the race: ~420 passes each)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="processes computing missing exhaustive rows (one thread each)")
     ap.add_argument("--skip-fonts", action="store_true", help="the digits only")
     ap.add_argument("--skip-digits", action="store_true", help="the glyphs only; the digits' rows and default come "
                     "from the last bench/results/cascade.json")
