@@ -401,8 +401,8 @@ def render(result: dict, info: dict) -> list[str]:
         ft = result["fonts"]
         race = ft["validation_race"]
         table.append(f"Glyph model's own setting, chosen on {ft['validation_images']} glyphs of the validation "
-                     f"typefaces (race: {100 * race['agreement']:.1f} % at {race['passes_per_image']:.1f}), the cheapest "
-                     "within 0.5 "
+                     f"typefaces (race: {100 * race['agreement']:.1f} % at {race['passes_per_image']:.1f}), "
+                     "the cheapest within 0.5 "
                      f"points of the race at <= 1/{FONT_SHARE} of its passes, else the best agreement there: "
                      f"{settings_line(ft['validation'])} -> **{config_name(CascadeConfig(**ft['default']))}**.")
     for name in ("digits", "fonts"):
