@@ -16,7 +16,7 @@ import numpy as np
 from diffscore.kernels.racing import PairedRace, RaceConfig, race_plan
 
 SHORTLISTERS = ("head", "diffdis")
-# A trained head's shortlist stops at the classes holding this much of its softmax probability (most digits: one
+# A trained head's shortlist stops at the classes holding this much of its softmax probability (a confident head: one
 # class, at head cost). DiffDis scores are not calibrated logits: with DiffDis the default is a fixed k.
 HEAD_MASS = 0.99999
 
