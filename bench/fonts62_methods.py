@@ -134,6 +134,12 @@ def main() -> None:
     for name, text in zip([h.name for h in heads], what):  # a head is named after its folder
         results = methods.classify(images, method="head", head=name)
         add(f"head: {text}", "engine", [labels.index(r.label) for r in results], results[0].passes)
+    if args.difformer:  # the better head as the cascade's shortlister: the same two settings as the probe's above
+        difformer_scores = methods.head_logits(images, "difformer").astype(np.float64)
+        for config in (CascadeConfig(k=3, mass=None), CascadeConfig(k=5, mass=0.99)):
+            w, p = replay_cascade(errors, difformer_scores, config, None, len(HEAD_STEPS))
+            add(f"cascade k={config.k}" + (f" mass={config.mass:g}" if config.mass else "") +
+                " (DifFormer head shortlists)", "replay", w, p.mean())
 
     # DSD: the engine's preset, image against the 62 class names
     t0 = time.perf_counter()
