@@ -282,10 +282,11 @@ def classify(
     limit: Optional[int] = LimitOpt,
     shortlist: Optional[Shortlister] = typer.Option(None, help="cascade: who shortlists, the engine's head (--head) "
                                                     "or its DiffDis (default: head)"),
-    k: Optional[int] = typer.Option(None, "--k", min=1, help="cascade: classes the race decides among (default 3; "
-                                    "with --mass: at most)"),
+    k: Optional[int] = typer.Option(None, "--k", min=1, help="cascade: classes the race decides among, at most "
+                                    "(default 3)"),
     mass: Optional[float] = typer.Option(None, "--mass", min=0.0, max=1.0, help="cascade: per image, the fewest best "
-                                         "classes whose shortlister probability sums to MASS (at most --k)"),
+                                         "classes whose shortlister probability sums to MASS, at most --k (default "
+                                         "0.99999 with a head; 1: always --k; DiffDis: always --k)"),
 ):
     """Classify images: the zero-shot Diffusion Classifier (default), a trained head (--method head) or
     DiffDis (--method diffdis). --strategy cascade: a head or DiffDis shortlists --k classes, the race decides.

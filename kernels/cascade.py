@@ -16,20 +16,25 @@ import numpy as np
 from diffscore.kernels.racing import PairedRace, RaceConfig, race_plan
 
 SHORTLISTERS = ("head", "diffdis")
+# A trained head's shortlist stops at the classes holding this much of its softmax probability (a confident head: one
+# class, at head cost). DiffDis scores are not calibrated logits: with DiffDis the default is a fixed k.
+HEAD_MASS = 0.99999
 
 
 @dataclass(frozen=True)
 class CascadeConfig:
-    """k: shortlist size (with mass: the largest allowed; 3: the cheapest setting with >= 99.5 % agreement with the
-    exhaustive decision on the digits' validation slice, bench/cascade.py); mass: confidence-based k, the fewest
-    best classes whose softmax probability sums to at least `mass` (None: always k); by: the shortlister, "head"
-    or "diffdis"."""
+    """k: shortlist size (with mass: the largest allowed); mass: confidence-based k, the fewest best classes whose
+    softmax probability sums to at least `mass` (None or 1: always k); by: the shortlister, "head" or "diffdis".
+    Defaults: k = 3, mass = HEAD_MASS, the cheapest (k, mass) with >= 99.5 % agreement with the exhaustive decision
+    on the digits' validation slice (bench/cascade.py); the race stage keeps the race's own validated settings."""
 
     k: int = 3
-    mass: float | None = None
+    mass: float | None = "auto"  # HEAD_MASS with a head, None (k fixed) with DiffDis
     by: str = "head"
 
     def __post_init__(self):
+        if self.mass == "auto":
+            object.__setattr__(self, "mass", HEAD_MASS if self.by == "head" else None)
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"the shortlist size k must be an integer ≥ 1, got {self.k!r}")
         if self.mass is not None and not 0 < self.mass <= 1:
@@ -46,12 +51,12 @@ def softmax(scores: np.ndarray) -> np.ndarray:
 
 def shortlist(scores: np.ndarray, k: int, mass: float | None = None) -> np.ndarray:
     """Class indices best first (higher score = better; ties: lower index first): the k best, or with `mass`
-    the fewest best whose softmax probability sums to ≥ mass, at most k."""
+    the fewest best whose softmax probability sums to ≥ mass, at most k (mass 1: all of it, so always k)."""
     scores = np.asarray(scores, dtype=np.float64)
     order = np.argsort(-scores, kind="stable")
     k = min(k, len(order))
-    if mass is not None:
-        reached = np.cumsum(softmax(scores)[order]) >= mass * (1 - 1e-12)  # float sums: mass 1 is reachable
+    if mass is not None and mass < 1:
+        reached = np.cumsum(softmax(scores)[order]) >= mass * (1 - 1e-12)  # float sums
         k = min(k, int(np.argmax(reached)) + 1 if reached.any() else len(order))
     return order[:k]
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from diffscore.kernels import RaceConfig, class_ranking, confidence
-from diffscore.kernels.cascade import CascadeConfig, ShortlistRace, cascade_config, cascade_run, shortlist
+from diffscore.kernels.cascade import HEAD_MASS, CascadeConfig, ShortlistRace, cascade_config, cascade_run, shortlist
 from diffscore.kernels.racing import race_plan
 
 
@@ -27,6 +27,15 @@ def test_mass_picks_the_fewest_classes_reaching_it():
     assert shortlist(logits, 4, mass=0.95).tolist() == [0, 1, 2]  # 0.96
     assert shortlist(logits, 2, mass=0.99).tolist() == [0, 1]  # capped at k
     assert shortlist(logits, 4, mass=1.0).tolist() == [0, 1, 2, 3]
+    # mass 1 keeps all k even where the rest hold less than float resolution (8e-18 here)
+    assert shortlist([0.0, -40.0, -40.0], 3, mass=1.0).tolist() == [0, 1, 2]
+    assert shortlist([0.0, -40.0, -40.0], 3, mass=0.99999).tolist() == [0]
+
+
+def test_defaults_stop_a_heads_shortlist_at_its_mass_but_not_diffdis():
+    assert CascadeConfig() == CascadeConfig(k=3, mass=HEAD_MASS, by="head")
+    assert CascadeConfig(by="diffdis").mass is None  # DiffDis scores are not calibrated logits
+    assert CascadeConfig(mass=None).mass is None
 
 
 def test_config_refuses_bad_values():
