@@ -30,9 +30,11 @@ from diffscore.app.render import Format, emit, err, error_line, say
 from diffscore.app.runs import ReadableImages, check_output, check_target, check_writable_dir, save_rows
 from diffscore.app.threads import ThreadsOpt, set_threads
 from diffscore.engine.backends.choice import BACKENDS
+from diffscore.engine.classify_options import pack
 from diffscore.engine.manifest import PRECISIONS
+from diffscore.engine.options import MAX_SEED
 from diffscore.errors import EngineError, UsageMistake, not_a_file
-from diffscore.kernels import LOSSES, STRATEGIES
+from diffscore.kernels import LOSSES, STRATEGIES, RaceConfig
 from diffscore.kernels.cascade import SHORTLISTERS
 from diffscore.kernels.dsd import DEFAULT_DSD_PRESET, DSD_PRESETS
 from diffscore.kernels.timesteps import check_stages
@@ -85,7 +87,7 @@ PrecisionOpt = typer.Option(Precision.fp32.value, "--precision", "-p", help="UNe
                             "with AVX-512 BF16 or AMX)")
 FormatOpt = typer.Option(Format.table.value, "--format", "-f", help="stdout format")
 OutputOpt = typer.Option(None, "--output", "-o", help="also write the results to FILE (.json, .jsonl or .csv)")
-SeedOpt = typer.Option(0, min=0, max=2**32 - 1, help="seed of the shared noise: same seed, same scores")
+SeedOpt = typer.Option(0, min=0, max=MAX_SEED, help="seed of the shared noise: same seed, same scores")
 BatchOpt = typer.Option(None, min=1, help="UNet batch (default: automatic)")
 ModelArg = typer.Argument(..., help="local diffusers model folder")
 PairsOpt = typer.Option(None, "--data", help='JSONL of {"image": path, "caption": str} lines')
@@ -122,10 +124,10 @@ def parse_stages(text: str | None) -> list[tuple[int, int]] | None:
         stages = [tuple(int(v) for v in part.split(":")) for part in text.split(",")]
     except ValueError:
         stages = []
-    if not stages or any(len(s) != 2 or min(s) < 1 for s in stages):
+    if not stages or any(len(s) != 2 for s in stages):
         raise UsageMistake(f"--stages {text!r} is not like '50:5,500:1' (n_samples:keep, positive, comma separated)")
     try:
-        check_stages(stages)  # keep counts that grow, before anything reads the stages
+        check_stages(stages)  # the stages' one check, before anything reads them
     except ValueError as e:
         raise UsageMistake(f"--stages {text!r}: {e}") from None
     return stages  # type: ignore[return-value]
@@ -136,9 +138,12 @@ def race_options(strategy, z: float | None, budget: int | None) -> dict:
     strategy = getattr(strategy, "value", strategy)
     if (z is not None or budget is not None) and strategy not in (None, "race", "cascade"):
         raise UsageMistake("--z and --budget tune the race; use them with --strategy race (or cascade)")
-    if z is not None and not z > 0:
-        raise UsageMistake(f"--z {z}: z must be > 0 (standard errors behind the leader that drop a candidate)")
-    if strategy is None and (z is not None or budget is not None):
+    given = {name: v for name, v in dict(z=z, budget=budget).items() if v is not None}
+    try:
+        RaceConfig(**given)  # the race's own checks, on the flags given
+    except ValueError as e:
+        raise UsageMistake(f"--{' --'.join(given)}: {e}") from None
+    if strategy is None and given:
         strategy = "race"
     return {"strategy": strategy, "z": z, "budget": budget}
 
@@ -237,16 +242,11 @@ def open_engine(engine: Path, backend, precision):
     return diffscore.load(engine, backend=backend, precision=precision)
 
 
-def plan_line(eng, labels: list[str], images: int, template: str | None, stages, **race) -> None:
+def plan_line(eng, options, images: int) -> None:
     """Before a long Diffusion Classifier run: its UNet passes per image (and time, where known) on stderr."""
     from diffscore.app.defaults import classify_plan
-    from diffscore.engine.options import check_labels, check_template
 
-    check_labels(labels)
-    if template is not None:
-        check_template(template)
-    line = classify_plan(eng, labels, images, stages=stages, **race)
-    if line:
+    if options.method == "dc" and (line := classify_plan(eng, options, images)):
         err.print(line)
 
 
@@ -300,16 +300,16 @@ def classify(
         raise UsageMistake("--diffdis-mode and --timesteps go with --method diffdis")
     if head is not None and method is not Method.head:
         raise UsageMistake(f"--head {head} names a trained head; use it with --method head")
-    extra = {"diffdis_mode": diffdis_mode.value if diffdis_mode else None, "timesteps": timesteps} if method is Method.diffdis else {}
+    record = pack(method.value, None, dict(
+        template=template, stages=stage_list, loss=loss.value if loss else None, seed=seed, head=head,
+        diffdis_mode=diffdis_mode.value if diffdis_mode else None, timesteps=timesteps,
+        **race_options(strategy, z, budget), **cascade_options(shortlist, k, mass)))
     readable = ReadableImages(paths).start()  # an unreadable image becomes an error row; the others are scored
     with open_engine(engine, backend, precision) as eng:
-        if method is Method.dc:
-            plan_line(eng, label_list, len(paths), template, stage_list, **race_options(strategy, z, budget))
-        results = eng.classify(readable, label_list, method=method.value, head=head, template=template,
-                               stages=stage_list, loss=loss.value if loss else None, seed=seed, batch_size=batch_size,
-                               progress=True, **race_options(strategy, z, budget), **extra,
-                               **cascade_options(shortlist, k, mass))
-        title = (f"head {eng.head_name(head)} (higher probability = better)" if method is Method.head
+        resolved = eng.classify_options(label_list, record)
+        plan_line(eng, resolved, len(paths))
+        results = eng.classify(readable, options=resolved, batch_size=batch_size, progress=True)
+        title = (f"head {resolved.head} (higher probability = better)" if method is Method.head
                  else "DiffDis (higher score = better)" if method is Method.diffdis
                  else "Diffusion Classifier (lower mean error = better)")
     score = {Method.head: "probability", Method.diffdis: "score"}.get(method, "mean_error")
@@ -553,7 +553,7 @@ def train_head_command(
     noise_steps: str = typer.Option("50,200", "--noise-steps", help="noise steps, comma separated: one UNet pass each per image"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="head folder to write (default: head-<kind>); its name names the head in an engine"),
     prompt: str = typer.Option("", help="conditioning of the feature passes (default: the empty prompt)"),
-    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed of the fixed noise, the initialisation, the validation split and shuffling"),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="seed of the fixed noise, the initialisation, the validation split and shuffling"),
     epochs: int = typer.Option(100, min=1, help="at most; training stops early on a 10% validation split"),
     overwrite: bool = typer.Option(False, help="replace an existing head folder"),
     synthesize: Optional[int] = typer.Option(None, "--synthesize", min=1, help="no images needed: generate N images per "
@@ -764,7 +764,7 @@ def calibrate(
     labels: Optional[str] = LabelsOpt, labels_file: Optional[Path] = LabelsFileOpt,
     samples: int = typer.Option(256, min=1, help="UNet inputs in the calibration set"),
     ranges: RangeMethod = typer.Option(RangeMethod.minmax.value, "--ranges", help="how activation ranges are set"),
-    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed of the image split, the sampling and the shared noise"),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="seed of the image split, the sampling and the shared noise"),
     report: bool = typer.Option(False, "--report", help="per-layer sensitivity: score error and flipped decisions"),
     auto: bool = typer.Option(False, "--auto", help="keep the most sensitive layers in float until the decision gate holds"),
     validation: int = typer.Option(100, min=0, help="images held out of calibration for the decision gate (0: no gate)"),
@@ -826,7 +826,7 @@ def train_prompts(
     train_steps: int = typer.Option(200, "--train-steps", min=1, help="optimiser steps, one random timestep each"),
     lr: float = typer.Option(1e-4, min=0.0, help="AdamW learning rate (DESIGN's 1e-4; on the demo 3e-3 learns in ~300 steps)"),
     batch_size: int = typer.Option(16, min=1, help="images per step"),
-    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed of the shots, timesteps, noise and LoRA init"),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="seed of the shots, timesteps, noise and LoRA init"),
     score_weights: bool = typer.Option(False, "--score-weights", help="also learn how much each scored attention layer counts (the engine pools the layers with these weights)"),
     overwrite: bool = typer.Option(False, help="replace an existing run directory's adapter"),
     preset: DsdPresetChoice = typer.Option(DEFAULT_DSD_PRESET, help="DSD preset trained for: discffusion (the default: attention + bias, a new "
@@ -867,7 +867,7 @@ def train_diffdis(
     generate_steps: int = typer.Option(4, "--sampling-steps", min=1, help="DDIM steps of the generate mode (baked "
                                        "into the exported graph)"),
     mode: DiffDisMode = typer.Option(DiffDisMode.denoise.value, help="the engine's default inference mode"),
-    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed of the fixed noises, the initialisation, the split and shuffling"),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="seed of the fixed noises, the initialisation, the split and shuffling"),
     overwrite: bool = typer.Option(False, help="replace an existing run"),
     threads: Optional[int] = ThreadsOpt,
 ):
@@ -917,7 +917,7 @@ def finetune_command(
     noise_steps: str = typer.Option("50", "--noise-steps", help="the image embedding's fixed noise step (one)"),
     val_shots: int = typer.Option(2, min=0, help="validation pairs per caption for early stopping, from pairs that "
                                   "are not shots (0: train every step)"),
-    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="seed of the shots, noise, timesteps and initialisation"),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="seed of the shots, noise, timesteps and initialisation"),
     overwrite: bool = typer.Option(False, help="replace an existing run directory's weights"),
     threads: Optional[int] = ThreadsOpt,
 ):

@@ -281,8 +281,11 @@ def classify_dataset(images, engine_dir, labels: list[str] | None = None, *, met
         from diffscore.engine.options import check_labels
 
         labels = check_labels(labels or [])  # refuse bad labels here, not in every actor
-    options = dict(labels=labels, method=method, head=head, template=template,
-                   stages=[tuple(s) for s in stages] if stages else None, loss=loss, seed=seed, batch_size=batch_size)
+    from diffscore.engine.classify_options import pack
+
+    record = pack(method, None, dict(labels=labels, head=head, template=template, loss=loss, seed=seed,
+                                     stages=[tuple(s) for s in stages] if stages else None))
+    options = dict(options=record, batch_size=batch_size)
     return _score_dataset(images, engine_dir, "classify", options, actors=actors, batch_images=batch_images,
                           num_cpus=num_cpus, num_gpus=num_gpus, backend=backend, precision=precision,
                           address=address, ray_options=ray_options)

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from diffscore.app.scale import check_engine_dir, engine_threads, import_ray, start_ray
+from diffscore.engine.classify_options import DcOptions, HeadOptions
 from diffscore.errors import EngineError, first_line
 
 import_ray("diffscore serve")  # the install hint, before the imports below fail less clearly
@@ -204,15 +205,8 @@ def finite(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def classify_options(body: dict, limits: Limits) -> dict:
-    from diffscore.engine.options import check_template
-
-    template = typed(body, "template", str)
-    if template is not None:
-        try:
-            check_template(template)
-        except EngineError as e:
-            raise BadRequest(f'"template": {e}') from None
+def classify_options(body: dict, limits: Limits):
+    """The request's DcOptions (the engine resolves and checks the values; here only their JSON types)."""
     stages = body.get("stages")
     if stages is not None:
         if not (isinstance(stages, list) and stages and all(
@@ -220,8 +214,9 @@ def classify_options(body: dict, limits: Limits) -> dict:
                 for s in stages)):
             raise BadRequest('"stages" must be a list of [n_samples, keep] integer pairs, e.g. [[50, 5], [500, 1]]')
         stages = tuple(tuple(s) for s in stages)
-    return dict(method="dc", labels=tuple(text_list(body, "labels", limits)), template=template, stages=stages,
-                loss=typed(body, "loss", str), seed=typed(body, "seed", int, 0, minimum=0))
+    template = typed(body, "template", str)
+    return DcOptions(labels=tuple(text_list(body, "labels", limits)), templates=None if template is None else (template,),
+                     stages=stages, loss=typed(body, "loss", str), seed=typed(body, "seed", int, 0, minimum=0))
 
 
 def result_json(r) -> dict:
@@ -233,7 +228,8 @@ class Job:
     """One request's share of a batch: its images and the options that decide which engine call it joins."""
 
     task: str  # classify | match
-    options: tuple  # sorted (name, value) pairs, hashable: requests with equal options share one call
+    options: object  # hashable, so requests with equal options share one call: a classify record, or match's
+    # sorted (name, value) pairs
     images: list
 
 
@@ -273,9 +269,7 @@ class DiffscoreServer:
                 if task == "match":
                     out = np.asarray(self.engine.match(images, **dict(options)))  # (images, texts)
                 else:
-                    opts = dict(options)
-                    opts["labels"] = list(opts["labels"]) if opts.get("labels") else None
-                    out = self.engine.classify(images, **opts)
+                    out = self.engine.classify(images, options=options)
             except EngineError as e:
                 for i in members:
                     answers[i] = e
@@ -304,9 +298,9 @@ class DiffscoreServer:
         images = await asyncio.to_thread(decode_images, body.get("images"), self.limits, m.image_size)
         return body, images
 
-    async def _submit(self, task: str, options: dict, images: list):
+    async def _submit(self, task: str, options, images: list):
         self.served["requests"] += 1
-        answer = await self._score(Job(task, tuple(sorted(options.items())), images))
+        answer = await self._score(Job(task, tuple(sorted(options.items())) if task == "match" else options, images))
         if isinstance(answer, EngineError):
             raise self._refusal(answer)
         return answer
@@ -329,7 +323,7 @@ class DiffscoreServer:
             name = self.engine.head_name(typed(body, "head", str))
         except EngineError as e:
             raise self._refusal(e) from None
-        results = await self._submit("classify", dict(method="head", head=name), images)
+        results = await self._submit("classify", HeadOptions(head=name), images)
         return {"head": name, "results": [result_json(r) for r in results]}
 
     @api.post("/match")

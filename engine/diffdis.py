@@ -15,9 +15,9 @@ import numpy as np
 
 from diffscore.engine.images import IMAGE_WINDOW, count_images, image_windows
 from diffscore.engine.manifest import DiffDisSpec
-from diffscore.engine.options import check_count, check_labels, check_seed, check_templates
+from diffscore.engine.options import check_count, check_labels, check_seed
 from diffscore.engine.progress import progress_bar
-from diffscore.engine.results import Classification, ClassifyOptions, MatchOptions, MatchResult
+from diffscore.engine.results import Classification, MatchOptions, MatchResult
 from diffscore.errors import EngineError
 from diffscore.kernels import add_noise, shared_noise
 
@@ -108,21 +108,15 @@ def diffdis_scores(engine, images, texts: list[str], *, mode: str | None = None,
     return np.concatenate(out), options
 
 
-def classify_diffdis(engine, images, labels, *, template: str | None = None, mode: str | None = None,
-                     timesteps: int | None = None, seed: int = 0, batch_size: int | None = None,
+def classify_diffdis(engine, images, options, batch_size: int | None = None,
                      progress: bool = False) -> list[Classification]:
-    """Zero-shot classification by DiffDis: each label's prompt is a candidate text; ranking = score
-    (−mean x0 error, or cosine similarity), best first; one image pass per image."""
-    if labels is None:
-        raise EngineError("DiffDis needs labels: the class names to choose from")
-    labels = check_labels(labels)
-    template = check_templates(template, None, engine.defaults.template)[0]
-    prompts = [template.format(label) for label in labels]
+    """Zero-shot classification by DiffDis (resolved DiffDisOptions): each label's prompt is a candidate text;
+    ranking = score (−mean x0 error, or cosine similarity), best first; one image pass per image."""
+    labels = list(options.labels)
+    prompts = [options.template.format(label) for label in labels]
     engine.check_prompts(prompts, "prompts")
-    scores, used = diffdis_scores(engine, images, prompts, mode=mode, timesteps=timesteps, seed=seed,
-                                  batch_size=batch_size, progress=progress)
-    options = ClassifyOptions(f"diffdis-{used['mode']}", tuple(labels), (template,), seed=seed,
-                              backend=engine.backend, precision="fp32")
+    scores, _ = diffdis_scores(engine, images, prompts, mode=options.diffdis_mode, timesteps=options.timesteps,
+                               seed=options.seed, batch_size=batch_size, progress=progress)
     results = []
     for row in scores:
         order = np.argsort(-row, kind="stable")

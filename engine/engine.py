@@ -24,11 +24,11 @@ from diffscore.engine.manifest import PRECISIONS, Manifest, ScoringDefaults, une
 from diffscore.engine.options import (check_count, check_distinct_tokens, check_finite, check_labels, check_seed,
                                       check_templates)
 from diffscore.engine.progress import progress_bar
-from diffscore.engine.results import (Classification, ClassifyOptions, MatchOptions, MatchResult, classification,
+from diffscore.engine.classify_options import ClassifyOptions, pack
+from diffscore.engine.results import (MATCH_METHODS, Classification, MatchOptions, MatchResult, classification,
                                       named_images)
 from diffscore.kernels import (LOSSES, PairedRace, RaceConfig, add_noise, denoising_error, dsd_pair_scores, dsd_preset,
-                               dsd_timesteps, epsilon_from_output, new_run, pool_layer_scores, race_plan, shared_noise)
-from diffscore.kernels.cascade import cascade_config
+                               dsd_timesteps, epsilon_from_output, pool_layer_scores, race_plan, shared_noise)
 from diffscore.kernels.racing import DEFAULT_GRID
 
 log = logging.getLogger("diffscore")
@@ -259,115 +259,70 @@ class Engine(HeadScoring, TextConditioning):
                               "is damaged (weights or schedule) or overflows in this precision; try fp32 or re-export it")
         return errors, scores
 
-    # --- Diffusion Classifier -----------------------------------------------------------------
-    def classify(self, images, labels: list[str] | None = None, *, method: str = "dc", head: str | None = None,
-                 template: str | None = None, templates: list[str] | None = None,
-                 stages: list[tuple[int, int]] | None = None, loss: str | None = None, seed: int = 0,
-                 batch_size: int | None = None, progress: bool = False, strategy: str | None = None,
-                 z: float | None = None, min_rounds: int | None = None, round_size: int | None = None,
-                 budget: int | None = None, timesteps: int | None = None, use_profile: bool = True,
-                 diffdis_mode: str | None = None, shortlist: str | None = None, k: int | None = None,
-                 mass: float | None = None) -> list[Classification]:
-        """One Classification per image (ranking best first, UNet passes used, confidence, the options it
-        ran with). `classify_iter` takes the same arguments and yields them one by one, in bounded memory.
+    # --- classify: the options record, then the method's scorer ---------------------------------
+    def classify(self, images, labels: list[str] | None = None, options: ClassifyOptions | None = None, *,
+                 method: str | None = None, batch_size: int | None = None, progress: bool = False,
+                 **overrides) -> list[Classification]:
+        """One Classification per image (ranking best first, UNet passes used, confidence, the resolved options
+        it ran with). `classify_iter` takes the same arguments and yields them one by one, in bounded memory.
 
         images: paths, PIL images or uint8 arrays (H,W) / (H,W,C); any iterable.
         labels: the class names to choose among (method "head": optional, must be the head's own set).
-        method: "dc", the zero-shot Diffusion Classifier (DESIGN §3), ranking = mean denoising error, lower
-            is better; or "head", a trained head, one UNet pass per noise step, ranking = probability; or
-            "diffdis", the engine's DiffDis (`export --diffdis`), one image pass, ranking = score, higher is better
-            (`diffdis_mode` "denoise": −mean x0 error of the text embedding over `timesteps` shared (t, ε);
-            "generate": cosine similarity with the text embedding generated from the image; default: the engine's).
-        head: the head's name (method "head"), needed when the engine has several.
-        template / templates: prompt template(s) with one `{}` for the label (default: the engine's);
-            several templates make several candidates per class, a class scoring as its best one.
-        stages: [(n_samples, keep), ...] fixed pruning stages (default: the engine's).
-        loss: "l2", "l1" or "huber" (default: the engine's).
-        seed: seed of the shared noise: same seed, same scores.
-        batch_size: UNet batch (default: chosen for the backend and sample size).
-        progress: show a progress bar on stderr.
-        strategy: "stages" (fixed stages) or "race" (adaptive paired racing over a `timesteps`-point grid,
-            default: the engine's profile, else 100, in rounds of `round_size`, dropping a candidate `z`
-            standard errors behind the leader after `min_rounds` rounds, at most `budget` passes per
-            image; `use_profile`: visit the grid in the engine's profiled order); or "cascade": the
-            `shortlist`er ("head": the engine's head `head`, default; "diffdis") keeps each image's `k` best
-            classes (default 3; with `mass`: the fewest whose softmax mass reaches it, at most k), then the
-            race decides among them (kernels/cascade.py; passes count both stages, `result.cascade` the first).
-            Default: "stages" when `stages` is given, else the engine's default strategy.
+        options: a DcOptions, HeadOptions or DiffDisOptions record (engine/classify_options.py, where every option
+            is described); or leave it out and pass its fields as keywords (`overrides`, which also go on top of
+            `options`): unset ones take the engine's defaults.
+        method: "dc" (default), the zero-shot Diffusion Classifier (DESIGN §3), ranking = mean denoising error,
+            lower is better: `template`/`templates`, `stages`, `loss`, `seed`, `strategy` ("stages": fixed
+            pruning stages, default when `stages` is given; "race": adaptive paired racing over a `timesteps`-point
+            grid with `z`, `min_rounds`, `round_size`, `budget`, `use_profile`; "cascade": a `shortlist`er ("head"
+            `head`, or "diffdis" `diffdis_mode`) keeps each image's `k` best classes (or by softmax `mass`), the race
+            decides among them; `result.cascade` has the first stage); or "head", a trained head `head`, one UNet
+            pass per noise step, ranking = probability; or "diffdis", the engine's DiffDis (`export --diffdis`),
+            one image pass, ranking = score, higher is better (`diffdis_mode` "denoise": −mean x0 error of the text
+            embedding over `timesteps` shared (t, ε); "generate": cosine similarity with the text embedding
+            generated from the image).
+        batch_size: UNet batch (default: chosen for the backend and sample size). progress: a bar on stderr.
         """
-        return list(self.classify_iter(images, labels, method=method, head=head, template=template,
-                                       templates=templates, stages=stages, loss=loss, seed=seed,
-                                       batch_size=batch_size, progress=progress, strategy=strategy, z=z,
-                                       min_rounds=min_rounds, round_size=round_size, budget=budget,
-                                       timesteps=timesteps, use_profile=use_profile, diffdis_mode=diffdis_mode,
-                                       shortlist=shortlist, k=k, mass=mass))
+        return list(self.classify_iter(images, labels, options, method=method, batch_size=batch_size,
+                                       progress=progress, **overrides))
 
-    def classify_iter(self, images, labels: list[str] | None = None, **options):
-        """`classify` as a generator: see _classify_iter. Each result carries its image's path (`image`)."""
+    def classify_options(self, labels: list[str] | None = None, options: ClassifyOptions | None = None, *,
+                         method: str | None = None, **overrides) -> ClassifyOptions:
+        """The resolved record a `classify` call with these arguments runs with: flat keywords packed into the
+        method's record, unset fields from this engine's defaults, every value checked (EngineError otherwise)."""
+        if labels is not None:
+            overrides["labels"] = labels
+        return pack(method, options, overrides).resolve(self)
+
+    def classify_iter(self, images, labels: list[str] | None = None, options: ClassifyOptions | None = None, *,
+                      method: str | None = None, batch_size: int | None = None, progress: bool = False,
+                      **overrides):
+        """`classify` as a generator: results in input order as windows of images finish; images are read,
+        decoded and encoded one window at a time, so memory does not grow with their number. Options are
+        checked before the first image is read. Each result carries its image's path (`image`)."""
+        batch_size = check_count("batch_size", batch_size, optional=True)
+        resolved = self.classify_options(labels, options, method=method, **overrides)
         images, names = named_images(images)
-        for result in self._classify_iter(images, labels, **options):
+        for result in self._classify_iter(images, resolved, batch_size, progress):
             result.image = names.popleft()
             yield result
 
-    def _classify_iter(self, images, labels: list[str] | None = None, *, method: str = "dc", head: str | None = None,
-                       template: str | None = None, templates: list[str] | None = None,
-                       stages: list[tuple[int, int]] | None = None, loss: str | None = None, seed: int = 0,
-                       batch_size: int | None = None, progress: bool = False, strategy: str | None = None,
-                       z: float | None = None, min_rounds: int | None = None, round_size: int | None = None,
-                       budget: int | None = None, timesteps: int | None = None, use_profile: bool = True,
-                       diffdis_mode: str | None = None, shortlist: str | None = None, k: int | None = None,
-                       mass: float | None = None):
-        """`classify` as a generator: results in input order as windows of images finish; images are read,
-        decoded and encoded one window at a time, so memory does not grow with their number. Options are
-        checked before the first image is read."""
-        batch_size = check_count("batch_size", batch_size, optional=True)
-        if method == "head":
-            yield from self._classify_head(images, labels, head, batch_size, progress)
-            return
-        if method == "diffdis":
+    def _classify_iter(self, images, options: ClassifyOptions, batch_size: int | None, progress: bool):
+        if options.method == "head":
+            yield from self._classify_head(images, options, batch_size, progress)
+        elif options.method == "diffdis":
             from diffscore.engine.diffdis import classify_diffdis
 
-            yield from classify_diffdis(self, images, labels, template=template, mode=diffdis_mode, timesteps=timesteps,
-                                        seed=seed, batch_size=batch_size, progress=progress)
-            return
-        if method != "dc":
-            raise EngineError(f"unknown method {method!r}; choose dc (Diffusion Classifier), head (a trained head) "
-                              "or diffdis")
-        if labels is None:
-            raise EngineError("the Diffusion Classifier needs labels: the class names to choose from")
-        labels = check_labels(labels)
-        templates = check_templates(template, templates, self.defaults.template)
-        explicit_stages = stages is not None  # [] is refused by the stages check below, not replaced by the default
-        stages = [tuple(s) for s in (self.defaults.stages if stages is None else stages)]
-        loss = loss or self.defaults.loss
-        seed = check_seed(seed)
-        if loss not in LOSSES:
-            raise EngineError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
-        strategy = strategy or ("stages" if explicit_stages else self.defaults.strategy)
-        given = {k: v for k, v in dict(z=z, min_rounds=min_rounds, round_size=round_size, budget=budget).items()
-                 if v is not None}
-        T = len(self.alphas_cumprod)
-        profile = self.manifest.timestep_profile if use_profile else None
-        try:
-            config = RaceConfig(**{**self.defaults.race.given(), **given})  # call > engine default > RaceConfig
-            make = lambda n: new_run("race" if strategy == "cascade" else strategy, n, T,  # noqa: E731
-                                     stages=stages, race=config, grid_size=timesteps, profile=profile)
-            make(len(labels) * len(templates))  # bad options fail here, before any image is read
-            cascade = cascade_config(strategy, shortlist, k, mass)
-        except (ValueError, TypeError) as e:
-            raise EngineError(str(e)) from None
-        race = None if strategy == "stages" else {**config.__dict__, "timesteps": timesteps, "profile": profile is not None}
-        if cascade is not None:
+            yield from classify_diffdis(self, images, options, batch_size, progress)
+        elif options.cascade is not None:
             from diffscore.engine.cascade import classify_cascade
 
-            yield from classify_cascade(self, images, labels, templates, cascade, config, loss=loss, seed=seed,
-                                        batch_size=batch_size, progress=progress, head=head, diffdis_mode=diffdis_mode,
-                                        timesteps=timesteps, profile=profile, race_options=race)
-            return
-        options = ClassifyOptions("dc", tuple(labels), tuple(templates), tuple(stages) if strategy == "stages" else (),
-                                  loss, seed, strategy=strategy, race=race, backend=self.backend, precision=self.precision)
-        for run, candidate_class in self._score_runs(images, labels, templates, make, loss, seed, batch_size, progress):
-            yield classification(run, labels, candidate_class, options)
+            yield from classify_cascade(self, images, options, batch_size, progress)
+        else:
+            labels, templates = list(options.labels), list(options.templates)
+            for run, candidate_class in self._score_runs(images, labels, templates, options.runs(self), options.loss,
+                                                         options.seed, batch_size, progress):
+                yield classification(run, labels, candidate_class, options)
 
     def grid_errors(self, images, labels: list[str], *, templates: list[str] | None = None, timesteps: int | None = None,
                     loss: str | None = None, seed: int = 0, batch_size: int | None = None,
@@ -465,7 +420,7 @@ class Engine(HeadScoring, TextConditioning):
 
             return match_itc(self, images, texts, batch_size=batch_size, progress=progress)
         if method != "dsd":
-            raise EngineError(f"unknown match method {method!r}; choose from dsd, diffdis, itc")
+            raise EngineError(f"unknown match method {method!r}; choose from {', '.join(MATCH_METHODS)}")
         texts = check_labels(texts, what="texts")
         self.check_prompts(texts, "texts")
         steps = check_count("steps", steps, optional=True)

@@ -8,9 +8,8 @@ import numpy as np
 from diffscore.engine.backends.base import Runner
 from diffscore.engine.backends.choice import make_runner
 from diffscore.engine.images import IMAGE_WINDOW, count_images, image_windows
-from diffscore.engine.options import check_labels
 from diffscore.engine.progress import progress_bar
-from diffscore.engine.results import Classification, ClassifyOptions
+from diffscore.engine.results import Classification
 from diffscore.errors import EngineError
 from diffscore.kernels import add_noise, shared_noise
 
@@ -83,17 +82,13 @@ class HeadScoring:
                                               workers=self.workers)
         return self.runners[graph]
 
-    def _classify_head(self, images, labels, head, batch_size, progress) -> list[Classification]:
-        name = self.head_name(head)
-        spec = self.manifest.heads[name]
+    def _classify_head(self, images, options, batch_size, progress) -> list[Classification]:
+        """Classifications by the resolved HeadOptions' head: ranking = softmax probability."""
+        spec = self.manifest.heads[options.head]
         classes = spec.labels
-        if labels is not None and set(check_labels(labels)) != set(classes):
-            raise EngineError(f"head {name} was trained on the labels {classes}, not {labels}; leave labels out to use its own")
-        logits = self.head_logits(images, name, batch_size=batch_size, progress=progress).astype(np.float64)
+        logits = self.head_logits(images, options.head, batch_size=batch_size, progress=progress).astype(np.float64)
         p = np.exp(logits - logits.max(axis=1, keepdims=True))
         p /= p.sum(axis=1, keepdims=True)
-        options = ClassifyOptions("head", tuple(classes), seed=spec.seed, head=name, backend=self.backend,
-                                  precision="fp32")
         results = []
         for row, logit in zip(p, logits):
             order = np.argsort(-row, kind="stable")

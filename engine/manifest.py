@@ -17,13 +17,14 @@ from pathlib import Path
 
 from diffscore.engine.manifest_checks import MAX_MANIFEST_BYTES, check_json_shape, check_manifest
 from diffscore.errors import EngineError
-from diffscore.kernels.racing import DEFAULT_STRATEGY
+from diffscore.kernels.racing import DEFAULT_STRATEGY, RaceConfig
 
 # 2: typed heads / adapters / calibration records, scoring defaults as their own record, every
 # non-graph file (tokenizer, head weights, calibration set) listed with its sha256
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 BATCH = "batch"  # the symbolic batch axis of every graph input and output
+UNSTATED_DSD_PRESET = "diffscore"  # the preset of manifests written before presets existed (their layers)
 PRECISIONS = ("fp32", "fp16", "int8", "bf16")  # bf16: OpenVINO's inference hint on the fp32 graph
 
 
@@ -86,17 +87,22 @@ class FileSpec:
     size: int
 
 
-@dataclass
-class RaceDefaults:
-    """The engine's own race settings (kernels.racing.RaceConfig's fields); None = RaceConfig's default."""
-
-    z: float | None = None
-    min_rounds: int | None = None
-    round_size: int | None = None
-    budget: int | None = None
-
-    def given(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+def race_record(value) -> RaceConfig:
+    """The manifest's race settings as a RaceConfig; a field left null (engines exported before the manifest held
+    a RaceConfig) takes RaceConfig's default, as it always did."""
+    if isinstance(value, RaceConfig):
+        return value
+    if not isinstance(value, dict):
+        raise EngineError(f"manifest defaults.race is {type(value).__name__}, expected an object; re-export the engine")
+    given = {k: v for k, v in value.items() if v is not None}
+    try:
+        return RaceConfig(**given)
+    except TypeError as e:
+        raise EngineError(f"manifest defaults.race does not fit engine format {FORMAT_VERSION} ({e}); re-export the "
+                          "engine") from None
+    except ValueError as e:
+        raise EngineError(f"manifest.json: defaults.race is {given!r}, expected valid race settings ({e}): the engine "
+                          "directory is damaged or was not made by `diffscore export`; re-export it") from None
 
 
 @dataclass
@@ -108,11 +114,14 @@ class ScoringDefaults:
     loss: str = "l2"  # l2 | l1 | huber
     dsd_steps: int = 10  # DSD timesteps per pair
     strategy: str = DEFAULT_STRATEGY  # "stages" | "race"
-    race: RaceDefaults = field(default_factory=RaceDefaults)
-    dsd_preset: str = "diffscore"  # DSD scoring preset (kernels.dsd), fixed at export with its attention layers
+    race: RaceConfig = field(default_factory=RaceConfig)
+    # DSD scoring preset (kernels.dsd), fixed at export with its attention layers: export always writes the one it
+    # used (kernels.dsd.DEFAULT_DSD_PRESET unless told); this default is only what a manifest without the field
+    # (made before presets existed) was exported with
+    dsd_preset: str = UNSTATED_DSD_PRESET
 
     def __post_init__(self):
-        self.race = _typed(RaceDefaults, self.race, "defaults.race")
+        self.race = race_record(self.race)
 
 
 @dataclass

@@ -68,7 +68,7 @@ def test_engine_equals_torch_reference(diffdis_engine, pixel, images):
             labels_want = [LABELS[i] for i in diffdis_scores_reference(
                 comp, model, images, [f"a photo of a {x}" for x in LABELS], mode=mode, seed=5).argmax(1)]
             assert [r.label for r in results] == labels_want
-            assert all(r.passes == 1 and r.options.method == f"diffdis-{mode}" for r in results)
+            assert all(r.passes == 1 and r.options.to_dict()["method"] == f"diffdis-{mode}" for r in results)
         # mode "denoise" by hand: −mean error over the DC grid's timesteps, each candidate on the same ε
         assert eng.match(images[:1], texts, method="diffdis", diffdis_mode="denoise").options.timesteps == (166, 499, 832)
 
