@@ -1,6 +1,6 @@
 """strategy="cascade" in the runtime: the shortlister's one pass over every image, then the race among each
 image's shortlist (kernels/cascade.py has the method). The race runs through the engine's own batched driver
-(Engine._score_runs), so its (t, ε) pairs and errors are the plain race's."""
+(engine/scorers/dc.py `score_runs`), so its (t, ε) pairs and errors are the plain race's."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 
 from diffscore.engine.images import IMAGE_WINDOW, image_windows
 from diffscore.engine.results import classification
+from diffscore.engine.scorers.dc import score_runs
 from diffscore.errors import EngineError
 from diffscore.kernels.cascade import CascadeConfig, cascade_run, softmax
 
@@ -53,7 +54,7 @@ def classify_cascade(engine, images, options, batch_size: int | None, progress: 
     rows = iter(scores)
     make = lambda n: cascade_run(next(rows), len(templates), T, config, options.race,  # noqa: E731
                                  options.timesteps, profile)
-    for row, (run, candidate_class) in zip(scores, engine._score_runs(images, labels, templates, make, options.loss,
+    for row, (run, candidate_class) in zip(scores, score_runs(engine, images, labels, templates, make, options.loss,
                                                                      options.seed, batch_size, progress)):
         yield cascade_result(run, labels, candidate_class, row, passes, by, config, options)
 

@@ -109,6 +109,14 @@ def named_images(images):
     return reading(), names
 
 
+def ranked(labels, scores, passes: int, options=None, confidence: float | None = None) -> Classification:
+    """A Classification from one image's scores (higher = better) over `labels`: ranking best first, ties to
+    the earlier label."""
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    return Classification(label=labels[order[0]], ranking=[(labels[c], float(scores[c])) for c in order],
+                          passes=passes, options=options, confidence=confidence)
+
+
 def classification(run, labels: list[str], candidate_class, options=None) -> Classification:
     """A finished StagedPruning or PairedRace run as a result: class ranking, passes, confidence."""
     from diffscore.kernels import class_ranking, confidence
