@@ -48,7 +48,8 @@ def demo_engine_dir(model_dir: Path = DEMO_MODEL, precisions=("fp32",)) -> Path:
 
     defaults = {"template": DEFAULT_TEMPLATE, "stages": [list(s) for s in DEMO_STAGES], "loss": DEMO_LOSS,
                 "strategy": DEMO_STRATEGY, "race": DEMO_RACE}
-    return add_demo_profile(export_engine(model_dir, out, precisions=tuple(precisions), defaults=defaults, overwrite=True))
+    engine_dir = export_engine(model_dir, out, precisions=tuple(precisions), defaults=defaults, overwrite=True)
+    return add_demo_profile(engine_dir)
 
 
 def remove_cached(path: Path) -> None:

@@ -115,11 +115,13 @@ def test_cli_train_export_classify_match(pixel, images, tmp_path, run_cli, run_c
                                  "--diffdis-mode", "generate", "--format", "json")
     assert code == 0, err
     assert json.loads(out)[0]["options"]["method"] == "diffdis-generate"
-    code, out, err = run_cli_out("match", engine, tmp_path / "1.png", "-t", "a cat", "-t", "a dog", "--method", "diffdis",
+    code, out, err = run_cli_out("match", engine, tmp_path / "1.png", "-t", "a cat", "-t", "a "
+                                                                                           "dog", "--method", "diffdis",
                                  "--format", "json")
     assert code == 0, err
     assert json.loads(out)[0]["options"]["method"] == "diffdis-denoise"
-    for args, message in (((tmp_path / "0.png", "--labels", "a,b", "--diffdis-mode", "generate"), "go with --method diffdis"),):
+    for args, message in (((tmp_path / "0.png", "--labels", "a,b", "--diffdis-mode", "generate"), "go with --method "
+                                                                                                  "diffdis"),):
         code, err = run_cli("classify", engine, *args)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1  # usage mistakes
     code, err = run_cli("train-diffdis", pixel, "--out", tmp_path / "x")
