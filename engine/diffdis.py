@@ -50,10 +50,9 @@ def text_queries(engine, texts: list[str], spec: DiffDisSpec) -> np.ndarray:
 
 def score_timesteps(T: int, n: int) -> list[int]:
     """Mode "denoise": the Diffusion Classifier's n-point grid (kernels.timesteps.timestep_grid, DESIGN §3)."""
-    try:
-        return timestep_grid(n, T)
-    except ValueError as e:
-        raise EngineError(f"--timesteps {n}: {e}") from None
+    if not 1 <= n <= T:
+        raise EngineError(f"--timesteps must be in [1, {T}], got {n}")
+    return timestep_grid(n, T)
 
 
 def check_mode(mode: str) -> str:
