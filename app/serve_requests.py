@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from diffscore.engine.classify_options import DcOptions
+from diffscore.engine.options import check_template
 from diffscore.errors import EngineError, first_line
 
 if TYPE_CHECKING:
@@ -156,6 +157,11 @@ def classify_options(body: dict, limits: Limits):
             raise BadRequest('"stages" must be a list of [n_samples, keep] integer pairs, e.g. [[50, 5], [500, 1]]')
         stages = tuple(tuple(s) for s in stages)
     template = typed(body, "template", str)
+    if template is not None:  # checked here too, so the answer names the field
+        try:
+            check_template(template)
+        except EngineError as e:
+            raise BadRequest(f'"template": {e}') from None
     return DcOptions(labels=tuple(text_list(body, "labels", limits)),
                      templates=None if template is None else (template,),
                      stages=stages, loss=typed(body, "loss", str), seed=typed(body, "seed", int, 0, minimum=0))
