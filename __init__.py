@@ -13,8 +13,8 @@ Export, calibration and training live in diffscore.export, diffscore.calibration
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "Engine", "Classification", "ClassifyOptions", "MatchResult", "MatchOptions", "EngineError",
-           "__version__"]
+__all__ = ["load", "Engine", "Classification", "ClassifyOptions", "DcOptions", "HeadOptions", "DiffDisOptions",
+           "MatchResult", "MatchOptions", "EngineError", "__version__"]
 
 
 def __getattr__(name):  # lazy, so `import diffscore` stays instant and torch-free

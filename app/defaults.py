@@ -10,14 +10,14 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from diffscore.engine.manifest import Manifest, RaceDefaults, ScoringDefaults
+from diffscore.engine.manifest import Manifest, ScoringDefaults
+from diffscore.engine.classify_options import RACE_FIELDS
 from diffscore.engine.options import check_template
 from diffscore.errors import EngineError, UsageMistake
 from diffscore.kernels import LOSSES, STRATEGIES, RaceConfig
 from diffscore.kernels.racing import DEFAULT_GRID
 from diffscore.kernels.timesteps import stage_timesteps
 
-RACE_FIELDS = ("z", "min_rounds", "round_size", "budget")
 
 
 def scoring_changes(*, template=None, strategy=None, stages=None, loss=None, timesteps=None, **race) -> dict:
@@ -54,8 +54,8 @@ def scoring_changes(*, template=None, strategy=None, stages=None, loss=None, tim
 
 def apply(defaults: ScoringDefaults, changes: dict) -> ScoringDefaults:
     """`defaults` with `changes` (scoring_changes' output); race settings merge field by field."""
-    race = {**dataclasses.asdict(defaults.race), **changes.get("race", {})}
-    return dataclasses.replace(defaults, **{**changes, "race": RaceDefaults(**race)})
+    race = dataclasses.replace(defaults.race, **changes.get("race", {}))
+    return dataclasses.replace(defaults, **{**changes, "race": race})
 
 
 def change_defaults(engine_dir: Path, changes: dict, reset: bool = False) -> ScoringDefaults:
@@ -72,13 +72,9 @@ def change_defaults(engine_dir: Path, changes: dict, reset: bool = False) -> Sco
     return manifest.defaults
 
 
-def race_config(defaults: ScoringDefaults) -> RaceConfig:
-    return RaceConfig(**defaults.race.given())
-
-
 def describe(defaults: ScoringDefaults, profile: list[int] | None) -> list[str]:
     """Lines for `diffscore defaults`: each setting, and which of them the default strategy uses."""
-    race = race_config(defaults)
+    race = defaults.race
     order = f"profiled order of {len(profile)} timesteps" if profile else f"spread order over {DEFAULT_GRID} timesteps"
     return [
         f"strategy  {defaults.strategy}" + (f" ({order})" if defaults.strategy == "race" else ""),
@@ -131,22 +127,16 @@ def duration(seconds: float) -> str:
 LONG_RUN = 2_000  # UNet passes (all images, at most) from which `classify` says what the run will cost
 
 
-def classify_plan(engine, labels: list[str], images: int, *, strategy=None, stages=None, z=None,
-                  budget=None) -> str | None:
-    """The line `classify` prints on stderr before a long Diffusion Classifier run: passes per image as the
-    engine will resolve its options (call > engine default), and the time they take at the UNet rate `auto`
-    measured here, where it did. None for a short run."""
+def classify_plan(engine, options, images: int) -> str | None:
+    """The line `classify` prints on stderr before a long Diffusion Classifier run: passes per image of the call's
+    resolved DcOptions (engine.classify_options), and the time they take at the UNet rate `auto` measured here,
+    where it did. None for a short run."""
     from diffscore.engine.autoselect import cached_choice, label
 
-    d = engine.defaults
-    strategy = strategy or ("stages" if stages else d.strategy)
-    try:
-        race = RaceConfig(**{**d.race.given(), **{k: v for k, v in dict(z=z, budget=budget).items() if v is not None}})
-    except ValueError:  # classify itself says what is wrong, in one line
-        return None
+    strategy, labels = options.strategy, options.labels
     profile = engine.manifest.timestep_profile
-    plan = dict(stages=[tuple(s) for s in stages or d.stages]) if strategy == "stages" else \
-        dict(race=race, grid=len(profile) if profile else None)
+    plan = dict(stages=list(options.stages)) if strategy == "stages" else \
+        dict(race=options.race, grid=len(profile) if profile else None)
     if expected_passes(strategy, len(labels), **plan)[1] * images < LONG_RUN:
         return None
     choice = cached_choice(engine.manifest, engine.precision) or {}

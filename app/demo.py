@@ -13,7 +13,8 @@ import numpy as np
 from diffscore.app.digits import CLASS_NAMES, DEFAULT_TEMPLATE, load_digits_split
 from diffscore.errors import EngineError
 from diffscore.engine.cache import cache_root
-from diffscore.engine.manifest import Manifest, RaceDefaults, folder_sha256, unet_graph
+from diffscore.engine.manifest import Manifest, folder_sha256, unet_graph
+from diffscore.kernels import RaceConfig
 
 log = logging.getLogger("diffscore")
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo"
@@ -47,7 +48,8 @@ def demo_engine_dir(model_dir: Path = DEMO_MODEL, precisions=("fp32",)) -> Path:
 
     defaults = {"template": DEFAULT_TEMPLATE, "stages": [list(s) for s in DEMO_STAGES], "loss": DEMO_LOSS,
                 "strategy": DEMO_STRATEGY, "race": DEMO_RACE}
-    return add_demo_profile(export_engine(model_dir, out, precisions=tuple(precisions), defaults=defaults, overwrite=True))
+    engine_dir = export_engine(model_dir, out, precisions=tuple(precisions), defaults=defaults, overwrite=True)
+    return add_demo_profile(engine_dir)
 
 
 def remove_cached(path: Path) -> None:
@@ -74,7 +76,7 @@ def add_demo_profile(engine_dir: Path) -> Path:
     engine = load(engine_dir, backend="ort-cpu")
     save_profile(engine_dir, make_profile(engine, profile_digits(), list(CLASS_NAMES), progress=True))
     manifest = Manifest.load(engine_dir)  # an engine cached before the race existed gets its defaults too
-    manifest.defaults.strategy, manifest.defaults.race = DEMO_STRATEGY, RaceDefaults(**DEMO_RACE)
+    manifest.defaults.strategy, manifest.defaults.race = DEMO_STRATEGY, RaceConfig(**DEMO_RACE)
     manifest.save(engine_dir)
     return engine_dir
 

@@ -1,4 +1,5 @@
-"""train-head's label-free training sets: the model's own samples, or an engine's confident decisions."""
+"""train-head's training sets: a labelled folder, the demo digits, the model's own samples, or an engine's confident
+decisions (`training_set` picks by the flags given)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,33 @@ def pseudo_labelled_set(engine_dir: Path, data: Path | None, demo: bool, labels:
     say(f"pseudo-labels: kept {len(got.images)} of {len(images)} images (confidence ≥ {threshold}); per label "
         + ", ".join(f"{name} {n}" for name, n in zip(labels, counts)))
     return got.images, got.labels, got.record, labels
+
+
+def training_set(model: Path, data: Path | None, demo: bool, classes: list[str] | None, *, synthesize: int | None,
+                 pseudo_label: Path | None, template: str | None, sampler: str, sampling_steps: int, guidance: float,
+                 seed: int, save_samples: Path | None, overwrite: bool, min_confidence: float | None, backend: str,
+                 strategy: str | None):
+    """(images, targets, classes, record of where the labels came from, loaded model or None) for train-head."""
+    comp = None  # the loaded model, where generating samples loaded it already
+    if synthesize is not None:
+        images, targets, origin, comp = synthetic_set(model, classes, synthesize, template or "{}", sampler,
+                                                      sampling_steps, guidance, seed, save_samples, overwrite)
+        return images, targets, classes, origin, comp
+    if pseudo_label is not None:
+        images, targets, origin, classes = pseudo_labelled_set(
+            pseudo_label, data, demo, classes, 1.0 if min_confidence is None else min_confidence, backend,
+            template=template, strategy=strategy)
+        return images, targets, classes, origin, comp
+    if demo:
+        from diffscore.app.digits import CLASS_NAMES, load_digits_split
+
+        digits = load_digits_split()
+        images, targets, classes = list(digits.train_images), digits.train_labels, list(CLASS_NAMES)
+    else:
+        from diffscore.engine.images import image_folder
+        from diffscore.reference.sampling import saved_record
+
+        images, targets, classes = image_folder(data)
+    origin = (None if demo else saved_record(data)) or HeadTraining(source="labels")
+    origin.images = len(images)
+    return images, targets, classes, origin, comp

@@ -124,7 +124,8 @@ def check_engine_dir(engine_dir) -> Path:
 
     engine_dir = Path(engine_dir).resolve()
     if not (engine_dir / "manifest.json").is_file():
-        raise EngineError(f"{engine_dir} is not an engine directory (no manifest.json); make one with `diffscore export`")
+        raise EngineError(f"{engine_dir} is not an engine directory (no manifest.json); "
+                          f"make one with `diffscore export`")
     Manifest.load(engine_dir)
     return engine_dir
 
@@ -204,7 +205,8 @@ class EngineActor:
             texts = self.options["texts"]
             scores = np.asarray(self.engine.match(good, **self.options)) if good else np.zeros((0, len(texts)))
             columns = {"scores": pa.array(spread(scores.tolist(), ok, len(errors)), pa.list_(pa.float64())),
-                       "best": pa.array(spread([texts[j] for j in scores.argmax(axis=1)], ok, len(errors)), pa.string())}
+                       "best": pa.array(spread([texts[j] for j in scores.argmax(axis=1)], ok, len(errors)),
+                                        pa.string())}
         else:
             results = spread(self.engine.classify(good, **self.options) if good else [], ok, len(errors))
             columns = classification_columns(results)
@@ -228,7 +230,8 @@ def classification_columns(results) -> dict:
     ranking_type = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float64())]))
     columns = {
         "label": pa.array([r and r.label for r in results], pa.string()),
-        "ranking": pa.array([r and [{"label": c, "score": float(s)} for c, s in r.ranking] for r in results], ranking_type),
+        "ranking": pa.array([r and [{"label": c, "score": float(s)} for c, s in r.ranking] for r in results],
+                            ranking_type),
         "passes": pa.array([r and int(r.passes) for r in results], pa.int64()),
     }
     if any(hasattr(r, "confidence") for r in results):
@@ -281,8 +284,11 @@ def classify_dataset(images, engine_dir, labels: list[str] | None = None, *, met
         from diffscore.engine.options import check_labels
 
         labels = check_labels(labels or [])  # refuse bad labels here, not in every actor
-    options = dict(labels=labels, method=method, head=head, template=template,
-                   stages=[tuple(s) for s in stages] if stages else None, loss=loss, seed=seed, batch_size=batch_size)
+    from diffscore.engine.classify_options import pack
+
+    record = pack(method, None, dict(labels=labels, head=head, template=template, loss=loss, seed=seed,
+                                     stages=[tuple(s) for s in stages] if stages else None))
+    options = dict(options=record, batch_size=batch_size)
     return _score_dataset(images, engine_dir, "classify", options, actors=actors, batch_images=batch_images,
                           num_cpus=num_cpus, num_gpus=num_gpus, backend=backend, precision=precision,
                           address=address, ray_options=ray_options)

@@ -13,6 +13,7 @@ no options: template "{}", no timestep profile (spread order), the race.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +27,7 @@ from common import machine, machine_line, timed, write_result  # noqa: E402
 import diffscore  # noqa: E402
 from diffscore.app.demo import DEMO_MODEL  # noqa: E402
 from diffscore.app.digits import CLASS_NAMES, load_digits_split, validation_indices  # noqa: E402
-from diffscore.kernels import RaceConfig, spread_order  # noqa: E402
+from diffscore.kernels import spread_order  # noqa: E402
 
 Z_GRID = (1.0, 1.5, 2.0, 2.5, 3.0)
 MIN_ROUNDS = (1, 2)
@@ -48,7 +49,7 @@ def main() -> None:
         engine_dir = export_engine(DEMO_MODEL, Path(tmp) / "plain-demo", show_progress=False)  # no options at all
         with diffscore.load(engine_dir, backend="ort-cpu") as engine:
             defaults = {"strategy": engine.defaults.strategy, "template": engine.defaults.template,
-                        "race": {**RaceConfig().__dict__, **engine.defaults.race.given()},
+                        "race": dataclasses.asdict(engine.defaults.race),
                         "profile": engine.manifest.timestep_profile is not None}
             val = list(split.train_images[validation_indices()[1]])
             errors, _ = grid_errors(engine, val, "plain-validation")

@@ -250,7 +250,7 @@ def readme_block(r: dict, info: dict) -> str:
              "difeed-linear": "DifFeed linear probe", "difeed-difformer": "DifFeed DifFormer head"}
     where = lambda h: f"{' + '.join(h['blocks'])} at t = {', '.join(map(str, h['steps']))}"
     lines = [
-        f"| method | trained on | held-out accuracy | UNet passes / image | images/s | vs DC |",
+        "| method | trained on | held-out accuracy | UNet passes / image | images/s | vs DC |",
         "|---|---|---:|---:|---:|---:|",
         f"| Diffusion Classifier, zero-shot, stages {' → '.join(map(str, tuple(map(tuple, dc['stages']))))} | no images | "
         f"{dc['accuracy']:.2%} ({dc['images']}) | {dc['passes_per_image']:.0f} | {dc['images_per_s']:.2f} | 1× |",

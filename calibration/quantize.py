@@ -24,13 +24,14 @@ from pathlib import Path
 import onnx
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+from diffscore.engine.manifest_checks import CALIBRATION_METHODS as CALIBRATION_METHODS_NAMED
 from diffscore.errors import EngineError
 
 log = logging.getLogger("diffscore")
 
-CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                       "percentile": CalibrationMethod.Percentile}
-METHODS = tuple(CALIBRATION_METHODS)
+METHODS = CALIBRATION_METHODS_NAMED  # minmax | entropy | percentile (engine.manifest_checks owns the names)
+CALIBRATION_METHODS = dict(zip(METHODS, (CalibrationMethod.MinMax, CalibrationMethod.Entropy,
+                                         CalibrationMethod.Percentile)))
 QUANT_OPS = ("Conv", "Gemm", "MatMul")
 # Layers kept float unless told otherwise (substrings of layer names): the ones known to be fragile.
 # The time embedding turns t ∈ [0, 1000) into sin/cos features whose small differences matter; conv_in

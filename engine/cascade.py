@@ -1,27 +1,29 @@
 """strategy="cascade" in the runtime: the shortlister's one pass over every image, then the race among each
 image's shortlist (kernels/cascade.py has the method). The race runs through the engine's own batched driver
-(Engine._score_runs), so its (t, ε) pairs and errors are the plain race's."""
+(engine/scorers/dc.py `score_runs`), so its (t, ε) pairs and errors are the plain race's."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from diffscore.engine.images import IMAGE_WINDOW, image_windows
-from diffscore.engine.results import ClassifyOptions, classification
+from diffscore.engine.results import classification
+from diffscore.engine.scorers.dc import score_runs
 from diffscore.errors import EngineError
 from diffscore.kernels.cascade import CascadeConfig, cascade_run, softmax
 
 
-def shortlister_scores(engine, images, labels: list[str], config: CascadeConfig, *, head: str | None, template: str,
-                       diffdis_mode: str | None, seed: int, batch_size: int | None, progress: bool):
-    """((images, labels) scores, higher = better, columns in `labels` order; UNet passes per image; name)."""
-    if config.by == "diffdis":
+def shortlister_scores(engine, images, labels: list[str], options, batch_size: int | None, progress: bool):
+    """((images, labels) scores, higher = better, columns in `labels` order; UNet passes per image; name), by the
+    resolved DcOptions' shortlister."""
+    if options.shortlist == "diffdis":
         from diffscore.engine.diffdis import diffdis_scores
 
-        scores, used = diffdis_scores(engine, images, [template.format(x) for x in labels], mode=diffdis_mode, seed=seed,
-                                      batch_size=batch_size, progress=progress)
+        scores, used = diffdis_scores(engine, images, [options.templates[0].format(x) for x in labels],
+                                      mode=options.diffdis_mode, seed=options.seed, batch_size=batch_size,
+                                      progress=progress)
         return scores, 1, f"diffdis-{used['mode']}"
-    name = engine.head_name(head)
+    name = options.head
     spec = engine.manifest.heads[name]
     if set(spec.labels) != set(labels):
         raise EngineError(f"head {name} was trained on the labels {spec.labels}, not {labels}; a head shortlists its "
@@ -39,24 +41,21 @@ def cascade_record(run, labels: list[str], scores: np.ndarray, passes: int, by: 
             "shortlist_passes": passes, "race_passes": run.passes}
 
 
-def classify_cascade(engine, images, labels: list[str], templates: list[str], config: CascadeConfig, race, *,
-                     loss: str, seed: int, batch_size: int | None, progress: bool, head: str | None,
-                     diffdis_mode: str | None, timesteps: int | None, profile, race_options: dict):
-    """Classifications of `images` (materialised: the shortlister sees them all first) by the cascade."""
+def classify_cascade(engine, images, options, batch_size: int | None, progress: bool):
+    """Classifications of `images` (materialised: the shortlister sees them all first) by the cascade of the
+    resolved DcOptions."""
     images = [im for window in image_windows(images, IMAGE_WINDOW) for im in window]  # one image alone, too
     if not images:
         raise EngineError("no images given")
-    scores, passes, by = shortlister_scores(engine, images, labels, config, head=head, template=templates[0],
-                                            diffdis_mode=diffdis_mode, seed=seed, batch_size=batch_size,
-                                            progress=progress)
+    labels, templates, config = list(options.labels), list(options.templates), options.cascade
+    scores, passes, by = shortlister_scores(engine, images, labels, options, batch_size, progress)
+    profile = engine.manifest.timestep_profile if options.use_profile else None
     T = len(engine.alphas_cumprod)
     rows = iter(scores)
-    make = lambda n: cascade_run(next(rows), len(templates), T, config, race, timesteps, profile)  # noqa: E731
-    options = ClassifyOptions("dc", tuple(labels), tuple(templates), (), loss, seed, strategy="cascade",
-                              race={**race_options, "cascade": {"k": config.k, "mass": config.mass, "by": by}},
-                              backend=engine.backend, precision=engine.precision)
-    for row, (run, candidate_class) in zip(scores, engine._score_runs(images, labels, templates, make, loss, seed,
-                                                                     batch_size, progress)):
+    make = lambda n: cascade_run(next(rows), len(templates), T, config, options.race,  # noqa: E731
+                                 options.timesteps, profile)
+    for row, (run, candidate_class) in zip(scores, score_runs(engine, images, labels, templates, make, options.loss,
+                                                                     options.seed, batch_size, progress)):
         yield cascade_result(run, labels, candidate_class, row, passes, by, config, options)
 
 

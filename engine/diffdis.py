@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffscore.engine.images import IMAGE_WINDOW, count_images, image_windows
 from diffscore.engine.manifest import DiffDisSpec
-from diffscore.engine.options import check_count, check_labels, check_seed, check_templates
-from diffscore.engine.progress import progress_bar
-from diffscore.engine.results import Classification, ClassifyOptions, MatchOptions, MatchResult
+from diffscore.engine.options import check_count, check_labels, check_seed
+from diffscore.engine.results import Classification, MatchOptions, MatchResult, ranked
 from diffscore.errors import EngineError
-from diffscore.kernels import add_noise, shared_noise
+from diffscore.kernels import add_noise, shared_noise, timestep_grid
 
 MODES = ("denoise", "generate")
 
@@ -51,10 +49,10 @@ def text_queries(engine, texts: list[str], spec: DiffDisSpec) -> np.ndarray:
 
 
 def score_timesteps(T: int, n: int) -> list[int]:
-    """Mode "denoise": the Diffusion Classifier's n-point grid range(T//n//2, T, T//n)[:n] (DESIGN §3)."""
+    """Mode "denoise": the Diffusion Classifier's n-point grid (kernels.timesteps.timestep_grid, DESIGN §3)."""
     if not 1 <= n <= T:
         raise EngineError(f"--timesteps must be in [1, {T}], got {n}")
-    return list(range(T // n // 2, T, T // n))[:n]
+    return timestep_grid(n, T)
 
 
 def check_mode(mode: str) -> str:
@@ -90,45 +88,29 @@ def diffdis_scores(engine, images, texts: list[str], *, mode: str | None = None,
     queries = {name: np.broadcast_to(q, (per_call, *q.shape)).copy()
                for name, q in (("text", q_text), ("noise", q_noise), ("timestep", q_t))}
     out = []
-    with progress_bar("diffdis", count_images(images), progress) as advance:
-        for window_images in image_windows(images, IMAGE_WINDOW):
-            x0 = engine.encode_images(window_images)
-            xt = np.concatenate([add_noise(x, image_eps, engine.alphas_cumprod, [spec.image_step]) for x in x0])
-            for lo in range(0, len(xt), per_call):
-                n = len(xt[lo : lo + per_call])
-                res = runner.infer({"sample": xt[lo : lo + per_call], **{k: q[:n] for k, q in queries.items()}})
-                if mode == "denoise":
-                    out.append(-res["error"].astype(np.float64).reshape(n, P, len(ts)).mean(-1))
-                else:
-                    out.append(res["similarity"].astype(np.float64))
-            advance(len(x0))
-    if not out:
-        raise EngineError("no images given")
+    for x0 in engine.encoded_windows(images, "diffdis", progress):
+        xt = np.concatenate([add_noise(x, image_eps, engine.alphas_cumprod, [spec.image_step]) for x in x0])
+        for lo in range(0, len(xt), per_call):
+            n = len(xt[lo : lo + per_call])
+            res = runner.infer({"sample": xt[lo : lo + per_call], **{k: q[:n] for k, q in queries.items()}})
+            if mode == "denoise":
+                out.append(-res["error"].astype(np.float64).reshape(n, P, len(ts)).mean(-1))
+            else:
+                out.append(res["similarity"].astype(np.float64))
     options = {"mode": mode, "timesteps": tuple(ts), "seed": seed, "generate_steps": spec.generate_steps}
     return np.concatenate(out), options
 
 
-def classify_diffdis(engine, images, labels, *, template: str | None = None, mode: str | None = None,
-                     timesteps: int | None = None, seed: int = 0, batch_size: int | None = None,
+def classify_diffdis(engine, images, options, batch_size: int | None = None,
                      progress: bool = False) -> list[Classification]:
-    """Zero-shot classification by DiffDis: each label's prompt is a candidate text; ranking = score
-    (−mean x0 error, or cosine similarity), best first; one image pass per image."""
-    if labels is None:
-        raise EngineError("DiffDis needs labels: the class names to choose from")
-    labels = check_labels(labels)
-    template = check_templates(template, None, engine.defaults.template)[0]
-    prompts = [template.format(label) for label in labels]
+    """Zero-shot classification by DiffDis (resolved DiffDisOptions): each label's prompt is a candidate text;
+    ranking = score (−mean x0 error, or cosine similarity), best first; one image pass per image."""
+    labels = list(options.labels)
+    prompts = [options.template.format(label) for label in labels]
     engine.check_prompts(prompts, "prompts")
-    scores, used = diffdis_scores(engine, images, prompts, mode=mode, timesteps=timesteps, seed=seed,
-                                  batch_size=batch_size, progress=progress)
-    options = ClassifyOptions(f"diffdis-{used['mode']}", tuple(labels), (template,), seed=seed,
-                              backend=engine.backend, precision="fp32")
-    results = []
-    for row in scores:
-        order = np.argsort(-row, kind="stable")
-        results.append(Classification(label=labels[order[0]], ranking=[(labels[c], float(row[c])) for c in order],
-                                      passes=1, options=options))
-    return results
+    scores, _ = diffdis_scores(engine, images, prompts, mode=options.diffdis_mode, timesteps=options.timesteps,
+                               seed=options.seed, batch_size=batch_size, progress=progress)
+    return [ranked(labels, row, 1, options) for row in scores]
 
 
 def match_diffdis(engine, images, texts: list[str], *, mode: str | None = None, timesteps: int | None = None,

@@ -1,7 +1,8 @@
 """The runtime: an engine directory + a backend -> classify and match, in numpy. No torch here.
 
-Work is batched over (candidate × timestep) pairs across several images at once, so each UNet call
-is full; x_t is computed once per (image, timestep) and shared by all candidates.
+`Engine` loads and closes the runners, encodes text and images (one image-window loop, `encoded_windows`), runs
+the UNet over flat lists of (sample, timestep, prompt) pairs (`_run_pairs`) and dispatches `classify` to the
+method's scorer (engine/scorers/) with its resolved options record (engine/classify_options.py).
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,19 +17,16 @@ import numpy as np
 from diffscore.engine.backends.base import Runner
 from diffscore.engine.backends.choice import BACKENDS, GPU_BATCH, VAE_BATCH, cpu_workers, make_runner, resolve_backend
 from diffscore.engine.conditioning import PromptCache, TextConditioning, read_tokenizer
+from diffscore.engine.classify_options import ClassifyOptions, pack
 from diffscore.engine.heads import HeadScoring
 from diffscore.engine.images import IMAGE_WINDOW, count_images, image_windows, preprocess_batch
-from diffscore.errors import EngineError
 from diffscore.engine.manifest import PRECISIONS, Manifest, ScoringDefaults, unet_graph
-from diffscore.engine.options import (check_count, check_distinct_tokens, check_finite, check_labels, check_seed,
-                                      check_templates)
+from diffscore.engine.options import check_count, check_distinct_tokens
 from diffscore.engine.progress import progress_bar
-from diffscore.engine.results import (Classification, ClassifyOptions, MatchOptions, MatchResult, classification,
-                                      named_images)
-from diffscore.kernels import (LOSSES, PairedRace, RaceConfig, add_noise, denoising_error, dsd_pair_scores, dsd_preset,
-                               dsd_timesteps, epsilon_from_output, new_run, pool_layer_scores, race_plan, shared_noise)
-from diffscore.kernels.cascade import cascade_config
-from diffscore.kernels.racing import DEFAULT_GRID
+from diffscore.engine.results import MATCH_METHODS, Classification, MatchResult, named_images
+from diffscore.engine.scorers import Pairs, scorer
+from diffscore.errors import EngineError
+from diffscore.kernels import denoising_error, dsd_preset, epsilon_from_output
 
 log = logging.getLogger("diffscore")
 
@@ -89,7 +86,8 @@ def load(engine_dir: str | Path, backend: str = "auto", device: int = 0, precisi
     given = dict(runners or {})
     unknown = set(given) - {"text_encoder", "vae_encoder", "unet"}
     if unknown:
-        raise EngineError(f"runner overrides for {sorted(unknown)}: only text_encoder, vae_encoder and unet can be replaced")
+        raise EngineError(f"runner overrides for {sorted(unknown)}: "
+                          f"only text_encoder, vae_encoder and unet can be replaced")
     runners = {
         name.split(".")[0]: given.get(name.split(".")[0])
         or make_runner(engine_dir, manifest, name, backend, device, threads, workers=workers,
@@ -111,17 +109,6 @@ class _Closed(dict):
                           "diffscore.load(...)")
 
     __contains__ = __setitem__ = __getitem__
-
-
-@dataclass
-class _Pairs:
-    """A flat list of UNet evaluations: rows into the x_t stack, the embeddings and the noise."""
-
-    xt: np.ndarray  # (K, C, H, W) noised samples, one per (image, timestep)
-    xt_row: np.ndarray  # (n,) row of xt for each pair
-    timestep: np.ndarray  # (n,) float32
-    emb_row: np.ndarray  # (n,) row of the embedding table
-    eps_row: np.ndarray  # (n,) row of the noise table
 
 
 class Engine(HeadScoring, TextConditioning):
@@ -229,10 +216,26 @@ class Engine(HeadScoring, TextConditioning):
             return pixels
         vae = self.runners["vae_encoder"]
         step = min(VAE_BATCH, getattr(vae, "max_batch", None) or self.default_batch_size())
-        return np.concatenate([vae.infer({"image": pixels[i : i + step]})["latent"] for i in range(0, len(pixels), step)])
+        return np.concatenate([vae.infer({"image": pixels[i : i + step]})["latent"]
+                               for i in range(0, len(pixels), step)])
+
+    def encoded_windows(self, images, what: str, progress: bool = False, size: int = IMAGE_WINDOW, encode=None):
+        """The one image-window loop of every scorer: yields x0 (encode_images, or `encode` for a graph that reads
+        something else, e.g. CLIP's pixels) a window of `size` images at a time (read, decoded and encoded
+        together: full UNet batches, bounded memory), with a progress bar named `what` advanced as each window is
+        done; "no images given" when there were none."""
+        seen = False
+        with progress_bar(what, count_images(images), progress) as advance:
+            for window_images in image_windows(images, size):
+                x0 = (encode or self.encode_images)(window_images)
+                seen = True
+                yield x0
+                advance(len(x0))
+        if not seen:
+            raise EngineError("no images given")
 
     # --- the UNet over many pairs -------------------------------------------------------------
-    def _run_pairs(self, pairs: _Pairs, emb, noise: np.ndarray, loss: str, batch_size: int):
+    def _run_pairs(self, pairs: Pairs, emb, noise: np.ndarray, loss: str, batch_size: int):
         """Denoising error (n,) and attention scores (n, layers) for every pair, in batches.
         emb: the prompts' text_conditioning (or, on an SD engine, their encode_text array)."""
         unet = self.runners["unet"]
@@ -256,187 +259,73 @@ class Engine(HeadScoring, TextConditioning):
         list(self._pool.map(run, chunks) if self._pool else map(run, chunks))
         if not (np.isfinite(errors).all() and np.isfinite(scores).all()):  # never a label picked among NaNs
             raise EngineError(f"the {self.precision} UNet of {self.engine_dir} gave NaN or infinite errors: the engine "
-                              "is damaged (weights or schedule) or overflows in this precision; try fp32 or re-export it")
+                              "is damaged (weights or schedule) or overflows in this precision; try fp32 or re-export "
+                              "it")
         return errors, scores
 
-    # --- Diffusion Classifier -----------------------------------------------------------------
-    def classify(self, images, labels: list[str] | None = None, *, method: str = "dc", head: str | None = None,
-                 template: str | None = None, templates: list[str] | None = None,
-                 stages: list[tuple[int, int]] | None = None, loss: str | None = None, seed: int = 0,
-                 batch_size: int | None = None, progress: bool = False, strategy: str | None = None,
-                 z: float | None = None, min_rounds: int | None = None, round_size: int | None = None,
-                 budget: int | None = None, timesteps: int | None = None, use_profile: bool = True,
-                 diffdis_mode: str | None = None, shortlist: str | None = None, k: int | None = None,
-                 mass: float | None = None) -> list[Classification]:
-        """One Classification per image (ranking best first, UNet passes used, confidence, the options it
-        ran with). `classify_iter` takes the same arguments and yields them one by one, in bounded memory.
+    # --- classify: the options record, then the method's scorer ---------------------------------
+    def classify(self, images, labels: list[str] | None = None, options: ClassifyOptions | None = None, *,
+                 method: str | None = None, batch_size: int | None = None, progress: bool = False,
+                 **overrides) -> list[Classification]:
+        """One Classification per image (ranking best first, UNet passes used, confidence, the resolved options
+        it ran with). `classify_iter` takes the same arguments and yields them one by one, in bounded memory.
 
         images: paths, PIL images or uint8 arrays (H,W) / (H,W,C); any iterable.
         labels: the class names to choose among (method "head": optional, must be the head's own set).
-        method: "dc", the zero-shot Diffusion Classifier (DESIGN §3), ranking = mean denoising error, lower
-            is better; or "head", a trained head, one UNet pass per noise step, ranking = probability; or
-            "diffdis", the engine's DiffDis (`export --diffdis`), one image pass, ranking = score, higher is better
-            (`diffdis_mode` "denoise": −mean x0 error of the text embedding over `timesteps` shared (t, ε);
-            "generate": cosine similarity with the text embedding generated from the image; default: the engine's).
-        head: the head's name (method "head"), needed when the engine has several.
-        template / templates: prompt template(s) with one `{}` for the label (default: the engine's);
-            several templates make several candidates per class, a class scoring as its best one.
-        stages: [(n_samples, keep), ...] fixed pruning stages (default: the engine's).
-        loss: "l2", "l1" or "huber" (default: the engine's).
-        seed: seed of the shared noise: same seed, same scores.
-        batch_size: UNet batch (default: chosen for the backend and sample size).
-        progress: show a progress bar on stderr.
-        strategy: "stages" (fixed stages) or "race" (adaptive paired racing over a `timesteps`-point grid,
-            default: the engine's profile, else 100, in rounds of `round_size`, dropping a candidate `z`
-            standard errors behind the leader after `min_rounds` rounds, at most `budget` passes per
-            image; `use_profile`: visit the grid in the engine's profiled order); or "cascade": the
-            `shortlist`er ("head": the engine's head `head`, default; "diffdis") keeps each image's `k` best
-            classes (default 3; with `mass`: the fewest whose softmax mass reaches it, at most k), then the
-            race decides among them (kernels/cascade.py; passes count both stages, `result.cascade` the first).
-            Default: "stages" when `stages` is given, else the engine's default strategy.
+        options: a DcOptions, HeadOptions or DiffDisOptions record (engine/classify_options.py, where every option
+            is described); or leave it out and pass its fields as keywords (`overrides`, which also go on top of
+            `options`): unset ones take the engine's defaults.
+        method: "dc" (default), the zero-shot Diffusion Classifier (DESIGN §3), ranking = mean denoising error,
+            lower is better: `template`/`templates`, `stages`, `loss`, `seed`, `strategy` ("stages": fixed
+            pruning stages, default when `stages` is given; "race": adaptive paired racing over a `timesteps`-point
+            grid with `z`, `min_rounds`, `round_size`, `budget`, `use_profile`; "cascade": a `shortlist`er ("head"
+            `head`, or "diffdis" `diffdis_mode`) keeps each image's `k` best classes (or by softmax `mass`), the race
+            decides among them; `result.cascade` has the first stage); or "head", a trained head `head`, one UNet
+            pass per noise step, ranking = probability; or "diffdis", the engine's DiffDis (`export --diffdis`),
+            one image pass, ranking = score, higher is better (`diffdis_mode` "denoise": −mean x0 error of the text
+            embedding over `timesteps` shared (t, ε); "generate": cosine similarity with the text embedding
+            generated from the image).
+        batch_size: UNet batch (default: chosen for the backend and sample size). progress: a bar on stderr.
         """
-        return list(self.classify_iter(images, labels, method=method, head=head, template=template,
-                                       templates=templates, stages=stages, loss=loss, seed=seed,
-                                       batch_size=batch_size, progress=progress, strategy=strategy, z=z,
-                                       min_rounds=min_rounds, round_size=round_size, budget=budget,
-                                       timesteps=timesteps, use_profile=use_profile, diffdis_mode=diffdis_mode,
-                                       shortlist=shortlist, k=k, mass=mass))
+        return list(self.classify_iter(images, labels, options, method=method, batch_size=batch_size,
+                                       progress=progress, **overrides))
 
-    def classify_iter(self, images, labels: list[str] | None = None, **options):
-        """`classify` as a generator: see _classify_iter. Each result carries its image's path (`image`)."""
+    def classify_options(self, labels: list[str] | None = None, options: ClassifyOptions | None = None, *,
+                         method: str | None = None, **overrides) -> ClassifyOptions:
+        """The resolved record a `classify` call with these arguments runs with: flat keywords packed into the
+        method's record, unset fields from this engine's defaults, every value checked (EngineError otherwise)."""
+        if labels is not None:
+            overrides["labels"] = labels
+        return pack(method, options, overrides).resolve(self)
+
+    def classify_iter(self, images, labels: list[str] | None = None, options: ClassifyOptions | None = None, *,
+                      method: str | None = None, batch_size: int | None = None, progress: bool = False,
+                      **overrides):
+        """`classify` as a generator: results in input order as windows of images finish; images are read,
+        decoded and encoded one window at a time, so memory does not grow with their number. Options are
+        checked before the first image is read. Each result carries its image's path (`image`)."""
+        batch_size = check_count("batch_size", batch_size, optional=True)
+        resolved = self.classify_options(labels, options, method=method, **overrides)
         images, names = named_images(images)
-        for result in self._classify_iter(images, labels, **options):
+        for result in self._classify_iter(images, resolved, batch_size, progress):
             result.image = names.popleft()
             yield result
 
-    def _classify_iter(self, images, labels: list[str] | None = None, *, method: str = "dc", head: str | None = None,
-                       template: str | None = None, templates: list[str] | None = None,
-                       stages: list[tuple[int, int]] | None = None, loss: str | None = None, seed: int = 0,
-                       batch_size: int | None = None, progress: bool = False, strategy: str | None = None,
-                       z: float | None = None, min_rounds: int | None = None, round_size: int | None = None,
-                       budget: int | None = None, timesteps: int | None = None, use_profile: bool = True,
-                       diffdis_mode: str | None = None, shortlist: str | None = None, k: int | None = None,
-                       mass: float | None = None):
-        """`classify` as a generator: results in input order as windows of images finish; images are read,
-        decoded and encoded one window at a time, so memory does not grow with their number. Options are
-        checked before the first image is read."""
-        batch_size = check_count("batch_size", batch_size, optional=True)
-        if method == "head":
-            yield from self._classify_head(images, labels, head, batch_size, progress)
-            return
-        if method == "diffdis":
-            from diffscore.engine.diffdis import classify_diffdis
+    def _classify_iter(self, images, options: ClassifyOptions, batch_size: int | None, progress: bool):
+        yield from scorer(options.method)(self, images, options, batch_size, progress)  # engine/scorers/
 
-            yield from classify_diffdis(self, images, labels, template=template, mode=diffdis_mode, timesteps=timesteps,
-                                        seed=seed, batch_size=batch_size, progress=progress)
-            return
-        if method != "dc":
-            raise EngineError(f"unknown method {method!r}; choose dc (Diffusion Classifier), head (a trained head) "
-                              "or diffdis")
-        if labels is None:
-            raise EngineError("the Diffusion Classifier needs labels: the class names to choose from")
-        labels = check_labels(labels)
-        templates = check_templates(template, templates, self.defaults.template)
-        explicit_stages = stages is not None  # [] is refused by the stages check below, not replaced by the default
-        stages = [tuple(s) for s in (self.defaults.stages if stages is None else stages)]
-        loss = loss or self.defaults.loss
-        seed = check_seed(seed)
-        if loss not in LOSSES:
-            raise EngineError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
-        strategy = strategy or ("stages" if explicit_stages else self.defaults.strategy)
-        given = {k: v for k, v in dict(z=z, min_rounds=min_rounds, round_size=round_size, budget=budget).items()
-                 if v is not None}
-        T = len(self.alphas_cumprod)
-        profile = self.manifest.timestep_profile if use_profile else None
-        try:
-            config = RaceConfig(**{**self.defaults.race.given(), **given})  # call > engine default > RaceConfig
-            make = lambda n: new_run("race" if strategy == "cascade" else strategy, n, T,  # noqa: E731
-                                     stages=stages, race=config, grid_size=timesteps, profile=profile)
-            make(len(labels) * len(templates))  # bad options fail here, before any image is read
-            cascade = cascade_config(strategy, shortlist, k, mass)
-        except (ValueError, TypeError) as e:
-            raise EngineError(str(e)) from None
-        race = None if strategy == "stages" else {**config.__dict__, "timesteps": timesteps, "profile": profile is not None}
-        if cascade is not None:
-            from diffscore.engine.cascade import classify_cascade
-
-            yield from classify_cascade(self, images, labels, templates, cascade, config, loss=loss, seed=seed,
-                                        batch_size=batch_size, progress=progress, head=head, diffdis_mode=diffdis_mode,
-                                        timesteps=timesteps, profile=profile, race_options=race)
-            return
-        options = ClassifyOptions("dc", tuple(labels), tuple(templates), tuple(stages) if strategy == "stages" else (),
-                                  loss, seed, strategy=strategy, race=race, backend=self.backend, precision=self.precision)
-        for run, candidate_class in self._score_runs(images, labels, templates, make, loss, seed, batch_size, progress):
-            yield classification(run, labels, candidate_class, options)
-
-    def grid_errors(self, images, labels: list[str], *, templates: list[str] | None = None, timesteps: int | None = None,
-                    loss: str | None = None, seed: int = 0, batch_size: int | None = None,
+    def grid_errors(self, images, labels: list[str], *, templates: list[str] | None = None,
+                    timesteps: int | None = None, loss: str | None = None, seed: int = 0, batch_size: int | None = None,
                     progress: bool = False) -> np.ndarray:
         """(images, candidates, grid) errors of every candidate at every timestep of the race's grid
         (`timesteps` points, default 100), with the race's (t, ε) pairs: the exhaustive decision is the
         lowest row mean. Candidates are labels × templates, label-major. What `diffscore profile` scores."""
-        labels = check_labels(labels)
-        templates = check_templates(None, templates, self.defaults.template)
-        loss = loss or self.defaults.loss
-        if loss not in LOSSES:
-            raise EngineError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
-        seed = check_seed(seed)
-        try:
-            grid, _ = race_plan(len(self.alphas_cumprod), timesteps or DEFAULT_GRID)
-        except ValueError as e:
-            raise EngineError(str(e)) from None
-        every = RaceConfig(z=float("inf"), round_size=len(grid))  # one round of everything, nobody leaves
-        make = lambda n: PairedRace(n, grid, np.arange(len(grid)), every)  # noqa: E731
-        runs = [run for run, _ in self._score_runs(images, labels, templates, make, loss, seed, batch_size, progress)]
-        return np.stack([run.errors for run in runs])
+        from diffscore.engine.scorers.dc import grid_errors
 
-    def _score_runs(self, images, labels, templates, make_run, loss, seed, batch_size, progress):
-        """Yields (finished run, candidate classes) per image, in order: one StagedPruning/PairedRace per
-        image, IMAGE_WINDOW images read, encoded and driven to the end together (full UNet batches,
-        bounded memory)."""
-        batch_size = batch_size or self.default_batch_size()
-        prompts = [t.format(label) for label in labels for t in templates]
-        self.check_prompts(prompts, "prompts")
-        candidate_class = np.repeat(np.arange(len(labels)), len(templates))
-        emb = self.text_conditioning(prompts)
-        noise = ts = None
-        with progress_bar("classify", count_images(images), progress) as advance:
-            for window_images in image_windows(images, IMAGE_WINDOW):
-                x0 = self.encode_images(window_images)
-                runs = [make_run(len(prompts)) for _ in x0]
-                if noise is None:
-                    ts = runs[0].timesteps
-                    noise = shared_noise(seed, len(ts), tuple(x0.shape[1:]))
-                window = list(range(len(x0)))
-                while jobs := [(i, *req) for i in window if (req := runs[i].request()) is not None]:
-                    pairs = self._classify_pairs(x0, jobs, noise, ts)
-                    errors, _ = self._run_pairs(pairs, emb, noise, loss, batch_size)
-                    done = 0
-                    for i, cand, pos in jobs:
-                        size = len(cand) * len(pos)
-                        runs[i].submit(errors[done : done + size].reshape(len(cand), len(pos)))
-                        done += size
-                advance(len(window))
-                for run in runs:
-                    yield run, candidate_class
-        if noise is None:
-            raise EngineError("no images given")
+        return grid_errors(self, images, labels, templates=templates, timesteps=timesteps, loss=loss, seed=seed,
+                           batch_size=batch_size, progress=progress)
 
-    def _classify_pairs(self, x0, jobs, noise, ts) -> _Pairs:
-        """Pairs in (candidate, timestep) order per job; x_t once per (image, timestep)."""
-        blocks, xt_row, emb_row, eps_row = [], [], [], []
-        offset = 0
-        for i, cand, pos in jobs:
-            blocks.append(add_noise(x0[i], noise[pos], self.alphas_cumprod, ts[pos]))
-            xt_row.append(offset + np.tile(np.arange(len(pos)), len(cand)))
-            emb_row.append(np.repeat(cand, len(pos)))
-            eps_row.append(np.tile(pos, len(cand)))
-            offset += len(pos)
-        eps_row = np.concatenate(eps_row)
-        return _Pairs(np.concatenate(blocks), np.concatenate(xt_row), ts[eps_row].astype(np.float32),
-                      np.concatenate(emb_row), eps_row)
-
-    # --- DSD matching -------------------------------------------------------------------------
+    # --- match: DSD (engine/scorers/dsd.py), DiffDis, ITC ---------------------------------------
     def match(self, images, texts: list[str], *, steps: int | None = None, bias_weight: float | None = None,
               seed: int = 0, batch_size: int | None = None, progress: bool = False,
               preset: str | None = None, method: str = "dsd", diffdis_mode: str | None = None) -> MatchResult:
@@ -465,45 +354,8 @@ class Engine(HeadScoring, TextConditioning):
 
             return match_itc(self, images, texts, batch_size=batch_size, progress=progress)
         if method != "dsd":
-            raise EngineError(f"unknown match method {method!r}; choose from dsd, diffdis, itc")
-        texts = check_labels(texts, what="texts")
-        self.check_prompts(texts, "texts")
-        steps = check_count("steps", steps, optional=True)
-        batch_size = check_count("batch_size", batch_size, optional=True)
-        seed = check_seed(seed)
-        spec = self.dsd_preset(preset)
-        bias_weight = spec.bias_weight if bias_weight is None else check_finite("bias_weight", bias_weight)
-        try:
-            ts = np.array(dsd_timesteps(steps or self.defaults.dsd_steps, len(self.alphas_cumprod),
-                                        reverse=spec.reversed_timesteps))
-        except ValueError as e:
-            raise EngineError(str(e)) from None
-        batch_size = batch_size or self.default_batch_size()
-        use_bias = bias_weight != 0.0
-        prompts = texts + ([""] if use_bias or spec.pool_unconditional else [])
-        emb = self.text_conditioning(prompts)
-        sample = tuple(self.manifest.sample_shape)
-        noise = shared_noise(seed, len(ts), sample)
-        numel = int(np.prod(sample))
-        K, P = len(ts), len(prompts)
-        layer_weights = self.layer_weights
-        out = []
-        with progress_bar("match", count_images(images), progress) as advance:
-            for window_images in image_windows(images, IMAGE_WINDOW):  # read and encoded a window at a time
-                x0 = self.encode_images(window_images)
-                xt = np.concatenate([add_noise(x, noise, self.alphas_cumprod, ts) for x in x0])
-                w = len(x0)
-                # pairs in (image, prompt, timestep) order
-                img, prm, k = np.meshgrid(np.arange(w), np.arange(P), np.arange(K), indexing="ij")
-                pairs = _Pairs(xt, (img * K + k).ravel(), ts[k.ravel()].astype(np.float32), prm.ravel(), k.ravel())
-                l2, scores = self._run_pairs(pairs, emb, noise, "l2", batch_size)
-                attn = pool_layer_scores(scores, layer_weights).reshape(w, P, K).astype(np.float64)
-                norm = np.sqrt(l2.astype(np.float64) * numel).reshape(w, P, K)  # ||ε - ε̂||₂
-                out.append(dsd_pair_scores(attn, norm, len(texts), spec, bias_weight))
-                advance(w)
-        if not out:
-            raise EngineError("no images given")
-        weights = None if layer_weights is None else tuple(float(v) for v in layer_weights)
-        return MatchResult(np.concatenate(out), texts, MatchOptions(tuple(int(t) for t in ts), float(bias_weight), seed, weights,
-                                                    self.backend, self.precision))
+            raise EngineError(f"unknown match method {method!r}; choose from {', '.join(MATCH_METHODS)}")
+        from diffscore.engine.scorers.dsd import match_dsd
 
+        return match_dsd(self, images, texts, steps=steps, bias_weight=bias_weight, seed=seed, batch_size=batch_size,
+                         progress=progress, preset=preset)

@@ -1,5 +1,6 @@
 """Trained heads in the runtime: one UNet pass per noise step (the head graph holds the UNet layers it
-reads and the head). A mixin of Engine, which supplies the manifest, runners, images and workers."""
+reads and the head). `HeadScoring` is a mixin of Engine, which supplies the manifest, runners, images and
+workers; `classify_head` is method "head"'s scorer (engine/scorers/)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,8 @@ import numpy as np
 
 from diffscore.engine.backends.base import Runner
 from diffscore.engine.backends.choice import make_runner
-from diffscore.engine.images import IMAGE_WINDOW, count_images, image_windows
-from diffscore.engine.options import check_labels
-from diffscore.engine.progress import progress_bar
-from diffscore.engine.results import Classification, ClassifyOptions
+from diffscore.engine.images import IMAGE_WINDOW
+from diffscore.engine.results import Classification, ranked
 from diffscore.errors import EngineError
 from diffscore.kernels import add_noise, shared_noise
 
@@ -32,24 +31,18 @@ class HeadScoring:
         runner = self.head_runner(name)
         per_call = max(1, (batch_size or self.default_batch_size()) // len(steps))  # images per call
         chunks = []
-        with progress_bar(f"head {name}", count_images(images), progress) as advance:
-            for window_images in image_windows(images, max(per_call * self.workers, IMAGE_WINDOW)):
-                x0 = self.encode_images(window_images)
-                size = min(per_call, -(-len(x0) // self.workers))  # a few images still keep every worker busy
-                logits = np.empty((len(x0), len(spec.labels)), dtype=np.float32)
+        for x0 in self.encoded_windows(images, f"head {name}", progress, max(per_call * self.workers, IMAGE_WINDOW)):
+            size = min(per_call, -(-len(x0) // self.workers))  # a few images still keep every worker busy
+            logits = np.empty((len(x0), len(spec.labels)), dtype=np.float32)
 
-                def run(lo: int) -> int:
-                    x = x0[lo : lo + size]
-                    xt = np.stack([add_noise(xi, noise, self.alphas_cumprod, steps) for xi in x])  # (n, steps, C, H, W)
-                    logits[lo : lo + len(x)] = runner.infer({"sample": xt})["logits"]
-                    return len(x)
+            def run(lo: int) -> None:
+                x = x0[lo : lo + size]
+                xt = np.stack([add_noise(xi, noise, self.alphas_cumprod, steps) for xi in x])  # (n, steps, C, H, W)
+                logits[lo : lo + len(x)] = runner.infer({"sample": xt})["logits"]
 
-                starts = range(0, len(x0), size)
-                for n in self._pool.map(run, starts) if self._pool else map(run, starts):
-                    advance(n)
-                chunks.append(logits)
-        if not chunks:
-            raise EngineError("no images given")
+            starts = range(0, len(x0), size)
+            list(self._pool.map(run, starts) if self._pool else map(run, starts))
+            chunks.append(logits)
         return np.concatenate(chunks)
 
     def head_name(self, head: str | None = None) -> str:
@@ -79,26 +72,21 @@ class HeadScoring:
                 from diffscore.engine.backends.onnxruntime import available_providers
 
                 backend = "ort-cuda" if "CUDAExecutionProvider" in available_providers() else "ort-cpu"
-            self.runners[graph] = make_runner(self.engine_dir, self.manifest, graph, backend, self._device, self._threads,
+            self.runners[graph] = make_runner(self.engine_dir, self.manifest, graph, backend, self._device,
+                                              self._threads,
                                               workers=self.workers)
         return self.runners[graph]
 
-    def _classify_head(self, images, labels, head, batch_size, progress) -> list[Classification]:
-        name = self.head_name(head)
-        spec = self.manifest.heads[name]
-        classes = spec.labels
-        if labels is not None and set(check_labels(labels)) != set(classes):
-            raise EngineError(f"head {name} was trained on the labels {classes}, not {labels}; leave labels out to use its own")
-        logits = self.head_logits(images, name, batch_size=batch_size, progress=progress).astype(np.float64)
-        p = np.exp(logits - logits.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-        options = ClassifyOptions("head", tuple(classes), seed=spec.seed, head=name, backend=self.backend,
-                                  precision="fp32")
-        results = []
-        for row, logit in zip(p, logits):
-            order = np.argsort(-row, kind="stable")
-            lead = float(logit[order[0]] - logit[order[1]]) if len(order) > 1 else float("inf")  # log(p1 / p2)
-            results.append(Classification(label=classes[order[0]], ranking=[(classes[c], float(row[c])) for c in order],
-                                          passes=len(spec.steps) * spec.passes_per_step, options=options,
-                                          confidence=lead))
-        return results
+
+def classify_head(engine, images, options, batch_size: int | None, progress: bool) -> list[Classification]:
+    """method "head" (resolved HeadOptions): ranking = the head's softmax probability, confidence = the winner's
+    logit lead over the runner-up, log(p1 / p2)."""
+    spec = engine.manifest.heads[options.head]
+    classes = spec.labels
+    logits = engine.head_logits(images, options.head, batch_size=batch_size, progress=progress).astype(np.float64)
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    passes = len(spec.steps) * spec.passes_per_step
+    top2 = np.sort(logits, axis=1)[:, ::-1][:, :2]
+    lead = top2[:, 0] - top2[:, 1] if logits.shape[1] > 1 else np.full(len(logits), np.inf)
+    return [ranked(classes, row, passes, options, float(d)) for row, d in zip(p, lead)]

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffscore.engine.images import IMAGE_WINDOW, count_images, image_windows, preprocess_batch
+from diffscore.engine.images import IMAGE_WINDOW, preprocess_batch
 from diffscore.engine.options import check_count, check_labels
-from diffscore.engine.progress import progress_bar
 from diffscore.engine.results import MatchOptions, MatchResult
 from diffscore.errors import EngineError
 from diffscore.kernels import add_noise, shared_noise
@@ -57,19 +56,15 @@ def image_embeddings(engine, images, batch_size: int | None = None, progress: bo
     runner = engine.graph_runner(spec.image_graph)
     step = batch_size or engine.default_batch_size()
     chunks = []
-    with progress_bar("match itc", count_images(images), progress) as advance:
-        for window in image_windows(images, max(step, IMAGE_WINDOW)):
-            if spec.kind == "clip":
-                feed_name, x = "pixel_values", clip_pixels(window, spec)
-            else:
-                x0 = engine.encode_images(window)
-                feed_name = "sample"
-                x = np.concatenate([add_noise(x, eps, engine.alphas_cumprod, [spec.noise_step]) for x in x0])
-            for lo in range(0, len(x), step):
-                chunks.append(runner.infer({feed_name: x[lo : lo + step]})["embedding"])
-            advance(len(x))
-    if not chunks:
-        raise EngineError("no images given")
+    if spec.kind == "clip":
+        feed_name, encode = "pixel_values", lambda window: clip_pixels(window, spec)
+    else:
+        feed_name, encode = "sample", None
+    for x0 in engine.encoded_windows(images, "match itc", progress, max(step, IMAGE_WINDOW), encode=encode):
+        x = x0 if spec.kind == "clip" else np.concatenate(
+            [add_noise(x, eps, engine.alphas_cumprod, [spec.noise_step]) for x in x0])
+        for lo in range(0, len(x), step):
+            chunks.append(runner.infer({feed_name: x[lo : lo + step]})["embedding"])
     return np.concatenate(chunks)
 
 
@@ -77,7 +72,8 @@ def match_itc(engine, images, texts: list[str], batch_size: int | None = None, p
     """(images, texts) cosine similarities of the fine-tuned ITC embeddings (higher = better match)."""
     spec = engine.manifest.itc
     if spec is None:
-        raise EngineError(f"{engine.engine_dir} has no ITC embeddings; train them with `diffscore finetune MODEL ...` and "
+        raise EngineError(f"{engine.engine_dir} has no ITC embeddings; "
+                          f"train them with `diffscore finetune MODEL ...` and "
                           "export with `diffscore export MODEL ENGINE --adapters RUN`")
     texts = check_labels(texts, what="texts")
     engine.check_prompts(texts, "texts")

@@ -35,9 +35,11 @@ AXIS = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # a symbolic axis: "batch", "
 KEY = re.compile(r"[A-Za-z0-9_.\-]{1,128}")  # a graph, head, file or plan key
 DTYPES = ("float32", "float16", "float64", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
 GRAPH_PRECISIONS = ("fp32", "fp16", "int8")
-HEAD_KINDS = ("linear", "attention", "difformer")  # reference.heads.HEAD_KINDS (the runtime cannot import it)
+# The manifest's vocabularies, owned here (torch-free) and imported by the stages that make them and by the CLI:
+HEAD_KINDS = ("linear", "attention", "difformer")  # a head's architecture (reference.heads)
 HEAD_SOURCES = ("labels", "synthetic", "pseudo-labels")
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")  # calibration.quantize.METHODS
+SAMPLERS = ("dpm-solver", "ddim")  # the sampler of synthetic training images (reference.sampling)
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")  # INT8 range calibration (calibration.quantize)
 
 
 def bad(where: str, value, expected: str) -> EngineError:
@@ -170,7 +172,7 @@ def check_manifest(m, path: Path) -> None:
     """Every field of a loaded manifest (types already built by `_typed`), each problem one line."""
     from diffscore.engine.diffdis import MODES
     from diffscore.engine.manifest import BATCH, PRECISIONS
-    from diffscore.kernels import DSD_PRESETS, LOSSES, PREDICTION_TYPES, STRATEGIES, RaceConfig
+    from diffscore.kernels import DSD_PRESETS, LOSSES, PREDICTION_TYPES, STRATEGIES
     from diffscore.engine.options import check_template
 
     check_types(m)
@@ -301,10 +303,6 @@ def check_manifest(m, path: Path) -> None:
     in_range("defaults.dsd_steps", d.dsd_steps, 1, T)
     one_of("defaults.strategy", d.strategy, STRATEGIES)
     one_of("defaults.dsd_preset", d.dsd_preset, list(DSD_PRESETS))
-    try:
-        RaceConfig(**d.race.given())
-    except ValueError as e:
-        raise bad("defaults.race", d.race.given(), f"valid race settings ({e})") from None
     if m.timestep_profile is not None:
         for i, t in enumerate(m.timestep_profile):
             timestep(f"timestep_profile[{i}]", t)

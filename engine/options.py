@@ -39,7 +39,8 @@ def check_template(template: str) -> str:
     try:
         fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
     except ValueError as e:
-        raise EngineError(f"template {template!r} has a stray brace ({e}); write {{{{ or }}}} for a literal brace") from None
+        raise EngineError(f"template {template!r} has a stray brace ({e}); "
+                          f"write {{{{ or }}}} for a literal brace") from None
     if fields != [("", "", None)]:
         raise EngineError(f"template {template!r} must hold exactly one {{}} for the label (found {len(fields)} "
                           "field(s)); e.g. 'a photo of a {}'")

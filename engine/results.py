@@ -10,26 +10,6 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 
-@dataclass(frozen=True)
-class ClassifyOptions:
-    """The options one `classify` call ran with, defaults resolved (what a result needs to be reproduced)."""
-
-    method: str  # "dc" (Diffusion Classifier) | "head"
-    labels: tuple[str, ...]
-    templates: tuple[str, ...] = ()  # dc: prompt templates, one candidate per (label, template)
-    stages: tuple[tuple[int, int], ...] = ()  # dc: (n_samples, keep) per pruning stage
-    loss: str = ""  # dc: l2 | l1 | huber
-    seed: int = 0  # of the shared noise
-    strategy: str = ""  # dc: "stages" (fixed pruning stages) | "race" (adaptive paired racing) | "cascade"
-    race: dict | None = None  # dc race/cascade: z, min_rounds, round_size, budget, grid size, profile used (+ cascade)
-    head: str = ""  # head: its name in the engine
-    backend: str = ""  # where it ran ("torch" for the reference)
-    precision: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 @dataclass
 class Classification:
     label: str  # the predicted class
@@ -40,7 +20,7 @@ class Classification:
     # class -> timesteps its best prompt's mean is over: after pruning, classes are ranked first by how
     # far they got, then by mean error, so means over different counts are not compared directly
     evaluated: dict[str, int] = field(default_factory=dict)
-    options: ClassifyOptions | None = None
+    options: object = None  # the resolved DcOptions | HeadOptions | DiffDisOptions it ran with
     # Diffusion Classifier: the winner's lead over the best prompt of another class, in standard errors of their
     # paired error differences on the timesteps both saw (kernels.ranking.confidence); ~3 and above: more
     # timesteps would rarely flip the decision. A trained head: the winner's logit lead over the runner-up,
@@ -65,6 +45,9 @@ class Classification:
                             for c, s in self.ranking],
                 "options": self.options.to_dict() if self.options else None,
                 **({"cascade": self.cascade} if self.cascade is not None else {})}
+
+
+MATCH_METHODS = ("dsd", "diffdis", "itc")  # Engine.match's methods
 
 
 @dataclass(frozen=True)
@@ -126,7 +109,15 @@ def named_images(images):
     return reading(), names
 
 
-def classification(run, labels: list[str], candidate_class, options: ClassifyOptions | None = None) -> Classification:
+def ranked(labels, scores, passes: int, options=None, confidence: float | None = None) -> Classification:
+    """A Classification from one image's scores (higher = better) over `labels`: ranking best first, ties to
+    the earlier label."""
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    return Classification(label=labels[order[0]], ranking=[(labels[c], float(scores[c])) for c in order],
+                          passes=passes, options=options, confidence=confidence)
+
+
+def classification(run, labels: list[str], candidate_class, options=None) -> Classification:
     """A finished StagedPruning or PairedRace run as a result: class ranking, passes, confidence."""
     from diffscore.kernels import class_ranking, confidence
 

@@ -187,12 +187,11 @@ def decision_parity(engine_dir: Path, manifest: Manifest, comp, images: list, la
                     source: str = "images", seed: int = 0, progress: bool = False) -> list[Verdict]:
     """Top-1 agreement of each backend/precision with the fp32 torch reference on the caller's images, both
     with the engine's default strategy (the race with its profile, or its stages): what `classify` runs."""
-    from diffscore.kernels import RaceConfig
     from diffscore.reference.classifier import classify_reference
 
     d = manifest.defaults
     opts = dict(templates=[d.template], stages=[tuple(s) for s in d.stages], loss=d.loss, seed=seed)
-    race = dict(strategy=d.strategy, race=RaceConfig(**d.race.given()), profile=manifest.timestep_profile)
+    race = dict(strategy=d.strategy, race=d.race, profile=manifest.timestep_profile)
     with progress_bar("parity: torch decisions", len(images), progress) as advance:
         want = [r.label for r in classify_reference(comp, images, list(labels), **opts, **race, progress=advance)]
     rows = []

@@ -28,13 +28,13 @@ import torch
 from torch import nn
 
 from diffscore.engine.manifest import HeadTraining
+from diffscore.engine.manifest_checks import HEAD_KINDS
 from diffscore.errors import EngineError
 from diffscore.reference.features import FeatureSpec, FeedbackSpec, extract_features
 from diffscore.reference.loading import Components
 
 log = logging.getLogger("diffscore")
 
-HEAD_KINDS = ("linear", "attention", "difformer")
 WEIGHTS, CONFIG = "head.safetensors", "head.json"
 
 

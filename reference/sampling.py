@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 from diffscore.engine.manifest import HeadTraining
+from diffscore.engine.manifest_checks import SAMPLERS as SAMPLER_NAMES
 from diffscore.engine.progress import progress_bar
 from diffscore.errors import EngineError
 from diffscore.reference.loading import Components, encode_prompts, require_sd_conditioning
 
-SAMPLERS = {"dpm-solver": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler"}  # name -> diffusers scheduler
+SAMPLERS = dict(zip(SAMPLER_NAMES, ("DPMSolverMultistepScheduler", "DDIMScheduler")))  # name -> diffusers scheduler
 
 
 @dataclass

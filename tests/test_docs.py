@@ -83,3 +83,18 @@ def test_every_benchmark_block_has_its_script():
     assert not orphans, f"no bench script publishes {orphans}"
     for name, page in blocks.items():
         assert page.read_text().count(f"<!-- /bench:{name} -->") == 1, f"{page.name}: {name} not closed once"
+
+
+def test_architecture_names_only_files_that_exist():
+    """docs/architecture.md traces a call through the code: every file path it names (`dir/file.py`, `dir/`) exists,
+    and every `function` it pins to a file is defined there."""
+    page = (REPO / "docs" / "architecture.md").read_text()
+    paths = set(re.findall(r"`((?:app|engine|kernels|reference|export|calibration|tests)/[\w/.]*)`", page))
+    assert len(paths) > 20, paths
+    missing = sorted(p for p in paths if not (REPO / p).exists())
+    assert not missing, f"docs/architecture.md names files that do not exist: {missing}"
+    pinned = re.findall(r"`((?:app|engine|kernels|export)/[\w/]+\.py)` `(\w+)`", page)
+    assert len(pinned) > 5, pinned
+    absent = [(f, name) for f, name in pinned if not re.search(rf"^\s*(?:def|class) {name}\b|^{name} = ",
+                                                             (REPO / f).read_text(), re.M)]
+    assert not absent, f"docs/architecture.md pins names their files do not define: {absent}"

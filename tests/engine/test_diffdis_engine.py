@@ -68,7 +68,7 @@ def test_engine_equals_torch_reference(diffdis_engine, pixel, images):
             labels_want = [LABELS[i] for i in diffdis_scores_reference(
                 comp, model, images, [f"a photo of a {x}" for x in LABELS], mode=mode, seed=5).argmax(1)]
             assert [r.label for r in results] == labels_want
-            assert all(r.passes == 1 and r.options.method == f"diffdis-{mode}" for r in results)
+            assert all(r.passes == 1 and r.options.to_dict()["method"] == f"diffdis-{mode}" for r in results)
         # mode "denoise" by hand: −mean error over the DC grid's timesteps, each candidate on the same ε
         assert eng.match(images[:1], texts, method="diffdis", diffdis_mode="denoise").options.timesteps == (166, 499, 832)
 
@@ -115,11 +115,13 @@ def test_cli_train_export_classify_match(pixel, images, tmp_path, run_cli, run_c
                                  "--diffdis-mode", "generate", "--format", "json")
     assert code == 0, err
     assert json.loads(out)[0]["options"]["method"] == "diffdis-generate"
-    code, out, err = run_cli_out("match", engine, tmp_path / "1.png", "-t", "a cat", "-t", "a dog", "--method", "diffdis",
+    code, out, err = run_cli_out("match", engine, tmp_path / "1.png", "-t", "a cat", "-t", "a "
+                                                                                           "dog", "--method", "diffdis",
                                  "--format", "json")
     assert code == 0, err
     assert json.loads(out)[0]["options"]["method"] == "diffdis-denoise"
-    for args, message in (((tmp_path / "0.png", "--labels", "a,b", "--diffdis-mode", "generate"), "go with --method diffdis"),):
+    for args, message in (((tmp_path / "0.png", "--labels", "a,b", "--diffdis-mode", "generate"), "go with --method "
+                                                                                                  "diffdis"),):
         code, err = run_cli("classify", engine, *args)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1  # usage mistakes
     code, err = run_cli("train-diffdis", pixel, "--out", tmp_path / "x")

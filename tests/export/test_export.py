@@ -4,7 +4,6 @@ support of every exported graph, atomicity, and the tokenizer.json round trip.""
 import errno
 import json
 
-import numpy as np
 
 import pytest
 

@@ -1,7 +1,6 @@
 """The discffusion DSD preset reproduces Discffusion's scoring (eric-ai-lab/Discffusion pipeline_dsd.py and
 unet_2d_condition.py), transcribed here pair by pair, and its prompt learning (dsd_train.py)."""
 
-import json
 
 import numpy as np
 import pytest

@@ -1,0 +1,5 @@
+"""`python -m diffscore.app.cli`: the `diffscore` command."""
+
+from diffscore.app.cli import main
+
+main()
