@@ -875,7 +875,7 @@ def train_diffdis(
                                  "loss and the text-diffusion loss; the text stream fused stage by stage with every block"),
     generation_weight: Optional[float] = typer.Option(None, help="--unified: weight of the denoising loss (default 1)"),
     text_weight: Optional[float] = typer.Option(None, help="--unified: weight of the text-diffusion loss (default 1)"),
-    unet_lr: Optional[float] = typer.Option(None, help="--unified: AdamW learning rate of the UNet (default 1e-5)"),
+    unet_lr: Optional[float] = typer.Option(None, help="--unified: AdamW learning rate of the UNet (default 1e-4)"),
 ):
     """Train DiffDis: a text stream that denoises the caption's text embedding with cross-attention to the frozen
     UNet's block features (several scales) at a fixed noise step; --unified trains the UNet with it (the paper's

@@ -244,7 +244,7 @@ class DiffDisTrainOptions:
     # unified training only (config.unified): loss = generation_weight x denoising + text_weight x text diffusion
     generation_weight: float = 1.0
     text_weight: float = 1.0
-    unet_lr: float = 1e-5  # AdamW on every UNet weight (no weight decay): a fine-tune of a trained model
+    unet_lr: float = 1e-4  # AdamW on every UNet weight (no weight decay): a fine-tune of a trained model
     caption_dropout: float = 0.1  # the generation loss's empty caption, so the unconditional model stays trained
 
 
@@ -343,7 +343,7 @@ def train_diffdis(comp: Components, images, captions: list[str], config: DiffDis
         total, g_loss, t_loss = unified_loss(model, scoring, comp, x0[img], x_img[img], c, empty, text[caption_of[rows]][:, None],
                                              d["gen_t"], d["gen_eps"], d["t"], d["eps"], options.generation_weight,
                                              options.text_weight)
-        return total, {"generation": float(g_loss), "text": float(t_loss)}
+        return total, {"generation": g_loss.item(), "text": t_loss.item()}
 
     def state():
         return ({k: v.clone() for k, v in model.state_dict().items()},
