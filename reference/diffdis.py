@@ -330,19 +330,19 @@ def train_diffdis(comp: Components, images, captions: list[str], config: DiffDis
                      drop=torch.rand(n, generator=g) < options.caption_dropout)
         return d
 
-    val_draws = draw(len(va), torch.Generator().manual_seed(config.seed + 2))  # fixed per validation pair: a stable loss
+    val_draws = draw(len(va), torch.Generator().manual_seed(config.seed + 2))  # fixed per validation pair: stable
     opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
 
     def loss_of(rows, d):
         """(the loss to minimise, its parts)"""
         if unet is None:
-            error = model_error(model, [f[image_of[rows]] for f in feats], text[caption_of[rows]][:, None], d["eps"], d["t"])
-            return error.mean(), {}
+            queries = text[caption_of[rows]][:, None]
+            return model_error(model, [f[image_of[rows]] for f in feats], queries, d["eps"], d["t"]).mean(), {}
         img = image_of[rows]
         c = torch.where(d["drop"][:, None, None], empty, cond[caption_of[rows]])
-        total, g_loss, t_loss = unified_loss(model, scoring, comp, x0[img], x_img[img], c, empty, text[caption_of[rows]][:, None],
-                                             d["gen_t"], d["gen_eps"], d["t"], d["eps"], options.generation_weight,
-                                             options.text_weight)
+        total, g_loss, t_loss = unified_loss(model, scoring, comp, x0[img], x_img[img], c, empty,
+                                             text[caption_of[rows]][:, None], d["gen_t"], d["gen_eps"], d["t"], d["eps"],
+                                             options.generation_weight, options.text_weight)
         return total, {"generation": g_loss.item(), "text": t_loss.item()}
 
     def state():
@@ -351,7 +351,8 @@ def train_diffdis(comp: Components, images, captions: list[str], config: DiffDis
 
     best = (math.inf, 0, None, {})
     epoch, losses = 0, []
-    with progress_bar("train-diffdis" + (" --unified" if unet is not None else ""), options.epochs, progress) as advance:
+    title = "train-diffdis" + (" --unified" if unet is not None else "")
+    with progress_bar(title, options.epochs, progress) as advance:
         for epoch in range(1, options.epochs + 1):
             model.train()
             for batch in tr[torch.randperm(len(tr), generator=gen)].split(options.batch_size):
@@ -470,7 +471,8 @@ def diffdis_scores_reference(comp: Components, model: DiffDis, images, texts: li
 
 
 def train_diffdis_run(model_dir: str | Path, images, captions: list[str], out_dir: str | Path, *,
-                      blocks: list[str] | None = None, image_step: int = 50, seed: int = 0, unified: bool = False, options: DiffDisTrainOptions = DiffDisTrainOptions(), overwrite: bool = False,
+                      blocks: list[str] | None = None, image_step: int = 50, seed: int = 0, unified: bool = False,
+                      options: DiffDisTrainOptions = DiffDisTrainOptions(), overwrite: bool = False,
                       progress: bool = True, data: dict | None = None, **model_options) -> DiffDis:
     """`diffscore train-diffdis`: load the model, train, write out_dir (diffdis.safetensors + diffdis.json).
     blocks: default FROZEN_BLOCKS, or with `unified` every block the UNet runs (all resolutions).
