@@ -93,6 +93,8 @@ def main() -> None:
     parser.add_argument("--unified-epochs", type=int, default=6, help="--unified: epochs at most of the UNet trainings "
                         "(the frozen ones: --epochs, default their own)")
     parser.add_argument("--per-class", type=int, default=30, help="--unified: sampled images per digit")
+    parser.add_argument("--captions-per-image", type=int, default=6, help="--unified: train on this many of each "
+                        "training digit's 6 captions (drawn with seed 0; fewer: a cheaper run)")
     args = parser.parse_args()
     if args.unified:
         return compare_unified(args)
@@ -257,8 +259,12 @@ def compare_unified(args) -> None:
     comp = load_components(DEMO_MODEL)
     load_start = os.getloadavg()[0]
     tmp = tempfile.TemporaryDirectory(prefix="diffdis-unified-")
-    pairs = diffdis_demo_pairs()
-    note = {"source": "demo digits, training split", "held_out_templates": list(DIFFDIS_HELD_OUT_TEMPLATES)}
+    pairs = diffdis_demo_pairs()  # each training digit with its 6 captions in a row
+    keep = np.concatenate([6 * i + np.random.default_rng(SEED + i).permutation(6)[: args.captions_per_image]
+                           for i in range(len(pairs.images) // 6)])
+    pairs = type(pairs)([pairs.images[i] for i in keep], [pairs.captions[i] for i in keep])
+    note = {"source": f"demo digits, training split, {args.captions_per_image} of 6 captions per digit",
+            "held_out_templates": list(DIFFDIS_HELD_OUT_TEMPLATES)}
     variants = [("frozen (shipped default: memory fusion, 3 blocks)", {}, {}),
                 ("frozen, stages fusion on every block", {"blocks": tappable_blocks(comp.unet), "fusion": "stages"}, {}),
                 ("unified (UNet fine-tuned, stages fusion on every block)", {"unified": True}, {}),
@@ -303,7 +309,7 @@ def compare_unified(args) -> None:
     generation = []
     for name, c in (("the model's own UNet (frozen DiffDis)", comp),
                     ("the unified run's UNet", dataclasses.replace(comp, unet=image_branch(comp, models[variants[2][0]]))),
-                    (CONTROL + "'s UNet", dataclasses.replace(comp, unet=image_branch(comp, models[CONTROL])))):
+                    ("the control's UNet (text weight 0)", dataclasses.replace(comp, unet=image_branch(comp, models[CONTROL])))):
         generation.append({"unet": name, "held_out_denoising_loss": denoising_loss(c, images, captions),
                            "sampled_accuracy": sampled_accuracy(c, classifier, args.per_class)})
         print(json.dumps(generation[-1]), flush=True)
@@ -330,7 +336,7 @@ def compare_unified(args) -> None:
         f"{m} {r[m]['max_rel']:.1e} ({r[m]['decisions_agree']:.0%} decisions)" for m in MODES) for r in rows)
     table += ["", f"{n} held-out digits (accuracy: 10 class prompts \"{DEFAULT_TEMPLATE}\"; R@1: bench/match.py's "
               f"5-caption task), none of them a DiffDis training caption; all three trained on the same {rows[0]['training']['pairs']} "
-              f"pairs, seed 0, early stopping on the validation loss, the frozen ones at most "
+              f"pairs ({args.captions_per_image} of each training digit's 6 captions), seed 0, early stopping on the validation loss, the frozen ones at most "
               f"{args.epochs or DiffDisTrainOptions.epochs} epochs, the unified one (UNet lr 1e-4, text stream 1e-3) at most "
               f"{args.unified_epochs}. Control (same fine-tune, text weight 0): {ctl}. Generation: held-out denoising "
               f"loss over t = 50, 150, ..., 950 (seeded ε shared by all images); {args.per_class} DDIM samples (50 steps, "
