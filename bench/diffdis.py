@@ -93,6 +93,8 @@ def main() -> None:
     parser.add_argument("--unified-epochs", type=int, default=6, help="--unified: epochs at most of the UNet trainings "
                         "(the frozen ones: --epochs, default their own)")
     parser.add_argument("--per-class", type=int, default=30, help="--unified: sampled images per digit")
+    parser.add_argument("--frozen-only", action="store_true", help="--unified: the two frozen runs only (e.g. at the "
+                        "unified run's epoch cap: --epochs 5), written as diffdis_unified_frozen; no generation part")
     parser.add_argument("--captions-per-image", type=int, default=6, help="--unified: train on this many of each "
                         "training digit's 6 captions (drawn with seed 0; fewer: a cheaper run)")
     args = parser.parse_args()
@@ -268,7 +270,7 @@ def compare_unified(args) -> None:
     variants = [("frozen (shipped default: memory fusion, 3 blocks)", {}, {}),
                 ("frozen, stages fusion on every block", {"blocks": tappable_blocks(comp.unet), "fusion": "stages"}, {}),
                 ("unified (UNet fine-tuned, stages fusion on every block)", {"unified": True}, {}),
-                (CONTROL, {"unified": True}, {"text_weight": 0.0})]
+                (CONTROL, {"unified": True}, {"text_weight": 0.0})][: 2 if args.frozen_only else None]
     rows, models = [], {}
     for name, kw, opts in variants:
         run_dir, engine_dir = Path(tmp.name) / f"run{len(models)}", Path(tmp.name) / f"engine{len(models)}"
@@ -299,6 +301,9 @@ def compare_unified(args) -> None:
                              "max_rel": float(np.abs(scores - ref).max() / np.abs(ref).max())}
         rows.append(row)
         print(json.dumps({k: row[k] for k in ("variant", *MODES)}), flush=True)
+
+    if args.frozen_only:
+        return publish_frozen(args, rows, n, load_start)
 
     # --- generation: the model's own UNet (every frozen run's) vs the unified run's ----------------------------
     classifier = LogisticRegression(max_iter=5000).fit(split.train_images.reshape(len(split.train_images), -1) / 255.0,
@@ -346,6 +351,24 @@ def compare_unified(args) -> None:
               f"{end_load:.1f} at the end (images/s comparable within this run only). Measured on "
               f"{machine_line(machine())} by `bench/diffdis.py --unified`."]
     publish("diffdis_unified", result, table, args.update_docs)
+
+
+def publish_frozen(args, rows: list[dict], n: int, load_start: float) -> None:
+    """--frozen-only: the frozen runs' rows, at the epoch cap given."""
+    import torch
+
+    table = ["| DiffDis (frozen) | denoise: accuracy | denoise: R@1 | generate: accuracy | generate: R@1 | training |",
+             "|---|---:|---:|---:|---:|---|"]
+    table += [f"| {r['variant']} | {r['denoise']['accuracy']:.2%} | {r['denoise']['r_at_1']:.2%} | "
+              f"{r['generate']['accuracy']:.2%} | {r['generate']['r_at_1']:.2%} | best epoch {r['training']['best_epoch']} "
+              f"of {r['training']['epochs']}, {r['train_s']:.0f} s |" for r in rows]
+    end_load = os.getloadavg()[0]
+    table += ["", f"The same {n} held-out digits and pairs ({args.captions_per_image} of each training digit's 6 captions, "
+              f"seed 0), the frozen runs capped at {args.epochs or DiffDisTrainOptions.epochs} epochs. One run; load "
+              f"average {load_start:.1f} at the start, {end_load:.1f} at the end. Measured on {machine_line(machine())} by "
+              f"`bench/diffdis.py --unified --frozen-only`."]
+    publish("diffdis_unified_frozen", {"images": n, "variants": rows, "torch_threads": torch.get_num_threads(),
+                                       "load_average": {"start": load_start, "end": end_load}}, table, args.update_docs)
 
 
 if __name__ == "__main__":
