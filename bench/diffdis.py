@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=30, help="--unified: sampled images per digit")
     parser.add_argument("--frozen-only", action="store_true", help="--unified: the two frozen runs only (e.g. at the "
                         "unified run's epoch cap: --epochs 5), written as diffdis_unified_frozen; no generation part")
+    parser.add_argument("--results-name", default="diffdis_unified", help="--unified: results file and docs block name")
     parser.add_argument("--captions-per-image", type=int, default=6, help="--unified: train on this many of each "
                         "training digit's 6 captions (drawn with seed 0; fewer: a cheaper run)")
     args = parser.parse_args()
@@ -350,7 +351,7 @@ def compare_unified(args) -> None:
               f"digits and decisions on all {n}: {parity}. One run; load average {load_start:.1f} at the start, "
               f"{end_load:.1f} at the end (images/s comparable within this run only). Measured on "
               f"{machine_line(machine())} by `bench/diffdis.py --unified`."]
-    publish("diffdis_unified", result, table, args.update_docs)
+    publish(args.results_name, result, table, args.update_docs)
 
 
 def publish_frozen(args, rows: list[dict], n: int, load_start: float) -> None:
