@@ -99,12 +99,17 @@ def test_one_line_errors(diffdis_engine, engines, images):
             eng.classify(images[:1], LABELS, method="diffdis", timesteps=5000)
 
 
-def test_cli_train_export_classify_match(pixel, images, tmp_path, run_cli, run_cli_out):
+def write_pairs(images, tmp_path):
+    """6 images as PNGs + tmp_path/pairs.jsonl captioning them (train-diffdis --data)."""
     rows = []
     for i, img in enumerate(images[:6]):
         Image.fromarray(img).save(tmp_path / f"{i}.png")
         rows.append(json.dumps({"image": f"{i}.png", "caption": f"a photo of a {LABELS[i % 3]}"}))
     (tmp_path / "pairs.jsonl").write_text("\n".join(rows))
+
+
+def test_cli_train_export_classify_match(pixel, images, tmp_path, run_cli, run_cli_out):
+    write_pairs(images, tmp_path)
     run, engine = tmp_path / "run", tmp_path / "engine"
     code, err = run_cli("train-diffdis", pixel, "--data", tmp_path / "pairs.jsonl", "--out", run, "--epochs", "1")
     assert code == 0, err
@@ -158,11 +163,7 @@ def test_unified_engine_parity(unified_engine, pixel, images):
 
 
 def test_cli_unified(pixel, images, tmp_path, run_cli, run_cli_out):
-    rows = []
-    for i, img in enumerate(images[:6]):
-        Image.fromarray(img).save(tmp_path / f"{i}.png")
-        rows.append(json.dumps({"image": f"{i}.png", "caption": f"a photo of a {LABELS[i % 3]}"}))
-    (tmp_path / "pairs.jsonl").write_text("\n".join(rows))
+    write_pairs(images, tmp_path)
     run, engine = tmp_path / "run", tmp_path / "engine"
     code, err = run_cli("train-diffdis", pixel, "--data", tmp_path / "pairs.jsonl", "--out", run, "--epochs", "1",
                         "--unified", "--generation-weight", "0.5")
