@@ -95,7 +95,8 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=30, help="--unified: sampled images per digit")
     parser.add_argument("--frozen-only", action="store_true", help="--unified: the two frozen runs only (e.g. at the "
                         "unified run's epoch cap: --epochs 5), written as diffdis_unified_frozen; no generation part")
-    parser.add_argument("--results-name", default="diffdis_unified", help="--unified: results file and docs block name")
+    parser.add_argument("--results-name", default="diffdis_unified", choices=("diffdis_unified", "diffdis_unified_20"),
+                        help="--unified: results file and docs block (the 5-epoch run; the run with --unified-epochs 20)")
     parser.add_argument("--captions-per-image", type=int, default=6, help="--unified: train on this many of each "
                         "training digit's 6 captions (drawn with seed 0; fewer: a cheaper run)")
     args = parser.parse_args()
