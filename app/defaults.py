@@ -14,7 +14,7 @@ from diffscore.engine.manifest import Manifest, ScoringDefaults
 from diffscore.engine.classify_options import RACE_FIELDS
 from diffscore.engine.options import check_template
 from diffscore.errors import EngineError, UsageMistake
-from diffscore.kernels import LOSSES, STRATEGIES, RaceConfig
+from diffscore.kernels import LOSSES, STRATEGIES, RaceConfig, dsd_preset
 from diffscore.kernels.racing import DEFAULT_GRID
 from diffscore.kernels.timesteps import stage_timesteps
 
@@ -66,7 +66,8 @@ def change_defaults(engine_dir: Path, changes: dict, reset: bool = False) -> Sco
     engine_dir = Path(engine_dir)
     with exclusive(engine_dir, "writing"):
         manifest = Manifest.load(engine_dir)
-        base = ScoringDefaults(dsd_preset=manifest.defaults.dsd_preset) if reset else manifest.defaults
+        preset = manifest.defaults.dsd_preset
+        base = ScoringDefaults(dsd_preset=preset, dsd_steps=dsd_preset(preset).steps) if reset else manifest.defaults
         manifest.defaults = apply(base, changes)
         manifest.save(engine_dir)
     return manifest.defaults

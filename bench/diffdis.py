@@ -17,6 +17,22 @@ below). Read from bench/results/match.json and match_presets.json (earlier runs 
 date and load in the note): DSD + denoising bias with the validated λ, DSD after prompt learning
 (K = 1, 5, 10) and the DC's R@1, because re-training prompt learning takes ~10 minutes on this machine.
 Writes bench/results/diffdis.json; --update-docs fills docs/benchmarks.md's <!-- bench:diffdis --> block.
+
+    .venv/bin/python bench/diffdis.py --unified [--unified-epochs E] [--per-class N] [--update-docs]
+
+--unified: frozen vs unified DiffDis (issue 30) instead, one run: three runs trained on the same pairs (seed 0)
+- frozen, the shipped default (fusion "memory" on down_blocks.1, mid_block, up_blocks.1),
+- frozen, fusion "stages" on every block (the unified run's text stream on the untouched UNet: the architecture
+  alone),
+- unified (`train-diffdis --unified`: the UNet fine-tuned with the denoising loss + the text-diffusion loss, both
+  weights 1),
+each exported and measured on the engine (zero-shot accuracy and matching R@1, both modes, engine vs torch), and
+the generation of the model's own UNet against the unified run's: the held-out denoising loss (test digits,
+caption "a handwritten digit {word}", 10 timesteps on the grid 50, 150, ..., 950 with seeded ε shared by all
+images) and the accuracy of a fixed digit classifier (scikit-learn logistic regression fitted once on the
+training split's pixels) on images sampled from each UNet (diffusers' DDIM, 50 steps, classifier-free guidance
+2, the same seeds for both, N per class). Writes bench/results/diffdis_unified.json and the
+<!-- bench:diffdis_unified --> block.
 """
 
 from __future__ import annotations
@@ -73,7 +89,19 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="DiffDis training epochs at most (default: its own)")
     parser.add_argument("--parity-images", type=int, default=20)
     parser.add_argument("--update-docs", action="store_true")
+    parser.add_argument("--unified", action="store_true", help="frozen vs unified DiffDis (see above) instead")
+    parser.add_argument("--unified-epochs", type=int, default=6, help="--unified: epochs at most of the UNet trainings "
+                        "(the frozen ones: --epochs, default their own)")
+    parser.add_argument("--per-class", type=int, default=30, help="--unified: sampled images per digit")
+    parser.add_argument("--frozen-only", action="store_true", help="--unified: the two frozen runs only (e.g. at the "
+                        "unified run's epoch cap: --epochs 5), written as diffdis_unified_frozen; no generation part")
+    parser.add_argument("--results-name", default="diffdis_unified", choices=("diffdis_unified", "diffdis_unified_20"),
+                        help="--unified: results file and docs block (the 5-epoch run; the run with --unified-epochs 20)")
+    parser.add_argument("--captions-per-image", type=int, default=6, help="--unified: train on this many of each "
+                        "training digit's 6 captions (drawn with seed 0; fewer: a cheaper run)")
     args = parser.parse_args()
+    if args.unified:
+        return compare_unified(args)
 
     import torch
 
@@ -177,6 +205,174 @@ def main() -> None:
               f"when timing began, {end_load:.1f} at the end (2 cores shared with other jobs: compare images/s within "
               f"this run only). Measured on {machine_line(machine())} by `bench/diffdis.py`."]
     publish("diffdis", result, table, args.update_docs)
+
+
+# --- frozen vs unified (issue 30) -----------------------------------------------------------------------
+GEN_STEPS = list(range(50, 1000, 100))  # timesteps of the held-out denoising loss
+CONTROL = "control: the same fine-tune with text weight 0 (denoising loss only)"
+
+
+def denoising_loss(comp, images, prompts: list[str]) -> float:
+    """Mean MSE(ε̂, ε) over images x GEN_STEPS, ε seeded and shared by every image (the engine's convention)."""
+    import torch
+
+    from diffscore.engine.images import preprocess_batch
+    from diffscore.kernels import shared_noise
+    from diffscore.reference.loading import add_noise, encode_images, encode_prompts, epsilon_hat
+
+    x0 = encode_images(comp, torch.from_numpy(preprocess_batch(images, comp.image_size, comp.image_channels)))
+    eps = torch.from_numpy(shared_noise(SEED, len(GEN_STEPS), tuple(x0.shape[1:])))  # (K, C, H, W)
+    emb = encode_prompts(comp, prompts)  # (N, L, D)
+    losses = []
+    with torch.no_grad():
+        for k, t in enumerate(GEN_STEPS):
+            x_t = add_noise(x0, eps[k], comp.alphas_cumprod, t)
+            tt = torch.full((len(x0),), t)
+            out = comp.unet(x_t, tt, encoder_hidden_states=emb).sample
+            losses.append(float((epsilon_hat(comp, out, x_t, tt) - eps[k]).pow(2).mean()))
+    return float(np.mean(losses))
+
+
+def sampled_accuracy(comp, classifier, per_class: int) -> float:
+    """Accuracy of the fixed classifier on per_class DDIM samples of each digit's prompt (seeds 0, 1, ...)."""
+    from diffscore.reference.sampling import SampleOptions, sample, to_uint8
+
+    labels = np.repeat(np.arange(10), per_class)
+    prompts = [DEFAULT_TEMPLATE.format(CLASS_NAMES[y]) for y in labels]
+    images = to_uint8(sample(comp, prompts, SampleOptions(sampler="ddim", steps=50, guidance=2.0, seed=SEED), progress=True))
+    return float(np.mean(classifier.predict(np.stack(images).reshape(len(images), -1) / 255.0) == labels))
+
+
+def compare_unified(args) -> None:
+    import dataclasses
+
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from diffscore.export.onnx_export import export_engine
+    from diffscore.reference.diffdis import (DiffDisTrainOptions, diffdis_scores_reference, image_branch,
+                                             train_diffdis_run)
+    from diffscore.reference.features import tappable_blocks
+    from diffscore.reference.loading import load_components
+
+    torch.set_num_threads(1)  # a shared 2-core box: two threads thrash (measured ~8x slower training steps)
+    split = load_digits_split()
+    images, labels = list(split.test_images[: args.limit]), split.test_labels[: args.limit]
+    n = len(images)
+    prompts = [DEFAULT_TEMPLATE.format(c) for c in CLASS_NAMES]
+    comp = load_components(DEMO_MODEL)
+    load_start = os.getloadavg()[0]
+    tmp = tempfile.TemporaryDirectory(prefix="diffdis-unified-")
+    pairs = diffdis_demo_pairs()  # each training digit with its 6 captions in a row
+    keep = np.concatenate([6 * i + np.random.default_rng(SEED + i).permutation(6)[: args.captions_per_image]
+                           for i in range(len(pairs.images) // 6)])
+    pairs = type(pairs)([pairs.images[i] for i in keep], [pairs.captions[i] for i in keep])
+    note = {"source": f"demo digits, training split, {args.captions_per_image} of 6 captions per digit",
+            "held_out_templates": list(DIFFDIS_HELD_OUT_TEMPLATES)}
+    variants = [("frozen (shipped default: memory fusion, 3 blocks)", {}, {}),
+                ("frozen, stages fusion on every block", {"blocks": tappable_blocks(comp.unet), "fusion": "stages"}, {}),
+                ("unified (UNet fine-tuned, stages fusion on every block)", {"unified": True}, {}),
+                (CONTROL, {"unified": True}, {"text_weight": 0.0})][: 2 if args.frozen_only else None]
+    rows, models = [], {}
+    for name, kw, opts in variants:
+        run_dir, engine_dir = Path(tmp.name) / f"run{len(models)}", Path(tmp.name) / f"engine{len(models)}"
+        print(f"== {name}", flush=True)
+        epochs = args.unified_epochs if kw.get("unified") else args.epochs or DiffDisTrainOptions.epochs
+        model, train_s = timed(lambda: train_diffdis_run(
+            DEMO_MODEL, pairs.images, pairs.captions, run_dir, seed=SEED, progress=True, data=note,
+            options=DiffDisTrainOptions(epochs=epochs, **opts), **kw))
+        models[name] = model
+        print(json.dumps({"variant": name, "train_s": train_s, "training": model.config.training}), flush=True)
+        if name == CONTROL:
+            continue  # its text stream is untrained (text weight 0): only its UNet's generation is measured
+        export_engine(DEMO_MODEL, engine_dir, diffdis=run_dir, show_progress=False,
+                      defaults={"template": DEFAULT_TEMPLATE, "stages": [list(s) for s in DEMO_STAGES], "loss": DEMO_LOSS})
+        row = {"variant": name, "train_s": train_s, "training": model.config.training, "blocks": model.config.blocks,
+               "fusion": model.config.fusion, "unified": model.config.unified}
+        with diffscore.load(engine_dir, backend="ort-cpu") as eng:
+            eng.classify(images[:2], list(CLASS_NAMES), method="diffdis")  # open the session before timing
+            for mode in MODES:
+                res, s = timed(lambda: eng.classify(images, list(CLASS_NAMES), method="diffdis", diffdis_mode=mode, seed=SEED))
+                got = np.array([CLASS_NAMES.index(r.label) for r in res])
+                want = diffdis_scores_reference(comp, model, images, prompts, mode=mode, seed=SEED).argmax(1)
+                scores = eng.match(images[:20], prompts, method="diffdis", diffdis_mode=mode, seed=SEED).scores
+                ref = diffdis_scores_reference(comp, model, images[:20], prompts, mode=mode, seed=SEED)
+                (r1, _), s_match = timed(lambda: match_bench.r_at_1(eng, images, labels, method="diffdis", diffdis_mode=mode))
+                row[mode] = {"accuracy": float(np.mean(got == labels)), "images_per_s": n / s, "r_at_1": r1,
+                             "match_images_per_s": n / s_match, "decisions_agree": float(np.mean(got == want)),
+                             "max_rel": float(np.abs(scores - ref).max() / np.abs(ref).max())}
+        rows.append(row)
+        print(json.dumps({k: row[k] for k in ("variant", *MODES)}), flush=True)
+
+    if args.frozen_only:
+        return publish_frozen(args, rows, n, load_start)
+
+    # --- generation: the model's own UNet (every frozen run's) vs the unified run's ----------------------------
+    classifier = LogisticRegression(max_iter=5000).fit(split.train_images.reshape(len(split.train_images), -1) / 255.0,
+                                                         split.train_labels)
+    real_acc = float(np.mean(classifier.predict(split.test_images.reshape(len(split.test_images), -1) / 255.0)
+                             == split.test_labels))
+    captions = [DEFAULT_TEMPLATE.format(CLASS_NAMES[y]) for y in labels]
+    generation = []
+    for name, c in (("the model's own UNet (frozen DiffDis)", comp),
+                    ("the unified run's UNet", dataclasses.replace(comp, unet=image_branch(comp, models[variants[2][0]]))),
+                    ("the control's UNet (text weight 0)", dataclasses.replace(comp, unet=image_branch(comp, models[CONTROL])))):
+        generation.append({"unet": name, "held_out_denoising_loss": denoising_loss(c, images, captions),
+                           "sampled_accuracy": sampled_accuracy(c, classifier, args.per_class)})
+        print(json.dumps(generation[-1]), flush=True)
+    end_load = os.getloadavg()[0]
+
+    result = {"images": n, "template": DEFAULT_TEMPLATE, "held_out_templates": list(DIFFDIS_HELD_OUT_TEMPLATES),
+              "variants": rows, "generation": generation, "classifier_real_test_accuracy": real_acc,
+              "generation_setup": {"denoising_timesteps": GEN_STEPS, "sampler": "ddim", "steps": 50, "guidance": 2.0,
+                                   "per_class": args.per_class, "classifier": "LogisticRegression on training pixels"},
+              "load_average": {"start": load_start, "end": end_load}, "torch_threads": torch.get_num_threads()}
+    table = ["| DiffDis | denoise: accuracy | denoise: R@1 | generate: accuracy | generate: R@1 | images/s "
+             "(classify, denoise) | training |", "|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        t = r["training"]
+        extra = (f", val. generation {t['val_generation']:.4f}, text {t['val_text']:.4f}" if r["unified"] else "")
+        table.append(f"| {r['variant']} | {r['denoise']['accuracy']:.2%} | {r['denoise']['r_at_1']:.2%} | "
+                     f"{r['generate']['accuracy']:.2%} | {r['generate']['r_at_1']:.2%} | "
+                     f"{r['denoise']['images_per_s']:.1f} | best epoch {t['best_epoch']} of {t['epochs']}, "
+                     f"{r['train_s']:.0f} s{extra} |")
+    ctl = (f"best epoch {models[CONTROL].config.training['best_epoch']} of {models[CONTROL].config.training['epochs']}")
+    table += ["", "| UNet | held-out denoising loss | fixed classifier's accuracy on sampled digits |", "|---|---:|---:|"]
+    table += [f"| {g['unet']} | {g['held_out_denoising_loss']:.4f} | {g['sampled_accuracy']:.2%} |" for g in generation]
+    parity = "; ".join(f"{r['variant'].split(' (')[0]}: " + ", ".join(
+        f"{m} {r[m]['max_rel']:.1e} ({r[m]['decisions_agree']:.0%} decisions)" for m in MODES) for r in rows)
+    table += ["", f"{n} held-out digits (accuracy: 10 class prompts \"{DEFAULT_TEMPLATE}\"; R@1: bench/match.py's "
+              f"5-caption task), none of them a DiffDis training caption; all three trained on the same {rows[0]['training']['pairs']} "
+              f"pairs ({args.captions_per_image} of each training digit's 6 captions), seed 0, early stopping on the validation loss, the frozen ones at most "
+              f"{args.epochs or DiffDisTrainOptions.epochs} epochs, the unified one (UNet lr 1e-4, text stream 1e-3) at most "
+              f"{args.unified_epochs}. Control (same fine-tune, text weight 0): {ctl}. Generation: held-out denoising "
+              f"loss over t = 50, 150, ..., 950 (seeded ε shared by all images); {args.per_class} DDIM samples (50 steps, "
+              f"guidance 2) per digit, read by a logistic regression fitted on the training pixels ({real_acc:.2%} on "
+              f"the real held-out digits). Engine (ONNX Runtime CPU fp32) vs torch, max rel. error of the scores on 20 "
+              f"digits and decisions on all {n}: {parity}. One run; load average {load_start:.1f} at the start, "
+              f"{end_load:.1f} at the end (images/s comparable within this run only). Measured on "
+              f"{machine_line(machine())} by `bench/diffdis.py --unified`."]
+    publish(args.results_name, result, table, args.update_docs)
+
+
+def publish_frozen(args, rows: list[dict], n: int, load_start: float) -> None:
+    """--frozen-only: the frozen runs' rows, at the epoch cap given."""
+    import torch
+
+    from diffscore.reference.diffdis import DiffDisTrainOptions
+
+    table = ["| DiffDis (frozen) | denoise: accuracy | denoise: R@1 | generate: accuracy | generate: R@1 | training |",
+             "|---|---:|---:|---:|---:|---|"]
+    table += [f"| {r['variant']} | {r['denoise']['accuracy']:.2%} | {r['denoise']['r_at_1']:.2%} | "
+              f"{r['generate']['accuracy']:.2%} | {r['generate']['r_at_1']:.2%} | best epoch {r['training']['best_epoch']} "
+              f"of {r['training']['epochs']}, {r['train_s']:.0f} s |" for r in rows]
+    end_load = os.getloadavg()[0]
+    table += ["", f"The same {n} held-out digits and pairs ({args.captions_per_image} of each training digit's 6 captions, "
+              f"seed 0), the frozen runs capped at {args.epochs or DiffDisTrainOptions.epochs} epochs. One run; load "
+              f"average {load_start:.1f} at the start, {end_load:.1f} at the end. Measured on {machine_line(machine())} by "
+              f"`bench/diffdis.py --unified --frozen-only`."]
+    publish("diffdis_unified_frozen", {"images": n, "variants": rows, "torch_threads": torch.get_num_threads(),
+                                       "load_average": {"start": load_start, "end": end_load}}, table, args.update_docs)
 
 
 if __name__ == "__main__":

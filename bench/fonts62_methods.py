@@ -18,10 +18,8 @@ glyphs. Writes bench/results/fonts62_methods.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 from cascade import (FIXED, FONTS_MODEL, HEAD_BLOCKS, HEAD_STEPS, RACE, engine_with_head, fixed_name,  # noqa: E402
                      grid_errors, replay_cascade, replay_race, replay_stages)
-from common import RESULTS, machine, machine_line, publish  # noqa: E402
+from common import machine, machine_line, publish  # noqa: E402
 
 import diffscore  # noqa: E402
 from diffscore.app.demo import cache_root  # noqa: E402
@@ -130,7 +128,6 @@ def main() -> None:
         export_engine(FONTS_MODEL, engine_dir, heads=heads, defaults={"template": "{}", "loss": "l2"}, overwrite=True,
                       show_progress=False)
     methods = diffscore.load(engine_dir, backend="ort-cpu")
-    names = list(methods.manifest.heads)
     for name, text in zip([h.name for h in heads], what):  # a head is named after its folder
         results = methods.classify(images, method="head", head=name)
         add(f"head: {text}", "engine", [labels.index(r.label) for r in results], results[0].passes)

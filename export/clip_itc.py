@@ -45,7 +45,8 @@ def clip_itc_contracts(run: dict, run_dir: Path) -> tuple[dict, ItcSpec]:
     contracts = {
         "itc_image": (ClipTowerGraph(clip, image_features).eval(), (torch.randn(2, C, S, S),),
                       [TensorSpec("pixel_values", "float32", [BATCH, C, S, S])], out),
-        "itc_text": (ClipTowerGraph(clip, text_features).eval(), (ids,), [TensorSpec("input_ids", "int64", [BATCH, L])], out),
+        "itc_text": (ClipTowerGraph(clip, text_features).eval(), (ids,),
+                     [TensorSpec("input_ids", "int64", [BATCH, L])], out),
     }
     record = ItcSpec(image_graph="itc_image", text_graph="itc_text", noise_step=int(cfg["noise_step"]),
                      seed=int(cfg["seed"]), blocks=list(cfg["blocks"]), dim=dim, objectives=list(cfg["objectives"]),

@@ -17,7 +17,7 @@ from torch import nn
 
 from diffscore.engine.manifest import BATCH, DiffDisSpec, TensorSpec
 from diffscore.errors import EngineError
-from diffscore.reference.diffdis import CONFIG, WEIGHTS, DiffDis, load_diffdis
+from diffscore.reference.diffdis import CONFIG, WEIGHTS, DiffDis, image_branch, load_diffdis
 from diffscore.reference.loading import Components, encode_prompts
 from diffscore.reference.scoring_unet import ScoringUNet
 
@@ -26,7 +26,8 @@ GRAPH = "diffdis"
 
 
 class DiffDisGraph(nn.Module):
-    """x_t at the image step + text queries -> (error, similarity): the frozen UNet's taps and DiffDis."""
+    """x_t at the image step + text queries -> (error, similarity): the UNet's taps (the model's frozen UNet, or
+    a unified run's trained one: reference.diffdis.image_branch) and DiffDis."""
 
     def __init__(self, unet: nn.Module, model: DiffDis, prompt_embedding: torch.Tensor):
         super().__init__()
@@ -59,7 +60,7 @@ def diffdis_contract(comp: Components, model: DiffDis) -> tuple:
     """(module, sample inputs, input specs, output specs) of the DiffDis graph."""
     cfg = model.config
     C, S, D = int(comp.unet.config.in_channels), int(comp.unet.config.sample_size), cfg.text_dim
-    module = DiffDisGraph(comp.unet, model.eval(), encode_prompts(comp, [cfg.prompt])).eval()
+    module = DiffDisGraph(image_branch(comp, model), model.eval(), encode_prompts(comp, [cfg.prompt])).eval()
     B, Q = 2, 3
     sample = (torch.randn(B, C, S, S), torch.randn(B, Q, D), torch.randn(B, Q, D),
               torch.tensor([[10.0, 500.0, 990.0]] * B))

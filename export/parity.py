@@ -276,7 +276,7 @@ def diffdis_parity(engine_dir: Path, manifest: Manifest, comp, images=None, labe
         return []
     from diffscore.engine.diffdis import MODES, diffdis_runner
     from diffscore.export.diffdis_export import DiffDisGraph
-    from diffscore.reference.diffdis import diffdis_scores_reference, load_diffdis
+    from diffscore.reference.diffdis import diffdis_scores_reference, image_branch, load_diffdis
     from diffscore.reference.loading import encode_prompts
 
     spec = manifest.diffdis
@@ -286,7 +286,7 @@ def diffdis_parity(engine_dir: Path, manifest: Manifest, comp, images=None, labe
     feed = {t.name: rng.standard_normal([2 if d == BATCH else 3 if isinstance(d, str) else d for d in t.shape],
                                         dtype=np.float32) for t in graph.inputs}
     feed["timestep"] = rng.integers(0, len(manifest.alphas_cumprod), feed["timestep"].shape).astype(np.float32)
-    module = DiffDisGraph(comp.unet, model, encode_prompts(comp, [model.config.prompt])).eval()
+    module = DiffDisGraph(image_branch(comp, model), model, encode_prompts(comp, [model.config.prompt])).eval()
     with torch.no_grad():
         want = dict(zip(("error", "similarity"), (o.numpy() for o in module(*(torch.from_numpy(feed[t.name])
                                                                                for t in graph.inputs)))))

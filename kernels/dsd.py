@@ -10,6 +10,7 @@ pipeline_dsd.py and unet_2d_condition.py):
 | λ | 0 (bias off) | 1 (bias on) |
 | t_k | range(10, 990, T//S) | T − 1 − idx for idx in range(10, 990, T//S) |
 | layers | the last cross-attention layer of every block with one | per down/mid/up section: the last block with cross-attention, every one of its attentions, the last transformer block of each |
+| S (default timesteps per pair) | 10 | 30 (dsd_infer.py's --sampling_time_steps); 10 stays a speed option: `--timesteps 10` |
 
 Prompt learning (reference.prompt_learning) follows the preset's score (attention only, or attention +
 bias with the empty prompt averaged in) and, for discffusion (dsd_train.py), also draws a new t and ε
@@ -33,11 +34,12 @@ class DsdPreset:
     layers: str  # "last-per-block" | "last-block-per-section" (reference.scoring_unet.preset_attention_layers)
     noise_per_pair: bool  # prompt learning: a new (t, ε) per (image, caption) pair, not per step / per image
     clip_grad_norm: float | None  # prompt learning: gradient-norm clipping
+    steps: int = 10  # default timesteps per pair (an export records it as the engine's defaults.dsd_steps)
 
 
 DSD_PRESETS = {
     "diffscore": DsdPreset("diffscore", False, 0.0, False, "last-per-block", False, None),
-    "discffusion": DsdPreset("discffusion", True, 1.0, True, "last-block-per-section", True, 1.0),
+    "discffusion": DsdPreset("discffusion", True, 1.0, True, "last-block-per-section", True, 1.0, steps=30),
 }
 
 # export's and prompt learning's default: chosen on bench/match.py's validation slice (200 training-split digits),

@@ -23,7 +23,7 @@ def pool_layers(scores: torch.Tensor, layer_weights: torch.Tensor | None = None)
 
 
 @torch.no_grad()
-def match_reference(comp: Components, scoring_unet: ScoringUNet, images, texts: list[str], steps: int = 10,
+def match_reference(comp: Components, scoring_unet: ScoringUNet, images, texts: list[str], steps: int | None = None,
                     bias_weight: float | None = None, seed: int = 0, layer_weights: dict[str, float] | None = None,
                     preset: str | None = None) -> np.ndarray:
     """(images, texts) scores, one image-text pair at a time over its K timesteps.
@@ -32,7 +32,7 @@ def match_reference(comp: Components, scoring_unet: ScoringUNet, images, texts: 
     averaged in; the layers are `scoring_unet`'s (reference.scoring_unet.preset_attention_layers)."""
     spec = dsd_preset(preset or DEFAULT_DSD_PRESET)
     bias_weight = spec.bias_weight if bias_weight is None else bias_weight
-    ts = torch.tensor(dsd_timesteps(steps, comp.num_train_timesteps, reverse=spec.reversed_timesteps))
+    ts = torch.tensor(dsd_timesteps(steps or spec.steps, comp.num_train_timesteps, reverse=spec.reversed_timesteps))
     pixels = preprocess_batch(images, comp.image_size, comp.image_channels)
     x0s = encode_images(comp, torch.from_numpy(pixels))
     noise = torch.from_numpy(shared_noise(seed, len(ts), tuple(x0s.shape[1:])))

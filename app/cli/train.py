@@ -175,8 +175,8 @@ def train_diffdis(
     demo: bool = typer.Option(False, "--demo", help="the demo digits' training split, captioned with 6 of the 8 "
                               "templates (2 held out for the zero-shot benchmark) instead of --data"),
     out_dir: Path = typer.Option(..., "--out", help="run directory: diffdis.safetensors + diffdis.json"),
-    blocks: str = typer.Option("down_blocks.1,mid_block,up_blocks.1", help="UNet blocks the text stream reads "
-                               "(several scales), comma separated"),
+    blocks: Optional[str] = typer.Option(None, help="UNet blocks the text stream reads (several scales), comma "
+                                         "separated (default: down_blocks.1,mid_block,up_blocks.1; --unified: all)"),
     noise_steps: str = typer.Option("50", "--noise-steps", help="the image's fixed noise step (one)"),
     epochs: int = typer.Option(150, min=1, help="at most; training stops early on a 10% validation split of the "
                                                 "images"),
@@ -191,13 +191,24 @@ def train_diffdis(
                                                           "shuffling"),
     overwrite: bool = typer.Option(False, help="replace an existing run"),
     threads: Optional[int] = ThreadsOpt,
+    # --- unified training (issue 30) ---
+    unified: bool = typer.Option(False, "--unified", help="train the UNet too (full fine-tune), with the denoising "
+                                 "loss and the text-diffusion loss; the text stream fused stage by stage with every "
+                                 "block"),
+    generation_weight: Optional[float] = typer.Option(None, help="--unified: weight of the denoising loss (default 1)"),
+    text_weight: Optional[float] = typer.Option(None, help="--unified: weight of the text-diffusion loss (default 1)"),
+    unet_lr: Optional[float] = typer.Option(None, help="--unified: AdamW learning rate of the UNet (default 1e-4)"),
 ):
     """Train DiffDis: a text stream that denoises the caption's text embedding with cross-attention to the frozen
-    UNet's block features (several scales) at a fixed noise step; then `export --diffdis RUN`."""
+    UNet's block features (several scales) at a fixed noise step; --unified trains the UNet with it (the paper's
+    unified training); then `export --diffdis RUN`."""
     if demo == (data is not None):
         raise UsageMistake("give exactly one of --data PAIRS.jsonl or --demo")
     if not lr > 0:
         raise UsageMistake(f"--lr must be > 0, got {lr}")
+    from diffscore.app.diffdis_options import unified_options
+
+    unified_extra = unified_options(unified, generation_weight, text_weight, unet_lr)
     image_step = one_step(noise_steps)
     require_torch("train-diffdis")
     set_threads(threads)
@@ -211,14 +222,16 @@ def train_diffdis(
                                              "held_out_templates": list(DIFFDIS_HELD_OUT_TEMPLATES)}
     else:
         pairs, note = read_pairs(data), {"source": str(data)}
-    model_ = train_diffdis_run(model, pairs.images, pairs.captions, out_dir, blocks=split(blocks) or [],
+    model_ = train_diffdis_run(model, pairs.images, pairs.captions, out_dir,
+                               blocks=None if blocks is None else split(blocks) or [], unified=unified,
                                image_step=image_step, seed=seed, overwrite=overwrite, data=note,
-                               options=DiffDisTrainOptions(epochs=epochs, batch_size=batch_size, lr=lr),
+                               options=DiffDisTrainOptions(epochs=epochs, batch_size=batch_size, lr=lr,
+                                                           **unified_extra),
                                timesteps=timesteps, generate_steps=generate_steps, mode=mode.value)
     t = model_.config.training
-    say(("wrote "
-         "", "green"), f"{out_dir}: DiffDis on {', '.join(model_.config.blocks)} at t = {image_step}, {t['pairs']} "
-        f"training pairs ({t['images']} images, {t['captions']} captions), validation loss {t['val_loss']:.4f}, "
+    say(("wrote ", "green"), f"{out_dir}: {'unified ' if unified else ''}DiffDis on {', '.join(model_.config.blocks)} "
+        f"at t = {image_step}, {t['pairs']} training pairs ({t['images']} images, {t['captions']} captions), "
+        f"validation loss {t['val_loss']:.4f}, "
         f"best epoch {t['best_epoch']} of {t['epochs']}, {t['wall_time_s']:.0f} s")
     say(f"next: diffscore export {model} ENGINE_DIR --diffdis {out_dir}")
 

@@ -44,7 +44,7 @@ def test_calibration_set_is_the_workloads_inputs(engine_dir, train_digits):
     np.testing.assert_array_equal(cal.embeddings, engine.encode_text([DEFAULT_TEMPLATE.format(x) for x in LABELS]))
     # timesteps come from the classifier's staged grid (or DSD's), with that timestep's shared noise row
     grid = [t for ts in stage_timesteps(DEMO_STAGES) for t in ts]
-    dsd = dsd_timesteps(10)
+    dsd = dsd_timesteps(engine.defaults.dsd_steps)  # the export records its DSD preset's S
     for i in range(SAMPLES):
         order = grid if cal.workload[i] == 0 else dsd
         assert order[cal.noise_row[i]] == cal.timestep[i]

@@ -99,12 +99,17 @@ def test_one_line_errors(diffdis_engine, engines, images):
             eng.classify(images[:1], LABELS, method="diffdis", timesteps=5000)
 
 
-def test_cli_train_export_classify_match(pixel, images, tmp_path, run_cli, run_cli_out):
+def write_pairs(images, tmp_path):
+    """6 images as PNGs + tmp_path/pairs.jsonl captioning them (train-diffdis --data)."""
     rows = []
     for i, img in enumerate(images[:6]):
         Image.fromarray(img).save(tmp_path / f"{i}.png")
         rows.append(json.dumps({"image": f"{i}.png", "caption": f"a photo of a {LABELS[i % 3]}"}))
     (tmp_path / "pairs.jsonl").write_text("\n".join(rows))
+
+
+def test_cli_train_export_classify_match(pixel, images, tmp_path, run_cli, run_cli_out):
+    write_pairs(images, tmp_path)
     run, engine = tmp_path / "run", tmp_path / "engine"
     code, err = run_cli("train-diffdis", pixel, "--data", tmp_path / "pairs.jsonl", "--out", run, "--epochs", "1")
     assert code == 0, err
@@ -126,3 +131,51 @@ def test_cli_train_export_classify_match(pixel, images, tmp_path, run_cli, run_c
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1  # usage mistakes
     code, err = run_cli("train-diffdis", pixel, "--out", tmp_path / "x")
     assert code == 2 and "exactly one of --data" in err
+
+
+# --- unified DiffDis: the trained UNet ships inside the graph --------------------------------------
+@pytest.fixture(scope="module")
+def unified_engine(pixel, images, tmp_path_factory):
+    root = tmp_path_factory.mktemp("diffdis-unified")
+    captions = [f"a photo of a {LABELS[i % 3]}" for i in range(len(images))]
+    train_diffdis_run(pixel, images, captions, root / "run", unified=True, progress=False, dim=16, heads=2, timesteps=3,
+                      generate_steps=2, options=DiffDisTrainOptions(epochs=2, batch_size=4, unet_lr=1e-3))
+    return export_engine(pixel, root / "engine", diffdis=root / "run", defaults={"template": "a photo of a {}"},
+                         show_progress=False)
+
+
+def test_unified_engine_parity(unified_engine, pixel, images):
+    """Every block of the UNet is read (all resolutions), the graph carries the trained UNet (not the model's),
+    and the engine equals torch in both modes, tensors and decisions."""
+    m = Manifest.load(unified_engine)
+    assert m.diffdis.blocks == ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]
+    model = load_diffdis(unified_engine)
+    assert model.config.unified and model.config.fusion == "stages" and model.unet_state
+    verdicts = diffdis_parity(unified_engine, m, load_components(pixel), images, LABELS)
+    assert len(verdicts) == 6 * len(available_backends(m)) and all(v.passed for v in verdicts), [str(v) for v in verdicts]
+    # the graph is the trained UNet's: the frozen model's UNet gives other scores
+    comp = load_components(pixel)
+    texts = ["a photo of a cat", "a photo of a dog"]
+    with diffscore.load(unified_engine, backend="ort-cpu") as eng:
+        got = eng.match(images, texts, method="diffdis", diffdis_mode="denoise", seed=1).scores
+    want = diffdis_scores_reference(comp, model, images, texts, mode="denoise", seed=1)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+    model.config.unified = False  # read the frozen UNet instead
+    assert np.abs(diffdis_scores_reference(comp, model, images, texts, mode="denoise", seed=1) - want).max() > 1e-4
+
+
+def test_cli_unified(pixel, images, tmp_path, run_cli, run_cli_out):
+    write_pairs(images, tmp_path)
+    run, engine = tmp_path / "run", tmp_path / "engine"
+    code, err = run_cli("train-diffdis", pixel, "--data", tmp_path / "pairs.jsonl", "--out", run, "--epochs", "1",
+                        "--unified", "--generation-weight", "0.5")
+    assert code == 0, err
+    cfg = json.loads((run / "diffdis.json").read_text())
+    assert cfg["unified"] and cfg["fusion"] == "stages" and cfg["training"]["generation_weight"] == 0.5
+    assert run_cli("export", pixel, engine, "--diffdis", run)[0] == 0
+    code, out, err = run_cli_out("match", engine, tmp_path / "1.png", "-t", "a cat", "-t", "a dog", "--method", "diffdis",
+                                 "--format", "json")
+    assert code == 0, err
+    for bad, message in ((("--generation-weight", "-1"), "--generation-weight"), (("--text-weight", "0.5"), "--unified")):
+        code, err = run_cli("train-diffdis", pixel, "--data", tmp_path / "pairs.jsonl", "--out", tmp_path / "y", *bad)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

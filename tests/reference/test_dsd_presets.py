@@ -135,3 +135,22 @@ def test_parity_scores_the_reference_with_the_engines_preset(tiny_models, tmp_pa
     assert manifest.defaults.dsd_preset == "diffscore"
     verdicts = match_parity(engine_dir, manifest, reference_components(manifest), pairs.images[:2])
     assert verdicts and all(v.passed for v in verdicts)
+
+
+def test_default_timesteps_follow_the_preset(engine, tiny_models, tmp_path):
+    """Discffusion's dsd_infer.py scores at --sampling_time_steps 30 by default: an export with its preset records
+    30 (diffscore's own preset 10), `defaults --reset` keeps it, and match() without steps uses it."""
+    from diffscore.app.defaults import change_defaults
+    from diffscore.export.onnx_export import export_engine
+    from diffscore.engine.manifest import Manifest
+    from diffscore.kernels.dsd import DSD_PRESETS
+
+    assert (DSD_PRESETS["discffusion"].steps, DSD_PRESETS["diffscore"].steps) == (30, 10)
+    assert Manifest.load(engine).defaults.dsd_steps == 30
+    own = export_engine(tiny_models["sd1"], tmp_path / "own", dsd_preset="diffscore", show_progress=False)
+    assert Manifest.load(own).defaults.dsd_steps == 10
+    change_defaults(engine, {"dsd_steps": 10})
+    assert change_defaults(engine, {}, reset=True).dsd_steps == 30
+    rng = np.random.default_rng(0)
+    with diffscore.load(engine, backend="ort-cpu") as eng:
+        assert len(eng.match([rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)], TEXTS).options.timesteps) == 30
