@@ -227,8 +227,8 @@ def render(result: dict, info: dict) -> list[str]:
     table = ["| strategy | run | images | agreement | accuracy | passes/image | images/s |",
              "|---|---|---:|---:|---:|---:|---:|"]
     table += [f"| {r['strategy']} | {r['how']} | {r['images']} | {100 * r['agreement']:.2f} % | "
-              f"{100 * r['accuracy']:.2f} % | "
-              f"{r['passes_per_image']:.0f} | {'' if r['images_per_s'] is None else format(r['images_per_s'], '.2f')} |"
+              f"{100 * r['accuracy']:.2f} % | {r['passes_per_image']:.0f} | "
+              f"{'' if r['images_per_s'] is None else format(r['images_per_s'], '.2f')} |"
               for r in rows]
     n = rows[0]["images"]
     race = next(r for r in rows if r["strategy"].startswith("race, profile") and r["strategy"].endswith("(default)"))
@@ -245,14 +245,11 @@ def render(result: dict, info: dict) -> list[str]:
                     f"({cheapest['passes_per_image'] / race['passes_per_image']:.1f}x); ")
     summary += (f"the seed's CIFAR-10 schedule {cifar['passes_per_image']:.0f} "
                 f"({cifar['passes_per_image'] / race['passes_per_image']:.0f}x); the demo's stages "
-                f"{demo['passes_per_image']:.0f} "
-                f"({demo['passes_per_image'] / race['passes_per_image']:.1f}x) at {100 * demo['agreement']:.2f} %. On "
-                f"the engine, "
-                f"in this run: {race['images_per_s']:.2f} images/s against {demo['images_per_s']:.2f} for the demo's "
-                f"stages "
+                f"{demo['passes_per_image']:.0f} ({demo['passes_per_image'] / race['passes_per_image']:.1f}x) at "
+                f"{100 * demo['agreement']:.2f} %. On the engine, in this run: {race['images_per_s']:.2f} images/s "
+                f"against {demo['images_per_s']:.2f} for the demo's stages "
                 f"({race['images_per_s'] / demo['images_per_s']:.1f}x) and {cifar['images_per_s']:.3f} for the "
-                f"CIFAR-10 schedule "
-                f"({race['images_per_s'] / cifar['images_per_s']:.0f}x).")
+                f"CIFAR-10 schedule ({race['images_per_s'] / cifar['images_per_s']:.0f}x).")
     table += ["", summary, "",
               f"Defaults chosen on the validation slice ({chosen['images']} training digits): z = {z:g}, min_rounds = "
               f"{min_rounds}, rounds of {result['round_size']} ({100 * chosen['chosen']['agreement']:.1f} % agreement, "

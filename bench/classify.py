@@ -152,12 +152,10 @@ def main() -> None:
                     "ONNX Runtime fp32" if best_reduced
                     else "no INT8/bf16 row reached 99% agreement with ONNX Runtime fp32")
     table.append(f"Best engine path: {best}, **{result['speedup']:.2f}x** the faster torch row ({torch_row}; "
-                 f"torch.compile's first call took {compile_s:.0f} s); {reduced_text}. One run, "
-                 f"{len(images)} held-out digits, stages {DEMO_STAGES}, {result['passes_per_image']:.0f} UNet passes "
-                 f"per "
-                 f"image, paths interleaved every {CHUNK} images; load average {min(loads):.1f}-{max(loads):.1f} "
-                 f"during "
-                 f"the run (2 cores shared with other jobs: ratios, not absolute rates, are the figure); measured on "
+                 f"torch.compile's first call took {compile_s:.0f} s); {reduced_text}. One run, {len(images)} held-out "
+                 f"digits, stages {DEMO_STAGES}, {result['passes_per_image']:.0f} UNet passes per image, paths "
+                 f"interleaved every {CHUNK} images; load average {min(loads):.1f}-{max(loads):.1f} during the run (2 "
+                 f"cores shared with other jobs: ratios, not absolute rates, are the figure); measured on "
                  f"{machine_line(machine())} by `bench/classify.py`.")
     publish("classify", result, table, args.update_docs)
 

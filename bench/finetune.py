@@ -104,9 +104,8 @@ def render(result: dict, info: dict) -> list[str]:
         f"(validation every 25 steps on 2 training pairs per class; steps run: "
         f"{', '.join(str(r['steps_run']) for r in trained)}; best (kept) step: "
         f"{', '.join(str(r['best_step']) for r in trained)}), torch 1 thread; load average {load['before']:.1f} "
-        f"before, "
-        f"{load['training']:.1f} when training began, {load['end']:.1f} at the end (2 cores shared with other jobs); "
-        f"{machine_line(info)}."]
+        f"before, {load['training']:.1f} when training began, {load['end']:.1f} at the end (2 cores shared with other "
+        f"jobs); {machine_line(info)}."]
 
 
 # --- UniDiff with CLIP (--clip) ----------------------------------------------------------------------

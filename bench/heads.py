@@ -262,8 +262,8 @@ def readme_block(r: dict, info: dict) -> str:
         "| method | trained on | held-out accuracy | UNet passes / image | images/s | vs DC |",
         "|---|---|---:|---:|---:|---:|",
         f"| Diffusion Classifier, zero-shot, stages {' → '.join(map(str, tuple(map(tuple, dc['stages']))))} | no "
-        f"images | "
-        f"{dc['accuracy']:.2%} ({dc['images']}) | {dc['passes_per_image']:.0f} | {dc['images_per_s']:.2f} | 1× |",
+        f"images | {dc['accuracy']:.2%} ({dc['images']}) | {dc['passes_per_image']:.0f} | {dc['images_per_s']:.2f} | "
+        f"1× |",
     ]
     for name, h in heads.items():
         lines.append(f"| {label[name]} ({where(h)}) | {r['training_images']:,} labelled | {h['accuracy']:.2%} | "
@@ -292,13 +292,11 @@ def readme_block(r: dict, info: dict) -> str:
               f"{'passed' if gate['passed'] else 'FAILED'}**. Head placement, DifFormer head on all held-out digits: "
               f"one graph (the UNet layers it reads + the head, {p['one_graph_mb']:.1f} MB) "
               f"{p['one_graph_images_per_s']:.0f} images/s vs the head as its own graph "
-              f"({p['separate_head_graph_mb']:.2f} MB) "
-              f"fed by the shared UNet graph's feature outputs {p['separate_graph_images_per_s']:.0f} images/s "
-              f"(median of {p['repeats']}, logits agree to {p['max_abs_logit_difference']:.1g}): heads ship as one "
-              f"graph.",
+              f"({p['separate_head_graph_mb']:.2f} MB) fed by the shared UNet graph's feature outputs "
+              f"{p['separate_graph_images_per_s']:.0f} images/s (median of {p['repeats']}, logits agree to "
+              f"{p['max_abs_logit_difference']:.1g}): heads ship as one graph.",
               f"One run of `bench/heads.py` on {r['held_out_images']} held-out digits (ONNX Runtime CPU fp32, DC and "
-              f"heads "
-              f"alternating every {r['chunk']} images; 1-min load average {load['start']:.1f} before training, "
+              f"heads alternating every {r['chunk']} images; 1-min load average {load['start']:.1f} before training, "
               f"{load['timed_start']:.1f} when timing began, {load['end']:.1f} at the end), {machine_line(info)}."]
     return "\n".join(lines)
 

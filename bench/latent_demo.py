@@ -102,8 +102,8 @@ def readme_block(r: dict, info: dict) -> str:
     return "\n".join(table + [
         "", f"Parity on the latent engine (fp32, fp16, INT8; decisions on {r['parity_images']} held-out digits): "
         f"`{summary}`; the full report is in `bench/results/latent_demo.json`.",
-        f"One run of `bench/latent_demo.py` on {r['held_out_images']} held-out digits, images {r['image_size']}×"
-        f"{r['image_size']}, latents {'×'.join(map(str, r['latent_shape']))}, ONNX Runtime CPU fp32, "
+        f"One run of `bench/latent_demo.py` on {r['held_out_images']} held-out digits, images "
+        f"{r['image_size']}×{r['image_size']}, latents {'×'.join(map(str, r['latent_shape']))}, ONNX Runtime CPU fp32, "
         f"{machine_line(info)}."])
 
 

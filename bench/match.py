@@ -108,8 +108,7 @@ def main() -> None:
     parser.add_argument("--parity-images", type=int, default=10, help="held-out images for the torch-vs-engine check")
     parser.add_argument("--presets-only", action="store_true",
                         help="only the rows the DSD presets need: (a), (b), (e) and the discffusion prompt learning "
-                             "(f); "
-                             "writes bench/results/match_presets.json and the docs' bench:match_presets block")
+                             "(f); writes bench/results/match_presets.json and the docs' bench:match_presets block")
     parser.add_argument("--update-docs", action="store_true")
     args = parser.parse_args()
 
@@ -227,8 +226,8 @@ def main() -> None:
                  f"diffscore {val_preset['diffscore']:.2%}, discffusion {val_preset['discffusion']:.2%} R@1, so "
                  f"{default_preset} is the default; prompt learning ({steps_lr}). "
                  + "".join(f"Engine vs torch with the {p['preset']} "
-                           f"adapter{' and score weights' * p['score_weights']}: max rel. "
-                           f"error {p['max_rel_elementwise']:.1e} on {p['pairs']} pairs. " for p in parity)
+                           f"adapter{' and score weights' * p['score_weights']}: max rel. error "
+                           f"{p['max_rel_elementwise']:.1e} on {p['pairs']} pairs. " for p in parity)
                  + f"Measured on {machine_line(machine())} by `bench/match.py`.")
     publish("match_presets" if args.presets_only else "match", result, table, args.update_docs)
 

@@ -110,8 +110,7 @@ def main() -> None:
     if args.profile:
         result["profile"] = profile(engine_dir)
     table = ["| UNet precision (backend: ONNX Runtime CPU unless named) | images/s | ratio to fp32 | held-out accuracy "
-             "| "
-             "top-1 agreement with fp32 |",
+             "| top-1 agreement with fp32 |",
              "|---|---:|---:|---:|---:|"]
     for p, row in rows.items():
         table.append(f"| {p} | {row['images_per_s']:.2f} | {row['ratio_to_fp32']:.2f}x | {row['accuracy']:.2%} | "

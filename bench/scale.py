@@ -151,13 +151,11 @@ def main() -> None:
           f"{s['p50_ms']:.0f} ms | {s['p95_ms']:.0f} ms |" for s in serving],
         "",
         f"One run of `bench/scale.py` on {len(paths)} held-out digits: every Ray result identical to the in-process "
-        f"one "
-        f"({'yes' if all(checks.values()) else 'NO: ' + ', '.join(k for k, v in checks.items() if not v)}). "
-        f"Ray Data times include actor start-up and engine loading; starting Ray itself took {ray_start:.1f} s (not "
+        f"one ({'yes' if all(checks.values()) else 'NO: ' + ', '.join(k for k, v in checks.items() if not v)}). Ray "
+        f"Data times include actor start-up and engine loading; starting Ray itself took {ray_start:.1f} s (not "
         f"counted). The replica ran {info['served']['requests']} requests in {info['served']['engine_calls']} engine "
-        f"calls "
-        f"(`@serve.batch`). The machine is shared with other jobs (1-min load average {load_start:.1f} at the start, "
-        f"{load_end:.1f} at the end), so ratios are rough. {machine_line(info_machine)}, ray {ray.__version__}.",
+        f"calls (`@serve.batch`). The machine is shared with other jobs (1-min load average {load_start:.1f} at the "
+        f"start, {load_end:.1f} at the end), so ratios are rough. {machine_line(info_machine)}, ray {ray.__version__}.",
     ]
     publish("scale", {"images": len(paths), "batch": rows, "serving": serving, "checks": checks,
                       "ray_start_s": ray_start, "served": info["served"], "load_average": [load_start, load_end],

@@ -211,8 +211,8 @@ def readme_block(r: dict, info: dict) -> str:
                      ("race", "race (engine default)")):
         d = dc[k]
         lines.append(f"| Diffusion Classifier, {title} | nothing | none | {d['accuracy']:.2%} | "
-                     f"{d['passes_per_image']:.0f} | "
-                     f"{d['images_per_s']:.2f} | {d['images_per_s'] / dc['stages']['images_per_s']:.2f}× | "
+                     f"{d['passes_per_image']:.0f} | {d['images_per_s']:.2f} | "
+                     f"{d['images_per_s'] / dc['stages']['images_per_s']:.2f}× | "
                      f"{d['images_per_s'] / dc['race']['images_per_s']:.2f}× |")
     for name, h in heads.items():
         route = h["route"]
@@ -227,28 +227,21 @@ def readme_block(r: dict, info: dict) -> str:
     q = p["confidence_quantiles"]
     lines += ["",
               f"Done-when gate (a head with no human labels ≥ 97 % held-out at ≥ 100× the DC's images/s): best "
-              f"label-free "
-              f"head {g['head']}, {g['accuracy']:.2%} at {g['speedup_vs_dc_stages']:.0f}× the fixed-stage DC: "
-              f"**{'passed' if g['passed'] else 'not met'}**.",
+              f"label-free head {g['head']}, {g['accuracy']:.2%} at {g['speedup_vs_dc_stages']:.0f}× the fixed-stage "
+              f"DC: **{'passed' if g['passed'] else 'not met'}**.",
               f"Generation: {s['images']:,} digits ({s['sampler']}, {s['steps']} steps, guidance {s['guidance']:g}, "
-              f"torch, "
-              f"{s['torch_threads']} thread) in {s['seconds']:.0f} s, {s['ms_per_image']:.0f} ms per image. "
-              f"Pseudo-labels: the "
-              f"engine's {p['strategy']} labelled {p['images']:,} training digits in {p['seconds']:.0f} s "
-              f"({p['passes_per_image']:.0f} UNet passes each); {p['kept']:,} kept at "
-              f"confidence ≥ {p['threshold']:g} (confidence quartiles {q['0.25']:.1f} / {q['0.5']:.1f} / "
-              f"{q['0.75']:.1f}); "
+              f"torch, {s['torch_threads']} thread) in {s['seconds']:.0f} s, {s['ms_per_image']:.0f} ms per image. "
+              f"Pseudo-labels: the engine's {p['strategy']} labelled {p['images']:,} training digits in "
+              f"{p['seconds']:.0f} s ({p['passes_per_image']:.0f} UNet passes each); {p['kept']:,} kept at confidence "
+              f"≥ {p['threshold']:g} (confidence quartiles {q['0.25']:.1f} / {q['0.5']:.1f} / {q['0.75']:.1f}); "
               f"measured afterwards against the withheld labels, {p['correct_all']:.2%} of all decisions were right, "
               f"{p['correct_kept']:.2%} of those kept"
               + (f", {p['correct_left_out']:.2%} of those left out." if p["correct_left_out"] is not None else "."),
               f"One run of `bench/zero_shot_heads.py` on {r['held_out_images']} held-out digits (ONNX Runtime CPU "
-              f"fp32; DC and "
-              f"heads alternating every {r['chunk']} images; every head reads {' + '.join(r['blocks'])} at t = "
-              f"{', '.join(map(str, r['steps']))}; 1-min load average {load['start']:.1f} at the start, "
-              f"{load['timed_start']:.1f} "
-              f"when timing began, {load['end']:.1f} at the end; the machine is shared with other jobs, so ratios "
-              f"within the run "
-              f"are the figure), {machine_line(info)}.",
+              f"fp32; DC and heads alternating every {r['chunk']} images; every head reads {' + '.join(r['blocks'])} "
+              f"at t = {', '.join(map(str, r['steps']))}; 1-min load average {load['start']:.1f} at the start, "
+              f"{load['timed_start']:.1f} when timing began, {load['end']:.1f} at the end; the machine is shared with "
+              f"other jobs, so ratios within the run are the figure), {machine_line(info)}.",
               "", f"![generated training digits, {GRID} per class](../bench/results/zero_shot_samples.png)"]
     return "\n".join(lines)
 
