@@ -101,8 +101,8 @@ def on_engine(engine, images, **options):
     start = time.perf_counter()
     results = engine.classify(images, LABELS, seed=0, progress=True, **options)
     seconds = time.perf_counter() - start
-    return np.array([LABELS.index(r.label) for r in results]), np.array([r.passes
-                                                                         for r in results]), len(images) / seconds
+    return (np.array([LABELS.index(r.label) for r in results]), np.array([r.passes for r in results]),
+            len(images) / seconds)
 
 
 def choose_defaults(engine, profile_order, split, limit=None) -> dict:

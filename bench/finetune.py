@@ -313,8 +313,8 @@ def main() -> None:
             with diffscore.load(engine_dir, backend="ort-cpu") as engine:
                 (r1, _), seconds = timed(lambda: r_at_1(engine, images, labels, method="itc"))
                 acc = accuracy(engine, images, labels, method="itc")
-                dsd_r1 = r_at_1(engine, images, labels)[0] if (k, objectives) == (max(args.shots),
-                                                                                  ABLATIONS[-1]) else None
+                dsd_r1 = (r_at_1(engine, images, labels)[0] if (k, objectives) == (max(args.shots), ABLATIONS[-1])
+                          else None)
             timing[f"itc_r_at_1_s k={k} {name}"] = seconds
             rows.append({"method": f"fine-tuned {name}, match(method=\"itc\")", "shots": k, "r_at_1": r1,
                          "accuracy": acc,

@@ -109,9 +109,9 @@ def placement(engine, name: str, images, repeats: int = 3) -> dict:
                 xt = np.concatenate([add_noise(xi, noise, engine.alphas_cumprod, steps) for xi in x])  # (n·S, C, H, W)
                 out = unet.infer({"sample": xt, "timestep": np.tile(steps, len(x)).astype(np.float32),
                                   "encoder_hidden_states": np.repeat(emb, len(xt), axis=0)})
-                return head_runner.infer({f"features.{b}": out[f"features.{b}"].reshape(len(x), S,
-                                                                                        *out[f"features.{b}"].shape[1:])
-                                          for b in blocks})["logits"]
+                return head_runner.infer({
+                    f"features.{b}": out[f"features.{b}"].reshape(len(x), S, *out[f"features.{b}"].shape[1:])
+                    for b in blocks})["logits"]
 
             return np.concatenate(list(pool.map(run, range(0, len(x0), per_call))))
 

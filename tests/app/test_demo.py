@@ -28,8 +28,8 @@ def reference_results(demo_model, held_out):
     from diffscore.reference.classifier import classify_reference
     from diffscore.reference.loading import load_components
 
-    return classify_reference(load_components(demo_model), held_out[0], list(CLASS_NAMES), templates=[DEFAULT_TEMPLATE],
-                              **OPTS)
+    return classify_reference(load_components(demo_model), held_out[0], list(CLASS_NAMES),
+                              templates=[DEFAULT_TEMPLATE], **OPTS)
 
 
 def test_engine_decisions_equal_reference(demo_engine, held_out, reference_results):
@@ -43,8 +43,8 @@ def test_engine_decisions_equal_reference(demo_engine, held_out, reference_resul
 
 
 def test_fp16_agrees_with_fp32_reference(demo_engine, held_out, reference_results):
-    got = diffscore.load(demo_engine, backend="ort-cpu", precision="fp16").classify(held_out[0], list(CLASS_NAMES),
-                                                                                    **OPTS)
+    got = diffscore.load(demo_engine, backend="ort-cpu", precision="fp16").classify(
+        held_out[0], list(CLASS_NAMES), **OPTS)
     agreement = np.mean([a.label == b.label for a, b in zip(got, reference_results)])
     assert agreement >= 0.99, agreement
 

@@ -42,8 +42,8 @@ def test_pseudo_labels_keep_the_confident_decisions(engines):
     assert list(got.labels) == [LABELS.index(results[i].label) for i in expected]
     np.testing.assert_allclose(got.confidence, confidence)
     r = got.record
-    assert (r.source, r.images, r.candidates, r.threshold, r.strategy) == ("pseudo-labels", len(expected), 8, threshold,
-                                                                           "stages")
+    assert ((r.source, r.images, r.candidates, r.threshold, r.strategy)
+            == ("pseudo-labels", len(expected), 8, threshold, "stages"))
     assert r.engine == str(engines["pixel"])
 
 
@@ -62,8 +62,8 @@ def test_old_records_still_load():
     spec = dict(graph="head.h", kind="linear", labels=["a", "b"], blocks=["mid_block"], steps=[50], seed=0, prompt="",
                 weights="w", config="c")
     assert HeadSpec(**spec).training is None  # engines exported before the record
-    assert HeadSpec(**spec, training={"source": "synthetic", "per_class": 3}).training == HeadTraining("synthetic",
-                                                                                                       per_class=3)
+    assert (HeadSpec(**spec, training={"source": "synthetic", "per_class": 3}).training
+            == HeadTraining("synthetic", per_class=3))
     config = HeadConfig(kind="linear", labels=["a", "b"], features={"blocks": ["mid_block"], "steps": [50]},
                         shapes=[[32, 4, 4]])
     assert config.origin == HeadTraining(source="labels")  # head folders before the record were trained on labels

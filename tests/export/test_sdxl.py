@@ -237,8 +237,8 @@ def test_calibrate_int8(sdxl_engine, image_folder, tmp_path, run_cli_out):
                                  "--validation", "2")
     assert code == 0, out + err
     m = Manifest.load(engine)
-    assert "unet.int8" in m.graphs and [t.name for t in m.graphs["unet.int8"].inputs][-2:] == ["text_embeds",
-                                                                                               "time_ids"]
+    assert ("unet.int8" in m.graphs
+            and [t.name for t in m.graphs["unet.int8"].inputs][-2:] == ["text_embeds", "time_ids"])
     with load(engine, backend="ort-cpu", precision="int8") as eng:
         assert len(eng.classify(pngs(image_folder)[:2], LABELS)) == 2
 

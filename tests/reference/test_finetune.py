@@ -151,8 +151,8 @@ def test_errors_are_one_line(tiny_models, engines, pairs, tmp_path, run_cli):
         check_config(FinetuneConfig(blocks=["nope"]), comp)
     import diffscore
 
-    with diffscore.load(engines["pixel"], backend="ort-cpu") as engine, pytest.raises(EngineError,
-                                                                                      match="no ITC embeddings"):
+    with (diffscore.load(engines["pixel"], backend="ort-cpu") as engine,
+          pytest.raises(EngineError, match="no ITC embeddings")):
         engine.match(pairs.images[:1], CAPTIONS, method="itc")
     code, err = run_cli("finetune", str(tiny_models["pixel"]), "--demo", "--shots", "1", "--out", str(tmp_path / "r"),
                         "--objectives", "itc,foo")
