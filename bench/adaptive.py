@@ -208,15 +208,13 @@ def main() -> None:
     winners, passes, speed = on_engine(engine, images[:n], strategy="race", z=z, min_rounds=min_rounds,
                                        round_size=ROUND_SIZE, templates=TEMPLATES)
     rows.append(row(f"race, profile, z={z:g}, {len(TEMPLATES)} templates/class (vs the 1-template exhaustive)",
-                    "engine", winners, reference[:n],
-                    truth[:n], passes, speed))
+                    "engine", winners, reference[:n], truth[:n], passes, speed))
 
     png = RESULTS / "adaptive.png"
     RESULTS.mkdir(exist_ok=True)
     plot(rows, png)
     result = {"rows": rows, "validation": chosen, "engine_equals_replay": checks, "grid": GRID,
-              "round_size": ROUND_SIZE,
-              "plot": png.name}
+              "round_size": ROUND_SIZE, "plot": png.name}
     publish("adaptive", result, render(result, machine()), args.update_docs)
 
 

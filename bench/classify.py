@@ -116,8 +116,7 @@ def main() -> None:
             seconds[name] += time.perf_counter() - start
         loads.append(os.getloadavg()[0])
         print(f"{lo + len(chunk)}/{len(images)}: "
-              + ", ".join(f"{n} {len(got[n]) / s:.2f}/s" for n, s in seconds.items()),
-              flush=True)
+              + ", ".join(f"{n} {len(got[n]) / s:.2f}/s" for n, s in seconds.items()), flush=True)
 
     torch_row = min(torch_rows, key=seconds.get)  # the strongest torch row is the baseline
     acc = lambda rs: float(np.mean([CLASS_NAMES.index(r.label) == t for r, t in zip(rs, truth)]))

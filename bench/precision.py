@@ -229,8 +229,7 @@ def gemm_rates(m: int = 8192, k: int = 576, n: int = 64, repeats: int = 10) -> d
             inits = [numpy_helper.from_array(wq, "wq"),
                      numpy_helper.from_array(np.float32(np.abs(w).max() / 127), "ws"),
                      numpy_helper.from_array(np.float32(np.abs(x).max() / 127), "xs"),
-                     numpy_helper.from_array(np.int8(0), "z"),
-                     numpy_helper.from_array(np.float32(1.0), "ys")]
+                     numpy_helper.from_array(np.int8(0), "z"), numpy_helper.from_array(np.float32(1.0), "ys")]
             nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "z"], ["xq"]),
                      helper.make_node("DequantizeLinear", ["xq", "xs", "z"], ["xa"]),
                      helper.make_node("DequantizeLinear", ["wq", "ws", "z"], ["wa"]),

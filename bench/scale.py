@@ -104,8 +104,7 @@ def main() -> None:
     for actors in (1, 2):
         start = time.perf_counter()
         out = classify_dataset(folder, engine_dir, LABELS, seed=0, actors=actors, batch_images=16,
-                               num_cpus=cores / actors,
-                               backend="ort-cpu").take_all()
+                               num_cpus=cores / actors, backend="ort-cpu").take_all()
         seconds = time.perf_counter() - start
         checks[f"ray_data_{actors}_identical"] = same(out, expected)
         rows.append({"path": f"Ray Data, {actors} actor{'s' * (actors > 1)} × {cores // actors} "

@@ -94,8 +94,7 @@ def main() -> None:
     sample_options = SampleOptions()
     start = time.perf_counter()
     synthetic, synthetic_y, synthetic_record = synthesize(comp, labels, max(per_class), DEFAULT_TEMPLATE,
-                                                          sample_options,
-                                                          progress=True)
+                                                          sample_options, progress=True)
     generation_s = time.perf_counter() - start
     grid = sample_grid(synthetic, max(per_class), RESULTS / f"zero_shot_samples{'_smoke' if args.smoke else ''}.png",
                        show=min(GRID, max(per_class)))
@@ -111,8 +110,8 @@ def main() -> None:
                    "passes_per_image": float(pseudo.passes.mean()), "threshold": THRESHOLD, "kept": len(kept),
                    "kept_per_class": np.bincount(pseudo.decided[kept], minlength=len(labels)).tolist(),
                    "correct_all": float(right.mean()), "correct_kept": float(right[kept].mean()),
-                   "correct_left_out": float(right[np.setdiff1d(everything, kept)].mean())
-                   if len(kept) < len(everything) else None,
+                   "correct_left_out": (float(right[np.setdiff1d(everything, kept)].mean())
+                                        if len(kept) < len(everything) else None),
                    "confidence_quantiles": {f"{q:g}": float(np.quantile(pseudo.confidence, q))
                                             for q in (0.1, 0.25, 0.5, 0.75, 0.9)}}
 
@@ -133,14 +132,12 @@ def main() -> None:
         for kind in KINDS:
             name = f"{route}-{kind}"
             config = HeadConfig(kind=kind, labels=labels, features=spec,
-                                shapes=[list(feats[b].shape[2:]) for b in BLOCKS],
-                                source_sha256=sha, origin=record)
+                                shapes=[list(feats[b].shape[2:]) for b in BLOCKS], source_sha256=sha, origin=record)
             t0 = time.perf_counter()
             head = train_head({b: feats[b][idx] for b in BLOCKS}, y, config, options, progress=True)
             trained.append(save_head(head, config, workdir / name))
             rows[name] = {"route": route, "kind": kind, "training_images": len(idx),
-                          "training_s": time.perf_counter() - t0,
-                          "training": config.training}
+                          "training_s": time.perf_counter() - t0, "training": config.training}
 
     engine_dir = export_engine(DEMO_MODEL, workdir / "engine", heads=trained, show_progress=False)
     heads_engine = diffscore.load(engine_dir, backend="ort-cpu")

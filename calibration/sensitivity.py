@@ -134,8 +134,7 @@ def decision_gate(swap: UnetSwap, model: onnx.ModelProto, images, labels,
 
 
 def auto_keep_float(swap: UnetSwap, fp32_path: Path, calibration_set, images, labels, *, method: str,
-                    ranges_cache: Path,
-                    start: list[str], ranking: list[LayerSensitivity], reference: list[str]):
+                    ranges_cache: Path, start: list[str], ranking: list[LayerSensitivity], reference: list[str]):
     """After `start` failed the gate: add the most sensitive layers, one at a time, until it holds.
 
     Returns (layers kept float, the passing model, its gate, [(number kept, gate) per step]).

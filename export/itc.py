@@ -57,8 +57,7 @@ def itc_contracts(comp: Components, heads: ItcHeads, run: dict, run_dir: Path) -
                      [TensorSpec("last_hidden_state", "float32", [BATCH, L, D])], out),
     }
     spec = ItcSpec(image_graph="itc_image", text_graph="itc_text", noise_step=int(cfg["noise_step"]),
-                   seed=int(cfg["seed"]),
-                   blocks=list(cfg["blocks"]), dim=dim, objectives=list(cfg["objectives"]),
+                   seed=int(cfg["seed"]), blocks=list(cfg["blocks"]), dim=dim, objectives=list(cfg["objectives"]),
                    run=str(Path(run_dir).resolve()))
     return contracts, spec
 

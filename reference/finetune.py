@@ -148,9 +148,8 @@ class Branches:
     def __init__(self, comp: Components, cfg: FinetuneConfig, captions: list[str]):
         self.comp, self.cfg = comp, cfg
         self.tap = ScoringUNet(comp.unet, attention_layers=[], feature_blocks=cfg.blocks).eval()
-        shape = tuple(int(s)
-                      for s in (comp.unet.config.in_channels, comp.unet.config.sample_size,
-                                comp.unet.config.sample_size))
+        shape = tuple(int(s) for s in (comp.unet.config.in_channels, comp.unet.config.sample_size,
+                                       comp.unet.config.sample_size))
         self.eps0 = torch.from_numpy(shared_noise(cfg.seed, 1, shape)[0])  # the contrastive branch's fixed ε
         self.null = encode_prompts(comp, [""])  # (1, L, D)
         self.hidden = encode_prompts(comp, captions)  # (P, L, D), frozen text encoder: once

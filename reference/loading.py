@@ -119,8 +119,7 @@ def load_components(model_dir: str | Path, dtype: torch.dtype = torch.float32) -
         if "WithProjection" in str(_read_json(path / "text_encoder" / "config.json").get("architectures")):
             text_cls = CLIPTextModelWithProjection
         text_encoder = text_cls.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype,
-                                                local_files_only=True,
-                                                variant=weights_variant(path / "text_encoder"))
+                                                local_files_only=True, variant=weights_variant(path / "text_encoder"))
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
         text_encoder_2 = tokenizer_2 = None
         if unet.config.addition_embed_type == "text_time":  # SDXL: check_supported saw both folders
@@ -131,8 +130,7 @@ def load_components(model_dir: str | Path, dtype: torch.dtype = torch.float32) -
         vae = None
         if (path / "vae").is_dir():
             vae = diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype,
-                                                          local_files_only=True,
-                                                          variant=weights_variant(path / "vae"))
+                                                          local_files_only=True, variant=weights_variant(path / "vae"))
     except (OSError, ValueError, KeyError) as e:
         raise EngineError(f"cannot load model from {path}: {first_line(e)}") from None
     for module in (unet, text_encoder, vae, text_encoder_2):

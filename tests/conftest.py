@@ -126,8 +126,7 @@ def demo_engine(demo_model, tmp_path_factory) -> Path:
 
     return export_engine(demo_model, tmp_path_factory.mktemp("demo") / "engine", precisions=("fp32", "fp16"),
                          defaults={"template": DEFAULT_TEMPLATE, "stages": [list(s) for s in DEMO_STAGES],
-                                   "loss": DEMO_LOSS,
-                                   "strategy": "stages"}, show_progress=False)
+                                   "loss": DEMO_LOSS, "strategy": "stages"}, show_progress=False)
 
 
 @pytest.fixture

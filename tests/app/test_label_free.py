@@ -84,8 +84,7 @@ def test_synthetic_head_end_to_end(tiny_models, run_cli_out, tmp_path):
     assert code == 0, err
     assert "4 synthetic images" in out
     record = HeadTraining(source="synthetic", images=4, sampler="dpm-solver", sampling_steps=2, guidance=2.0,
-                          per_class=2,
-                          template="a {}", sample_seed=0)
+                          per_class=2, template="a {}", sample_seed=0)
     assert HeadTraining(**json.loads((tmp_path / "synth" / "head.json").read_text())["origin"]) == record
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["cat", "dog", "synthesis.json"]
     assert len(list((tmp_path / "samples" / "dog").glob("*.png"))) == 2

@@ -83,8 +83,7 @@ def test_classify_counts_two_passes_per_step(engine_dir, demo_model, fed, digits
 def test_cli_train_feedback_head_and_info(demo_model, digit_folder, engine_dir, tmp_path, monkeypatch, run_cli_out):
     monkeypatch.setenv("DIFFSCORE_CACHE", str(tmp_path))
     code, out, err = run_cli_out("train-head", demo_model, "--data", digit_folder, "--kind", "linear", "--blocks",
-                                 "mid_block",
-                                 "--noise-steps", "100", "--epochs", "1", "--feedback", "--feedback-pairs",
+                                 "mid_block", "--noise-steps", "100", "--epochs", "1", "--feedback", "--feedback-pairs",
                                  "up_blocks.1:down_blocks.0", "--out", tmp_path / "h")
     assert code == 0, err
     assert "DifFeed: up_blocks.1:down_blocks.0 fed back" in out

@@ -233,8 +233,7 @@ def test_head_classifies(sdxl_engine, image_folder, run_cli_out):
 def test_calibrate_int8(sdxl_engine, image_folder, tmp_path, run_cli_out):
     engine = shutil.copytree(sdxl_engine, tmp_path / "engine")
     code, out, err = run_cli_out("calibrate", engine, *pngs(image_folder), "--labels", ",".join(LABELS), "--samples",
-                                 "16",
-                                 "--validation", "2")
+                                 "16", "--validation", "2")
     assert code == 0, out + err
     m = Manifest.load(engine)
     assert ("unet.int8" in m.graphs

@@ -296,8 +296,7 @@ def test_api_paths_closed_engines_and_numpy_integers(demo_engine, files):
 
 def test_a_byte_order_mark_is_not_part_of_the_first_label(run_cli_out, files):
     code, out, err = run_cli_out("classify", files["engine"], files["image"], "--labels-file",
-                                 files["root"] / "bom.txt",
-                                 "--stages", "2:1", "-b", "ort-cpu", "-f", "json")
+                                 files["root"] / "bom.txt", "--stages", "2:1", "-b", "ort-cpu", "-f", "json")
     assert code == 0, err
     assert sorted(r[0] for r in json.loads(out)[0]["ranking"]) == ["one", "zero"]
 

@@ -178,8 +178,7 @@ def test_cli_finetune_export_match(tiny_models, pairs, tmp_path, run_cli_out):
     code, out, err = run_cli_out("info", engine)
     assert code == 0 and "itc (match --method itc): mid_block at step 50, 64-d, trained with itc+rsc" in out
     code, out, err = run_cli_out("match", engine, tmp_path / "0.png", tmp_path / "1.png", "--text", "zero", "--text",
-                                 "one",
-                                 "--method", "itc", "-f", "json", "-b", "ort-cpu")
+                                 "one", "--method", "itc", "-f", "json", "-b", "ort-cpu")
     assert code == 0, err
     rows = json.loads(out)
     assert len(rows) == 2 and rows[0]["options"]["method"] == "itc" and set(rows[0]["scores"]) == {"zero", "one"}
