@@ -59,7 +59,8 @@ def validation_indices(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.model_selection import train_test_split
 
     labels = load_digits_split().train_labels
-    fit, val = train_test_split(np.arange(len(labels)), test_size=VALIDATION_FRACTION, random_state=seed, stratify=labels)
+    fit, val = train_test_split(np.arange(len(labels)), test_size=VALIDATION_FRACTION, random_state=seed,
+                                stratify=labels)
     return fit, val
 
 

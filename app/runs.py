@@ -82,7 +82,8 @@ def check_target(path: Path) -> None:
     if path.parent.exists() and not path.parent.is_dir():
         raise EngineError(f"--output {path}: {path.parent} is a file, not a folder; choose a path in a folder")
     if path.is_dir():
-        raise EngineError(f"--output {path} is a folder; give a file name in it, e.g. {path / ('results' + path.suffix)}")
+        raise EngineError(f"--output {path} is a folder; give a file name in it, e.g. "
+                          f"{path / ('results' + path.suffix)}")
     if path.exists() and not path.is_file():
         raise EngineError(f"--output: {not_a_file(path, 'path')}; give a regular file name")
     check_writable_dir(path.parent, f"--output {path}")
@@ -118,7 +119,8 @@ def save_rows(rows: list[dict], path: Path) -> None:
         raise EngineError(f"could not write {path} ({reason}); the {len(rows)} rows were written to {fallback} instead")
     sys.stdout.write(text)
     sys.stdout.flush()
-    raise EngineError(f"could not write {path} ({reason}) nor a fallback file; the {len(rows)} rows are on stdout above")
+    raise EngineError(
+        f"could not write {path} ({reason}) nor a fallback file; the {len(rows)} rows are on stdout above")
 
 
 class ReadableImages:
@@ -178,7 +180,8 @@ class ReadableImages:
         """Every image's row in input order: `read_rows` (one per image read, in order) and {image, error}
         for each image that could not be read. Every row gets the same keys (`fill` where it has none)."""
         by_position = dict(zip(self.read, read_rows))
-        keys = list(dict.fromkeys(["image", *(k for row in read_rows for k in row)] + (["error"] if self.errors else [])))
+        keys = list(dict.fromkeys(["image", *(k for row in read_rows for k in row)]
+                                  + (["error"] if self.errors else [])))
         rows = []
         for i, path in enumerate(self.paths):
             row = by_position.get(i) or {"image": str(path), "error": self.errors.get(i)}

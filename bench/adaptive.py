@@ -46,7 +46,8 @@ MIN_ROUNDS = (1, 2, 3)
 ROUND_SIZE = 5
 FIXED_REPLAYED = [[(5, 3), (100, 1)], [(10, 3), (100, 1)], [(20, 3), (100, 1)], [(20, 2), (100, 1)],
                   [(50, 5), (100, 1)], [(10, 1)], [(20, 1)], [(25, 1)], [(50, 1)]]
-SEED_SCHEDULES = {"seed CIFAR-10 (50,5)->(500,1)": [(50, 5), (500, 1)], "seed Pets (25,5)->(250,1)": [(25, 5), (250, 1)]}
+SEED_SCHEDULES = {"seed CIFAR-10 (50,5)->(500,1)": [(50, 5), (500, 1)],
+                  "seed Pets (25,5)->(250,1)": [(25, 5), (250, 1)]}
 LABELS = list(CLASS_NAMES)
 
 
@@ -91,7 +92,8 @@ def replay_stages(errors, stages):
 
 def row(name, how, winners, reference, truth, passes, images_per_s=None, n=None):
     return {"strategy": name, "how": how, "images": int(n or len(winners)),
-            "agreement": float(np.mean(np.asarray(winners) == reference)), "accuracy": float(np.mean(np.asarray(winners) == truth)),
+            "agreement": float(np.mean(np.asarray(winners) == reference)),
+            "accuracy": float(np.mean(np.asarray(winners) == truth)),
             "passes_per_image": float(np.mean(passes)), "images_per_s": images_per_s}
 
 
@@ -99,7 +101,8 @@ def on_engine(engine, images, **options):
     start = time.perf_counter()
     results = engine.classify(images, LABELS, seed=0, progress=True, **options)
     seconds = time.perf_counter() - start
-    return np.array([LABELS.index(r.label) for r in results]), np.array([r.passes for r in results]), len(images) / seconds
+    return (np.array([LABELS.index(r.label) for r in results]), np.array([r.passes for r in results]),
+            len(images) / seconds)
 
 
 def choose_defaults(engine, profile_order, split, limit=None) -> dict:
@@ -132,7 +135,8 @@ def plot(rows, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
     for ax, key in zip(axes, ("agreement", "accuracy")):
         for prefix, style in (("race, profile", "o-"), ("race, spread order", "s--")):
-            pts = sorted((r["passes_per_image"], r[key]) for r in rows if r["strategy"].startswith(prefix) and r["how"] == "replay")
+            pts = sorted((r["passes_per_image"], r[key]) for r in rows if r["strategy"].startswith(prefix) and r["how"]
+                         == "replay")
             ax.plot(*zip(*pts), style, label=prefix)
         fixed = [r for r in rows if r["strategy"].startswith("fixed") or r["strategy"].startswith("seed")]
         ax.plot([r["passes_per_image"] for r in fixed], [r[key] for r in fixed], "k^", label="fixed stages")
@@ -168,7 +172,8 @@ def main() -> None:
 
     chosen = choose_defaults(engine, profile_order, split, args.limit)
     z, min_rounds = chosen["chosen"]["z"], chosen["chosen"]["min_rounds"]
-    print("validation:", chosen["chosen"], "demo stages:", chosen["demo_stages"], "default:", chosen["default_strategy"])
+    print("validation:", chosen["chosen"], "demo stages:", chosen["demo_stages"], "default:",
+          chosen["default_strategy"])
 
     images, truth = list(split.test_images[: args.limit]), split.test_labels[: args.limit]
     errors, seconds = grid_errors(engine, images, "held-out")
@@ -191,23 +196,25 @@ def main() -> None:
             rows.append(row(f"{label}, z={zz:g}", "replay", winners, reference, truth, passes))
 
     checks = {}
-    for label, use_profile, order in (("race, profile", True, profile_order), ("race, spread order", False, spread_order)):
+    for label, use_profile, order in (("race, profile", True, profile_order),
+                                      ("race, spread order", False, spread_order)):
         winners, passes, speed = on_engine(engine, images, strategy="race", z=z, min_rounds=min_rounds,
                                            round_size=ROUND_SIZE, timesteps=GRID, use_profile=use_profile)
         rows.append(row(f"{label}, z={z:g} (default)", "engine", winners, reference, truth, passes, speed))
         replayed, replayed_passes = replay_race(errors, order, z, min_rounds)
-        checks[label] = {"same_decisions": int(np.sum(winners == replayed)), "same_passes": int(np.sum(passes == replayed_passes))}
+        checks[label] = {"same_decisions": int(np.sum(winners == replayed)),
+                         "same_passes": int(np.sum(passes == replayed_passes))}
     n = TEMPLATE_IMAGES
     winners, passes, speed = on_engine(engine, images[:n], strategy="race", z=z, min_rounds=min_rounds,
                                        round_size=ROUND_SIZE, templates=TEMPLATES)
-    rows.append(row(f"race, profile, z={z:g}, {len(TEMPLATES)} templates/class (vs the 1-template exhaustive)", "engine", winners, reference[:n],
-                    truth[:n], passes, speed))
+    rows.append(row(f"race, profile, z={z:g}, {len(TEMPLATES)} templates/class (vs the 1-template exhaustive)",
+                    "engine", winners, reference[:n], truth[:n], passes, speed))
 
     png = RESULTS / "adaptive.png"
     RESULTS.mkdir(exist_ok=True)
     plot(rows, png)
-    result = {"rows": rows, "validation": chosen, "engine_equals_replay": checks, "grid": GRID, "round_size": ROUND_SIZE,
-              "plot": png.name}
+    result = {"rows": rows, "validation": chosen, "engine_equals_replay": checks, "grid": GRID,
+              "round_size": ROUND_SIZE, "plot": png.name}
     publish("adaptive", result, render(result, machine()), args.update_docs)
 
 
@@ -215,9 +222,11 @@ def render(result: dict, info: dict) -> list[str]:
     """The docs/benchmarks.md table and the summary lines, all computed from the result."""
     rows, chosen, checks = result["rows"], result["validation"], result["engine_equals_replay"]
     z, min_rounds = chosen["chosen"]["z"], chosen["chosen"]["min_rounds"]
-    table = ["| strategy | run | images | agreement | accuracy | passes/image | images/s |", "|---|---|---:|---:|---:|---:|---:|"]
-    table += [f"| {r['strategy']} | {r['how']} | {r['images']} | {100 * r['agreement']:.2f} % | {100 * r['accuracy']:.2f} % | "
-              f"{r['passes_per_image']:.0f} | {'' if r['images_per_s'] is None else format(r['images_per_s'], '.2f')} |"
+    table = ["| strategy | run | images | agreement | accuracy | passes/image | images/s |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    table += [f"| {r['strategy']} | {r['how']} | {r['images']} | {100 * r['agreement']:.2f} % | "
+              f"{100 * r['accuracy']:.2f} % | {r['passes_per_image']:.0f} | "
+              f"{'' if r['images_per_s'] is None else format(r['images_per_s'], '.2f')} |"
               for r in rows]
     n = rows[0]["images"]
     race = next(r for r in rows if r["strategy"].startswith("race, profile") and r["strategy"].endswith("(default)"))
@@ -230,13 +239,15 @@ def render(result: dict, info: dict) -> list[str]:
                f"{race['passes_per_image']:.0f} passes/image; ")
     if cheapest:
         summary += (f"the cheapest fixed schedule with at least that agreement, {cheapest['strategy']}, needs "
-                    f"{cheapest['passes_per_image']:.0f} ({cheapest['passes_per_image'] / race['passes_per_image']:.1f}x); ")
+                    f"{cheapest['passes_per_image']:.0f} "
+                    f"({cheapest['passes_per_image'] / race['passes_per_image']:.1f}x); ")
     summary += (f"the seed's CIFAR-10 schedule {cifar['passes_per_image']:.0f} "
-                f"({cifar['passes_per_image'] / race['passes_per_image']:.0f}x); the demo's stages {demo['passes_per_image']:.0f} "
-                f"({demo['passes_per_image'] / race['passes_per_image']:.1f}x) at {100 * demo['agreement']:.2f} %. On the engine, "
-                f"in this run: {race['images_per_s']:.2f} images/s against {demo['images_per_s']:.2f} for the demo's stages "
-                f"({race['images_per_s'] / demo['images_per_s']:.1f}x) and {cifar['images_per_s']:.3f} for the CIFAR-10 schedule "
-                f"({race['images_per_s'] / cifar['images_per_s']:.0f}x).")
+                f"({cifar['passes_per_image'] / race['passes_per_image']:.0f}x); the demo's stages "
+                f"{demo['passes_per_image']:.0f} ({demo['passes_per_image'] / race['passes_per_image']:.1f}x) at "
+                f"{100 * demo['agreement']:.2f} %. On the engine, in this run: {race['images_per_s']:.2f} images/s "
+                f"against {demo['images_per_s']:.2f} for the demo's stages "
+                f"({race['images_per_s'] / demo['images_per_s']:.1f}x) and {cifar['images_per_s']:.3f} for the "
+                f"CIFAR-10 schedule ({race['images_per_s'] / cifar['images_per_s']:.0f}x).")
     table += ["", summary, "",
               f"Defaults chosen on the validation slice ({chosen['images']} training digits): z = {z:g}, min_rounds = "
               f"{min_rounds}, rounds of {result['round_size']} ({100 * chosen['chosen']['agreement']:.1f} % agreement, "
@@ -245,7 +256,8 @@ def render(result: dict, info: dict) -> list[str]:
               f"default strategy: {chosen['default_strategy']}. Engine race = replay: "
               + ", ".join(f"{k} {v['same_decisions']}/{n} decisions, {v['same_passes']}/{n} pass counts"
                           for k, v in checks.items()) + ". The seed's schedules ran on the first "
-              f"{SEED_IMAGES} digits only (1,375-2,750 passes an image); the templates row on the first {TEMPLATE_IMAGES}.",
+              f"{SEED_IMAGES} digits only (1,375-2,750 passes an image); the templates row on the first "
+              f"{TEMPLATE_IMAGES}.",
               "", f"Machine: {machine_line(info)} (shared with other jobs: timings are ratios within this one run).",
               "", "![agreement and accuracy against UNet passes per image](../bench/results/adaptive.png)"]
     return table

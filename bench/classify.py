@@ -7,7 +7,8 @@ each, the ratios, UNet passes per image, agreement.
 The torch rows are the reference as strong as torch runs it on CPU: torch.inference_mode, its batch of
 256 UNet pairs, the intra-op thread count (1 or one per core) timed faster on two images first (on a
 shared, oversubscribed machine one thread wins by far: OpenMP threads wait on each other), eager and
-with `torch.compile(unet, dynamic=True)` (compiled before timing); the faster one is the baseline. The paths take turns every 32 images, so
+with `torch.compile(unet, dynamic=True)` (compiled before timing); the faster one is the baseline. The paths take \
+turns every 32 images, so
 background load affects all alike.
 Writes bench/results/classify.json; --update-docs regenerates its docs/benchmarks.md performance table.
 """
@@ -90,7 +91,8 @@ def main() -> None:
     threads = f"{torch_threads} thread{'s' * (torch_threads > 1)}"
     compiled = copy.copy(comp)
     compiled.unet = torch.compile(comp.unet, dynamic=True)  # inductor; compiled on the warm-up below (minutes)
-    paths = {f"{TORCH}, {threads})": lambda chunk: classify_reference(comp, chunk, labels, templates=[DEFAULT_TEMPLATE], **opts),
+    paths = {f"{TORCH}, {threads})": lambda chunk: classify_reference(comp, chunk, labels, templates=[DEFAULT_TEMPLATE],
+                                                                      **opts),
              f"{TORCH}, {threads}, torch.compile)": lambda chunk: classify_reference(
                  compiled, chunk, labels, templates=[DEFAULT_TEMPLATE], **opts)}
     with torch.inference_mode():
@@ -113,8 +115,8 @@ def main() -> None:
                 got[name] += run(chunk)
             seconds[name] += time.perf_counter() - start
         loads.append(os.getloadavg()[0])
-        print(f"{lo + len(chunk)}/{len(images)}: " + ", ".join(f"{n} {len(got[n]) / s:.2f}/s" for n, s in seconds.items()),
-              flush=True)
+        print(f"{lo + len(chunk)}/{len(images)}: "
+              + ", ".join(f"{n} {len(got[n]) / s:.2f}/s" for n, s in seconds.items()), flush=True)
 
     torch_row = min(torch_rows, key=seconds.get)  # the strongest torch row is the baseline
     acc = lambda rs: float(np.mean([CLASS_NAMES.index(r.label) == t for r, t in zip(rs, truth)]))
@@ -132,7 +134,8 @@ def main() -> None:
         "passes_per_image": float(np.mean([r.passes for r in got[ORT_FP32]])),
         "workers": {n: e.workers for n, e in engines.items()},
         "best_engine": best, "speedup": rows[best]["speedup_over_torch"],
-        "best_int8_or_bf16": best_reduced, "best_int8_or_bf16_over_ort_fp32": best_reduced and rows[best_reduced]["ratio_to_ort_fp32"],
+        "best_int8_or_bf16": best_reduced,
+        "best_int8_or_bf16_over_ort_fp32": best_reduced and rows[best_reduced]["ratio_to_ort_fp32"],
         "load_average_1min_per_chunk": loads,  # > cores means other jobs shared the machine
         "rows": rows,
     }
@@ -143,13 +146,15 @@ def main() -> None:
                      f"{row['ratio_to_ort_fp32']:.2f}x | {row['accuracy']:.2%} | {row['agreement_with_torch']:.2%} | "
                      f"{row['agreement_with_ort_fp32']:.2%} |")
     table.append("")
-    reduced_text = (f"best INT8/bf16 at ≥ 99% agreement: {best_reduced}, **{result['best_int8_or_bf16_over_ort_fp32']:.2f}x** "
-                    "ONNX Runtime fp32" if best_reduced else "no INT8/bf16 row reached 99% agreement with ONNX Runtime fp32")
+    reduced_text = (f"best INT8/bf16 at ≥ 99% agreement: {best_reduced}, "
+                    f"**{result['best_int8_or_bf16_over_ort_fp32']:.2f}x** "
+                    "ONNX Runtime fp32" if best_reduced
+                    else "no INT8/bf16 row reached 99% agreement with ONNX Runtime fp32")
     table.append(f"Best engine path: {best}, **{result['speedup']:.2f}x** the faster torch row ({torch_row}; "
-                 f"torch.compile's first call took {compile_s:.0f} s); {reduced_text}. One run, "
-                 f"{len(images)} held-out digits, stages {DEMO_STAGES}, {result['passes_per_image']:.0f} UNet passes per "
-                 f"image, paths interleaved every {CHUNK} images; load average {min(loads):.1f}-{max(loads):.1f} during "
-                 f"the run (2 cores shared with other jobs: ratios, not absolute rates, are the figure); measured on "
+                 f"torch.compile's first call took {compile_s:.0f} s); {reduced_text}. One run, {len(images)} held-out "
+                 f"digits, stages {DEMO_STAGES}, {result['passes_per_image']:.0f} UNet passes per image, paths "
+                 f"interleaved every {CHUNK} images; load average {min(loads):.1f}-{max(loads):.1f} during the run (2 "
+                 f"cores shared with other jobs: ratios, not absolute rates, are the figure); measured on "
                  f"{machine_line(machine())} by `bench/classify.py`.")
     publish("classify", result, table, args.update_docs)
 

@@ -52,7 +52,8 @@ def write_result(name: str, result: dict) -> Path:
     """bench/results/<name>.json with the machine and a timestamp beside the figures."""
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
-    payload = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), **result}
+    payload = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
+               **result}
     path.write_text(json.dumps(payload, indent=1))
     return path
 
@@ -112,5 +113,6 @@ def demo_engine_all_precisions(model_dir: Path | None = None) -> Path:
         from diffscore.app.digits import CLASS_NAMES, training_images
         from diffscore.calibration.pipeline import calibrate
 
-        calibrate(engine_dir, images=training_images(), labels=list(CLASS_NAMES), source="demo training digits", progress=True)
+        calibrate(engine_dir, images=training_images(), labels=list(CLASS_NAMES), source="demo training digits",
+                  progress=True)
     return engine_dir

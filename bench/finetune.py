@@ -79,12 +79,14 @@ def accuracy(engine, images, labels, **options) -> float:
 
 def render(result: dict, info: dict) -> list[str]:
     """The docs/benchmarks.md table and notes, from a result (so a stored run can be re-rendered: --render-only)."""
-    rows, speed, cited, load, n = (result[k] for k in ("rows", "speed", "prompt_learning_cited", "load_average", "images"))
+    rows, speed, cited, load, n = (result[k]
+                                   for k in ("rows", "speed", "prompt_learning_cited", "load_average", "images"))
     table = ["| method | K | R@1 (5 captions) | accuracy (10 classes) | held-out denoising loss |",
              "|---|---:|---:|---:|---:|"]
     for r in rows:
         r1 = "–" if r["r_at_1"] is None else f"{r['r_at_1']:.2%}"
-        table.append(f"| {r['method']} | {r['shots'] or '–'} | {r1} | {r['accuracy']:.2%} | {r['denoising_loss']:.4f} |")
+        table.append(
+            f"| {r['method']} | {r['shots'] or '–'} | {r1} | {r['accuracy']:.2%} | {r['denoising_loss']:.4f} |")
     for file, found in cited.items():
         for key, v in found.items():
             table.append(f"| {key[4:]} (cited: `bench/match.py`'s own run on all 450 held-out digits, {file}) | "
@@ -93,16 +95,17 @@ def render(result: dict, info: dict) -> list[str]:
     last = next((r for r in trained if r.get("dsd_r_at_1_after") is not None), None)
     return table + [
         "",
-        f"`match(method=\"itc\")` {speed['itc_images_per_s']:.1f} images/s against DSD's {speed['dsd_images_per_s']:.1f} on "
+        f"`match(method=\"itc\")` {speed['itc_images_per_s']:.1f} images/s against DSD's "
+        f"{speed['dsd_images_per_s']:.1f} on "
         f"the same images and 5 captions: **{speed['ratio']:.0f}×** (one UNet pass per image against 6 prompts × 10 "
         "timesteps)." + (f" DSD on the fine-tuned UNet (K={last['shots']}, ITC+IS+RSC) scores R@1 "
                          f"{last['dsd_r_at_1_after']:.2%}." if last else ""),
         f"One run of `bench/finetune.py`: {n} held-out digits, ≤ {result['train_steps']} steps per fine-tuning run "
         f"(validation every 25 steps on 2 training pairs per class; steps run: "
         f"{', '.join(str(r['steps_run']) for r in trained)}; best (kept) step: "
-        f"{', '.join(str(r['best_step']) for r in trained)}), torch 1 thread; load average {load['before']:.1f} before, "
-        f"{load['training']:.1f} when training began, {load['end']:.1f} at the end (2 cores shared with other jobs); "
-        f"{machine_line(info)}."]
+        f"{', '.join(str(r['best_step']) for r in trained)}), torch 1 thread; load average {load['before']:.1f} "
+        f"before, {load['training']:.1f} when training began, {load['end']:.1f} at the end (2 cores shared with other "
+        f"jobs); {machine_line(info)}."]
 
 
 # --- UniDiff with CLIP (--clip) ----------------------------------------------------------------------
@@ -310,9 +313,11 @@ def main() -> None:
             with diffscore.load(engine_dir, backend="ort-cpu") as engine:
                 (r1, _), seconds = timed(lambda: r_at_1(engine, images, labels, method="itc"))
                 acc = accuracy(engine, images, labels, method="itc")
-                dsd_r1 = r_at_1(engine, images, labels)[0] if (k, objectives) == (max(args.shots), ABLATIONS[-1]) else None
+                dsd_r1 = (r_at_1(engine, images, labels)[0] if (k, objectives) == (max(args.shots), ABLATIONS[-1])
+                          else None)
             timing[f"itc_r_at_1_s k={k} {name}"] = seconds
-            rows.append({"method": f"fine-tuned {name}, match(method=\"itc\")", "shots": k, "r_at_1": r1, "accuracy": acc,
+            rows.append({"method": f"fine-tuned {name}, match(method=\"itc\")", "shots": k, "r_at_1": r1,
+                         "accuracy": acc,
                          "denoising_loss": loss, "steps_run": run["steps_run"], "best_step": run["best_step"],
                          "train_s": run["wall_time_s"], "dsd_r_at_1_after": dsd_r1})
             print(json.dumps(rows[-1]), flush=True)
@@ -324,7 +329,8 @@ def main() -> None:
     cited = {}
     for file in ("match.json", "match_presets.json"):
         if (RESULTS / file).is_file():
-            cited[file] = {k: v for k, v in json.loads((RESULTS / file).read_text())["r_at_1"].items() if "prompt learning" in k}
+            cited[file] = {k: v for k, v in json.loads((RESULTS / file).read_text())["r_at_1"].items()
+                           if "prompt learning" in k}
     info = machine()
     result = {"images": n, "captions_per_image": 5, "template": DEFAULT_TEMPLATE, "seed": SEED,
               "train_steps": args.train_steps, "denoising_timesteps_per_image": DENOISE_T, "rows": rows, "speed": speed,

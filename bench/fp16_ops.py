@@ -35,7 +35,8 @@ def main() -> None:
     prompts = [DEFAULT_TEMPLATE.format(CLASS_NAMES[i % 10]) for i in range(len(x0))]
     feed = {"sample": x_t, "timestep": ts.astype(np.float32), "encoder_hidden_states": eng.encode_text(prompts)}
     report = fp16_sensitivity(engine_dir / "unet.onnx", feed, candidates=FP32_OPS)
-    path = write_result("fp16_ops", {"candidates": list(FP32_OPS), "inputs": "64 held-out digits, random t", "report": report})
+    path = write_result("fp16_ops",
+                        {"candidates": list(FP32_OPS), "inputs": "64 held-out digits, random t", "report": report})
     print(json.dumps(report, indent=1))
     print(f"wrote {path}")
 

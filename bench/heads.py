@@ -63,7 +63,8 @@ def select(feats: dict, union, blocks, steps) -> dict:
 
 def few_shot_indices(labels: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    return np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), k, replace=False) for c in np.unique(labels)]))
+    return np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), k, replace=False)
+                                   for c in np.unique(labels)]))
 
 
 def logistic(train_x, train_y, test_x, test_y) -> float:
@@ -108,8 +109,9 @@ def placement(engine, name: str, images, repeats: int = 3) -> dict:
                 xt = np.concatenate([add_noise(xi, noise, engine.alphas_cumprod, steps) for xi in x])  # (n·S, C, H, W)
                 out = unet.infer({"sample": xt, "timestep": np.tile(steps, len(x)).astype(np.float32),
                                   "encoder_hidden_states": np.repeat(emb, len(xt), axis=0)})
-                return head_runner.infer({f"features.{b}": out[f"features.{b}"].reshape(len(x), S, *out[f"features.{b}"].shape[1:])
-                                          for b in blocks})["logits"]
+                return head_runner.infer({
+                    f"features.{b}": out[f"features.{b}"].reshape(len(x), S, *out[f"features.{b}"].shape[1:])
+                    for b in blocks})["logits"]
 
             return np.concatenate(list(pool.map(run, range(0, len(x0), per_call))))
 
@@ -131,8 +133,10 @@ def placement(engine, name: str, images, repeats: int = 3) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dc-limit", type=int, default=None, help="time the DC on the first N held-out images (default: all)")
-    parser.add_argument("--epochs", type=int, default=None, help="cap every head's epochs (a quick check of this script)")
+    parser.add_argument("--dc-limit", type=int, default=None,
+                        help="time the DC on the first N held-out images (default: all)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="cap every head's epochs (a quick check of this script)")
     parser.add_argument("--update-docs", action="store_true")
     args = parser.parse_args()
     cap = lambda epochs: min(epochs, args.epochs or epochs)
@@ -179,19 +183,22 @@ def main() -> None:
     everything = np.arange(len(split.train_labels))
     for name, (kind, blocks, steps) in ALL.items():
         epochs = FEEDBACK_EPOCHS if name in FEEDBACK else TrainOptions.epochs
-        seconds, summary = fit(name, kind, blocks, steps, everything, TrainOptions(epochs=cap(epochs)), name in FEEDBACK)
+        seconds, summary = fit(name, kind, blocks, steps, everything, TrainOptions(epochs=cap(epochs)),
+                               name in FEEDBACK)
         rows[name] = {"kind": kind, "blocks": blocks, "steps": steps, "training_s": seconds, "training": summary,
                       "feedback": name in FEEDBACK}
     few = {}
     for k in FEW_SHOT:
         idx = few_shot_indices(split.train_labels, k)
-        few[k] = {"logistic regression": logistic(split.train_images[idx], split.train_labels[idx], split.test_images, truth)}
+        few[k] = {"logistic regression": logistic(split.train_images[idx], split.train_labels[idx], split.test_images,
+                                                  truth)}
         for name, (kind, blocks, steps) in ALL.items():
             fit(f"{name}-k{k}", kind, blocks, steps, idx, TrainOptions(epochs=cap(FEW_SHOT_EPOCHS), val_fraction=0.0),
                 name in FEEDBACK)
 
     engine_dir = export_engine(DEMO_MODEL, workdir / "engine", heads=trained, show_progress=False,
-                               defaults={"template": DEFAULT_TEMPLATE, "stages": [list(s) for s in DEMO_STAGES], "loss": DEMO_LOSS})
+                               defaults={"template": DEFAULT_TEMPLATE, "stages": [list(s) for s in DEMO_STAGES],
+                                         "loss": DEMO_LOSS})
     engine = diffscore.load(engine_dir, backend="ort-cpu")
     labels = list(CLASS_NAMES)
     engine.classify(test_images[:2], labels)  # warm-up: sessions, prompt cache
@@ -218,7 +225,8 @@ def main() -> None:
 
     accuracy = lambda rs, n=None: float(np.mean([CLASS_NAMES.index(r.label) == t for r, t in zip(rs, truth[:n])]))
     dc_ips = len(dc) / dc_s
-    dc_row = {"accuracy": accuracy(dc, len(dc)), "images": len(dc), "passes_per_image": float(np.mean([r.passes for r in dc])),
+    dc_row = {"accuracy": accuracy(dc, len(dc)), "images": len(dc),
+              "passes_per_image": float(np.mean([r.passes for r in dc])),
               "images_per_s": dc_ips, "seconds": dc_s, "stages": DEMO_STAGES}
     for name in ALL:
         passes = len(rows[name]["steps"]) * engine.manifest.heads[name].passes_per_step
@@ -234,8 +242,9 @@ def main() -> None:
         "held_out_images": len(test_images), "training_images": len(split.train_labels), "chunk": CHUNK,
         "feature_extraction_s": extract_s, "diffusion_classifier": dc_row, "heads": rows,
         "logistic_regression_accuracy": baseline, "few_shot": {str(k): v for k, v in few.items()},
-        "few_shot_epochs": cap(FEW_SHOT_EPOCHS), "feedback_epochs": cap(FEEDBACK_EPOCHS), "speed_gate": {"head": "difformer", "ratio": rows["difformer"]["speedup_vs_dc"],
-                                                           "required": 20.0, "passed": rows["difformer"]["speedup_vs_dc"] >= 20},
+        "few_shot_epochs": cap(FEW_SHOT_EPOCHS), "feedback_epochs": cap(FEEDBACK_EPOCHS),
+        "speed_gate": {"head": "difformer", "ratio": rows["difformer"]["speedup_vs_dc"], "required": 20.0,
+                       "passed": rows["difformer"]["speedup_vs_dc"] >= 20},
         "placement": {**place, "chosen": "one graph: the UNet layers the head reads + the head",
                       "why": "faster: it skips the UNet layers after the last block read and the attention scores; "
                              "the price is a copy of those layers' weights per head (fp32, ONNX Runtime)"},
@@ -252,24 +261,29 @@ def readme_block(r: dict, info: dict) -> str:
     lines = [
         "| method | trained on | held-out accuracy | UNet passes / image | images/s | vs DC |",
         "|---|---|---:|---:|---:|---:|",
-        f"| Diffusion Classifier, zero-shot, stages {' → '.join(map(str, tuple(map(tuple, dc['stages']))))} | no images | "
-        f"{dc['accuracy']:.2%} ({dc['images']}) | {dc['passes_per_image']:.0f} | {dc['images_per_s']:.2f} | 1× |",
+        f"| Diffusion Classifier, zero-shot, stages {' → '.join(map(str, tuple(map(tuple, dc['stages']))))} | no "
+        f"images | {dc['accuracy']:.2%} ({dc['images']}) | {dc['passes_per_image']:.0f} | {dc['images_per_s']:.2f} | "
+        f"1× |",
     ]
     for name, h in heads.items():
         lines.append(f"| {label[name]} ({where(h)}) | {r['training_images']:,} labelled | {h['accuracy']:.2%} | "
                      f"{h['passes_per_image']} | {h['images_per_s']:.1f} | **{h['speedup_vs_dc']:.0f}×** |")
-    lines.append(f"| logistic regression on pixels | {r['training_images']:,} labelled | {r['logistic_regression_accuracy']:.2%} | 0 | – | – |")
+    lines.append(f"| logistic regression on pixels | {r['training_images']:,} labelled | "
+                 f"{r['logistic_regression_accuracy']:.2%} | 0 | – | – |")
     lines += ["", "Few-shot (K labelled training images per class, no validation split, "
               f"{r['few_shot_epochs']} epochs), held-out accuracy:", "",
               "| K | " + " | ".join(label[n] for n in heads) + " | logistic regression |",
               "|---:|" + "---:|" * (len(heads) + 1)]
     for k, row in r["few_shot"].items():
-        lines.append(f"| {k} | " + " | ".join(f"{row[n]:.2%}" for n in heads) + f" | {row['logistic regression']:.2%} |")
+        lines.append(f"| {k} | " + " | ".join(f"{row[n]:.2%}" for n in heads)
+                     + f" | {row['logistic regression']:.2%} |")
     p, gate, load = r["placement"], r["speed_gate"], r["load_average_1min"]
     per_epoch = lambda n: heads[n]["training_s"] / heads[n]["training"]["epochs"]
     fed = [n for n, h in heads.items() if h.get("feedback")]
     if fed:
-        lines += ["", "DifFeed heads (two UNet passes per step: the mirror wiring up_blocks.0 → down_blocks.1, up_blocks.1 → "
+        lines += ["",
+                  "DifFeed heads (two UNet passes per step: the mirror wiring up_blocks.0 → down_blocks.1, up_blocks.1 "
+                  "→ "
                   f"down_blocks.0; at most {r['feedback_epochs']} epochs, early stopping): training "
                   + "; ".join(f"{label[n]} {heads[n]['training_s']:.0f} s for {heads[n]['training']['epochs']} epochs "
                               f"({per_epoch(n):.1f} s/epoch; without feedback, on cached features: "
@@ -277,11 +291,12 @@ def readme_block(r: dict, info: dict) -> str:
     lines += ["", f"Speed gate (DifFormer head ≥ 20× the DC's images/s on the engine): **{gate['ratio']:.0f}×, "
               f"{'passed' if gate['passed'] else 'FAILED'}**. Head placement, DifFormer head on all held-out digits: "
               f"one graph (the UNet layers it reads + the head, {p['one_graph_mb']:.1f} MB) "
-              f"{p['one_graph_images_per_s']:.0f} images/s vs the head as its own graph ({p['separate_head_graph_mb']:.2f} MB) "
-              f"fed by the shared UNet graph's feature outputs {p['separate_graph_images_per_s']:.0f} images/s "
-              f"(median of {p['repeats']}, logits agree to {p['max_abs_logit_difference']:.1g}): heads ship as one graph.",
-              f"One run of `bench/heads.py` on {r['held_out_images']} held-out digits (ONNX Runtime CPU fp32, DC and heads "
-              f"alternating every {r['chunk']} images; 1-min load average {load['start']:.1f} before training, "
+              f"{p['one_graph_images_per_s']:.0f} images/s vs the head as its own graph "
+              f"({p['separate_head_graph_mb']:.2f} MB) fed by the shared UNet graph's feature outputs "
+              f"{p['separate_graph_images_per_s']:.0f} images/s (median of {p['repeats']}, logits agree to "
+              f"{p['max_abs_logit_difference']:.1g}): heads ship as one graph.",
+              f"One run of `bench/heads.py` on {r['held_out_images']} held-out digits (ONNX Runtime CPU fp32, DC and "
+              f"heads alternating every {r['chunk']} images; 1-min load average {load['start']:.1f} before training, "
               f"{load['timed_start']:.1f} when timing began, {load['end']:.1f} at the end), {machine_line(info)}."]
     return "\n".join(lines)
 

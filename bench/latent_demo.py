@@ -76,8 +76,10 @@ def main() -> None:
     kind, blocks, steps = HEADS["difformer"]
     workdir = Path(tempfile.mkdtemp(prefix="bench-latent-"))
     head, config = train_head_on_images(LATENT_MODEL, list(split.train_images), split.train_labels, list(CLASS_NAMES),
-                                        kind, FeatureSpec(blocks, steps), cache_dir=cache_root() / "features", progress=True)
-    head_engine = diffscore.load(export_engine(LATENT_MODEL, workdir / "engine", heads=[save_head(head, config, workdir / kind)],
+                                        kind, FeatureSpec(blocks, steps), cache_dir=cache_root() / "features",
+                                        progress=True)
+    head_engine = diffscore.load(export_engine(LATENT_MODEL, workdir / "engine",
+                                               heads=[save_head(head, config, workdir / kind)],
                                                show_progress=False), backend="ort-cpu")
     results, seconds = timed_classify(head_engine, images, method="head")
     rows[f"DifFormer head ({' + '.join(blocks)} at t = {', '.join(map(str, steps))})"] = {
@@ -100,8 +102,9 @@ def readme_block(r: dict, info: dict) -> str:
     return "\n".join(table + [
         "", f"Parity on the latent engine (fp32, fp16, INT8; decisions on {r['parity_images']} held-out digits): "
         f"`{summary}`; the full report is in `bench/results/latent_demo.json`.",
-        f"One run of `bench/latent_demo.py` on {r['held_out_images']} held-out digits, images {r['image_size']}×"
-        f"{r['image_size']}, latents {'×'.join(map(str, r['latent_shape']))}, ONNX Runtime CPU fp32, {machine_line(info)}."])
+        f"One run of `bench/latent_demo.py` on {r['held_out_images']} held-out digits, images "
+        f"{r['image_size']}×{r['image_size']}, latents {'×'.join(map(str, r['latent_shape']))}, ONNX Runtime CPU fp32, "
+        f"{machine_line(info)}."])
 
 
 if __name__ == "__main__":

@@ -36,13 +36,15 @@ def main() -> None:
         (folder / "zzz-corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
         out = Path(tmp) / "out.csv"
         start = time.perf_counter()
-        run = subprocess.run([sys.executable, "-m", "diffscore.app.cli", "classify", str(engine), str(folder), "--labels",
+        run = subprocess.run([sys.executable, "-m", "diffscore.app.cli", "classify", str(engine), str(folder),
+                              "--labels",
                               ",".join(CLASS_NAMES), "-b", "ort-cpu", "-o", str(out)], capture_output=True, text=True,
                              cwd=tmp, env={**os.environ, "OMP_NUM_THREADS": "1"})
         seconds = time.perf_counter() - start
         rows = list(csv.DictReader(out.open(encoding="utf-8-sig"))) if out.exists() else []
     result = {"images": GOOD + 1, "exit_code": run.returncode, "rows": len(rows),
-              "error_rows": sum(1 for r in rows if r.get("error")), "labelled_rows": sum(1 for r in rows if r.get("label")),
+              "error_rows": sum(1 for r in rows if r.get("error")),
+              "labelled_rows": sum(1 for r in rows if r.get("label")),
               "last_stderr_line": run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "", "seconds": seconds}
     write_result("lose_nothing", result)
     info = machine()

@@ -107,8 +107,8 @@ def main() -> None:
                         help="shots at which to also run prompt learning with the discffusion preset")
     parser.add_argument("--parity-images", type=int, default=10, help="held-out images for the torch-vs-engine check")
     parser.add_argument("--presets-only", action="store_true",
-                        help="only the rows the DSD presets need: (a), (b), (e) and the discffusion prompt learning (f); "
-                             "writes bench/results/match_presets.json and the docs' bench:match_presets block")
+                        help="only the rows the DSD presets need: (a), (b), (e) and the discffusion prompt learning "
+                             "(f); writes bench/results/match_presets.json and the docs' bench:match_presets block")
     parser.add_argument("--update-docs", action="store_true")
     args = parser.parse_args()
 
@@ -128,7 +128,8 @@ def main() -> None:
                  [caption(int(split.train_labels[i]), DEFAULT_TEMPLATE) for i in shot_pool])
     rows, timing = {}, {}
     engines_tmp = tempfile.TemporaryDirectory(prefix="diffscore-match-engines-")
-    base, disc = (diffscore.load(export_engine(DEMO_MODEL, Path(engines_tmp.name) / p, dsd_preset=p, show_progress=False),
+    base, disc = (diffscore.load(export_engine(DEMO_MODEL, Path(engines_tmp.name) / p, dsd_preset=p,
+                                               show_progress=False),
                                  backend="ort-cpu") for p in ("diffscore", "discffusion"))
     start = time.perf_counter()
     rows["(a) DSD attention score, zero-shot"], _ = r_at_1(base, images, labels)
@@ -156,7 +157,8 @@ def main() -> None:
     training, parity = {}, []  # parity: the first plain run and the first run with score weights
     with tempfile.TemporaryDirectory(prefix="diffscore-match-") as tmp:
         runs = ([] if args.presets_only else
-                [(k, False, "diffscore") for k in args.shots] + [(k, True, "diffscore") for k in args.score_weight_shots])
+                [(k, False, "diffscore") for k in args.shots]
+                + [(k, True, "diffscore") for k in args.score_weight_shots])
         runs += [(k, False, "discffusion") for k in args.preset_shots]
         for k, weighted, preset in runs:
             cfg = PromptLearningConfig(shots=k, steps=args.steps, lr=args.lr, seed=SEED, score_weights=weighted,
@@ -168,13 +170,15 @@ def main() -> None:
                                        show_progress=False)
             eng = diffscore.load(engine_dir, backend="ort-cpu")
             start = time.perf_counter()
-            label = "(c) DSD after prompt learning" if preset == "diffscore" else "(f) discffusion preset after its prompt learning"
+            label = ("(c) DSD after prompt learning" if preset == "diffscore"
+                     else "(f) discffusion preset after its prompt learning")
             rows[f"{label}, {name}"], _ = r_at_1(eng, images, labels)
             name = f"{name} ({preset})"
             training[name] = {"pairs": run["pairs"], "steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size,
                               "train_wall_s": run["wall_time_s"], "eval_s": time.perf_counter() - start,
                               "final_loss_mean20": run["final_loss_mean20"],
-                              "first_loss_mean20": float(np.mean(run["loss"][:20])), "score_weights": run["score_weights"]}
+                              "first_loss_mean20": float(np.mean(run["loss"][:20])),
+                              "score_weights": run["score_weights"]}
             if not any(p["score_weights"] == weighted and p["preset"] == preset for p in parity):
                 # compiled (merged) engine vs the torch reference with the adapter unmerged (and the weights)
                 comp = load_components(DEMO_MODEL)
@@ -203,7 +207,8 @@ def main() -> None:
 
     pairs = len(images) * 5
     result = {
-        "images": len(images), "pairs": pairs, "captions_per_image": 5, "negatives": {CLASS_NAMES[c]: [CLASS_NAMES[n] for n in v] for c, v in NEGATIVES.items()},
+        "images": len(images), "pairs": pairs, "captions_per_image": 5,
+        "negatives": {CLASS_NAMES[c]: [CLASS_NAMES[n] for n in v] for c, v in NEGATIVES.items()},
         "template": DEFAULT_TEMPLATE, "dsd_steps": base.defaults.dsd_steps, "seed": SEED,
         "validation": {"images": len(val_images), "r_at_1_per_lambda": val_r1, "lambda": best_lambda,
                        "r_at_1_per_preset_default": val_preset, "default_preset": default_preset},
@@ -220,8 +225,9 @@ def main() -> None:
                  f"λ chosen on {len(val_images)} training-split digits; on them the presets' own defaults score "
                  f"diffscore {val_preset['diffscore']:.2%}, discffusion {val_preset['discffusion']:.2%} R@1, so "
                  f"{default_preset} is the default; prompt learning ({steps_lr}). "
-                 + "".join(f"Engine vs torch with the {p['preset']} adapter{' and score weights' * p['score_weights']}: max rel. "
-                           f"error {p['max_rel_elementwise']:.1e} on {p['pairs']} pairs. " for p in parity)
+                 + "".join(f"Engine vs torch with the {p['preset']} "
+                           f"adapter{' and score weights' * p['score_weights']}: max rel. error "
+                           f"{p['max_rel_elementwise']:.1e} on {p['pairs']} pairs. " for p in parity)
                  + f"Measured on {machine_line(machine())} by `bench/match.py`.")
     publish("match_presets" if args.presets_only else "match", result, table, args.update_docs)
 

@@ -1,6 +1,7 @@
 """Peak memory of classification against the number of images: 100 and 2,000 photos of 512 x 512 on an
 engine with 64 x 64 x 4 latents (a tiny random-weight SD-layout model: the VAE (4 channels) and UNet are
-small so 2,000 images take minutes, the images and latents are Stable Diffusion's size). Each run is a fresh process that classifies a generator
+small so 2,000 images take minutes, the images and latents are Stable Diffusion's size). Each run is a fresh process \
+that classifies a generator
 of file paths with `Engine.classify_iter`; the figure is its peak resident set size (ru_maxrss).
 
     .venv/bin/python bench/memory.py [--update-docs]

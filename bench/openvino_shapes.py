@@ -80,13 +80,15 @@ def main() -> None:
                     requests.put(request)
 
             rows[f"OpenVINO {precision}, {shape} batch"] = samples_per_s(call, batch, workers, args.calls)
-            print(f"OpenVINO {precision} {shape}: {rows[f'OpenVINO {precision}, {shape} batch']:,.0f} samples/s", flush=True)
+            print(f"OpenVINO {precision} {shape}: {rows[f'OpenVINO {precision}, {shape} batch']:,.0f} samples/s",
+                  flush=True)
 
     base = rows["ONNX Runtime fp32"]
     result = {"batch": batch, "workers": workers, "calls": args.calls, "samples_per_s": rows}
     table = ["| UNet setting | samples/s | x ONNX Runtime fp32 |", "|---|---:|---:|"]
     table += [f"| {name} | {rate:,.0f} | {rate / base:.2f}x |" for name, rate in rows.items()]
-    table += ["", f"Demo UNet, batch {batch}, {workers} concurrent callers (OpenVINO: as many streams), best of 3 rounds "
+    table += ["",
+              f"Demo UNet, batch {batch}, {workers} concurrent callers (OpenVINO: as many streams), best of 3 rounds "
               f"of {args.calls} calls; measured on {machine_line(machine())} by `bench/openvino_shapes.py`."]
     publish("openvino_shapes", result, table, args.update_docs)
 

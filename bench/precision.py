@@ -5,7 +5,8 @@ agreement with ONNX Runtime fp32.
     .venv/bin/python bench/precision.py [--limit N] [--rounds R] [--profile] [--smoothquant A] [--update-docs]
 
 The held-out digits are split into R chunks and the precisions take turns on each chunk, so a load
-change on a shared machine hits all of them alike. One untimed pass over the same chunks comes first (steady state: compiled
+change on a shared machine hits all of them alike. One untimed pass over the same chunks comes first (steady state: \
+compiled
 batch shapes, prompt cache). The engines run as `diffscore.load` sets them up
 (on this CPU: concurrent single-threaded runs of one session). The INT8 UNet is the engine's own
 (`diffscore calibrate --demo` defaults, run here first if the engine has none): calibrated and gated on
@@ -62,7 +63,8 @@ def main() -> None:
         from diffscore.calibration.pipeline import calibrate
 
         smoothed_dir = shutil.copytree(engine_dir, Path(scratch.name) / "engine")
-        calibrate(smoothed_dir, images=training_images(), labels=list(CLASS_NAMES), source="demo training digits", smoothquant_alpha=args.smoothquant, progress=True)
+        calibrate(smoothed_dir, images=training_images(), labels=list(CLASS_NAMES), source="demo training digits",
+                  smoothquant_alpha=args.smoothquant, progress=True)
         engines[f"int8 + SmoothQuant α={args.smoothquant:g}"] = diffscore.load(smoothed_dir, backend="ort-cpu",
                                                                                precision="int8")
     chunks = np.array_split(np.arange(len(images)), args.rounds)
@@ -100,24 +102,27 @@ def main() -> None:
         "stages": engine.defaults.stages, "loss": engine.defaults.loss,
         "passes_per_image": float(np.mean(passes["fp32"])),
         "workers": workers(engine), "batch_size": engine.default_batch_size(),
-        "int8_calibration": {k: getattr(calibration, k) for k in ("method", "samples", "source", "float_layers", "gate")},
+        "int8_calibration": {k: getattr(calibration, k)
+                             for k in ("method", "samples", "source", "float_layers", "gate")},
         "load_average_1min_at_end": os.getloadavg()[0],
         "rows": rows,
     }
     if args.profile:
         result["profile"] = profile(engine_dir)
-    table = ["| UNet precision (backend: ONNX Runtime CPU unless named) | images/s | ratio to fp32 | held-out accuracy | "
-             "top-1 agreement with fp32 |",
+    table = ["| UNet precision (backend: ONNX Runtime CPU unless named) | images/s | ratio to fp32 | held-out accuracy "
+             "| top-1 agreement with fp32 |",
              "|---|---:|---:|---:|---:|"]
     for p, row in rows.items():
         table.append(f"| {p} | {row['images_per_s']:.2f} | {row['ratio_to_fp32']:.2f}x | {row['accuracy']:.2%} | "
                      f"{row['agreement_with_fp32']:.2%} |")
     table.append("")
     table.append(f"One run, {len(images)} held-out digits in {args.rounds} interleaved rounds, the engine's default "
-                 f"strategy ({result['strategy']}: {result['passes_per_image']:.1f} UNet passes per image; fixed stages would be "
+                 f"strategy ({result['strategy']}: {result['passes_per_image']:.1f} UNet passes per image; fixed "
+                 f"stages would be "
                  f"{result['stages']}), "
                  f"{result['workers']} concurrent single-threaded UNet runs (OpenVINO: as many streams), batch "
-                 f"{result['batch_size']}, load average {result['load_average_1min_at_end']:.1f} at the end (2 cores shared "
+                 f"{result['batch_size']}, load average {result['load_average_1min_at_end']:.1f} at the end (2 cores "
+                 f"shared "
                  f"with other jobs); fp32 = ONNX Runtime fp32; INT8: "
                  f"{calibration.method} on {calibration.samples} UNet inputs from training digits, "
                  f"{len(calibration.float_layers)} layers kept float. Measured on {machine_line(machine())} by "
@@ -221,9 +226,10 @@ def gemm_rates(m: int = 8192, k: int = 576, n: int = 64, repeats: int = 10) -> d
         nodes = [helper.make_node("MatMul", ["xa", "wa"], ["y"])]
         if int8:
             wq = np.clip(np.round(w / (np.abs(w).max() / 127)), -127, 127).astype(np.int8)
-            inits = [numpy_helper.from_array(wq, "wq"), numpy_helper.from_array(np.float32(np.abs(w).max() / 127), "ws"),
-                     numpy_helper.from_array(np.float32(np.abs(x).max() / 127), "xs"), numpy_helper.from_array(np.int8(0), "z"),
-                     numpy_helper.from_array(np.float32(1.0), "ys")]
+            inits = [numpy_helper.from_array(wq, "wq"),
+                     numpy_helper.from_array(np.float32(np.abs(w).max() / 127), "ws"),
+                     numpy_helper.from_array(np.float32(np.abs(x).max() / 127), "xs"),
+                     numpy_helper.from_array(np.int8(0), "z"), numpy_helper.from_array(np.float32(1.0), "ys")]
             nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "z"], ["xq"]),
                      helper.make_node("DequantizeLinear", ["xq", "xs", "z"], ["xa"]),
                      helper.make_node("DequantizeLinear", ["wq", "ws", "z"], ["wa"]),

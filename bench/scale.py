@@ -44,7 +44,8 @@ LABELS = list(CLASS_NAMES)
 
 def same(rows: list[dict], results) -> bool:
     return len(rows) == len(results) and all(
-        row["label"] == r.label and [(x["label"], x["score"]) for x in row["ranking"]] == [(c, float(s)) for c, s in r.ranking]
+        row["label"] == r.label and [(x["label"], x["score"]) for x in row["ranking"]]
+        == [(c, float(s)) for c, s in r.ranking]
         for row, r in zip(rows, results))
 
 
@@ -94,18 +95,20 @@ def main() -> None:
     start = time.perf_counter()
     expected = engine.classify([str(p) for p in paths], LABELS, seed=0)
     base = time.perf_counter() - start
-    rows.append({"path": f"in-process `Engine.classify` ({cores} threads)", "images_per_s": len(paths) / base, "seconds": base})
+    rows.append({"path": f"in-process `Engine.classify` ({cores} threads)", "images_per_s": len(paths) / base,
+                 "seconds": base})
 
     start = time.perf_counter()
     start_ray(num_cpus=cores, object_store_mb=500)
     ray_start = time.perf_counter() - start
     for actors in (1, 2):
         start = time.perf_counter()
-        out = classify_dataset(folder, engine_dir, LABELS, seed=0, actors=actors, batch_images=16, num_cpus=cores / actors,
-                               backend="ort-cpu").take_all()
+        out = classify_dataset(folder, engine_dir, LABELS, seed=0, actors=actors, batch_images=16,
+                               num_cpus=cores / actors, backend="ort-cpu").take_all()
         seconds = time.perf_counter() - start
         checks[f"ray_data_{actors}_identical"] = same(out, expected)
-        rows.append({"path": f"Ray Data, {actors} actor{'s' * (actors > 1)} × {cores // actors} CPU{'s' * (cores // actors > 1)}",
+        rows.append({"path": f"Ray Data, {actors} actor{'s' * (actors > 1)} × {cores // actors} "
+                             f"CPU{'s' * (cores // actors > 1)}",
                      "images_per_s": len(paths) / seconds, "seconds": seconds})
 
     with socket.socket() as s:
@@ -138,19 +141,20 @@ def main() -> None:
     table = [
         "| batch job: demo DC (stages (10, 3) → (40, 1), 190 UNet passes / image) | images/s | vs in-process |",
         "|---|---:|---:|",
-        *[f"| {r['path']} | {r['images_per_s']:.2f} | {r['images_per_s'] / rows[0]['images_per_s']:.2f}× |" for r in rows],
+        *[f"| {r['path']} | {r['images_per_s']:.2f} | {r['images_per_s'] / rows[0]['images_per_s']:.2f}× |"
+          for r in rows],
         "",
         "| Ray Serve, 1 replica × " + f"{cores} CPUs, one image per request | requests/s | p50 latency | p95 latency |",
         "|---|---:|---:|---:|",
         *[f"| concurrency {s['concurrency']} ({s['requests']} requests) | {s['requests_per_s']:.2f} | "
           f"{s['p50_ms']:.0f} ms | {s['p95_ms']:.0f} ms |" for s in serving],
         "",
-        f"One run of `bench/scale.py` on {len(paths)} held-out digits: every Ray result identical to the in-process one "
-        f"({'yes' if all(checks.values()) else 'NO: ' + ', '.join(k for k, v in checks.items() if not v)}). "
-        f"Ray Data times include actor start-up and engine loading; starting Ray itself took {ray_start:.1f} s (not "
-        f"counted). The replica ran {info['served']['requests']} requests in {info['served']['engine_calls']} engine calls "
-        f"(`@serve.batch`). The machine is shared with other jobs (1-min load average {load_start:.1f} at the start, "
-        f"{load_end:.1f} at the end), so ratios are rough. {machine_line(info_machine)}, ray {ray.__version__}.",
+        f"One run of `bench/scale.py` on {len(paths)} held-out digits: every Ray result identical to the in-process "
+        f"one ({'yes' if all(checks.values()) else 'NO: ' + ', '.join(k for k, v in checks.items() if not v)}). Ray "
+        f"Data times include actor start-up and engine loading; starting Ray itself took {ray_start:.1f} s (not "
+        f"counted). The replica ran {info['served']['requests']} requests in {info['served']['engine_calls']} engine "
+        f"calls (`@serve.batch`). The machine is shared with other jobs (1-min load average {load_start:.1f} at the "
+        f"start, {load_end:.1f} at the end), so ratios are rough. {machine_line(info_machine)}, ray {ray.__version__}.",
     ]
     publish("scale", {"images": len(paths), "batch": rows, "serving": serving, "checks": checks,
                       "ray_start_s": ray_start, "served": info["served"], "load_average": [load_start, load_end],

@@ -1,4 +1,5 @@
-"""Heads trained without human labels next to the zero-shot Diffusion Classifier, on the held-out demo digits, in one run.
+"""Heads trained without human labels next to the zero-shot Diffusion Classifier, on the held-out demo digits, in one \
+run.
 
     .venv/bin/python bench/zero_shot_heads.py [--update-docs]
 
@@ -84,15 +85,16 @@ def main() -> None:
     dc_engine_dir = demo_engine_dir()  # the shipped demo engine: demo stages, race default with its profile
     options = TrainOptions(epochs=2 if args.smoke else TrainOptions.epochs)
     per_class = (2, 3, 5) if args.smoke else PER_CLASS
-    train_images, train_labels = split.train_images[: 40 if args.smoke else None], split.train_labels[: 40 if args.smoke else None]
+    train_images, train_labels = (split.train_images[: 40 if args.smoke else None],
+                                  split.train_labels[: 40 if args.smoke else None])
     if args.smoke:
         test_images, truth = test_images[:20], truth[:20]
 
     # The model's own samples: 200 per digit once; N = 10 and 50 are their first N per digit.
     sample_options = SampleOptions()
     start = time.perf_counter()
-    synthetic, synthetic_y, synthetic_record = synthesize(comp, labels, max(per_class), DEFAULT_TEMPLATE, sample_options,
-                                                          progress=True)
+    synthetic, synthetic_y, synthetic_record = synthesize(comp, labels, max(per_class), DEFAULT_TEMPLATE,
+                                                          sample_options, progress=True)
     generation_s = time.perf_counter() - start
     grid = sample_grid(synthetic, max(per_class), RESULTS / f"zero_shot_samples{'_smoke' if args.smoke else ''}.png",
                        show=min(GRID, max(per_class)))
@@ -108,12 +110,15 @@ def main() -> None:
                    "passes_per_image": float(pseudo.passes.mean()), "threshold": THRESHOLD, "kept": len(kept),
                    "kept_per_class": np.bincount(pseudo.decided[kept], minlength=len(labels)).tolist(),
                    "correct_all": float(right.mean()), "correct_kept": float(right[kept].mean()),
-                   "correct_left_out": float(right[np.setdiff1d(everything, kept)].mean()) if len(kept) < len(everything) else None,
-                   "confidence_quantiles": {f"{q:g}": float(np.quantile(pseudo.confidence, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)}}
+                   "correct_left_out": (float(right[np.setdiff1d(everything, kept)].mean())
+                                        if len(kept) < len(everything) else None),
+                   "confidence_quantiles": {f"{q:g}": float(np.quantile(pseudo.confidence, q))
+                                            for q in (0.1, 0.25, 0.5, 0.75, 0.9)}}
 
     train_feats = cached_features(comp, list(train_images), spec, cache_root() / "features", sha, progress=True)
     synth_feats = cached_features(comp, synthetic, spec, cache_root() / "features", sha, progress=True)
-    first = lambda n: np.concatenate([np.arange(c * max(per_class), c * max(per_class) + n) for c in range(len(labels))])  # noqa: E731
+    first = lambda n: np.concatenate([np.arange(c * max(per_class), c * max(per_class) + n)
+                                      for c in range(len(labels))])  # noqa: E731
     routes = {  # name: (features, rows, label indices, record)
         "supervised": (train_feats, everything, train_labels, HeadTraining("labels", images=len(everything))),
         **{f"synthetic-{n}": (synth_feats, first(n), synthetic_y[first(n)],
@@ -126,13 +131,13 @@ def main() -> None:
     for route, (feats, idx, y, record) in routes.items():
         for kind in KINDS:
             name = f"{route}-{kind}"
-            config = HeadConfig(kind=kind, labels=labels, features=spec, shapes=[list(feats[b].shape[2:]) for b in BLOCKS],
-                                source_sha256=sha, origin=record)
+            config = HeadConfig(kind=kind, labels=labels, features=spec,
+                                shapes=[list(feats[b].shape[2:]) for b in BLOCKS], source_sha256=sha, origin=record)
             t0 = time.perf_counter()
             head = train_head({b: feats[b][idx] for b in BLOCKS}, y, config, options, progress=True)
             trained.append(save_head(head, config, workdir / name))
-            rows[name] = {"route": route, "kind": kind, "training_images": len(idx), "training_s": time.perf_counter() - t0,
-                          "training": config.training}
+            rows[name] = {"route": route, "kind": kind, "training_images": len(idx),
+                          "training_s": time.perf_counter() - t0, "training": config.training}
 
     engine_dir = export_engine(DEMO_MODEL, workdir / "engine", heads=trained, show_progress=False)
     heads_engine = diffscore.load(engine_dir, backend="ort-cpu")
@@ -170,12 +175,14 @@ def main() -> None:
                    manifest_training=heads_engine.manifest.heads[name].training.describe())
     label_free = {k: v for k, v in rows.items() if v["route"] != "supervised"}
     best = max(label_free, key=lambda k: label_free[k]["accuracy"])
-    gate = {"head": best, "accuracy": rows[best]["accuracy"], "speedup_vs_dc_stages": rows[best]["speedup_vs_dc_stages"],
+    gate = {"head": best, "accuracy": rows[best]["accuracy"],
+            "speedup_vs_dc_stages": rows[best]["speedup_vs_dc_stages"],
             "required_accuracy": 0.97, "required_speedup": 100.0}
     gate["passed"] = gate["accuracy"] >= 0.97 and gate["speedup_vs_dc_stages"] >= 100
     result = {
         "held_out_images": n, "chunk": CHUNK, "blocks": BLOCKS, "steps": STEPS, "template": DEFAULT_TEMPLATE,
-        "sampler": {"sampler": sample_options.sampler, "steps": sample_options.steps, "guidance": sample_options.guidance,
+        "sampler": {"sampler": sample_options.sampler, "steps": sample_options.steps,
+                    "guidance": sample_options.guidance,
                     "seed": sample_options.seed, "images": len(synthetic), "seconds": generation_s,
                     "ms_per_image": 1000 * generation_s / len(synthetic), "torch_threads": 1},
         "pseudo_labels": pseudo_info, "diffusion_classifier": dc_rows, "heads": rows, "gate": gate,
@@ -187,21 +194,27 @@ def main() -> None:
 
 
 def readme_block(r: dict, info: dict) -> str:
-    dc, heads, s, p, load = r["diffusion_classifier"], r["heads"], r["sampler"], r["pseudo_labels"], r["load_average_1min"]
+    dc, heads, s, p, load = (r["diffusion_classifier"], r["heads"], r["sampler"], r["pseudo_labels"],
+                             r["load_average_1min"])
     kind = {"difformer": "DifFormer head", "linear": "linear probe"}
     trained_on = {"supervised": lambda h: f"{h['training_images']:,} labelled training digits",
-                  "pseudo": lambda h: f"{h['training_images']:,} training digits, DC labels with confidence ≥ {p['threshold']:g}",
+                  "pseudo": lambda h: f"{h['training_images']:,} training digits, DC labels with confidence ≥ "
+                                      f"{p['threshold']:g}",
                   }
-    lines = ["| method | trained on | human labels | held-out accuracy | UNet passes / image | images/s | vs DC stages | vs DC race |",
+    lines = ["| method | trained on | human labels | held-out accuracy | UNet passes / image | images/s | vs DC stages "
+             "| vs DC race |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
-    for k, title in (("stages", f"fixed stages {' → '.join(str(tuple(x)) for x in DEMO_STAGES)}"), ("race", "race (engine default)")):
+    for k, title in (("stages", f"fixed stages {' → '.join(str(tuple(x)) for x in DEMO_STAGES)}"),
+                     ("race", "race (engine default)")):
         d = dc[k]
-        lines.append(f"| Diffusion Classifier, {title} | nothing | none | {d['accuracy']:.2%} | {d['passes_per_image']:.0f} | "
-                     f"{d['images_per_s']:.2f} | {d['images_per_s'] / dc['stages']['images_per_s']:.2f}× | "
+        lines.append(f"| Diffusion Classifier, {title} | nothing | none | {d['accuracy']:.2%} | "
+                     f"{d['passes_per_image']:.0f} | {d['images_per_s']:.2f} | "
+                     f"{d['images_per_s'] / dc['stages']['images_per_s']:.2f}× | "
                      f"{d['images_per_s'] / dc['race']['images_per_s']:.2f}× |")
     for name, h in heads.items():
         route = h["route"]
-        what = (f"{h['training_images']:,} generated digits ({h['training_images'] // 10} per class)" if route.startswith("synthetic")
+        what = (f"{h['training_images']:,} generated digits ({h['training_images'] // 10} per class)"
+                if route.startswith("synthetic")
                 else trained_on[route](h))
         humans = f"{h['training_images']:,}" if route == "supervised" else "none"
         lines.append(f"| {kind[h['kind']]} | {what} | {humans} | {h['accuracy']:.2%} | "
@@ -209,21 +222,23 @@ def readme_block(r: dict, info: dict) -> str:
                      f"{h['speedup_vs_dc_race']:.0f}× |")
     g = r["gate"]
     q = p["confidence_quantiles"]
-    lines += ["", f"Done-when gate (a head with no human labels ≥ 97 % held-out at ≥ 100× the DC's images/s): best label-free "
-              f"head {g['head']}, {g['accuracy']:.2%} at {g['speedup_vs_dc_stages']:.0f}× the fixed-stage DC: "
-              f"**{'passed' if g['passed'] else 'not met'}**.",
-              f"Generation: {s['images']:,} digits ({s['sampler']}, {s['steps']} steps, guidance {s['guidance']:g}, torch, "
-              f"{s['torch_threads']} thread) in {s['seconds']:.0f} s, {s['ms_per_image']:.0f} ms per image. Pseudo-labels: the "
-              f"engine's {p['strategy']} labelled {p['images']:,} training digits in {p['seconds']:.0f} s ({p['passes_per_image']:.0f} UNet passes each); {p['kept']:,} kept at "
-              f"confidence ≥ {p['threshold']:g} (confidence quartiles {q['0.25']:.1f} / {q['0.5']:.1f} / {q['0.75']:.1f}); "
+    lines += ["",
+              f"Done-when gate (a head with no human labels ≥ 97 % held-out at ≥ 100× the DC's images/s): best "
+              f"label-free head {g['head']}, {g['accuracy']:.2%} at {g['speedup_vs_dc_stages']:.0f}× the fixed-stage "
+              f"DC: **{'passed' if g['passed'] else 'not met'}**.",
+              f"Generation: {s['images']:,} digits ({s['sampler']}, {s['steps']} steps, guidance {s['guidance']:g}, "
+              f"torch, {s['torch_threads']} thread) in {s['seconds']:.0f} s, {s['ms_per_image']:.0f} ms per image. "
+              f"Pseudo-labels: the engine's {p['strategy']} labelled {p['images']:,} training digits in "
+              f"{p['seconds']:.0f} s ({p['passes_per_image']:.0f} UNet passes each); {p['kept']:,} kept at confidence "
+              f"≥ {p['threshold']:g} (confidence quartiles {q['0.25']:.1f} / {q['0.5']:.1f} / {q['0.75']:.1f}); "
               f"measured afterwards against the withheld labels, {p['correct_all']:.2%} of all decisions were right, "
               f"{p['correct_kept']:.2%} of those kept"
               + (f", {p['correct_left_out']:.2%} of those left out." if p["correct_left_out"] is not None else "."),
-              f"One run of `bench/zero_shot_heads.py` on {r['held_out_images']} held-out digits (ONNX Runtime CPU fp32; DC and "
-              f"heads alternating every {r['chunk']} images; every head reads {' + '.join(r['blocks'])} at t = "
-              f"{', '.join(map(str, r['steps']))}; 1-min load average {load['start']:.1f} at the start, {load['timed_start']:.1f} "
-              f"when timing began, {load['end']:.1f} at the end; the machine is shared with other jobs, so ratios within the run "
-              f"are the figure), {machine_line(info)}.",
+              f"One run of `bench/zero_shot_heads.py` on {r['held_out_images']} held-out digits (ONNX Runtime CPU "
+              f"fp32; DC and heads alternating every {r['chunk']} images; every head reads {' + '.join(r['blocks'])} "
+              f"at t = {', '.join(map(str, r['steps']))}; 1-min load average {load['start']:.1f} at the start, "
+              f"{load['timed_start']:.1f} when timing began, {load['end']:.1f} at the end; the machine is shared with "
+              f"other jobs, so ratios within the run are the figure), {machine_line(info)}.",
               "", f"![generated training digits, {GRID} per class](../bench/results/zero_shot_samples.png)"]
     return "\n".join(lines)
 

@@ -122,7 +122,8 @@ def layer_sensitivity(swap: UnetSwap, fp32_path: Path, calibration_set, images, 
     return sorted(rows, key=lambda r: (-r.flips, -r.score_error))
 
 
-def decision_gate(swap: UnetSwap, model: onnx.ModelProto, images, labels, reference: list[str] | None = None) -> Verdict:
+def decision_gate(swap: UnetSwap, model: onnx.ModelProto, images, labels,
+                  reference: list[str] | None = None) -> Verdict:
     """Top-1 agreement of the staged classifier with `model` as UNet vs fp32 (`reference` if given)."""
     if not images:
         raise EngineError("the decision gate needs validation images")
@@ -132,8 +133,8 @@ def decision_gate(swap: UnetSwap, model: onnx.ModelProto, images, labels, refere
     return gate_verdict(got, want)
 
 
-def auto_keep_float(swap: UnetSwap, fp32_path: Path, calibration_set, images, labels, *, method: str, ranges_cache: Path,
-                    start: list[str], ranking: list[LayerSensitivity], reference: list[str]):
+def auto_keep_float(swap: UnetSwap, fp32_path: Path, calibration_set, images, labels, *, method: str,
+                    ranges_cache: Path, start: list[str], ranking: list[LayerSensitivity], reference: list[str]):
     """After `start` failed the gate: add the most sensitive layers, one at a time, until it holds.
 
     Returns (layers kept float, the passing model, its gate, [(number kept, gate) per step]).

@@ -45,8 +45,8 @@ def choice_path(manifest: Manifest, precision: str, threads: int | None) -> Path
 
     from diffscore.engine.manifest import unet_graph
 
-    key = [REVISION, manifest.graphs[unet_graph(precision)].sha256, precision, threads, cpuinfo("model name") or platform.processor(),
-           os.cpu_count(),
+    key = [REVISION, manifest.graphs[unet_graph(precision)].sha256, precision, threads,
+           cpuinfo("model name") or platform.processor(), os.cpu_count(),
            sorted(cpu_flags()), onnxruntime.__version__, openvino_version()]
     return cache_root() / "auto" / f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.json"
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("DIFFSCORE_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffscore"))
+    return Path(os.environ.get("DIFFSCORE_CACHE",
+                               Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffscore"))
 
 
 def cache_dir(kind: str, *key) -> Path:

@@ -106,7 +106,8 @@ def canonical(im: Image.Image) -> Image.Image:
     """Upright, opaque image in mode L or RGB (8-bit), or F (greyscale in [0, 1]) for 16-bit/float sources."""
     im = ImageOps.exif_transpose(im)
     if im.mode in HIGH_BIT:
-        return Image.fromarray(np.clip(np.asarray(im, dtype=np.float32) / HIGH_BIT[im.mode], 0.0, 1.0))  # float32 -> mode F
+        # float32 -> mode F
+        return Image.fromarray(np.clip(np.asarray(im, dtype=np.float32) / HIGH_BIT[im.mode], 0.0, 1.0))
     if im.mode in ("L", "RGB", "F"):
         return im
     if im.mode == "1":

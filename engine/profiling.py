@@ -17,7 +17,8 @@ from diffscore.kernels import race_plan, timestep_profile
 
 
 def make_profile(engine, images, labels: list[str], *, templates: list[str] | None = None, timesteps: int | None = None,
-                 loss: str | None = None, seed: int = 0, batch_size: int | None = None, progress: bool = False) -> list[int]:
+                 loss: str | None = None, seed: int = 0, batch_size: int | None = None,
+                 progress: bool = False) -> list[int]:
     """The grid's timesteps, best separating first, learned on `images` scored exhaustively by `engine`."""
     if len(images) < 1:
         raise EngineError("the profile needs at least one image")

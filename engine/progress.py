@@ -18,7 +18,8 @@ def progress_bar(description: str, total: int | None, enabled: bool = True):
     if not enabled or not (_console.is_terminal or _console.is_jupyter):
         yield lambda n=1, note=None: None
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
     with Progress(*columns, console=_console, transient=False) as bar:
         task = bar.add_task(description, total=total)
 

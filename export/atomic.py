@@ -85,7 +85,8 @@ def check_replaceable(out_dir: Path, overwrite: bool) -> None:
     if not overwrite:
         raise EngineError(f"{out_dir} already exists; pass --overwrite to replace it")
     if out_dir.is_symlink() or not out_dir.is_dir() or not (out_dir / MANIFEST_NAME).is_file():
-        raise EngineError(f"{out_dir} is not a diffscore engine directory (no {MANIFEST_NAME}); --overwrite replaces only "
+        raise EngineError(f"{out_dir} is not a diffscore engine directory (no {MANIFEST_NAME}); --overwrite replaces "
+                          f"only "
                           "engine directories: choose another output path")
 
 

@@ -133,7 +133,8 @@ class HeadGraph(nn.Module):
         x = sample.flatten(0, 1)  # (B·S, C, H, W), image-major
         cond = {n: getattr(self, f"cond_{n}") for n in self.names}
         # x.shape[0], not len(x): the batch stays symbolic in the traced graph
-        _, _, *feats = self.unet(x, self.t.repeat(B), **{n: v.expand(x.shape[0], *v.shape[1:]) for n, v in cond.items()})
+        _, _, *feats = self.unet(x, self.t.repeat(B),
+                                 **{n: v.expand(x.shape[0], *v.shape[1:]) for n, v in cond.items()})
         return self.head(*(f.reshape(B, S, *f.shape[1:]) for f in feats))  # each (B, S, C, h, w)
 
 

@@ -21,7 +21,8 @@ from diffscore.reference.scoring_unet import ScoringUNet
 
 
 class ItcImageGraph(nn.Module):
-    def __init__(self, unet: nn.Module, heads: ItcHeads, blocks: list[str], noise_step: int, null_embedding: torch.Tensor):
+    def __init__(self, unet: nn.Module, heads: ItcHeads, blocks: list[str], noise_step: int,
+                 null_embedding: torch.Tensor):
         super().__init__()
         self.tap = ScoringUNet(unet, attention_layers=[], feature_blocks=blocks)
         self.heads = heads
@@ -55,8 +56,9 @@ def itc_contracts(comp: Components, heads: ItcHeads, run: dict, run_dir: Path) -
         "itc_text": (ItcTextGraph(heads).eval(), (torch.randn(2, L, D),),
                      [TensorSpec("last_hidden_state", "float32", [BATCH, L, D])], out),
     }
-    spec = ItcSpec(image_graph="itc_image", text_graph="itc_text", noise_step=int(cfg["noise_step"]), seed=int(cfg["seed"]),
-                   blocks=list(cfg["blocks"]), dim=dim, objectives=list(cfg["objectives"]), run=str(Path(run_dir).resolve()))
+    spec = ItcSpec(image_graph="itc_image", text_graph="itc_text", noise_step=int(cfg["noise_step"]),
+                   seed=int(cfg["seed"]), blocks=list(cfg["blocks"]), dim=dim, objectives=list(cfg["objectives"]),
+                   run=str(Path(run_dir).resolve()))
     return contracts, spec
 
 

@@ -127,8 +127,10 @@ class FeedbackUNet(nn.Module):
         self._features: dict[str, torch.Tensor] = {}
         self._extra: dict[str, list[torch.Tensor]] = {}
         # feedback is added before a block's output is tapped: these hooks come first on a shared block
-        self._hooks = [named[t].register_forward_hook(self._add_feedback(t)) for t in dict.fromkeys(t for _, t in self.pairs)]
-        self._hooks += [named[s].register_forward_hook(self._tap(s, 1, self._sources, self.sources)) for s in self.sources]
+        self._hooks = [named[t].register_forward_hook(self._add_feedback(t))
+                       for t in dict.fromkeys(t for _, t in self.pairs)]
+        self._hooks += [named[s].register_forward_hook(self._tap(s, 1, self._sources, self.sources))
+                        for s in self.sources]
         self._hooks += [named[b].register_forward_hook(self._tap(b, 2, self._features, self.feature_blocks))
                         for b in self.feature_blocks]
 

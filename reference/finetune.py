@@ -47,7 +47,8 @@ from diffscore.engine.progress import progress_bar
 from diffscore.errors import EngineError
 from diffscore.kernels import DEFAULT_DSD_PRESET, shared_noise
 from diffscore.reference.features import block_shapes, check_blocks, check_steps
-from diffscore.reference.loading import (Components, add_noise, encode_images, encode_prompts, epsilon_hat, load_components,
+from diffscore.reference.loading import (Components, add_noise, encode_images, encode_prompts, epsilon_hat,
+                                         load_components,
     require_sd_conditioning)
 from diffscore.reference.prompt_learning import (ADAPTER_FILE, LOG_FILE, TARGET_MODULES, Pairs, add_lora, load_adapters,
                                                  save_adapters, select_shots)
@@ -147,7 +148,8 @@ class Branches:
     def __init__(self, comp: Components, cfg: FinetuneConfig, captions: list[str]):
         self.comp, self.cfg = comp, cfg
         self.tap = ScoringUNet(comp.unet, attention_layers=[], feature_blocks=cfg.blocks).eval()
-        shape = tuple(int(s) for s in (comp.unet.config.in_channels, comp.unet.config.sample_size, comp.unet.config.sample_size))
+        shape = tuple(int(s) for s in (comp.unet.config.in_channels, comp.unet.config.sample_size,
+                                       comp.unet.config.sample_size))
         self.eps0 = torch.from_numpy(shared_noise(cfg.seed, 1, shape)[0])  # the contrastive branch's fixed ε
         self.null = encode_prompts(comp, [""])  # (1, L, D)
         self.hidden = encode_prompts(comp, captions)  # (P, L, D), frozen text encoder: once
@@ -246,7 +248,8 @@ def finetune(model_dir: str | Path, pairs: Pairs, out_dir: str | Path, config: F
     if len(val):
         vx0, vcap = load(val)
         vgen = torch.Generator().manual_seed(cfg.seed + 3)  # one fixed (t, ε) per validation image
-        val_batch = (vx0, vcap, torch.randint(0, T, (len(vx0),), generator=vgen), torch.randn(vx0.shape, generator=vgen))
+        val_batch = (vx0, vcap, torch.randint(0, T, (len(vx0),), generator=vgen),
+                     torch.randn(vx0.shape, generator=vgen))
 
     def step_losses(idx):
         t = torch.randint(0, T, (len(idx),), generator=gen)
@@ -255,7 +258,8 @@ def finetune(model_dir: str | Path, pairs: Pairs, out_dir: str | Path, config: F
 
     loop = train_loop(cfg, len(x0), optimiser, step_losses, branches.total,
                       None if val_batch is None else lambda: branches.losses(heads, *val_batch),
-                      lambda step: _snapshot(params, heads, step), lambda state: _restore(params, heads, state), progress)
+                      lambda step: _snapshot(params, heads, step), lambda state: _restore(params, heads, state),
+                      progress)
     step, seconds, history, curve = loop["steps_run"], loop["seconds"], loop["history"], loop["validation"]
     comp.unet.eval()
     training_log = {
@@ -324,7 +328,8 @@ def train_loop(cfg: FinetuneConfig, n: int, optimiser, step_losses, total, val_l
                 with torch.no_grad():
                     vparts = val_losses()
                     vloss = total(vparts).item()
-                curve.append({"step": step, "loss": round(vloss, 6), **{k: round(v.item(), 6) for k, v in vparts.items()}})
+                curve.append({"step": step, "loss": round(vloss, 6),
+                              **{k: round(v.item(), 6) for k, v in vparts.items()}})
                 if vloss < best:
                     best, since_best = vloss, 0
                     best_state = snapshot(step)

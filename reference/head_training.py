@@ -99,7 +99,8 @@ def fit(head: nn.Module, logits_of, labels: torch.Tensor, tr: torch.Tensor, va: 
     head.eval()
     config.training = {"images": len(tr), "val_images": len(va), "epochs": epoch, "best_epoch": best[1] or epoch,
                        "val_loss": best[0] if len(va) else None, "val_accuracy": best[3] if len(va) else None,
-                       **{k: v for k, v in asdict(options).items() if k != "epochs"}, "lr": lr, "max_epochs": options.epochs}
+                       **{k: v for k, v in asdict(options).items() if k != "epochs"}, "lr": lr,
+                       "max_epochs": options.epochs}
     log.info("trained %s head: %s", config.kind, config.training)
     return head
 
@@ -119,7 +120,8 @@ def train_head_on_images(model_dir: str | Path, images, labels, class_names: lis
     check_kind(kind, len(spec.blocks), len(spec.steps))
     labels = np.asarray(labels, dtype=np.int64)
     if len(labels) != len(images) or not len(labels):
-        raise EngineError(f"{len(images)} images and {len(labels)} labels; need one label per image, at least one image")
+        raise EngineError(
+            f"{len(images)} images and {len(labels)} labels; need one label per image, at least one image")
     comp = comp or load_components(model_dir)
     check_blocks(comp.unet, spec.blocks)
     check_steps(spec.steps, comp.num_train_timesteps)
@@ -130,7 +132,8 @@ def train_head_on_images(model_dir: str | Path, images, labels, class_names: lis
         pairs = check_pairs(comp.unet, feedback, spec.blocks) if feedback else default_pairs(comp.unet, spec.blocks)
         shapes = block_shapes(comp, spec.blocks)
         config = HeadConfig(kind=kind, labels=list(class_names), features=spec, source_sha256=sha,
-                            shapes=[shapes[b] for b in spec.blocks], feedback=feedback_spec(comp, pairs), **head_options)
+                            shapes=[shapes[b] for b in spec.blocks], feedback=feedback_spec(comp, pairs),
+                            **head_options)
         return train_feedback_head(comp, images, labels, config, options, cache_dir, sha, progress=progress), config
     if cache_dir is not None:
         feats = cached_features(comp, images, spec, cache_dir, sha, progress=progress)

@@ -115,7 +115,8 @@ class Block(nn.Module):
     def forward(self, x):
         B, n, D = x.shape
         d = D // self.heads
-        q, k, v = self.qkv(self.norm1(x)).reshape(B, n, 3, self.heads, d).permute(2, 0, 3, 1, 4)  # (B, heads, n, d) each
+        # (B, heads, n, d) each
+        q, k, v = self.qkv(self.norm1(x)).reshape(B, n, 3, self.heads, d).permute(2, 0, 3, 1, 4)
         att = ((q @ k.transpose(-1, -2)) * d**-0.5).softmax(dim=-1)  # (B, heads, n, n)
         x = x + self.out((att @ v).transpose(1, 2).reshape(B, n, D))
         return x + self.mlp(self.norm2(x))

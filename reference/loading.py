@@ -118,8 +118,8 @@ def load_components(model_dir: str | Path, dtype: torch.dtype = torch.float32) -
         text_cls = CLIPTextModel
         if "WithProjection" in str(_read_json(path / "text_encoder" / "config.json").get("architectures")):
             text_cls = CLIPTextModelWithProjection
-        text_encoder = text_cls.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype, local_files_only=True,
-                                                variant=weights_variant(path / "text_encoder"))
+        text_encoder = text_cls.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype,
+                                                local_files_only=True, variant=weights_variant(path / "text_encoder"))
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
         text_encoder_2 = tokenizer_2 = None
         if unet.config.addition_embed_type == "text_time":  # SDXL: check_supported saw both folders
@@ -129,8 +129,8 @@ def load_components(model_dir: str | Path, dtype: torch.dtype = torch.float32) -
             tokenizer_2 = AutoTokenizer.from_pretrained(path / "tokenizer_2", local_files_only=True)
         vae = None
         if (path / "vae").is_dir():
-            vae = diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, local_files_only=True,
-                                                          variant=weights_variant(path / "vae"))
+            vae = diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype,
+                                                          local_files_only=True, variant=weights_variant(path / "vae"))
     except (OSError, ValueError, KeyError) as e:
         raise EngineError(f"cannot load model from {path}: {first_line(e)}") from None
     for module in (unet, text_encoder, vae, text_encoder_2):
@@ -143,13 +143,15 @@ def load_components(model_dir: str | Path, dtype: torch.dtype = torch.float32) -
     return Components(path, unet, text_encoder, tokenizer, scheduler, vae, text_encoder_2, tokenizer_2)
 
 
-WEIGHT_FILE = re.compile(r"(?:diffusion_pytorch_model|model|pytorch_model)(?:\.([\w-]+))?\.(?:safetensors|bin)(?:\.index\.json)?")
+WEIGHT_FILE = re.compile(
+    r"(?:diffusion_pytorch_model|model|pytorch_model)(?:\.([\w-]+))?\.(?:safetensors|bin)(?:\.index\.json)?")
 
 
 def weights_variant(component: Path) -> str | None:
     """The weights variant of a component folder (`fp16` for `diffusion_pytorch_model.fp16.safetensors`):
     None when plain weights are there, else the one variant present; several and no plain: refused."""
-    found = {m.group(1) for f in component.iterdir() if (m := WEIGHT_FILE.fullmatch(f.name))} if component.is_dir() else set()
+    found = {m.group(1) for f in component.iterdir()
+             if (m := WEIGHT_FILE.fullmatch(f.name))} if component.is_dir() else set()
     if not found or None in found:
         return None
     if len(found) > 1:
@@ -170,9 +172,11 @@ def check_supported(path: Path) -> None:
     unet_cfg = _read_json(path / "unet" / "config.json") if (path / "unet").is_dir() else {}
     name = unet_cfg.get("_class_name", "UNet2DConditionModel")
     if name != "UNet2DConditionModel":
-        raise EngineError(f"{path / 'unet'} is a {name}; diffscore scores text-conditioned UNet2DConditionModel models only")
+        raise EngineError(f"{path / 'unet'} is a {name}; diffscore scores text-conditioned UNet2DConditionModel models "
+                          f"only")
     if unet_cfg.get("class_embed_type") or unet_cfg.get("num_class_embeds"):
-        raise EngineError(f"{path / 'unet'} is class-conditional (class_embed_type={unet_cfg.get('class_embed_type')!r}, "
+        raise EngineError(f"{path / 'unet'} is class-conditional "
+                          f"(class_embed_type={unet_cfg.get('class_embed_type')!r}, "
                           f"num_class_embeds={unet_cfg.get('num_class_embeds')!r}): its extra class input has no "
                           "text-prompt meaning, so it cannot be scored")
     if unet_cfg.get("addition_embed_type") not in (None, "text_time"):
@@ -197,7 +201,8 @@ def check_supported(path: Path) -> None:
                           f"{unet_cfg.get('out_channels')}: an image-conditioned UNet, which cannot be scored")
     sched = _read_json(path / "scheduler" / "scheduler_config.json") if (path / "scheduler").is_dir() else {}
     if "FlowMatch" in str(sched.get("_class_name")):
-        raise EngineError(f"{path / 'scheduler'} is a flow-matching scheduler ({sched['_class_name']}); diffscore scores "
+        raise EngineError(f"{path / 'scheduler'} is a flow-matching scheduler ({sched['_class_name']}); diffscore "
+                          f"scores "
                           "DDPM-style (ᾱ_t) diffusion models only")
     if sched.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
         raise EngineError(f"{path / 'scheduler'} has prediction_type {sched['prediction_type']!r}; diffscore "

@@ -33,7 +33,8 @@ from diffscore.errors import EngineError
 from diffscore.engine.manifest import sha256_files
 from diffscore.engine.progress import progress_bar
 from diffscore.kernels import DEFAULT_DSD_PRESET, DSD_PRESETS, DsdPreset, dsd_preset
-from diffscore.reference.loading import (Components, add_noise, encode_images, encode_prompts, epsilon_hat, load_components,
+from diffscore.reference.loading import (Components, add_noise, encode_images, encode_prompts, epsilon_hat,
+                                         load_components,
     require_sd_conditioning)
 from diffscore.reference.matching import pool_layers
 from diffscore.reference.scoring_unet import ScoringUNet, preset_attention_layers
@@ -57,7 +58,8 @@ class PromptLearningConfig:
     max_negatives: int = 15  # cap on negatives per image when there are many captions (random subset)
     seed: int = 0
     attention_layers: list[str] | None = None  # scored layers; None = the preset's
-    preset: str = DEFAULT_DSD_PRESET  # DSD preset (kernels.dsd): its score, layers, noise sampling and gradient clipping
+    # DSD preset (kernels.dsd): its score, layers, noise sampling and gradient clipping
+    preset: str = DEFAULT_DSD_PRESET
     score_weights: bool = False  # also learn how much each scored layer counts (softmax weights, start uniform)
 
 
@@ -270,7 +272,8 @@ def train_prompts(model_dir: str | Path, pairs: Pairs, out_dir: str | Path, conf
             rows = torch.arange(B)
             with torch.no_grad():
                 neg = score(rows.repeat_interleave(N), torch.arange(1, 1 + N).repeat(B)).view(B, N)
-            scores = score(torch.cat([rows, rows]), torch.cat([torch.zeros(B, dtype=torch.long), 1 + neg.argmax(dim=1)]))
+            scores = score(torch.cat([rows, rows]),
+                           torch.cat([torch.zeros(B, dtype=torch.long), 1 + neg.argmax(dim=1)]))
             loss = hinge_loss(scores[:B], scores[B:, None], cfg.margin)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()

@@ -44,7 +44,7 @@ def pseudo_label(engine_dir: str | Path, images: list, labels: list[str], thresh
                           f"{np.max(confidence):.2f}); lower --min-confidence")
     options = results[0].options
     record = HeadTraining(source="pseudo-labels", images=len(kept), engine=str(engine_dir), strategy=options.strategy,
-                          template=options.templates[0] if len(options.templates) == 1 else " | ".join(options.templates),
-                          threshold=float(threshold), candidates=len(images))
+                          template=options.templates[0] if len(options.templates) == 1
+                          else " | ".join(options.templates), threshold=float(threshold), candidates=len(images))
     passes = np.array([r.passes for r in results])
     return PseudoLabels([images[i] for i in kept], decided[kept], confidence, decided, passes, kept, record)

@@ -62,7 +62,8 @@ def build_tiny_model(path: Path, kind: str, seed: int = 0) -> Path:
     if kind == "pixel":
         DDPMScheduler(num_train_timesteps=1000).save_pretrained(path / "scheduler")
     else:
-        PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(path / "scheduler")
+        PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                      beta_end=0.012).save_pretrained(path / "scheduler")
         AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=8,
             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
@@ -124,8 +125,8 @@ def demo_engine(demo_model, tmp_path_factory) -> Path:
     from diffscore.export.onnx_export import export_engine
 
     return export_engine(demo_model, tmp_path_factory.mktemp("demo") / "engine", precisions=("fp32", "fp16"),
-                         defaults={"template": DEFAULT_TEMPLATE, "stages": [list(s) for s in DEMO_STAGES], "loss": DEMO_LOSS,
-                                   "strategy": "stages"}, show_progress=False)
+                         defaults={"template": DEFAULT_TEMPLATE, "stages": [list(s) for s in DEMO_STAGES],
+                                   "loss": DEMO_LOSS, "strategy": "stages"}, show_progress=False)
 
 
 @pytest.fixture

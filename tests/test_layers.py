@@ -39,7 +39,8 @@ def test_imports_point_one_way(stage):
     allowed = set(ORDER[: ORDER.index(stage) + 1])
     wrong = [f"{path.relative_to(REPO)} imports {module}"
              for path in stage_files(stage) for module in sorted(imports(path))
-             if module.startswith("diffscore.") and module.split(".")[1] in ORDER and module.split(".")[1] not in allowed]
+             if module.startswith("diffscore.") and module.split(".")[1] in ORDER
+             and module.split(".")[1] not in allowed]
     assert not wrong, "imports against the layer order " + " <- ".join(ORDER) + ":\n" + "\n".join(wrong)
 
 

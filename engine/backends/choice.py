@@ -58,7 +58,8 @@ def make_runner(engine_dir: Path, manifest: Manifest, graph: str, backend: str, 
         set_device(import_tensorrt()[1], device)  # the install message first, then an absent device's
         plan = matching_plan(manifest, graph, device)
         if plan is None:
-            raise EngineError(f"{engine_dir} has no TensorRT plan of {graph} for this GPU and TensorRT; run `diffscore build-trt {engine_dir}`")
+            raise EngineError(f"{engine_dir} has no TensorRT plan of {graph} for this GPU and TensorRT; run `diffscore "
+                              f"build-trt {engine_dir}`")
         return TensorRTRunner(resolve_inside(engine_dir, plan.file, f"plan of {graph}"), plan, spec, device)
     from diffscore.engine.backends.onnxruntime import OnnxRuntimeRunner
 

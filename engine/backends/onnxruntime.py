@@ -82,8 +82,8 @@ def trt_options(spec: GraphSpec, batches: tuple[int, int, int]) -> dict:
 class OnnxRuntimeRunner(RunnerBase):
     """One InferenceSession; on GPU providers, I/O binding keeps outputs on the device until copied once."""
 
-    def __init__(self, path: Path, spec: GraphSpec, backend: str = "ort-cpu", device_id: int = 0, threads: int | None = None,
-                 graph: str | None = None, batches: tuple[int, int, int] = (1, 32, 32)):
+    def __init__(self, path: Path, spec: GraphSpec, backend: str = "ort-cpu", device_id: int = 0,
+                 threads: int | None = None, graph: str | None = None, batches: tuple[int, int, int] = (1, 32, 32)):
         """batches: (min, opt, max) batch of the TensorRT provider's profile."""
         ort = import_onnxruntime()
 

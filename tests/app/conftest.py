@@ -46,7 +46,8 @@ def scale_engine(demo_model, tmp_path_factory):
                                         TrainOptions(epochs=10))
     save_head(head, config, root / "digits")
     return export_engine(demo_model, root / "engine", heads=[root / "digits"], show_progress=False,
-                         defaults={"template": DEFAULT_TEMPLATE, "stages": [list(s) for s in DEMO_STAGES], "loss": DEMO_LOSS})
+                         defaults={"template": DEFAULT_TEMPLATE, "stages": [list(s) for s in DEMO_STAGES],
+                                   "loss": DEMO_LOSS})
 
 
 @pytest.fixture(scope="session")

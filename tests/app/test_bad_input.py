@@ -68,13 +68,15 @@ MANIFEST_CASES = {
         lambda e, v: edit_manifest(e, lambda m: m["plans"].update({"x": {
             "file": str(v), "graph": "unet", "gpu": "g", "tensorrt_version": "10", "precision": "int8",
             "min_batch": 1, "opt_batch": 1, "max_batch": 1, "sha256": "0" * 64, "size": 1}})),
-        ["calibrate", "{engine}", "--demo", "--samples", "16", "--validation", "0"], 1, "not inside the engine directory"),
+        ["calibrate", "{engine}", "--demo", "--samples", "16", "--validation", "0"], 1,
+        "not inside the engine directory"),
     "graph file ../../x": (lambda e, v: edit_manifest(e, lambda m: m["graphs"]["unet"].update(file="../../x")),
                            ["info", "{engine}"], 1, "not inside the engine directory"),
     "graph file /etc/passwd": (lambda e, v: edit_manifest(e, lambda m: m["graphs"]["unet"].update(file="/etc/passwd")),
                                ["info", "{engine}", "--verify"], 1, "not inside the engine directory"),
     "external data outside": (lambda e, v: edit_manifest(e, lambda m: m["graphs"]["unet"].update(data_files=[str(v)])),
-                              ["classify", "{engine}", "{image}", "--labels", "a,b"], 1, "not inside the engine directory"),
+                              ["classify", "{engine}", "{image}", "--labels", "a,b"], 1,
+                              "not inside the engine directory"),
     "tokenizer outside": (lambda e, v: edit_manifest(e, lambda m: m.update(tokenizer="../precious.txt")),
                           ["info", "{engine}"], 1, "not inside the engine directory"),
     "symlinked graph pointing outside": (

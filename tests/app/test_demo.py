@@ -28,7 +28,8 @@ def reference_results(demo_model, held_out):
     from diffscore.reference.classifier import classify_reference
     from diffscore.reference.loading import load_components
 
-    return classify_reference(load_components(demo_model), held_out[0], list(CLASS_NAMES), templates=[DEFAULT_TEMPLATE], **OPTS)
+    return classify_reference(load_components(demo_model), held_out[0], list(CLASS_NAMES),
+                              templates=[DEFAULT_TEMPLATE], **OPTS)
 
 
 def test_engine_decisions_equal_reference(demo_engine, held_out, reference_results):
@@ -42,7 +43,8 @@ def test_engine_decisions_equal_reference(demo_engine, held_out, reference_resul
 
 
 def test_fp16_agrees_with_fp32_reference(demo_engine, held_out, reference_results):
-    got = diffscore.load(demo_engine, backend="ort-cpu", precision="fp16").classify(held_out[0], list(CLASS_NAMES), **OPTS)
+    got = diffscore.load(demo_engine, backend="ort-cpu", precision="fp16").classify(
+        held_out[0], list(CLASS_NAMES), **OPTS)
     agreement = np.mean([a.label == b.label for a, b in zip(got, reference_results)])
     assert agreement >= 0.99, agreement
 
@@ -92,7 +94,8 @@ def test_cli_match(demo_engine, digit_files):
                    "--text", "a handwritten digit two", "--timesteps", "3", "--format", "json")
     assert proc.returncode == 0, proc.stderr
     row = json.loads(proc.stdout)[0]
-    assert set(row) == {"image", "best", "scores", "options"} and row["options"]["timesteps"] == [323, 656, 989]  # the discffusion preset: 999 - idx, idx in range(10, 990, 1000 // 3)
+    # the discffusion preset: 999 - idx, idx in range(10, 990, 1000 // 3)
+    assert set(row) == {"image", "best", "scores", "options"} and row["options"]["timesteps"] == [323, 656, 989]
     assert set(row["scores"]) == {"a handwritten digit one", "a handwritten digit two"}
 
 

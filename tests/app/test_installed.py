@@ -1,5 +1,6 @@
 """The install docs/install.md gives, run for real: the package installed with `pip install .` (not editable) into
-a fresh virtual environment, the checkout then out of reach, and `diffscore demo` run from elsewhere. The demo models must come
+a fresh virtual environment, the checkout then out of reach, and `diffscore demo` run from elsewhere. The demo models \
+must come
 from the installed package, not from the checkout.
 
 To skip reinstalling torch, the new environment sees the test environment's packages through a .pth line (its

@@ -42,12 +42,14 @@ def test_pseudo_labels_keep_the_confident_decisions(engines):
     assert list(got.labels) == [LABELS.index(results[i].label) for i in expected]
     np.testing.assert_allclose(got.confidence, confidence)
     r = got.record
-    assert (r.source, r.images, r.candidates, r.threshold, r.strategy) == ("pseudo-labels", len(expected), 8, threshold, "stages")
+    assert ((r.source, r.images, r.candidates, r.threshold, r.strategy)
+            == ("pseudo-labels", len(expected), 8, threshold, "stages"))
     assert r.engine == str(engines["pixel"])
 
 
 @pytest.mark.parametrize("threshold, message", [(1e9, "none of the 3 decisions reached confidence"),
-                                                (-1.0, "--min-confidence must be"), (float("nan"), "--min-confidence must be")])
+                                                (-1.0, "--min-confidence must be"),
+                                                (float("nan"), "--min-confidence must be")])
 def test_pseudo_label_refusals_are_one_line(engines, threshold, message):
     with pytest.raises(EngineError, match=message) as e:
         pseudo_label(engines["pixel"], random_images(3), LABELS, threshold, backend="ort-cpu", stages=STAGES)
@@ -60,8 +62,10 @@ def test_old_records_still_load():
     spec = dict(graph="head.h", kind="linear", labels=["a", "b"], blocks=["mid_block"], steps=[50], seed=0, prompt="",
                 weights="w", config="c")
     assert HeadSpec(**spec).training is None  # engines exported before the record
-    assert HeadSpec(**spec, training={"source": "synthetic", "per_class": 3}).training == HeadTraining("synthetic", per_class=3)
-    config = HeadConfig(kind="linear", labels=["a", "b"], features={"blocks": ["mid_block"], "steps": [50]}, shapes=[[32, 4, 4]])
+    assert (HeadSpec(**spec, training={"source": "synthetic", "per_class": 3}).training
+            == HeadTraining("synthetic", per_class=3))
+    config = HeadConfig(kind="linear", labels=["a", "b"], features={"blocks": ["mid_block"], "steps": [50]},
+                        shapes=[[32, 4, 4]])
     assert config.origin == HeadTraining(source="labels")  # head folders before the record were trained on labels
 
 
@@ -75,11 +79,12 @@ def test_sampler_choices_match_the_reference():
 def test_synthetic_head_end_to_end(tiny_models, run_cli_out, tmp_path):
     model = tiny_models["pixel"]
     code, out, err = run_cli_out("train-head", model, "--synthesize", 2, "--labels", "cat,dog", "--template", "a {}",
-                                 "--sampling-steps", 2, *HEAD, "--out", tmp_path / "synth", "--save-samples", tmp_path / "samples")
+                                 "--sampling-steps", 2, *HEAD, "--out", tmp_path / "synth", "--save-samples",
+                                 tmp_path / "samples")
     assert code == 0, err
     assert "4 synthetic images" in out
-    record = HeadTraining(source="synthetic", images=4, sampler="dpm-solver", sampling_steps=2, guidance=2.0, per_class=2,
-                          template="a {}", sample_seed=0)
+    record = HeadTraining(source="synthetic", images=4, sampler="dpm-solver", sampling_steps=2, guidance=2.0,
+                          per_class=2, template="a {}", sample_seed=0)
     assert HeadTraining(**json.loads((tmp_path / "synth" / "head.json").read_text())["origin"]) == record
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["cat", "dog", "synthesis.json"]
     assert len(list((tmp_path / "samples" / "dog").glob("*.png"))) == 2
@@ -104,7 +109,8 @@ def test_pseudo_label_head_records_the_engine(tiny_models, engines, unlabelled, 
         confidence = [r.confidence for r in engine.classify(sorted(unlabelled.iterdir()), LABELS, strategy="race")]
     kept = sum(c >= 0.5 for c in confidence)
     assert kept, confidence
-    code, out, err = run_cli_out("train-head", tiny_models["pixel"], "--pseudo-label", engines["pixel"], "--data", unlabelled,
+    code, out, err = run_cli_out("train-head", tiny_models["pixel"], "--pseudo-label", engines["pixel"], "--data",
+                                 unlabelled,
                                  "--labels", ",".join(LABELS), "--strategy", "race", "--min-confidence", 0.5,
                                  "--backend", "ort-cpu", *HEAD, "--out", tmp_path / "pl")
     assert code == 0, err

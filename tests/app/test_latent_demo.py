@@ -35,7 +35,8 @@ def test_latent_demo_encodes_like_diffusers(latent_engine):
     assert engine.manifest.sample_shape == [4, 8, 8] and engine.manifest.image_size == 32
     vae = AutoencoderKL.from_pretrained(LATENT_MODEL / "vae", local_files_only=True).eval()
     with torch.no_grad():
-        want = vae.encode(torch.from_numpy(preprocess_batch(digits, 32, 1))).latent_dist.mean * vae.config.scaling_factor
+        want = (vae.encode(torch.from_numpy(preprocess_batch(digits, 32, 1))).latent_dist.mean
+                * vae.config.scaling_factor)
     np.testing.assert_allclose(engine.encode_images(digits), want.numpy(), rtol=0, atol=1e-4)
 
 

@@ -28,7 +28,8 @@ def test_decisions_on_user_images(setup, run_cli_out):
     engine, imgs = setup
     code, text = parity(run_cli_out, engine, imgs, "--labels", "cat,dog")
     for precision in ("fp32", "fp16"):
-        assert f"PASSED | ort-cpu {precision} decisions | top-1 agreement with torch fp32 = 100.00% on 3 of your images" in text
+        assert (f"PASSED | ort-cpu {precision} decisions | top-1 agreement with torch fp32 = 100.00% on 3 of your "
+                "images") in text
     assert code == 0
 
 

@@ -30,7 +30,8 @@ def images(tmp_path_factory):
 
 
 def test_classify_race_prints_passes_and_confidence(run_cli, engine, images):
-    code, out, err = run_cli("classify", engine, *sorted(images.glob("*.png")), "--labels", "cat,dog,bird", "--strategy", "race",
+    code, out, err = run_cli("classify", engine, *sorted(images.glob("*.png")), "--labels", "cat,dog,bird",
+                             "--strategy", "race",
                         "--z", "1.5", "--budget", "200", "--format", "json")
     assert code == 0, err
     rows = json.loads(out)

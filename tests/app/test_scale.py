@@ -48,7 +48,8 @@ def test_cli_batch_equals_engine(ray_session, run_cli, scale_engine, digit_files
     (folder / "zz-broken.png").write_bytes(b"not a png")
     output = tmp_path / "results.parquet"
     code, err = run_cli("batch", scale_engine, folder, "--labels", ",".join(LABELS), "--stages", "4:2,8:1",
-                        "--seed", SEED, "-o", output, "--backend", BACKEND, "--actors", 2, "--cpus-per-actor", 0.5, "--batch-images", 5)
+                        "--seed", SEED, "-o", output, "--backend", BACKEND, "--actors", 2, "--cpus-per-actor", 0.5,
+                        "--batch-images", 5)
     assert code == 0, err
     rows = pq.read_table(output).to_pylist()
     assert [r["path"] for r in rows] == sorted(str(p) for p in folder.iterdir())  # input order kept
@@ -65,7 +66,8 @@ def test_head_and_match_on_a_ray_dataset(ray_session, engine, scale_engine, digi
 
     images = digit_files[1]
     dataset = ray_session.data.from_items([{"id": i, "image": im} for i, im in enumerate(images)])
-    rows = classify_dataset(dataset, scale_engine, method="head", batch_images=5, num_cpus=0.5, backend=BACKEND).take_all()
+    rows = classify_dataset(dataset, scale_engine, method="head", batch_images=5, num_cpus=0.5,
+                            backend=BACKEND).take_all()
     assert [r["id"] for r in rows] == list(range(len(images)))
     assert_same(rows, engine.classify(images, method="head"))
 
@@ -83,7 +85,8 @@ def test_a_killed_actor_is_restarted_and_nothing_is_lost(ray_session, scale_engi
     from diffscore.app.scale import CRASH_ONCE_ENV, classify_dataset, write_results
 
     marker = tmp_path / "crashed"
-    dataset = classify_dataset(digit_files[0], scale_engine, LABELS, stages=STAGES, seed=SEED, batch_images=4, backend=BACKEND,
+    dataset = classify_dataset(digit_files[0], scale_engine, LABELS, stages=STAGES, seed=SEED, batch_images=4,
+                               backend=BACKEND,
                                num_cpus=0.5, ray_options={"runtime_env": {"env_vars": {CRASH_ONCE_ENV: str(marker)}}})
     assert write_results(dataset, tmp_path / "results.jsonl") == (len(expected), 0)
     assert marker.exists(), "no actor crashed: the test hook did not fire"

@@ -107,7 +107,8 @@ def test_diffdis_shortlists_its_best_k(tiny_models, images_for, tmp_path):
 
     comp = load_components(tiny_models["pixel"])
     train = images_for(comp, 8, seed=3)
-    train_diffdis_run(tiny_models["pixel"], train, [f"a photo of a {LABELS[i % 5]}" for i in range(8)], tmp_path / "run",
+    train_diffdis_run(tiny_models["pixel"], train, [f"a photo of a {LABELS[i % 5]}" for i in range(8)],
+                      tmp_path / "run",
                       options=DiffDisTrainOptions(epochs=1, batch_size=4), progress=False, dim=16, heads=2, timesteps=3,
                       generate_steps=2)
     engine_dir = export_engine(tiny_models["pixel"], tmp_path / "engine", diffdis=tmp_path / "run", show_progress=False)

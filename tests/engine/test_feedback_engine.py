@@ -23,7 +23,8 @@ MIRROR = [["up_blocks.0", "down_blocks.1"], ["up_blocks.1", "down_blocks.0"]]
 def fed(demo_model, digits, tmp_path_factory):
     root = tmp_path_factory.mktemp("fed")
     head, config = train_head_on_images(demo_model, list(digits.train_images[:N_TRAIN]), digits.train_labels[:N_TRAIN],
-                                        list(CLASS_NAMES), "difformer", FeatureSpec(["down_blocks.1", "mid_block"], [50, 200]),
+                                        list(CLASS_NAMES), "difformer",
+                                        FeatureSpec(["down_blocks.1", "mid_block"], [50, 200]),
                                         TrainOptions(epochs=2), feedback=[], dim=16, heads=2)
     save_head(head, config, root / "fed")
     return root / "fed"
@@ -81,8 +82,8 @@ def test_classify_counts_two_passes_per_step(engine_dir, demo_model, fed, digits
 
 def test_cli_train_feedback_head_and_info(demo_model, digit_folder, engine_dir, tmp_path, monkeypatch, run_cli_out):
     monkeypatch.setenv("DIFFSCORE_CACHE", str(tmp_path))
-    code, out, err = run_cli_out("train-head", demo_model, "--data", digit_folder, "--kind", "linear", "--blocks", "mid_block",
-                                 "--noise-steps", "100", "--epochs", "1", "--feedback", "--feedback-pairs",
+    code, out, err = run_cli_out("train-head", demo_model, "--data", digit_folder, "--kind", "linear", "--blocks",
+                                 "mid_block", "--noise-steps", "100", "--epochs", "1", "--feedback", "--feedback-pairs",
                                  "up_blocks.1:down_blocks.0", "--out", tmp_path / "h")
     assert code == 0, err
     assert "DifFeed: up_blocks.1:down_blocks.0 fed back" in out

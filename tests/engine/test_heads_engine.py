@@ -1,5 +1,6 @@
 """Trained heads on the shipped demo model, end to end: export records them (one graph: the UNet layers
-a head reads + the head), the engine's head path equals torch (tensors and decisions), Engine.classify(method="head") and the CLI
+a head reads + the head), the engine's head path equals torch (tensors and decisions), Engine.classify(method="head") \
+and the CLI
 (`train-head`, `classify --method head`) work, and user mistakes are one line."""
 
 import json
@@ -60,7 +61,8 @@ def test_export_records_heads(engine_dir):
 def test_head_graph_skips_the_unet_layers_after_the_blocks_it_reads(engine_dir):
     import onnx
 
-    names = lambda g: {i.name for i in onnx.load(str(engine_dir / Manifest.load(engine_dir).graphs[g].file)).graph.initializer}
+    names = lambda g: {i.name
+                       for i in onnx.load(str(engine_dir / Manifest.load(engine_dir).graphs[g].file)).graph.initializer}
     head, unet = names("head.probe"), names("unet")
     assert any("down_blocks" in n for n in head) and not any("up_blocks.1" in n or "conv_out" in n for n in head)
     assert any("up_blocks.1" in n for n in unet)
@@ -79,7 +81,8 @@ def test_head_parity(engine_dir, demo_model):
     comp = load_components(demo_model)
     verdicts = head_parity(engine_dir, m, comp)
     backends = len(available_backends(m))  # ort-cpu, and openvino where it is installed
-    assert len(verdicts) == 2 * 2 * backends  # per head and backend: its graph on random x_t, the whole path on real digits
+    # per head and backend: its graph on random x_t, the whole path on real digits
+    assert len(verdicts) == 2 * 2 * backends
     assert all(v.passed for v in verdicts), [str(v) for v in verdicts if not v.passed]
     decisions = head_decision_parity(engine_dir, m, comp, list(load_digits_split().test_images[:N_TEST]))
     assert [v.measured for v in decisions] == [1.0, 1.0] * backends and all(decisions), [str(v) for v in decisions]
@@ -142,8 +145,9 @@ def run_cli_process(*args, env=None):
 
 
 def test_cli_train_head_and_classify(demo_model, digit_folder, engine_dir, tmp_path):
-    proc = run_cli_process("train-head", demo_model, "--data", digit_folder, "--kind", "linear", "--blocks", "mid_block",
-                   "--noise-steps", "100", "--epochs", "3", "--out", tmp_path / "h", env={"DIFFSCORE_CACHE": str(tmp_path)})
+    proc = run_cli_process("train-head", demo_model, "--data", digit_folder, "--kind", "linear", "--blocks",
+                           "mid_block", "--noise-steps", "100", "--epochs", "3", "--out", tmp_path / "h",
+                           env={"DIFFSCORE_CACHE": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     config = json.loads((tmp_path / "h" / "head.json").read_text())
     assert config["labels"] == sorted(CLASS_NAMES) and config["features"]["steps"] == [100]
@@ -169,7 +173,8 @@ def test_cli_train_head_mistakes_are_one_line(demo_model, digit_folder, tmp_path
                                               message):
     (tmp_path / "empty").mkdir()
     monkeypatch.setenv("DIFFSCORE_CACHE", str(tmp_path))
-    code, stderr = run_cli("train-head", demo_model, *[a.format(empty=tmp_path / "empty", folder=digit_folder) for a in args],
+    code, stderr = run_cli("train-head", demo_model,
+                           *[a.format(empty=tmp_path / "empty", folder=digit_folder) for a in args],
                            "--out", tmp_path / "h")
     assert code == exit_code and "Traceback" not in stderr
     assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr

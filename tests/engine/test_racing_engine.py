@@ -33,7 +33,8 @@ def assert_same(got, want):
         assert g.confidence == pytest.approx(w.confidence, rel=1e-3, abs=1e-3)
 
 
-@pytest.mark.parametrize("kind, templates, loss", [("pixel", ["a {}"], "l2"), ("sd1", ["a {}", "a photo of a {}"], "huber")])
+@pytest.mark.parametrize("kind, templates, loss",
+                         [("pixel", ["a {}"], "l2"), ("sd1", ["a {}", "a photo of a {}"], "huber")])
 def test_race_equals_reference(engines, tiny_models, kind, templates, loss, images_for):
     comp = load_components(tiny_models[kind])
     imgs = images_for(comp, 4)

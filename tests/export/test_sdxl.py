@@ -154,7 +154,8 @@ def test_conditioning_is_diffusers_sdxl_pipelines(sdxl_comp, sdxl_runtime):
 
 def test_manifest_and_info_verify(sdxl_engine, run_cli_out):
     m = Manifest.load(sdxl_engine)
-    assert (m.conditioning, m.tokenizer_2, m.time_ids) == ("sdxl", "tokenizer_2.json", [16.0, 16.0, 0.0, 0.0, 16.0, 16.0])
+    assert (m.conditioning, m.tokenizer_2, m.time_ids) == ("sdxl", "tokenizer_2.json",
+                                                           [16.0, 16.0, 0.0, 0.0, 16.0, 16.0])
     assert [t.name for t in m.graphs["unet"].inputs] == ["sample", "timestep", "encoder_hidden_states", "text_embeds",
                                                         "time_ids"]
     assert [t.name for t in m.graphs["text_encoder"].inputs] == ["input_ids", "input_ids_2"]
@@ -222,7 +223,8 @@ def test_match_equals_torch_reference(sdxl_comp, sdxl_runtime, image_folder):
 
 
 def test_head_classifies(sdxl_engine, image_folder, run_cli_out):
-    code, out, err = run_cli_out("classify", sdxl_engine, image_folder / "*" / "*.png", "--method", "head", "--format", "json")
+    code, out, err = run_cli_out("classify", sdxl_engine, image_folder / "*" / "*.png", "--method", "head", "--format",
+                                 "json")
     assert code == 0, err
     rows = json.loads(out)
     assert len(rows) == 8 and {r["label"] for r in rows} <= {"dark", "light"}
@@ -230,11 +232,12 @@ def test_head_classifies(sdxl_engine, image_folder, run_cli_out):
 
 def test_calibrate_int8(sdxl_engine, image_folder, tmp_path, run_cli_out):
     engine = shutil.copytree(sdxl_engine, tmp_path / "engine")
-    code, out, err = run_cli_out("calibrate", engine, *pngs(image_folder), "--labels", ",".join(LABELS), "--samples", "16",
-                                 "--validation", "2")
+    code, out, err = run_cli_out("calibrate", engine, *pngs(image_folder), "--labels", ",".join(LABELS), "--samples",
+                                 "16", "--validation", "2")
     assert code == 0, out + err
     m = Manifest.load(engine)
-    assert "unet.int8" in m.graphs and [t.name for t in m.graphs["unet.int8"].inputs][-2:] == ["text_embeds", "time_ids"]
+    assert ("unet.int8" in m.graphs
+            and [t.name for t in m.graphs["unet.int8"].inputs][-2:] == ["text_embeds", "time_ids"])
     with load(engine, backend="ort-cpu", precision="int8") as eng:
         assert len(eng.classify(pngs(image_folder)[:2], LABELS)) == 2
 

@@ -149,7 +149,8 @@ def engine_dir(tmp_path):
     graphs["unet.fp16"] = _unet(tmp_path, "fp16")
     Manifest(
         diffscore_version="0.1.0", source_path="tiny", source_sha256="0" * 64, image_size=8, image_channels=1,
-        latent_scaling=None, sample_shape=[1, 8, 8], alphas_cumprod=np.linspace(0.999, 0.01, 1000).tolist(), tokenizer="tokenizer.json", max_length=8,
+        latent_scaling=None, sample_shape=[1, 8, 8], alphas_cumprod=np.linspace(0.999, 0.01, 1000).tolist(),
+        tokenizer="tokenizer.json", max_length=8,
         text_hidden_size=16, attention_layers=[], feature_blocks=[], graphs=graphs,
     ).save(tmp_path)
     return tmp_path

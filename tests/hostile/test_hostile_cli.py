@@ -295,8 +295,8 @@ def test_api_paths_closed_engines_and_numpy_integers(demo_engine, files):
 
 
 def test_a_byte_order_mark_is_not_part_of_the_first_label(run_cli_out, files):
-    code, out, err = run_cli_out("classify", files["engine"], files["image"], "--labels-file", files["root"] / "bom.txt",
-                                 "--stages", "2:1", "-b", "ort-cpu", "-f", "json")
+    code, out, err = run_cli_out("classify", files["engine"], files["image"], "--labels-file",
+                                 files["root"] / "bom.txt", "--stages", "2:1", "-b", "ort-cpu", "-f", "json")
     assert code == 0, err
     assert sorted(r[0] for r in json.loads(out)[0]["ranking"]) == ["one", "zero"]
 
@@ -401,7 +401,8 @@ def test_output_that_fails_at_the_end_is_kept_in_a_fallback(run_cli_out, files, 
 
     monkeypatch.setattr(runs, "write_rows", full)
     out = tmp_path / "r.json"
-    args = ("classify", files["engine"], files["digits"], "-l", "zero,one", "--stages", "2:1", "-b", "ort-cpu", "-o", out)
+    args = ("classify", files["engine"], files["digits"], "-l", "zero,one", "--stages", "2:1", "-b", "ort-cpu", "-o",
+            out)
     code, _, err = run_cli_out(*args)
     last = err.strip().splitlines()[-1]
     assert code == 1 and "No space left on device" in last and "the 3 rows were written to" in last, err

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from diffscore.kernels import (StagedPruning, add_noise, class_ranking, denoising_error, pool_layer_scores, shared_noise,
-                               stage_timesteps)
+from diffscore.kernels import (StagedPruning, add_noise, class_ranking, denoising_error, pool_layer_scores,
+                               shared_noise, stage_timesteps)
 from diffscore.kernels.timesteps import dsd_timesteps
 
 

@@ -99,7 +99,8 @@ def test_decision_margin_by_hand():
     d = np.array([0.5, 0.1, 0.3, 0.0])
     expected = d.mean() / (d.std(ddof=1) / 2)
     assert decision_margin(errors, np.array([4, 4]), 0, 1) == pytest.approx(expected)
-    assert decision_margin(errors, np.array([4, 3]), 0, 1) == pytest.approx(d[:3].mean() / (d[:3].std(ddof=1) / np.sqrt(3)))
+    assert (decision_margin(errors, np.array([4, 3]), 0, 1)
+            == pytest.approx(d[:3].mean() / (d[:3].std(ddof=1) / np.sqrt(3))))
 
 
 def test_confidence_compares_with_the_best_rival_of_another_class():

@@ -21,11 +21,13 @@ def naive_classifier(comp, image_pixels, prompts, stages, loss, seed):
         new = [t for t in grid[len(grid) // n // 2 :: len(grid) // n][:n] if t not in order]
         order += new
         per_stage.append(new)
-    x0 = image_pixels if comp.vae is None else comp.vae.encode(image_pixels[None]).latent_dist.mean[0] * comp.vae.config.scaling_factor
+    x0 = (image_pixels if comp.vae is None
+          else comp.vae.encode(image_pixels[None]).latent_dist.mean[0] * comp.vae.config.scaling_factor)
     g = np.random.default_rng(seed)
     noise = torch.from_numpy(g.standard_normal((len(order), *x0.shape), dtype=np.float32))
     abar = comp.scheduler.alphas_cumprod.double()
-    ids = comp.tokenizer(prompts, padding="max_length", max_length=comp.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    ids = comp.tokenizer(prompts, padding="max_length", max_length=comp.tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids
     emb = comp.text_encoder(ids)[0]
     errors = {c: [] for c in range(len(prompts))}
     alive = list(range(len(prompts)))
@@ -77,6 +79,7 @@ def test_multiple_templates_score_a_class_by_its_best_prompt(tiny_models):
     image = np.random.default_rng(3).integers(0, 256, (8, 8), dtype=np.uint8)
     templates = ["a photo of a {}", "{}"]
     res = classify_reference(comp, image, LABELS, templates=templates, stages=[(4, 8)], seed=0)[0]
-    single = {t: classify_reference(comp, image, LABELS, templates=[t], stages=[(4, 4)], seed=0)[0].scores for t in templates}
+    single = {t: classify_reference(comp, image, LABELS, templates=[t], stages=[(4, 4)], seed=0)[0].scores
+              for t in templates}
     for label, score in res.ranking:
         assert score == pytest.approx(min(single[t][label] for t in templates), rel=1e-6)

@@ -89,7 +89,8 @@ def train(model_dir, seed, kind="difformer", n=24):
 
 def test_training_is_deterministic_moves_the_modules_and_keeps_the_unet_frozen(tiny_models, pixel):
     before = {k: v.clone() for k, v in pixel.unet.state_dict().items()}
-    (a, cfg), (b, _), (c, _) = train(tiny_models["pixel"], 1), train(tiny_models["pixel"], 1), train(tiny_models["pixel"], 2)
+    (a, cfg), (b, _), (c, _) = (train(tiny_models["pixel"], 1), train(tiny_models["pixel"], 1),
+                                train(tiny_models["pixel"], 2))
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
     assert any(not torch.equal(v, c.state_dict()[k]) for k, v in a.state_dict().items())

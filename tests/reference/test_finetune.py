@@ -151,7 +151,8 @@ def test_errors_are_one_line(tiny_models, engines, pairs, tmp_path, run_cli):
         check_config(FinetuneConfig(blocks=["nope"]), comp)
     import diffscore
 
-    with diffscore.load(engines["pixel"], backend="ort-cpu") as engine, pytest.raises(EngineError, match="no ITC embeddings"):
+    with (diffscore.load(engines["pixel"], backend="ort-cpu") as engine,
+          pytest.raises(EngineError, match="no ITC embeddings")):
         engine.match(pairs.images[:1], CAPTIONS, method="itc")
     code, err = run_cli("finetune", str(tiny_models["pixel"]), "--demo", "--shots", "1", "--out", str(tmp_path / "r"),
                         "--objectives", "itc,foo")
@@ -169,14 +170,15 @@ def test_cli_finetune_export_match(tiny_models, pairs, tmp_path, run_cli_out):
     (tmp_path / "pairs.jsonl").write_text("\n".join(lines))
     model, run, engine = tiny_models["pixel"], tmp_path / "run", tmp_path / "engine"
     code, out, err = run_cli_out("finetune", model, "--data", tmp_path / "pairs.jsonl", "--shots", "2", "--out", run,
-                                 "--train-steps", "2", "--objectives", "itc,rsc", "--batch-size", "4", "--val-shots", "0")
+                                 "--train-steps", "2", "--objectives", "itc,rsc", "--batch-size", "4", "--val-shots",
+                                 "0")
     assert code == 0, err
     assert "itc " in out and "rsc " in out and "is " not in out.split(";")[1]
     assert run_cli_out("export", model, engine, "--adapters", run)[0] == 0
     code, out, err = run_cli_out("info", engine)
     assert code == 0 and "itc (match --method itc): mid_block at step 50, 64-d, trained with itc+rsc" in out
-    code, out, err = run_cli_out("match", engine, tmp_path / "0.png", tmp_path / "1.png", "--text", "zero", "--text", "one",
-                                 "--method", "itc", "-f", "json", "-b", "ort-cpu")
+    code, out, err = run_cli_out("match", engine, tmp_path / "0.png", tmp_path / "1.png", "--text", "zero", "--text",
+                                 "one", "--method", "itc", "-f", "json", "-b", "ort-cpu")
     assert code == 0, err
     rows = json.loads(out)
     assert len(rows) == 2 and rows[0]["options"]["method"] == "itc" and set(rows[0]["scores"]) == {"zero", "one"}

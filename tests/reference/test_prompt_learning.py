@@ -89,7 +89,8 @@ def test_merged_forward_equals_adapter_forward(tiny_models):
         p.normal_(0, 0.3)
     g = torch.Generator().manual_seed(1)
     C, S, D = comp.unet.config.in_channels, comp.unet.config.sample_size, comp.unet.config.cross_attention_dim
-    x, t, c = torch.randn(3, C, S, S, generator=g), torch.tensor([5.0, 400.0, 990.0]), torch.randn(3, 16, D, generator=g)
+    x, t, c = (torch.randn(3, C, S, S, generator=g), torch.tensor([5.0, 400.0, 990.0]),
+               torch.randn(3, 16, D, generator=g))
     su = ScoringUNet(comp.unet).eval()
     eps_lora, attn_lora = su(x, t, c)
     comp.unet.disable_adapters()
@@ -138,9 +139,11 @@ def test_export_with_adapters_matches_reference(monkeypatch, tiny_models, traine
     got = eng.match(images, CAPTIONS, steps=3, seed=2)
 
     comp = load_components(tiny_models["pixel"])
-    plain = match_reference(comp, ScoringUNet(comp.unet, eng.manifest.attention_layers), images, CAPTIONS, steps=3, seed=2)
+    plain = match_reference(comp, ScoringUNet(comp.unet, eng.manifest.attention_layers), images, CAPTIONS, steps=3,
+                            seed=2)
     load_adapters(comp.unet, trained_run)  # unmerged: the engine's merge is what is under test
-    want = match_reference(comp, ScoringUNet(comp.unet, eng.manifest.attention_layers), images, CAPTIONS, steps=3, seed=2)
+    want = match_reference(comp, ScoringUNet(comp.unet, eng.manifest.attention_layers), images, CAPTIONS, steps=3,
+                           seed=2)
     np.testing.assert_allclose(got, want, rtol=PARITY_RTOL)
     assert np.abs(want - plain).max() > 10 * PARITY_RTOL * np.abs(want).max(), "the adapter should change the scores"
 
@@ -155,7 +158,8 @@ def test_export_with_adapters_matches_reference(monkeypatch, tiny_models, traine
 def test_cli_errors_are_one_line(run_cli, tiny_models, tmp_path, data, shots, exit_code, message):
     (tmp_path / "bad.jsonl").write_text('{"image": "a.png"}\n')
     (tmp_path / "one.jsonl").write_text('{"image": "a.png", "caption": "a cat"}\n' * 2)
-    data = data.format(missing=tmp_path / "missing.jsonl", bad=tmp_path / "bad.jsonl", one_caption=tmp_path / "one.jsonl")
+    data = data.format(missing=tmp_path / "missing.jsonl", bad=tmp_path / "bad.jsonl",
+                       one_caption=tmp_path / "one.jsonl")
     code, err = run_cli("train-prompts", tiny_models["pixel"], *([data] if data == "--demo" else ["--data", data]),
                         "--shots", shots, "--out", tmp_path / "run")
     assert code == exit_code and message in err
@@ -226,7 +230,8 @@ def test_score_weights_are_learned_exported_and_used(run_cli, tiny_models, pairs
 
 def test_export_refuses_other_layers_than_the_weights_were_learned_on(run_cli, tiny_models, pairs_file, tmp_path):
     run = tmp_path / "run"
-    assert run_cli(*train_cli_args(tiny_models["pixel"], pairs_file, run), "--score-weights", "--train-steps", 1)[0] == 0
+    assert run_cli(*train_cli_args(tiny_models["pixel"], pairs_file, run), "--score-weights", "--train-steps",
+                   1)[0] == 0
     layers = json.loads((run / "training_log.json").read_text())["config"]["attention_layers"]
     code, err = run_cli("export", tiny_models["pixel"], tmp_path / "eng", "--adapters", run,
                         "--attention-layers", layers[0])

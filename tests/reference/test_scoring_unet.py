@@ -13,7 +13,8 @@ def inputs(comp, B=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     C, S = comp.unet.config.in_channels, comp.unet.config.sample_size
     D = comp.unet.config.cross_attention_dim
-    return torch.randn(B, C, S, S, generator=g), torch.tensor([3.0, 400.0, 990.0][:B]), torch.randn(B, 16, D, generator=g)
+    return (torch.randn(B, C, S, S, generator=g), torch.tensor([3.0, 400.0, 990.0][:B]),
+            torch.randn(B, 16, D, generator=g))
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sd2", "pixel"])
@@ -25,7 +26,8 @@ def test_scores_match_an_independent_computation(tiny_models, kind):
     layers = cross_attention_layers(comp.unet)
     modules = dict(comp.unet.named_modules())
     seen = {}
-    hooks = [modules[n].register_forward_pre_hook(lambda m, a, kw, n=n: seen.__setitem__(n, (a[0], kw["encoder_hidden_states"])), with_kwargs=True)
+    hooks = [modules[n].register_forward_pre_hook(
+                 lambda m, a, kw, n=n: seen.__setitem__(n, (a[0], kw["encoder_hidden_states"])), with_kwargs=True)
              for n in layers]
     su = ScoringUNet(comp.unet, attention_layers=layers)
     eps, scores = su(x, t, c)
@@ -59,7 +61,8 @@ def test_default_layers_are_the_last_of_each_block(tiny_models):
 def test_feature_taps(tiny_models):
     comp = load_components(tiny_models["pixel"])
     su = ScoringUNet(comp.unet, feature_blocks=["down_blocks.0", "mid_block", "up_blocks.1"])
-    assert su.output_names == ["eps", "attn_scores", "features.down_blocks.0", "features.mid_block", "features.up_blocks.1"]
+    assert su.output_names == ["eps", "attn_scores", "features.down_blocks.0", "features.mid_block",
+                               "features.up_blocks.1"]
     _, _, down, mid, up = su(*inputs(comp))
     assert down.shape == (3, 16, 4, 4) and mid.shape == (3, 32, 4, 4) and up.shape == (3, 16, 8, 8)
 
