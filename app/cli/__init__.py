@@ -14,8 +14,10 @@ exported engine) need no torch; export, parity, calibrate and training need the 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
+import threading
 
 import typer
 
@@ -36,8 +38,20 @@ def usage_line(e: UsageError) -> str:
     return f"{e.format_message()}{where}"
 
 
+TERM_GRACE_S = 60  # after SIGTERM, the most a command may take to unwind before it is ended outright
+
+
 def terminated(signum, frame):
     raise KeyboardInterrupt  # unwinds like Ctrl-C: temporary folders are removed on the way out
+
+
+def end_now() -> None:
+    """SIGTERM's backstop: the KeyboardInterrupt it raises can be swallowed (raised inside a finaliser, it is only
+    reported as ignored) and the command would run on. Output folders are only ever renamed into place, so ending
+    here leaves nothing half-written; the temporary folders named after this PID are removed by the next run."""
+    error_line(f"terminated (SIGTERM): the command did not stop within {TERM_GRACE_S} s, ended outright; "
+               f"temporary folders of process {os.getpid()} are removed by the next run")
+    os._exit(143)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,8 +59,12 @@ def main(argv: list[str] | None = None) -> None:
     130 on Ctrl-C and 143 on SIGTERM, each mistake as one line on stderr."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     stopped_by = {"signal": None}
+    backstop = threading.Timer(TERM_GRACE_S, end_now)
+    backstop.daemon = True
 
     def on_term(signum, frame):
+        if stopped_by["signal"] is None:
+            backstop.start()
         stopped_by["signal"] = signum
         terminated(signum, frame)
 
@@ -68,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     except (Abort, KeyboardInterrupt):
         code = 130
     finally:
+        backstop.cancel()
         signal.signal(signal.SIGTERM, previous)  # in-process callers (tests, notebooks) get their handler back
     if stopped_by["signal"] or code == 130:  # typer turns Ctrl-C into exit code 130
         error_line("terminated (SIGTERM); nothing half-written was left" if stopped_by["signal"]

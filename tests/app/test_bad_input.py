@@ -216,13 +216,19 @@ def test_stale_temporary_folders_are_removed(tmp_path):
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_during_export_cleans_up(demo_model, tmp_path, sig, code):
     out = tmp_path / "eng"
+    # SIGINT at its default in the child: a suite started in the background (`make test &`) ignores SIGINT, and
+    # Python then installs no Ctrl-C handler in the processes it starts (as a shell's background job would want)
     proc = subprocess.Popen([sys.executable, "-m", "diffscore.app.cli", "export", str(demo_model), str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not list(tmp_path.glob(".eng.partial-*")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
+    try:
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
     assert proc.returncode == code, err
     assert "Traceback" not in err
     assert not out.exists() and not list(tmp_path.iterdir()), list(tmp_path.iterdir())

@@ -193,18 +193,21 @@ def test_sigterm_ends_a_long_command_with_143(demo_model, demo_engine, tmp_path,
     # would shadow the `kernels` package transformers looks for
     # Into the work, however loaded the machine: the CLI's SIGTERM handler is installed (bit 15 of SigCgt),
     # and a classification has said what it costs (its cost line comes before any pass).
-    deadline = time.monotonic() + 600
-    while not sigterm_caught(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    said = []  # a classification's lines up to its cost line (the `auto` backend's timing note may come first)
-    while command[0] == "classify" and not (said and said[-1].startswith("stages")):
-        said.append(proc.stderr.readline())
-        if not said[-1]:
-            break
-    time.sleep(2)
-    assert proc.poll() is None, proc.communicate()[1]
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
+    try:
+        deadline = time.monotonic() + 600
+        while not sigterm_caught(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        said = []  # a classification's lines up to its cost line (the `auto` backend's timing note may come first)
+        while command[0] == "classify" and not (said and said[-1].startswith("stages")):
+            said.append(proc.stderr.readline())
+            if not said[-1]:
+                break
+        time.sleep(2)
+        assert proc.poll() is None, proc.communicate()[1]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:  # a failed test must not leave a 100,000-step run behind
+        proc.kill()
     err = "".join(said) + err
     assert proc.returncode == 143, err
     assert err.strip().splitlines()[-1] == "error: terminated (SIGTERM); nothing half-written was left", err
@@ -212,3 +215,38 @@ def test_sigterm_ends_a_long_command_with_143(demo_model, demo_engine, tmp_path,
     assert not (tmp_path / "run").exists()
     if command[0] == "classify":  # a long run first says what it costs: 4 labels x 1,000 timesteps
         assert any(line.startswith("stages: 4,000 UNet passes per image, 40 images") for line in said), err
+
+
+def test_a_swallowed_sigterm_still_ends_the_command(tmp_path):
+    """The KeyboardInterrupt SIGTERM raises can be swallowed (inside a finaliser); the backstop ends the run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spin = (
+        "import time\n"
+        "import diffscore.app.cli as cli\n"
+        "cli.TERM_GRACE_S = 1\n"
+        "@cli.app.command('spin')\n"
+        "def spin():\n"
+        "    print('ready', flush=True)\n"
+        "    while True:\n"
+        "        try:\n"
+        "            time.sleep(0.05)\n"
+        "        except KeyboardInterrupt:\n"
+        "            pass\n"
+        "cli.main(['spin'])\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", spin], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path)
+    try:
+        assert proc.stdout.readline() == "ready\n", proc.communicate()[1]
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1].startswith("error: terminated (SIGTERM): the command did not stop within 1 s"), err
+    assert "Traceback" not in err and time.monotonic() - start >= 1
