@@ -248,5 +248,6 @@ def test_a_swallowed_sigterm_still_ends_the_command(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 143, err
-    assert err.strip().splitlines()[-1].startswith("error: terminated (SIGTERM): the command did not stop within 1 s"), err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: terminated (SIGTERM): the command did not stop within 1 s"), err
     assert "Traceback" not in err and time.monotonic() - start >= 1
