@@ -148,15 +148,20 @@ def _install(engine_dir: Path, manifest: Manifest, work: Path, model, cal, *, me
              smoothquant: dict | None) -> CalibrationRecord:
     """Move the calibration set and the INT8 graph into the engine directory and record them."""
     from diffscore.calibration.dataset import CALIBRATION_FILE
+    from diffscore.engine.eps_graph import EPS_OUTPUT, eps_graph
+    from diffscore.export.eps_graph import prune_to
     from diffscore.export.onnx_export import save_graph
 
     unet = manifest.graphs["unet"]
     spec = save_graph(model, work, INT8_FILE, unet.inputs, unet.outputs, precision="int8")
-    for file in spec.files:
+    eps_key = eps_graph("int8")  # the ε̂-only cut of the same graph: the same ε̂, the gate's decisions
+    eps_spec = save_graph(prune_to(model, [EPS_OUTPUT]), work, f"{eps_key}.onnx", unet.inputs,
+                          [t for t in unet.outputs if t.name == EPS_OUTPUT], precision="int8")
+    for file in spec.files + eps_spec.files:
         (work / file).replace(engine_dir / file)
     (work / CALIBRATION_FILE).replace(engine_dir / CALIBRATION_FILE)
     for key, plan in list(manifest.plans.items()):  # plans built from an older INT8 graph are stale now
-        if plan.graph == INT8_GRAPH:
+        if plan.graph in (INT8_GRAPH, eps_key):
             resolve_inside(engine_dir, plan.file, f"plan {key}", must_exist=False).unlink(missing_ok=True)
             del manifest.plans[key]
     path = engine_dir / CALIBRATION_FILE
@@ -167,6 +172,7 @@ def _install(engine_dir: Path, manifest: Manifest, work: Path, model, cal, *, me
         gate=None if gate is None else {"agreement": gate.measured, "images": gate.images, "min_agreement": gate.bound},
     )
     manifest.graphs[INT8_GRAPH] = spec
+    manifest.graphs[eps_key] = eps_spec
     manifest.calibration = record
     manifest.save(engine_dir)
     log.info("wrote %s and %s (%d layers float)", INT8_FILE, CALIBRATION_FILE, len(keep))

@@ -17,6 +17,7 @@ import numpy as np
 from diffscore.engine.backends.base import Runner
 from diffscore.engine.backends.choice import BACKENDS, GPU_BATCH, VAE_BATCH, cpu_workers, make_runner, resolve_backend
 from diffscore.engine.conditioning import PromptCache, TextConditioning, read_tokenizer
+from diffscore.engine.eps_graph import EPS_ROLE, Deferred, eps_graph, has_eps_graph
 from diffscore.engine.heads import HeadScoring
 from diffscore.engine.images import IMAGE_WINDOW, count_images, image_windows, preprocess_batch
 from diffscore.errors import EngineError
@@ -85,17 +86,23 @@ def load(engine_dir: str | Path, backend: str = "auto", device: int = 0, precisi
         backend, workers = choose_cpu_backend(engine_dir, manifest, precision, threads)
     if workers is None:
         workers = cpu_workers(manifest, backend, threads)
-    names = [g for g in ("text_encoder", "vae_encoder") if g in manifest.graphs] + [unet]
     given = dict(runners or {})
     unknown = set(given) - {"text_encoder", "vae_encoder", "unet"}
     if unknown:
         raise EngineError(f"runner overrides for {sorted(unknown)}: only text_encoder, vae_encoder and unet can be replaced")
+    eps_only = "unet" not in given and has_eps_graph(manifest, precision, backend, device)  # issue 27: see below
+    names = [g for g in ("text_encoder", "vae_encoder") if g in manifest.graphs] + ([] if eps_only else [unet])
     runners = {
         name.split(".")[0]: given.get(name.split(".")[0])
         or make_runner(engine_dir, manifest, name, backend, device, threads, workers=workers,
                        precision=precision if name == unet else "fp32")
         for name in names
     }
+    if eps_only:  # issue 27: the ε̂-only graph runs classify; the scoring graph opens when scores are read
+        open_unet = lambda graph: make_runner(engine_dir, manifest, graph, backend, device, threads,  # noqa: E731
+                                              workers=workers, precision=precision)
+        runners[EPS_ROLE] = open_unet(eps_graph(precision))
+        runners["unet"] = Deferred(lambda: open_unet(unet), unet)
     if "unet" not in given:  # the engine reads ε̂ and the scores of the UNet graph, never its features.* maps
         runners["unet"].fetch = {"eps", "attn_scores"}
     engine = Engine(engine_dir, manifest, runners, backend, precision, workers, device, threads)
@@ -191,7 +198,7 @@ class Engine(HeadScoring, TextConditioning):
     def default_batch_size(self) -> int:
         """Pairs per UNet call: small samples batch wide on CPU; GPUs and big latents less so. On TensorRT, the
         max_batch of the plan the UNet runs (this GPU's, this precision's), not of other GPUs' plans."""
-        plan_max = getattr(self.runners.get("unet"), "max_batch", None)
+        plan_max = getattr(self.runners.get(EPS_ROLE) or self.runners.get("unet"), "max_batch", None)
         if self.backend == "tensorrt" and plan_max:
             return plan_max
         elements = int(np.prod(self.manifest.sample_shape))
@@ -232,13 +239,15 @@ class Engine(HeadScoring, TextConditioning):
         return np.concatenate([vae.infer({"image": pixels[i : i + step]})["latent"] for i in range(0, len(pixels), step)])
 
     # --- the UNet over many pairs -------------------------------------------------------------
-    def _run_pairs(self, pairs: _Pairs, emb, noise: np.ndarray, loss: str, batch_size: int):
+    def _run_pairs(self, pairs: _Pairs, emb, noise: np.ndarray, loss: str, batch_size: int, scores_read: bool = True):
         """Denoising error (n,) and attention scores (n, layers) for every pair, in batches.
-        emb: the prompts' text_conditioning (or, on an SD engine, their encode_text array)."""
-        unet = self.runners["unet"]
+        emb: the prompts' text_conditioning (or, on an SD engine, their encode_text array).
+        scores_read=False: ε̂ only, on the ε̂-only graph where the engine has one (scores then (n, 0))."""
+        eps_only = not scores_read and EPS_ROLE in self.runners
+        unet = self.runners[EPS_ROLE if eps_only else "unet"]
         n = len(pairs.xt_row)
         errors = np.empty(n, dtype=np.float32)
-        scores = np.empty((n, len(self.manifest.attention_layers)), dtype=np.float32)
+        scores = np.empty((n, 0 if eps_only else len(self.manifest.attention_layers)), dtype=np.float32)
 
         def run(sl: slice):
             x_t = pairs.xt[pairs.xt_row[sl]]
@@ -250,7 +259,8 @@ class Engine(HeadScoring, TextConditioning):
             eps_hat = epsilon_from_output(out["eps"], x_t, self.alphas_cumprod[pairs.timestep[sl].astype(np.int64)],
                                           self.manifest.prediction_type)  # the graph returns the raw UNet output
             errors[sl] = denoising_error(noise[pairs.eps_row[sl]], eps_hat, loss)
-            scores[sl] = out["attn_scores"]
+            if not eps_only:
+                scores[sl] = out["attn_scores"]
 
         chunks = [slice(lo, lo + batch_size) for lo in range(0, n, batch_size)]
         list(self._pool.map(run, chunks) if self._pool else map(run, chunks))
@@ -410,7 +420,7 @@ class Engine(HeadScoring, TextConditioning):
                 window = list(range(len(x0)))
                 while jobs := [(i, *req) for i in window if (req := runs[i].request()) is not None]:
                     pairs = self._classify_pairs(x0, jobs, noise, ts)
-                    errors, _ = self._run_pairs(pairs, emb, noise, loss, batch_size)
+                    errors, _ = self._run_pairs(pairs, emb, noise, loss, batch_size, scores_read=False)
                     done = 0
                     for i, cand, pos in jobs:
                         size = len(cand) * len(pos)

@@ -25,6 +25,7 @@ from diffscore.engine.backends.tensorrt import (
     tensorrt_version,
 )
 from diffscore.engine.backends.choice import VAE_BATCH
+from diffscore.engine.eps_graph import eps_graph
 from diffscore.errors import EngineError
 from diffscore.engine.manifest import GraphSpec, Manifest, PlanSpec, sha256_file, unet_graph
 
@@ -62,7 +63,8 @@ def graphs_for(manifest: Manifest, precision: str) -> list[str]:
             f"the engine has no {precision} UNet graph ({unet}), only {sorted(manifest.graphs)}; "
             "export the fp16 graph or calibrate the int8 one first"
         )
-    return [g for g in ("text_encoder", "vae_encoder") if g in manifest.graphs] + [unet]
+    eps = [eps_graph(precision)] if eps_graph(precision) in manifest.graphs else []  # the ε̂-only UNet, if exported
+    return [g for g in ("text_encoder", "vae_encoder") if g in manifest.graphs] + [unet] + eps
 
 
 def plan_file(graph: str, gpu: str, version: str, precision: str) -> str:
