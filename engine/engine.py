@@ -46,9 +46,10 @@ def load(engine_dir: str | Path, backend: str = "auto", device: int = 0, precisi
     device: GPU index for the GPU backends.
     precision: the UNet graph to run: "fp32", "fp16" (`export --precision fp16`) or "int8" (`diffscore calibrate`).
     threads: intra-op threads per runner (default: the backend's choice).
-    runners: graph role ("text_encoder", "vae_encoder", "unet") -> a runner to use instead of the one the
-        backend would open (any object with the runner contract of engine/backends/base.py), e.g. a
-        candidate INT8 UNet under test or the torch reference.
+    runners: graph role ("text_encoder", "vae_encoder", "unet", "unet_eps") -> a runner to use instead of the one
+        the backend would open (any object with the runner contract of engine/backends/base.py), e.g. a
+        candidate INT8 UNet under test or the torch reference. "unet_eps" runs the ε̂-only methods (classify);
+        a given "unet" alone runs everything.
     verify: also check every file's sha256 against the manifest (slow for multi-GB graphs; loading
         always checks containment, presence, sizes and each graph's input/output signature).
     Use it as a context manager (or call `close()`) to release the sessions and worker threads.
@@ -87,10 +88,12 @@ def load(engine_dir: str | Path, backend: str = "auto", device: int = 0, precisi
     if workers is None:
         workers = cpu_workers(manifest, backend, threads)
     given = dict(runners or {})
-    unknown = set(given) - {"text_encoder", "vae_encoder", "unet"}
+    unknown = set(given) - {"text_encoder", "vae_encoder", "unet", EPS_ROLE}
     if unknown:
-        raise EngineError(f"runner overrides for {sorted(unknown)}: only text_encoder, vae_encoder and unet can be replaced")
-    eps_only = "unet" not in given and has_eps_graph(manifest, precision, backend, device)  # issue 27: see below
+        raise EngineError(f"runner overrides for {sorted(unknown)}: only text_encoder, vae_encoder, unet and "
+                          f"{EPS_ROLE} can be replaced")
+    # issue 27: the ε̂-only graph (given, or the engine's own unless the scoring UNet is given); see below
+    eps_only = EPS_ROLE in given or ("unet" not in given and has_eps_graph(manifest, precision, backend, device))
     names = [g for g in ("text_encoder", "vae_encoder") if g in manifest.graphs] + ([] if eps_only else [unet])
     runners = {
         name.split(".")[0]: given.get(name.split(".")[0])
@@ -101,8 +104,8 @@ def load(engine_dir: str | Path, backend: str = "auto", device: int = 0, precisi
     if eps_only:  # issue 27: the ε̂-only graph runs classify; the scoring graph opens when scores are read
         open_unet = lambda graph: make_runner(engine_dir, manifest, graph, backend, device, threads,  # noqa: E731
                                               workers=workers, precision=precision)
-        runners[EPS_ROLE] = open_unet(eps_graph(precision))
-        runners["unet"] = Deferred(lambda: open_unet(unet), unet)
+        runners[EPS_ROLE] = given.get(EPS_ROLE) or open_unet(eps_graph(precision))
+        runners["unet"] = given.get("unet") or Deferred(lambda: open_unet(unet), unet)
     if "unet" not in given:  # the engine reads ε̂ and the scores of the UNet graph, never its features.* maps
         runners["unet"].fetch = {"eps", "attn_scores"}
     engine = Engine(engine_dir, manifest, runners, backend, precision, workers, device, threads)
