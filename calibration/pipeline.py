@@ -67,6 +67,7 @@ def calibrate(engine_dir: str | Path, *, images, labels: list[str] | None, sourc
     import onnx
 
     from diffscore.calibration import dataset, quantize, sensitivity, smoothquant
+    from diffscore.export.fp16 import on_fp16_base
     from diffscore.engine.options import check_labels
 
     engine_dir = Path(engine_dir)
@@ -128,13 +129,18 @@ def calibrate(engine_dir: str | Path, *, images, labels: list[str] | None, sourc
                     swap, fp32_path, cal, val_images, labels, method=method, ranges_cache=ranges, start=keep,
                     ranking=rows, reference=reference)
                 steps += more
+        gate16 = None
+        if gate is not None:  # the TensorRT build's fp16-base variant of the same graph, gated the same way
+            gate16 = sensitivity.decision_gate(swap, on_fp16_base(model), val_images, labels, reference)
+            log.info("fp16 base -> %s", gate16)
         total = None
         if report:  # the written UNet, measured like a single layer
             images = val_images[:SENSITIVITY_IMAGES]
             want = swap.use(None).scores(images, labels)
             got = swap.use(model).scores(images, labels)
             total = sensitivity.LayerSensitivity("unet.int8", *sensitivity.score_error(got, want))
-        result = _install(engine_dir, manifest, work, model, cal, method=method, keep=keep, gate=gate, auto=auto,
+        result = _install(engine_dir, manifest, work, model, cal, method=method, keep=keep, gate=gate, gate16=gate16,
+                          auto=auto,
                           smoothquant={"alpha": smoothquant_alpha, "norms": smoothed} if smoothed else None)
     finally:
         swap.close()
@@ -144,7 +150,7 @@ def calibrate(engine_dir: str | Path, *, images, labels: list[str] | None, sourc
                              gate, rows, steps, total)
 
 
-def _install(engine_dir: Path, manifest: Manifest, work: Path, model, cal, *, method, keep, gate, auto,
+def _install(engine_dir: Path, manifest: Manifest, work: Path, model, cal, *, method, keep, gate, gate16, auto,
              smoothquant: dict | None) -> CalibrationRecord:
     """Move the calibration set and the INT8 graph into the engine directory and record them."""
     from diffscore.calibration.dataset import CALIBRATION_FILE
@@ -169,7 +175,8 @@ def _install(engine_dir: Path, manifest: Manifest, work: Path, model, cal, *, me
         file=CALIBRATION_FILE, sha256=sha256_files([path]), size=path.stat().st_size, samples=len(cal), method=method,
         **{k: cal.meta[k] for k in ("seed", "source", "labels", "template", "stages", "dsd_steps")},
         graph=INT8_GRAPH, float_layers=list(keep), auto=auto, smoothquant=smoothquant,
-        gate=None if gate is None else {"agreement": gate.measured, "images": gate.images, "min_agreement": gate.bound},
+        gate=None if gate is None else {"agreement": gate.measured, "images": gate.images, "min_agreement": gate.bound,
+                                        **fp16_base_record(gate16)},
     )
     manifest.graphs[INT8_GRAPH] = spec
     manifest.graphs[eps_key] = eps_spec
@@ -177,3 +184,8 @@ def _install(engine_dir: Path, manifest: Manifest, work: Path, model, cal, *, me
     manifest.save(engine_dir)
     log.info("wrote %s and %s (%d layers float)", INT8_FILE, CALIBRATION_FILE, len(keep))
     return record
+
+
+def fp16_base_record(gate16) -> dict:
+    """The gate of the fp16-base variant TensorRT builds INT8 plans from (export.fp16.on_fp16_base), if it ran."""
+    return {} if gate16 is None else {"fp16_base_agreement": gate16.measured, "fp16_base_passed": bool(gate16.passed)}

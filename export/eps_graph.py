@@ -24,21 +24,30 @@ def prune_to(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
     wanted = set(outputs)
     missing = wanted - {o.name for o in graph.output}
     assert not missing, f"the graph has no outputs {sorted(missing)}"
-    needed, keep = set(wanted), []
-    for node in reversed(graph.node):  # ONNX nodes are topologically sorted: one backward sweep suffices
-        if any(o in needed for o in node.output):
-            keep.append(node)
-            needed.update(i for i in node.input if i)
-            for attr in node.attribute:  # a subgraph (If/Loop) reads outer names too
-                for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                    needed.update(i for n in sub.node for i in n.input if i)
+    producer = {o: i for i, node in enumerate(graph.node) for o in node.output}
+    # a walk back from the outputs, not one reverse sweep: converters append nodes out of order (the fp16
+    # converter's input Casts come last), which ONNX Runtime accepts and sorts itself
+    needed, todo, kept = set(wanted), list(wanted), set()
+    while todo:
+        i = producer.get(todo.pop())
+        if i is None or i in kept:
+            continue  # a graph input or an initializer, or a node already taken
+        kept.add(i)
+        node = graph.node[i]
+        reads = [x for x in node.input if x]
+        for attr in node.attribute:  # a subgraph (If/Loop) reads outer names too
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                reads += [x for n in sub.node for x in n.input if x]
+        todo += [x for x in reads if x not in needed]
+        needed.update(reads)
+    keep = [graph.node[i] for i in sorted(kept)]  # the original order
     out = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name,
                           producer_version=model.producer_version)  # not CopyFrom: that would copy every weight
     out.opset_import.extend(model.opset_import)
     out.functions.extend(model.functions)
     out.graph.name = graph.name
     out.graph.input.extend(graph.input)
-    out.graph.node.extend(reversed(keep))
+    out.graph.node.extend(keep)
     out.graph.output.extend(o for o in graph.output if o.name in wanted)
     out.graph.initializer.extend(t for t in graph.initializer if t.name in needed)
     out.graph.value_info.extend(v for v in graph.value_info if v.name in needed)
