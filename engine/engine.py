@@ -17,7 +17,7 @@ import numpy as np
 from diffscore.engine.backends.base import Runner
 from diffscore.engine.backends.choice import BACKENDS, GPU_BATCH, VAE_BATCH, cpu_workers, make_runner, resolve_backend
 from diffscore.engine.conditioning import PromptCache, TextConditioning, read_tokenizer
-from diffscore.engine.eps_graph import EPS_ROLE, Deferred, eps_graph, has_eps_graph
+from diffscore.engine.eps_graph import EPS_ROLE, eps_graph, has_eps_graph
 from diffscore.engine.heads import HeadScoring
 from diffscore.engine.images import IMAGE_WINDOW, count_images, image_windows, preprocess_batch
 from diffscore.errors import EngineError
@@ -94,18 +94,16 @@ def load(engine_dir: str | Path, backend: str = "auto", device: int = 0, precisi
                           f"{EPS_ROLE} can be replaced")
     # issue 27: the ε̂-only graph (given, or the engine's own unless the scoring UNet is given); see below
     eps_only = EPS_ROLE in given or ("unet" not in given and has_eps_graph(manifest, precision, backend, device))
-    names = [g for g in ("text_encoder", "vae_encoder") if g in manifest.graphs] + ([] if eps_only else [unet])
+    names = [g for g in ("text_encoder", "vae_encoder") if g in manifest.graphs] + [unet]
     runners = {
         name.split(".")[0]: given.get(name.split(".")[0])
         or make_runner(engine_dir, manifest, name, backend, device, threads, workers=workers,
                        precision=precision if name == unet else "fp32")
         for name in names
     }
-    if eps_only:  # issue 27: the ε̂-only graph runs classify; the scoring graph opens when scores are read
-        open_unet = lambda graph: make_runner(engine_dir, manifest, graph, backend, device, threads,  # noqa: E731
-                                              workers=workers, precision=precision)
-        runners[EPS_ROLE] = given.get(EPS_ROLE) or open_unet(eps_graph(precision))
-        runners["unet"] = given.get("unet") or Deferred(lambda: open_unet(unet), unet)
+    if eps_only:  # issue 27: the ε̂-only graph runs classify, the scoring graph the methods that read scores
+        runners[EPS_ROLE] = given.get(EPS_ROLE) or make_runner(engine_dir, manifest, eps_graph(precision), backend,
+                                                               device, threads, workers=workers, precision=precision)
     if "unet" not in given:  # the engine reads ε̂ and the scores of the UNet graph, never its features.* maps
         runners["unet"].fetch = {"eps", "attn_scores"}
     engine = Engine(engine_dir, manifest, runners, backend, precision, workers, device, threads)

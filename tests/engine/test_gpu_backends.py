@@ -27,11 +27,19 @@ ONNX_TYPES = {onnx.TensorProto.FLOAT: "FLOAT", onnx.TensorProto.FLOAT16: "HALF",
               onnx.TensorProto.INT32: "INT32"}
 
 
+PARSED = []  # (graph file, DequantizeLinear scale types) per graph the fake parser read
+
+
 def onnx_io(path):
     """What the fake parser reads from an ONNX graph: its inputs and outputs (names and types from the file, shapes
     from the manifest beside it, whose symbolic axes the exporter names freely); eps copies sample (identity)."""
-    graph = onnx.load(path, load_external_data=False).graph
-    spec = next(g for g in Manifest.load(Path(path).parent).graphs.values() if g.file == Path(path).name)
+    model = onnx.load(path, load_external_data=False)
+    graph, name = model.graph, Path(path).name
+    if name.endswith(".fp16-base.onnx"):  # build-trt's INT8 variant, written beside the graph for the build
+        name = name[1:].removesuffix(".fp16-base.onnx")
+    inits = {t.name: t.data_type for t in graph.initializer}
+    PARSED.append((name, {inits.get(n.input[1]) for n in graph.node if n.op_type == "DequantizeLinear"}))
+    spec = next(g for g in Manifest.load(Path(path).parent).graphs.values() if g.file == name)
     shapes = {t.name: [-1 if d == "batch" else d for d in t.shape] for t in spec.inputs + spec.outputs}
     kind = lambda v: ONNX_TYPES[v.type.tensor_type.elem_type]
     inputs = {v.name: (kind(v), shapes[v.name]) for v in graph.input}
@@ -392,3 +400,34 @@ def test_the_engine_uploads_its_prompt_embeddings_once_per_call(gpu):
         eng.classify([np.zeros((16, 16, 3), np.uint8)], ["cat", "dog"], stages=[(8, 1)], loss="l2")
         uploads = [c for c in cudart.copies if c[0] == "cudaMemcpyHostToDevice" and c[3] == table.nbytes]
         assert len(uploads) == 1  # 16 pairs in 4 UNet calls, one upload of the two prompts' embeddings
+
+
+def test_int8_plans_are_built_from_the_fp16_base_variant(gpu):
+    """build-trt --precision int8 parses the Q/DQ graph with fp16 scales and float part (export.fp16.on_fp16_base),
+    as NVIDIA's demo/Diffusion builds INT8, and leaves no temporary file behind."""
+    from diffscore.calibration.dataset import CalibrationSet
+    from diffscore.calibration.quantize import quantize_unet
+    from diffscore.export.eps_graph import write_eps_graph
+    from diffscore.export.onnx_export import save_graph
+
+    _, _, engine_dir = gpu()
+    manifest = Manifest.load(engine_dir)
+    n, rng = 4, np.random.default_rng(0)
+    cal = CalibrationSet(sample=rng.standard_normal((n, *manifest.sample_shape), dtype=np.float32),
+                         timestep=np.linspace(50, 950, n).astype(np.float32), prompt_row=np.arange(n) % 2,
+                         embeddings=rng.standard_normal((2, manifest.max_length, manifest.text_hidden_size),
+                                                        dtype=np.float32),
+                         image_row=np.arange(n), noise_row=np.arange(n), workload=np.zeros(n, dtype=np.int64))
+    unet = manifest.graphs["unet"]
+    model = quantize_unet(engine_dir / unet.file, cal)
+    manifest.graphs["unet.int8"] = save_graph(model, engine_dir, "unet.int8.onnx", unet.inputs, unet.outputs, "int8")
+    manifest.graphs["unet_eps.int8"] = write_eps_graph(engine_dir, manifest.graphs["unet.int8"], "int8")
+    manifest.save(engine_dir)
+    PARSED.clear()
+    plans = build_plans(engine_dir, precision="int8", max_batch=4)
+    parsed = dict(PARSED)
+    assert {p.graph: p.precision for p in plans if "unet" in p.graph} == {"unet.int8": "int8", "unet_eps.int8": "int8"}
+    for file in ("unet.int8.onnx", "unet_eps.int8.onnx"):
+        assert parsed[file] == {onnx.TensorProto.FLOAT16}, parsed  # every scale fp16: the fp16 base
+    assert parsed["text_encoder.onnx"] == set()  # the encoders stay the fp32 graphs
+    assert not list(engine_dir.glob(".*fp16-base*"))
