@@ -310,83 +310,86 @@ def _feed(batch, seed, table=None, rows=None):
     return {"x": rng.standard_normal((batch, 3), dtype=np.float32), "emb": emb}
 
 
-def test_buffers_are_allocated_once_and_every_copy_goes_through_pinned_memory(tmp_path):
+@pytest.fixture
+def fakes():
+    """(trt, cudart): a fake pair installed while the test runs."""
     cudart = FakeCudart()
-    with installed(fake_tensorrt(cudart), cudart):
-        runner = _identity_runner(tmp_path, cudart)
-        allocations = len(cudart.calls.named("cudaMalloc")) + len(cudart.calls.named("cudaMallocHost"))
-        assert len(cudart.calls.named("cudaMallocHost")) == 4  # one pinned buffer per input and output
-        for batch, seed in ((8, 0), (3, 1), (8, 2), (5, 3)):
-            feed = _feed(batch, seed)
-            out = runner.infer(feed)
-            assert np.array_equal(out["y"], feed["x"]) and np.array_equal(out["emb_out"], feed["emb"])
-        assert len(cudart.calls.named("cudaMalloc")) + len(cudart.calls.named("cudaMallocHost")) == allocations
-        host_side = [(dst, src) for kind, dst, src, _ in cudart.copies if kind != "cudaMemcpyDeviceToDevice"]
-        assert host_side and all(src in cudart.pinned or dst in cudart.pinned for dst, src in host_side)
-        kept = out["y"].copy()
-        runner.infer(_feed(8, 9))
-        assert np.array_equal(out["y"], kept)  # results are the caller's: the next call does not overwrite them
-        runner.close()
+    trt = fake_tensorrt(cudart)
+    with installed(trt, cudart):
+        yield trt, cudart
+
+
+def test_buffers_are_allocated_once_and_every_copy_goes_through_pinned_memory(tmp_path, fakes):
+    _, cudart = fakes
+    runner = _identity_runner(tmp_path, cudart)
+    allocations = len(cudart.calls.named("cudaMalloc")) + len(cudart.calls.named("cudaMallocHost"))
+    assert len(cudart.calls.named("cudaMallocHost")) == 4  # one pinned buffer per input and output
+    for batch, seed in ((8, 0), (3, 1), (8, 2), (5, 3)):
+        feed = _feed(batch, seed)
+        out = runner.infer(feed)
+        assert np.array_equal(out["y"], feed["x"]) and np.array_equal(out["emb_out"], feed["emb"])
+    assert len(cudart.calls.named("cudaMalloc")) + len(cudart.calls.named("cudaMallocHost")) == allocations
+    host_side = [(dst, src) for kind, dst, src, _ in cudart.copies if kind != "cudaMemcpyDeviceToDevice"]
+    assert host_side and all(src in cudart.pinned or dst in cudart.pinned for dst, src in host_side)
+    kept = out["y"].copy()
+    runner.infer(_feed(8, 9))
+    assert np.array_equal(out["y"], kept)  # results are the caller's: the next call does not overwrite them
+    runner.close()
     assert not cudart.buffers and not cudart.pinned  # device, pinned and activation memory all returned
 
 
-def test_a_prompt_tables_rows_upload_the_table_once_and_gather_on_the_gpu(tmp_path):
-    cudart = FakeCudart()
+def test_a_prompt_tables_rows_upload_the_table_once_and_gather_on_the_gpu(tmp_path, fakes):
+    _, cudart = fakes
     rng = np.random.default_rng(0)
     table, other = (rng.standard_normal((5, 2, 2), dtype=np.float32) for _ in range(2))
-    with installed(fake_tensorrt(cudart), cudart):
-        runner = _identity_runner(tmp_path, cudart)
-        uploads = lambda: [c for c in cudart.copies if c[0] == "cudaMemcpyHostToDevice" and c[3] == table.nbytes]
-        device_copies = {}
-        for rows in ([0, 0, 3, 3], [4, 1, 2, 3, 0, 0], [2]):  # one prompt set: one upload, whatever the rows
-            rows, before = np.array(rows), len(cudart.copies)
-            out = runner.infer(_feed(len(rows), 1, table, rows))
-            assert np.array_equal(out["emb_out"], table[rows])
-            device_copies[len(rows)] = [c[3] for c in cudart.copies[before:] if c[0] == "cudaMemcpyDeviceToDevice"]
-        assert len(uploads()) == 1
-        # [4, 1, 2, 3, 0, 0]: one copy per run of consecutive rows (16 bytes a row), then the network's own two
-        assert device_copies[6] == [16, 48, 16, 16, 6 * 12, 6 * 16]
-        out = runner.infer(_feed(2, 1, other, np.array([1, 0])))  # a new prompt set: uploaded once more
-        assert np.array_equal(out["emb_out"], other[[1, 0]]) and len(uploads()) == 2
-        rows_sent = [c for c in cudart.copies if c[0] == "cudaMemcpyHostToDevice" and c[3] in (4 * 16, 6 * 16, 16)]
-        assert not rows_sent  # the gathered (B, 2, 2) rows never cross from the host: only the table did
-        runner.close()
+    runner = _identity_runner(tmp_path, cudart)
+    uploads = lambda: [c for c in cudart.copies if c[0] == "cudaMemcpyHostToDevice" and c[3] == table.nbytes]
+    device_copies = {}
+    for rows in ([0, 0, 3, 3], [4, 1, 2, 3, 0, 0], [2]):  # one prompt set: one upload, whatever the rows
+        rows, before = np.array(rows), len(cudart.copies)
+        out = runner.infer(_feed(len(rows), 1, table, rows))
+        assert np.array_equal(out["emb_out"], table[rows])
+        device_copies[len(rows)] = [c[3] for c in cudart.copies[before:] if c[0] == "cudaMemcpyDeviceToDevice"]
+    assert len(uploads()) == 1
+    # [4, 1, 2, 3, 0, 0]: one copy per run of consecutive rows (16 bytes a row), then the network's own two
+    assert device_copies[6] == [16, 48, 16, 16, 6 * 12, 6 * 16]
+    out = runner.infer(_feed(2, 1, other, np.array([1, 0])))  # a new prompt set: uploaded once more
+    assert np.array_equal(out["emb_out"], other[[1, 0]]) and len(uploads()) == 2
+    rows_sent = [c for c in cudart.copies if c[0] == "cudaMemcpyHostToDevice" and c[3] in (4 * 16, 6 * 16, 16)]
+    assert not rows_sent  # the gathered (B, 2, 2) rows never cross from the host: only the table did
+    runner.close()
     assert not cudart.buffers
 
 
-def test_the_engines_contexts_share_one_activation_block(tmp_path):
-    cudart = FakeCudart()
-    trt = fake_tensorrt(cudart)
-    with installed(trt, cudart):
-        small = _identity_runner(tmp_path, cudart, "small", activations=1000)
-        big = _identity_runner(tmp_path, cudart, "big", activations=5000)
-        assert [c[1] for c in trt.calls.named("create_execution_context")] == ["USER_MANAGED"] * 2
-        blocks = [c for c in cudart.calls.named("cudaMalloc") if c[2] in (1000, 5000)]
-        assert [c[2] for c in blocks] == [1000, 5000]  # grown once to the larger need, the smaller one freed
-        memory = trt.calls.named("set_device_memory")
-        assert {(address, size) for _, address, size in memory[-2:]} == {(memory[-1][1], 1000), (memory[-1][1], 5000)}
-        for runner in (small, big):  # both run on the shared block
-            feed = _feed(4, 0)
-            assert np.array_equal(runner.infer(feed)["y"], feed["x"])
-        small.close()
-        assert memory[-1][1] in cudart.buffers  # still in use by the other context
-        big.close()
+def test_the_engines_contexts_share_one_activation_block(tmp_path, fakes):
+    trt, cudart = fakes
+    small = _identity_runner(tmp_path, cudart, "small", activations=1000)
+    big = _identity_runner(tmp_path, cudart, "big", activations=5000)
+    assert [c[1] for c in trt.calls.named("create_execution_context")] == ["USER_MANAGED"] * 2
+    blocks = [c for c in cudart.calls.named("cudaMalloc") if c[2] in (1000, 5000)]
+    assert [c[2] for c in blocks] == [1000, 5000]  # grown once to the larger need, the smaller one freed
+    memory = trt.calls.named("set_device_memory")
+    assert {(address, size) for _, address, size in memory[-2:]} == {(memory[-1][1], 1000), (memory[-1][1], 5000)}
+    for runner in (small, big):  # both run on the shared block
+        feed = _feed(4, 0)
+        assert np.array_equal(runner.infer(feed)["y"], feed["x"])
+    small.close()
+    assert memory[-1][1] in cudart.buffers  # still in use by the other context
+    big.close()
     assert not cudart.buffers
 
 
-def test_cuda_graphs_are_captured_once_per_batch_size_and_replayed(tmp_path):
-    cudart = FakeCudart()
-    trt = fake_tensorrt(cudart)
-    with installed(trt, cudart):
-        runner = _identity_runner(tmp_path, cudart, cuda_graphs=True)
-        for i, batch in enumerate((3, 3, 5, 3, 5, 8)):
-            feed = _feed(batch, i)
-            out = runner.infer(feed)  # replays copy this call's inputs, not the captured call's
-            assert np.array_equal(out["y"], feed["x"]) and np.array_equal(out["emb_out"], feed["emb"])
-        assert len(cudart.calls.named("cudaStreamBeginCapture")) == 3  # batches 3, 5 and 8
-        assert len(cudart.calls.named("cudaGraphLaunch")) == 3  # the second 3, the second 5, the third 3
-        assert len(trt.calls.named("execute_async_v3")) == 6  # per bucket: one run to settle shapes, one captured
-        runner.close()
+def test_cuda_graphs_are_captured_once_per_batch_size_and_replayed(tmp_path, fakes):
+    trt, cudart = fakes
+    runner = _identity_runner(tmp_path, cudart, cuda_graphs=True)
+    for i, batch in enumerate((3, 3, 5, 3, 5, 8)):
+        feed = _feed(batch, i)
+        out = runner.infer(feed)  # replays copy this call's inputs, not the captured call's
+        assert np.array_equal(out["y"], feed["x"]) and np.array_equal(out["emb_out"], feed["emb"])
+    assert len(cudart.calls.named("cudaStreamBeginCapture")) == 3  # batches 3, 5 and 8
+    assert len(cudart.calls.named("cudaGraphLaunch")) == 3  # the second 3, the second 5, the third 3
+    assert len(trt.calls.named("execute_async_v3")) == 6  # per bucket: one run to settle shapes, one captured
+    runner.close()
     assert cudart.graphs == 0 and not cudart.buffers
 
 
