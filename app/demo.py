@@ -13,6 +13,7 @@ import numpy as np
 from diffscore.app.digits import CLASS_NAMES, DEFAULT_TEMPLATE, load_digits_split
 from diffscore.errors import EngineError
 from diffscore.engine.cache import cache_root
+from diffscore.engine.eps_graph import eps_graph
 from diffscore.engine.manifest import Manifest, folder_sha256, unet_graph
 from diffscore.kernels import RaceConfig
 
@@ -42,7 +43,7 @@ def demo_engine_dir(model_dir: Path = DEMO_MODEL, precisions=("fp32",)) -> Path:
             log.warning("rebuilding the cached demo engine %s (%s)", out, e)
             remove_cached(out)
             manifest = None
-        if manifest is not None and all(unet_graph(p) in manifest.graphs for p in precisions):
+        if manifest is not None and all(g(p) in manifest.graphs for p in precisions for g in (unet_graph, eps_graph)):
             return add_demo_profile(out) if manifest.timestep_profile is None else out
     from diffscore.export.onnx_export import export_engine
 

@@ -67,8 +67,13 @@ def peak_rss_gb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB
 
 
-PATHS = ["torch fp32", "ONNX Runtime fp32", "OpenVINO fp32", "OpenVINO bf16", "quantize", "ONNX Runtime int8",
-         "OpenVINO int8"]
+PATHS = ["torch fp32", "ONNX Runtime fp32", "ONNX Runtime fp32 ε̂-only", "OpenVINO fp32", "OpenVINO bf16", "quantize",
+         "ONNX Runtime int8", "OpenVINO int8", "OpenVINO int8 ε̂-only", "ONNX Runtime fp32 ε̂-only + ORT optimizer"]
+EPS_ONLY = " ε̂-only"  # the ε̂-only graph (export/eps_graph.py) of the same precision: no score capture
+# ONNX Runtime's transformer optimizer, model type "unet", with the fusions whose ops have CUDA kernels only
+# (GroupNorm, SkipGroupNorm, BiasSplitGelu, NhwcConv, BiasAdd) turned off, so that the CPU can run the result
+CUDA_ONLY_FUSIONS = ("enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu", "enable_nhwc_conv",
+                     "enable_bias_add")
 
 
 def main() -> None:
@@ -79,6 +84,10 @@ def main() -> None:
     parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the INT8 UNet (quantizing takes minutes)")
     parser.add_argument("--update-docs", action="store_true")
     parser.add_argument("--resume", action="store_true", help="keep the export and the paths already timed in --workdir")
+    parser.add_argument("--paths", help="comma-separated paths to time (default: all); " + "; ".join(PATHS))
+    parser.add_argument("--result", choices=("export_sd", "export_sd_capture"), default="export_sd",
+                        help="the result and docs block to write: export_sd_capture holds the with/without score "
+                             "capture rows (--paths of those)")
     parser.add_argument("--child", choices=PATHS, help=argparse.SUPPRESS)  # one path, in its own process
     args = parser.parse_args()
     if args.child:
@@ -114,7 +123,10 @@ def main() -> None:
 
     # Each path in a process of its own: its peak memory is its own, and one path's sessions cannot
     # push another's out of memory (all of them in one process did not fit 23 GB).
-    for path in PATHS:
+    chosen = PATHS if not args.paths else [p.strip() for p in args.paths.split(",")]
+    if set(chosen) - set(PATHS):
+        raise SystemExit(f"--paths: unknown {sorted(set(chosen) - set(PATHS))}; choose from {PATHS}")
+    for path in (p for p in PATHS if p in chosen):
         if (path == "OpenVINO bf16" and not cpu_has_bf16()) or (not args.int8 and ("int8" in path or path == "quantize")):
             continue
         if path in state["peaks"]:
@@ -130,14 +142,18 @@ def main() -> None:
         state["params_m"] = row.get("unet_params_M", state["params_m"])
         if path == "quantize":
             state["quantize_s"] = row["seconds"]
-        else:
+        elif row["ms_per_pass"] is not None:
             state["ms"][path] = row["ms_per_pass"]
+        if "optimizer" in row:
+            state["optimizer"] = row["optimizer"]
         state_file.write_text(json.dumps(state))
         print(f"   {row}", flush=True)
     ms, peaks, quantize_s, params_m = state["ms"], state["peaks"], state["quantize_s"], state["params_m"]
     build_s, export_s = state["build_s"], state["export_s"]
-    outputs = {k: np.load(args.workdir / f"out-{k}.npz") for k in ("torch", "ort")}
+    outputs = {k: np.load(f) for k in ("torch", "ort", "ort-eps", "ort-eps-opt") if (f := args.workdir / f"out-{k}.npz").exists()}
     verdicts = [compare(f"unet:{n}", outputs["ort"][n], outputs["torch"][n], 1e-4) for n in ("eps", "attn_scores")]
+    verdicts += [compare(f"{key}:eps", outputs[key]["eps"], outputs["torch"]["eps"], 1e-4)
+                 for key in ("ort-eps", "ort-eps-opt") if key in outputs]
     result = {
         "unet_params_M": params_m, "build_model_s": build_s, "export_s": export_s, "peak_rss_gb": max(peaks.values()),
         "peak_rss_gb_of_process": peaks,
@@ -145,15 +161,15 @@ def main() -> None:
         "batch": B, "ms_per_pass": ms, "speedup_vs_torch": {k: ms["torch fp32"] / v for k, v in ms.items()},
         "torch_ms_per_pass": ms["torch fp32"], "ort_ms_per_pass": ms["ONNX Runtime fp32"],
         "ort_speedup": ms["torch fp32"] / ms["ONNX Runtime fp32"],
-        "quantize_s": quantize_s,
+        "quantize_s": quantize_s, "ort_optimizer": state.get("optimizer"),
         "parity": {v.name: {"max_abs": v.max_abs, "max_rel": v.max_rel, "passed": v.passed} for v in verdicts},
         "tensorrt_unsupported_ops": {g: unsupported_ops(engine / s.file) for g, s in manifest.graphs.items()},
     }
-    path = write_result("export_sd", result)
+    path = write_result(args.result, result)
     print(json.dumps(result, indent=1))
     print(f"wrote {path}")
     if args.update_docs:
-        update_docs("export_sd", readme_table(json.loads(path.read_text())))
+        update_docs(args.result, readme_table(json.loads(path.read_text())))
 
 
 def run_path(path: str, workdir: Path) -> dict:
@@ -166,12 +182,22 @@ def run_path(path: str, workdir: Path) -> dict:
     engine = workdir / "engine"
     manifest = Manifest.load(engine)
     feed = dict(np.load(workdir / "feed.npz"))
-    int8_spec = workdir / "unet.int8.spec.json"  # the timing-only INT8 graph is not put in the manifest
+    int8_spec = workdir / "unet.int8.spec.json"  # the timing-only INT8 graphs are not put in the manifest
     if path == "quantize":
+        from diffscore.export.eps_graph import write_eps_graph
+
         start = time.perf_counter()
         spec = quantize_for_timing(engine, manifest, feed)
+        seconds = time.perf_counter() - start
         int8_spec.write_text(json.dumps(dataclasses.asdict(spec)))
-        return {"seconds": time.perf_counter() - start, "peak_rss_gb": peak_rss_gb()}
+        eps_spec = write_eps_graph(engine, spec, "int8")
+        (workdir / "unet_eps.int8.spec.json").write_text(json.dumps(dataclasses.asdict(eps_spec)))
+        return {"seconds": seconds, "peak_rss_gb": peak_rss_gb()}
+    optimizer = None
+    if path.endswith("ORT optimizer"):
+        optimizer, spec = ort_optimize(engine, manifest.graphs["unet_eps"], workdir)
+        if spec is None:  # nothing to time: the report says why
+            return {"ms_per_pass": None, "peak_rss_gb": peak_rss_gb(), "optimizer": optimizer}
     if path == "torch fp32":
         import torch
 
@@ -185,9 +211,15 @@ def run_path(path: str, workdir: Path) -> dict:
             with torch.inference_mode():
                 return dict(zip(["eps", "attn_scores"], (t.numpy() for t in unet(*tin))))
     else:
-        spec = GraphSpec(**json.loads(int8_spec.read_text())) if path.endswith("int8") else manifest.graphs["unet"]
-        runner = (OnnxRuntimeRunner(engine / spec.file, spec) if path.startswith("ONNX") else
-                  OpenVINORunner(engine / spec.file, spec, path.split()[-1]))
+        eps_only = EPS_ONLY in path
+        if optimizer is None and "int8" in path:
+            spec_file = workdir / "unet_eps.int8.spec.json" if eps_only else int8_spec
+            spec = GraphSpec(**json.loads(spec_file.read_text()))
+        elif optimizer is None:
+            spec = manifest.graphs["unet_eps" if eps_only else "unet"]
+        folder = workdir if optimizer is not None else engine
+        runner = (OnnxRuntimeRunner(folder / spec.file, spec) if path.startswith("ONNX") else
+                  OpenVINORunner(folder / spec.file, spec, path.replace(EPS_ONLY, "").split()[-1]))
         call = lambda: runner.infer(feed)  # noqa: E731
     out = call()  # warm-up: session set-up, compilation, first-run allocations
     seconds = []
@@ -195,13 +227,59 @@ def run_path(path: str, workdir: Path) -> dict:
         start = time.perf_counter()
         call()
         seconds.append(time.perf_counter() - start)
-    kept = {"torch fp32": "torch", "ONNX Runtime fp32": "ort"}
+    kept = {"torch fp32": "torch", "ONNX Runtime fp32": "ort", "ONNX Runtime fp32 ε̂-only": "ort-eps",
+            "ONNX Runtime fp32 ε̂-only + ORT optimizer": "ort-eps-opt"}
     if path in kept:
         np.savez(workdir / f"out-{kept[path]}.npz", **out)
     row = {"ms_per_pass": 1000 * min(seconds) / len(feed["timestep"]), "peak_rss_gb": peak_rss_gb()}
+    if optimizer is not None:
+        row["optimizer"] = optimizer
     if path == "torch fp32":
         row["unet_params_M"] = sum(p.numel() for p in unet.parameters()) / 1e6
     return row
+
+
+def ort_optimize(engine: Path, spec, workdir: Path) -> tuple[dict, object]:
+    """ONNX Runtime's transformer optimizer (model type "unet") on the ε̂-only graph, with the CUDA-only fusions off:
+    first with its attention fusion, then without; returns what it did (op counts, errors, whether the CPU loads
+    the result, seconds) and the spec of the first graph that loads, to time."""
+    import onnxruntime as ort
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    report = {}
+    for variant, off in (("cpu-runnable", CUDA_ONLY_FUSIONS),
+                         ("cpu-runnable, no attention fusion", CUDA_ONLY_FUSIONS + ("enable_attention",))):
+        options = FusionOptions("unet")
+        for name in off:
+            setattr(options, name, False)
+        start = time.perf_counter()
+        try:
+            model = optimize_model(str(engine / spec.file), model_type="unet", opt_level=0,
+                                   optimization_options=options, use_gpu=False)
+        except Exception as e:  # noqa: BLE001 - the optimizer's own failure on our graph is the finding
+            report[variant] = {"seconds": time.perf_counter() - start, "error": f"{type(e).__name__}: {e}"[:300],
+                               "cpu_loads": False, "fused_ops": {}, "nodes": 0}
+            continue
+        out = workdir / f"unet_eps.opt-{len(report)}.onnx"
+        model.save_model_to_file(str(out), use_external_data_format=True, all_tensors_to_one_file=True)
+        ops = {}
+        for node in model.model.graph.node:
+            ops[node.op_type] = ops.get(node.op_type, 0) + 1
+        row = {"seconds": time.perf_counter() - start, "fused_ops": {k: v for k, v in ops.items() if k in (
+            "MultiHeadAttention", "Attention", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "NhwcConv", "BiasAdd",
+            "SkipLayerNormalization", "LayerNormalization", "FastGelu", "BiasGelu", "Gelu")}, "nodes": sum(ops.values())}
+        try:
+            options_cpu = ort.SessionOptions()
+            options_cpu.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # loading is the test
+            ort.InferenceSession(str(out), options_cpu, providers=["CPUExecutionProvider"])
+            row["cpu_loads"] = True
+        except Exception as e:  # noqa: BLE001 - what the CPU provider says about the fused graph
+            row["cpu_loads"], row["cpu_error"] = False, str(e).splitlines()[0][:300]
+        report[variant] = row
+        if row["cpu_loads"]:
+            return report, dataclasses.replace(spec, file=out.name, data_files=[f"{out.name}.data"])
+    return report, None
 
 
 def quantize_for_timing(engine: Path, manifest, feed: dict):
@@ -232,7 +310,22 @@ def readme_table(result: dict) -> str:
             "| path | per image-pass | vs torch | vs ONNX Runtime fp32 | peak RSS of its process |\n|---|---|---|---|---|\n"
             f"{rows}\n\nExport {result['export_s']:.0f} s (its process peaked at {peaks['export']:.1f} GB); INT8 quantization "
             f"{result['quantize_s'] or 0:.0f} s, peak {peaks.get('quantize', 0):.1f} GB "
-            "(calibrated on one random latent: timing only).")
+            "(calibrated on one random latent: timing only)." + capture_notes(result))
+
+
+def capture_notes(result: dict) -> str:
+    """The ε̂-only graphs' parity with torch and what ONNX Runtime's transformer optimizer did, where measured."""
+    parity = result.get("parity", {})
+    notes = [f"{name} vs torch: max rel {v['max_rel']:.2g} ({'PASSED' if v['passed'] else 'FAILED'} at 1e-4)"
+             for name, v in parity.items() if name.startswith("ort-eps")]
+    for variant, row in (result.get("ort_optimizer") or {}).items():
+        fused = ", ".join(f"{k} {v}" for k, v in row["fused_ops"].items()) or "nothing fused"
+        if "error" in row:
+            notes.append(f"ORT optimizer ({variant}) failed after {row['seconds']:.0f} s: {row['error']}")
+            continue
+        loads = "loads on the CPU" if row["cpu_loads"] else f"does not load on the CPU ({row.get('cpu_error', '')})"
+        notes.append(f"ORT optimizer ({variant}): {row['nodes']} nodes, {fused}; {loads}; {row['seconds']:.0f} s")
+    return "" if not notes else "\n\n" + "; ".join(notes) + "."
 
 
 if __name__ == "__main__":

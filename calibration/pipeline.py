@@ -67,6 +67,7 @@ def calibrate(engine_dir: str | Path, *, images, labels: list[str] | None, sourc
     import onnx
 
     from diffscore.calibration import dataset, quantize, sensitivity, smoothquant
+    from diffscore.export.fp16 import on_fp16_base
     from diffscore.engine.options import check_labels
 
     engine_dir = Path(engine_dir)
@@ -128,13 +129,18 @@ def calibrate(engine_dir: str | Path, *, images, labels: list[str] | None, sourc
                     swap, fp32_path, cal, val_images, labels, method=method, ranges_cache=ranges, start=keep,
                     ranking=rows, reference=reference)
                 steps += more
+        gate16 = None
+        if gate is not None:  # the TensorRT build's fp16-base variant of the same graph, gated the same way
+            gate16 = sensitivity.decision_gate(swap, on_fp16_base(model), val_images, labels, reference)
+            log.info("fp16 base -> %s", gate16)
         total = None
         if report:  # the written UNet, measured like a single layer
             images = val_images[:SENSITIVITY_IMAGES]
             want = swap.use(None).scores(images, labels)
             got = swap.use(model).scores(images, labels)
             total = sensitivity.LayerSensitivity("unet.int8", *sensitivity.score_error(got, want))
-        result = _install(engine_dir, manifest, work, model, cal, method=method, keep=keep, gate=gate, auto=auto,
+        result = _install(engine_dir, manifest, work, model, cal, method=method, keep=keep, gate=gate, gate16=gate16,
+                          auto=auto,
                           smoothquant={"alpha": smoothquant_alpha, "norms": smoothed} if smoothed else None)
     finally:
         swap.close()
@@ -144,19 +150,24 @@ def calibrate(engine_dir: str | Path, *, images, labels: list[str] | None, sourc
                              gate, rows, steps, total)
 
 
-def _install(engine_dir: Path, manifest: Manifest, work: Path, model, cal, *, method, keep, gate, auto,
+def _install(engine_dir: Path, manifest: Manifest, work: Path, model, cal, *, method, keep, gate, gate16, auto,
              smoothquant: dict | None) -> CalibrationRecord:
     """Move the calibration set and the INT8 graph into the engine directory and record them."""
     from diffscore.calibration.dataset import CALIBRATION_FILE
+    from diffscore.engine.eps_graph import EPS_OUTPUT, eps_graph
+    from diffscore.export.eps_graph import prune_to
     from diffscore.export.onnx_export import save_graph
 
     unet = manifest.graphs["unet"]
     spec = save_graph(model, work, INT8_FILE, unet.inputs, unet.outputs, precision="int8")
-    for file in spec.files:
+    eps_key = eps_graph("int8")  # the ε̂-only cut of the same graph: the same ε̂, the gate's decisions
+    eps_spec = save_graph(prune_to(model, [EPS_OUTPUT]), work, f"{eps_key}.onnx", unet.inputs,
+                          [t for t in unet.outputs if t.name == EPS_OUTPUT], precision="int8")
+    for file in spec.files + eps_spec.files:
         (work / file).replace(engine_dir / file)
     (work / CALIBRATION_FILE).replace(engine_dir / CALIBRATION_FILE)
     for key, plan in list(manifest.plans.items()):  # plans built from an older INT8 graph are stale now
-        if plan.graph == INT8_GRAPH:
+        if plan.graph in (INT8_GRAPH, eps_key):
             resolve_inside(engine_dir, plan.file, f"plan {key}", must_exist=False).unlink(missing_ok=True)
             del manifest.plans[key]
     path = engine_dir / CALIBRATION_FILE
@@ -164,10 +175,17 @@ def _install(engine_dir: Path, manifest: Manifest, work: Path, model, cal, *, me
         file=CALIBRATION_FILE, sha256=sha256_files([path]), size=path.stat().st_size, samples=len(cal), method=method,
         **{k: cal.meta[k] for k in ("seed", "source", "labels", "template", "stages", "dsd_steps")},
         graph=INT8_GRAPH, float_layers=list(keep), auto=auto, smoothquant=smoothquant,
-        gate=None if gate is None else {"agreement": gate.measured, "images": gate.images, "min_agreement": gate.bound},
+        gate=None if gate is None else {"agreement": gate.measured, "images": gate.images, "min_agreement": gate.bound,
+                                        **fp16_base_record(gate16)},
     )
     manifest.graphs[INT8_GRAPH] = spec
+    manifest.graphs[eps_key] = eps_spec
     manifest.calibration = record
     manifest.save(engine_dir)
     log.info("wrote %s and %s (%d layers float)", INT8_FILE, CALIBRATION_FILE, len(keep))
     return record
+
+
+def fp16_base_record(gate16) -> dict:
+    """The gate of the fp16-base variant TensorRT builds INT8 plans from (export.fp16.on_fp16_base), if it ran."""
+    return {} if gate16 is None else {"fp16_base_agreement": gate16.measured, "fp16_base_passed": bool(gate16.passed)}

@@ -105,4 +105,18 @@ class TextConditioning:
                 raise EngineError(f"{self.engine_dir} is an {self.manifest.conditioning} engine: its UNet also takes "
                                   "text_embeds and time_ids; this method builds SD conditioning only")
             conditioning = {"encoder_hidden_states": conditioning}
-        return {name: value[rows] for name, value in conditioning.items()}
+        return {name: take_rows(value, rows) for name, value in conditioning.items()}
+
+
+class Rows(np.ndarray):
+    """table[rows] that remembers `table` and `rows`: a plain array to every backend; the TensorRT runner
+    uploads the table (the prompt set's embeddings, the same object for a whole call) once and gathers the
+    rows on the GPU instead of copying (n, L, D) per call."""
+
+    table = rows = None
+
+
+def take_rows(table: np.ndarray, rows: np.ndarray) -> Rows:
+    out = np.asarray(table)[rows].view(Rows)
+    out.table, out.rows = table, rows
+    return out

@@ -18,6 +18,7 @@ from diffscore.engine.backends.base import Runner
 from diffscore.engine.backends.choice import BACKENDS, GPU_BATCH, VAE_BATCH, cpu_workers, make_runner, resolve_backend
 from diffscore.engine.conditioning import PromptCache, TextConditioning, read_tokenizer
 from diffscore.engine.classify_options import ClassifyOptions, pack
+from diffscore.engine.eps_graph import EPS_ROLE, eps_graph, has_eps_graph
 from diffscore.engine.heads import HeadScoring
 from diffscore.engine.images import IMAGE_WINDOW, count_images, image_windows, preprocess_batch
 from diffscore.engine.manifest import PRECISIONS, Manifest, ScoringDefaults, unet_graph
@@ -42,9 +43,10 @@ def load(engine_dir: str | Path, backend: str = "auto", device: int = 0, precisi
     device: GPU index for the GPU backends.
     precision: the UNet graph to run: "fp32", "fp16" (`export --precision fp16`) or "int8" (`diffscore calibrate`).
     threads: intra-op threads per runner (default: the backend's choice).
-    runners: graph role ("text_encoder", "vae_encoder", "unet") -> a runner to use instead of the one the
-        backend would open (any object with the runner contract of engine/backends/base.py), e.g. a
-        candidate INT8 UNet under test or the torch reference.
+    runners: graph role ("text_encoder", "vae_encoder", "unet", "unet_eps") -> a runner to use instead of the one
+        the backend would open (any object with the runner contract of engine/backends/base.py), e.g. a
+        candidate INT8 UNet under test or the torch reference. "unet_eps" runs the ε̂-only methods (classify);
+        a given "unet" alone runs everything.
     verify: also check every file's sha256 against the manifest (slow for multi-GB graphs; loading
         always checks containment, presence, sizes and each graph's input/output signature).
     Use it as a context manager (or call `close()`) to release the sessions and worker threads.
@@ -82,18 +84,23 @@ def load(engine_dir: str | Path, backend: str = "auto", device: int = 0, precisi
         backend, workers = choose_cpu_backend(engine_dir, manifest, precision, threads)
     if workers is None:
         workers = cpu_workers(manifest, backend, threads)
-    names = [g for g in ("text_encoder", "vae_encoder") if g in manifest.graphs] + [unet]
     given = dict(runners or {})
-    unknown = set(given) - {"text_encoder", "vae_encoder", "unet"}
+    unknown = set(given) - {"text_encoder", "vae_encoder", "unet", EPS_ROLE}
     if unknown:
-        raise EngineError(f"runner overrides for {sorted(unknown)}: "
-                          f"only text_encoder, vae_encoder and unet can be replaced")
+        raise EngineError(f"runner overrides for {sorted(unknown)}: only text_encoder, vae_encoder, unet and "
+                          f"{EPS_ROLE} can be replaced")
+    # issue 27: the ε̂-only graph (given, or the engine's own unless the scoring UNet is given); see below
+    eps_only = EPS_ROLE in given or ("unet" not in given and has_eps_graph(manifest, precision, backend, device))
+    names = [g for g in ("text_encoder", "vae_encoder") if g in manifest.graphs] + [unet]
     runners = {
         name.split(".")[0]: given.get(name.split(".")[0])
         or make_runner(engine_dir, manifest, name, backend, device, threads, workers=workers,
                        precision=precision if name == unet else "fp32")
         for name in names
     }
+    if eps_only:  # issue 27: the ε̂-only graph runs classify, the scoring graph the methods that read scores
+        runners[EPS_ROLE] = given.get(EPS_ROLE) or make_runner(engine_dir, manifest, eps_graph(precision), backend,
+                                                               device, threads, workers=workers, precision=precision)
     if "unet" not in given:  # the engine reads ε̂ and the scores of the UNet graph, never its features.* maps
         runners["unet"].fetch = {"eps", "attn_scores"}
     engine = Engine(engine_dir, manifest, runners, backend, precision, workers, device, threads)
@@ -178,7 +185,7 @@ class Engine(HeadScoring, TextConditioning):
     def default_batch_size(self) -> int:
         """Pairs per UNet call: small samples batch wide on CPU; GPUs and big latents less so. On TensorRT, the
         max_batch of the plan the UNet runs (this GPU's, this precision's), not of other GPUs' plans."""
-        plan_max = getattr(self.runners.get("unet"), "max_batch", None)
+        plan_max = getattr(self.runners.get(EPS_ROLE) or self.runners.get("unet"), "max_batch", None)
         if self.backend == "tensorrt" and plan_max:
             return plan_max
         elements = int(np.prod(self.manifest.sample_shape))
@@ -235,13 +242,15 @@ class Engine(HeadScoring, TextConditioning):
             raise EngineError("no images given")
 
     # --- the UNet over many pairs -------------------------------------------------------------
-    def _run_pairs(self, pairs: Pairs, emb, noise: np.ndarray, loss: str, batch_size: int):
+    def _run_pairs(self, pairs: Pairs, emb, noise: np.ndarray, loss: str, batch_size: int, scores_read: bool = True):
         """Denoising error (n,) and attention scores (n, layers) for every pair, in batches.
-        emb: the prompts' text_conditioning (or, on an SD engine, their encode_text array)."""
-        unet = self.runners["unet"]
+        emb: the prompts' text_conditioning (or, on an SD engine, their encode_text array).
+        scores_read=False: ε̂ only, on the ε̂-only graph where the engine has one (scores then (n, 0))."""
+        eps_only = not scores_read and EPS_ROLE in self.runners
+        unet = self.runners[EPS_ROLE if eps_only else "unet"]
         n = len(pairs.xt_row)
         errors = np.empty(n, dtype=np.float32)
-        scores = np.empty((n, len(self.manifest.attention_layers)), dtype=np.float32)
+        scores = np.empty((n, 0 if eps_only else len(self.manifest.attention_layers)), dtype=np.float32)
 
         def run(sl: slice):
             x_t = pairs.xt[pairs.xt_row[sl]]
@@ -253,7 +262,8 @@ class Engine(HeadScoring, TextConditioning):
             eps_hat = epsilon_from_output(out["eps"], x_t, self.alphas_cumprod[pairs.timestep[sl].astype(np.int64)],
                                           self.manifest.prediction_type)  # the graph returns the raw UNet output
             errors[sl] = denoising_error(noise[pairs.eps_row[sl]], eps_hat, loss)
-            scores[sl] = out["attn_scores"]
+            if not eps_only:
+                scores[sl] = out["attn_scores"]
 
         chunks = [slice(lo, lo + batch_size) for lo in range(0, n, batch_size)]
         list(self._pool.map(run, chunks) if self._pool else map(run, chunks))

@@ -261,6 +261,9 @@ def check_manifest(m, path: Path) -> None:
                           "encoder_hidden_states": ("float32", [BATCH, L, D])},
                  {"eps": (None, sample),  # score outputs only where layers are captured (an ε̂-only graph has none)
                   **({"attn_scores": (None, [BATCH, len(m.attention_layers)])} if m.attention_layers else {})})
+    for key in ("unet_eps", "unet_eps.fp16", "unet_eps.int8"):  # the ε̂-only graphs (engine/eps_graph.py)
+        graph_io(m, key, {"sample": ("float32", sample), "timestep": ("float32", [BATCH]),
+                          "encoder_hidden_states": ("float32", [BATCH, L, D])}, {"eps": (None, sample)})
 
     # heads, adapters, defaults, records
     names("heads", list(m.heads), KEY)

@@ -38,6 +38,20 @@ def to_fp16(model: onnx.ModelProto, keep_ops=FP32_OPS) -> onnx.ModelProto:
     )
 
 
+def on_fp16_base(model: onnx.ModelProto) -> onnx.ModelProto:
+    """An INT8 Q/DQ graph with its float part in fp16, as NVIDIA's demo/Diffusion builds INT8 (issue 27): a strongly
+    typed TensorRT plan of the fp32-base graph runs attention, softmax, norms and the layers kept float in
+    fp32/TF32; this one runs them in fp16 (with the fp16 graph's exceptions above). DequantizeLinear then carries
+    fp16 scales, which needs opset 19. ONNX Runtime's CPU runs it (the decision gate); CPUs keep the fp32-base
+    graph, whose Q/DQ pairs ONNX Runtime fuses into integer kernels. `model` is left as it is."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for opset in copy.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = max(opset.version, 19)
+    return to_fp16(copy)
+
+
 def convert_unet_fp16(engine_dir: Path, unet: GraphSpec) -> GraphSpec:
     """unet.onnx -> unet.fp16.onnx, same inputs/outputs (fp32 at the boundary)."""
     from diffscore.export.onnx_export import save_graph

@@ -24,7 +24,9 @@ from diffscore.errors import EngineError
 from diffscore.engine.manifest import (AdapterSpec, GraphSpec, HeadSpec, Manifest, ScoringDefaults, folder_sha256,
                                        sha256_files)
 from diffscore.engine.progress import progress_bar
+from diffscore.engine.eps_graph import eps_graph
 from diffscore.export.atomic import build_dir, check_replaceable
+from diffscore.export.eps_graph import write_eps_graph
 from diffscore.export.graphs import graph_contracts, head_contract, text_hidden_size
 from diffscore.kernels.dsd import DEFAULT_DSD_PRESET, DSD_PRESETS
 from diffscore.reference.heads import CONFIG as HEAD_CONFIG, WEIGHTS as HEAD_WEIGHTS
@@ -120,16 +122,20 @@ def export_engine(
         contracts[DIFFDIS_GRAPH] = diffdis_contract(comp, diffdis_model)
     contracts.update(itc_graphs)
     with build_dir(out_dir, overwrite) as tmp:
-        steps = len(contracts) + 2 + ("fp16" in precisions)
+        steps = len(contracts) + 3 + 2 * ("fp16" in precisions)
         with progress_bar(f"export {out_dir.name}", steps, show_progress) as advance:
             graphs = {}
             for name, (module, sample, inputs, outputs) in contracts.items():
                 graphs[name] = export_graph(module, sample, inputs, outputs, tmp, name)
                 advance()
+            graphs[eps_graph("fp32")] = write_eps_graph(tmp, graphs["unet"], "fp32")  # ε̂-only methods run it
+            advance()
             if "fp16" in precisions:
                 from diffscore.export.fp16 import convert_unet_fp16
 
                 graphs["unet.fp16"] = convert_unet_fp16(tmp, graphs["unet"])
+                advance()
+                graphs[eps_graph("fp16")] = write_eps_graph(tmp, graphs["unet.fp16"], "fp16")
                 advance()
             write_tokenizer(comp, tmp / "tokenizer.json")
             if comp.tokenizer_2 is not None:

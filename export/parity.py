@@ -7,6 +7,7 @@ max|a − b| / max|b| per output (elementwise ratios are meaningless where the r
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -54,8 +55,11 @@ def precisions_on(backend: str, manifest: Manifest, variant: str) -> list[str]:
 
 
 def torch_modules(comp, manifest: Manifest) -> dict[str, torch.nn.Module]:
-    modules = {"text_encoder": text_encoder_graph(comp),
-               "unet": ScoringUNet(comp.unet, manifest.attention_layers, manifest.feature_blocks)}
+    modules = {}
+    if "unet_eps" in manifest.graphs:  # a plain UNet (diffusers' own attention): the scoring one below would
+        modules["unet_eps"] = ScoringUNet(copy.deepcopy(comp.unet), [])  # install its processors on a shared one
+    modules.update({"text_encoder": text_encoder_graph(comp),
+                    "unet": ScoringUNet(comp.unet, manifest.attention_layers, manifest.feature_blocks)})
     if comp.vae is not None:
         modules["vae_encoder"] = VaeEncoderGraph(comp.vae)
     return modules
@@ -74,6 +78,8 @@ def feeds(manifest: Manifest, comp, engine_dir: Path, seed: int = 0, batch: int 
     if manifest.conditioning == "sdxl":  # random pooled embeddings; the engine's own time ids
         random["unet"]["text_embeds"] = rng.standard_normal(spec["unet"]["text_embeds"], dtype=np.float32)
         random["unet"]["time_ids"] = np.tile(np.asarray(manifest.time_ids, dtype=np.float32), (batch, 1))
+    if "unet_eps" in manifest.graphs:  # the ε̂-only graph takes the scoring graph's inputs
+        random["unet_eps"] = random["unet"]
     if "vae_encoder" in manifest.graphs:
         random["vae_encoder"] = {"image": rng.uniform(-1, 1, spec["vae_encoder"]["image"]).astype(np.float32)}
     # real inputs, made by the runtime's own preprocessing on the CPU backend
@@ -88,6 +94,8 @@ def feeds(manifest: Manifest, comp, engine_dir: Path, seed: int = 0, batch: int 
     x_t = np.stack([add_noise(x0[i], eps[i : i + 1], eng.alphas_cumprod, ts[i : i + 1])[0] for i in range(batch)])
     real = {"text_encoder": eng.token_feed(prompts),
             "unet": {"sample": x_t, "timestep": ts.astype(np.float32), **eng.text_conditioning(prompts)}}
+    if "unet_eps" in manifest.graphs:
+        real["unet_eps"] = real["unet"]
     if "vae_encoder" in manifest.graphs:
         from diffscore.engine.images import preprocess_batch
 

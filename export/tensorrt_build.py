@@ -25,6 +25,7 @@ from diffscore.engine.backends.tensorrt import (
     tensorrt_version,
 )
 from diffscore.engine.backends.choice import VAE_BATCH
+from diffscore.engine.eps_graph import eps_graph
 from diffscore.errors import EngineError
 from diffscore.engine.manifest import GraphSpec, Manifest, PlanSpec, sha256_file, unet_graph
 
@@ -62,7 +63,8 @@ def graphs_for(manifest: Manifest, precision: str) -> list[str]:
             f"the engine has no {precision} UNet graph ({unet}), only {sorted(manifest.graphs)}; "
             "export the fp16 graph or calibrate the int8 one first"
         )
-    return [g for g in ("text_encoder", "vae_encoder") if g in manifest.graphs] + [unet]
+    eps = [eps_graph(precision)] if eps_graph(precision) in manifest.graphs else []  # the ε̂-only UNet, if exported
+    return [g for g in ("text_encoder", "vae_encoder") if g in manifest.graphs] + [unet] + eps
 
 
 def plan_file(graph: str, gpu: str, version: str, precision: str) -> str:
@@ -125,7 +127,12 @@ def build_plans(
         name = plan_file(key, gpu, version, graph.precision)
         log.info("%s: building %s (batch %d/%d/%d, TensorRT %s)", key, name, *batches, version)
         start = time.perf_counter()
-        serialized = _build(trt, builder, config, logger, engine_dir, key, graph, batches)
+        source = int8_on_fp16_base(engine_dir, manifest, key) if graph.precision == "int8" else None
+        try:
+            serialized = _build(trt, builder, config, logger, source or engine_dir / graph.file, key, graph, batches)
+        finally:
+            if source is not None:
+                source.unlink(missing_ok=True)
         _write_atomic(engine_dir / name, serialized)
         _write_atomic(cache_path, config.get_timing_cache().serialize())
         spec = PlanSpec(
@@ -141,11 +148,34 @@ def build_plans(
     return plans
 
 
-def _build(trt, builder, config, logger, engine_dir: Path, key: str, graph: GraphSpec, batches: tuple[int, int, int]):
+def int8_on_fp16_base(engine_dir: Path, manifest: Manifest, key: str) -> Path | None:
+    """An INT8 graph's fp16-base variant (calibration.quantize.on_fp16_base), written beside it for the build: what
+    NVIDIA's demo/Diffusion builds INT8 plans from. None (build the fp32-base graph) when `diffscore calibrate`
+    gated that variant and it flipped too many decisions."""
+    import onnx
+
+    gate = (manifest.calibration.gate if manifest.calibration is not None else None) or {}
+    if gate.get("fp16_base_passed") is False:
+        log.warning("%s: its fp16-base variant failed the decision gate (agreement %.3f): building the fp32-base "
+                    "graph", key, gate.get("fp16_base_agreement", float("nan")))
+        return None
+    try:
+        from diffscore.export.fp16 import on_fp16_base
+
+        model = on_fp16_base(onnx.load(str(engine_dir / manifest.graphs[key].file)))
+    except ImportError as e:  # a Jetson without ONNX Runtime (its converter): the graph as calibrated
+        log.warning("%s: building the fp32-base INT8 graph (the fp16 base needs onnxruntime: %s)", key, e)
+        return None
+    path = engine_dir / f".{manifest.graphs[key].file}.fp16-base.onnx"  # < 2 GB: INT8 weights are a quarter
+    onnx.save_model(model, str(path))
+    return path
+
+
+def _build(trt, builder, config, logger, path: Path, key: str, graph: GraphSpec, batches: tuple[int, int, int]):
     """Parse one ONNX graph into a strongly typed network with one batch profile; return the plan bytes."""
     network = builder.create_network(_network_flags(trt))
     parser = trt.OnnxParser(network, logger)  # holds the weights: must live until the build is done
-    if not parser.parse_from_file(str(engine_dir / graph.file)):
+    if not parser.parse_from_file(str(path)):
         errors = "; ".join(_describe(parser.get_error(i)) for i in range(parser.num_errors))
         raise EngineError(
             f"TensorRT cannot parse {graph.file}: {errors} (diffscore.export.tensorrt_ops.unsupported_ops lists "

@@ -69,7 +69,7 @@ def score_runs(engine, images, labels, templates, make_run, loss, seed, batch_si
         window = list(range(len(x0)))
         while jobs := [(i, *req) for i in window if (req := runs[i].request()) is not None]:
             pairs = classify_pairs(engine, x0, jobs, noise, ts)
-            errors, _ = engine._run_pairs(pairs, emb, noise, loss, batch_size)
+            errors, _ = engine._run_pairs(pairs, emb, noise, loss, batch_size, scores_read=False)
             done = 0
             for i, cand, pos in jobs:
                 size = len(cand) * len(pos)

@@ -150,6 +150,24 @@ def test_calibrate_with_smoothquant(engine_dir, calibrated, tmp_path):
     assert len(got) == 2
 
 
+def test_int8_on_an_fp16_base(engine_dir, calibrated):
+    """TensorRT's INT8 is built from the Q/DQ graph with its float part in fp16 (issue 27); calibrate gates it too."""
+    from diffscore.export.fp16 import on_fp16_base
+
+    model = onnx.load(str(engine_dir / "unet.int8.onnx"))
+    fp16 = on_fp16_base(model)
+    assert max(o.version for o in fp16.opset_import if o.domain in ("", "ai.onnx")) >= 19  # fp16 DQ scales
+    inits = {t.name: t for t in fp16.graph.initializer}
+    dq = [n for n in fp16.graph.node if n.op_type == "DequantizeLinear"]
+    assert dq and {inits[n.input[1]].data_type for n in dq if n.input[1] in inits} == {onnx.TensorProto.FLOAT16}
+    assert quantize.quantized_layers(fp16) == quantize.quantized_layers(model)  # the same int8 weights
+    assert sum(n.op_type == "QuantizeLinear" for n in fp16.graph.node) == sum(
+        n.op_type == "QuantizeLinear" for n in model.graph.node)
+    assert all(o.version < 19 for o in model.opset_import if o.domain in ("", "ai.onnx"))  # the CPU graph untouched
+    gate = Manifest.load(engine_dir).calibration.gate
+    assert gate["fp16_base_passed"] and gate["fp16_base_agreement"] >= 0.99
+
+
 def test_decision_gate(engine_dir, calibrated):
     assert calibrated.gate.passed and calibrated.gate.images == VALIDATION
     assert Manifest.load(engine_dir).calibration.gate["agreement"] >= 0.99

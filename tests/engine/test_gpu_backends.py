@@ -27,11 +27,19 @@ ONNX_TYPES = {onnx.TensorProto.FLOAT: "FLOAT", onnx.TensorProto.FLOAT16: "HALF",
               onnx.TensorProto.INT32: "INT32"}
 
 
+PARSED = []  # (graph file, DequantizeLinear scale types) per graph the fake parser read
+
+
 def onnx_io(path):
     """What the fake parser reads from an ONNX graph: its inputs and outputs (names and types from the file, shapes
     from the manifest beside it, whose symbolic axes the exporter names freely); eps copies sample (identity)."""
-    graph = onnx.load(path, load_external_data=False).graph
-    spec = next(g for g in Manifest.load(Path(path).parent).graphs.values() if g.file == Path(path).name)
+    model = onnx.load(path, load_external_data=False)
+    graph, name = model.graph, Path(path).name
+    if name.endswith(".fp16-base.onnx"):  # build-trt's INT8 variant, written beside the graph for the build
+        name = name[1:].removesuffix(".fp16-base.onnx")
+    inits = {t.name: t.data_type for t in graph.initializer}
+    PARSED.append((name, {inits.get(n.input[1]) for n in graph.node if n.op_type == "DequantizeLinear"}))
+    spec = next(g for g in Manifest.load(Path(path).parent).graphs.values() if g.file == name)
     shapes = {t.name: [-1 if d == "batch" else d for d in t.shape] for t in spec.inputs + spec.outputs}
     kind = lambda v: ONNX_TYPES[v.type.tensor_type.elem_type]
     inputs = {v.name: (kind(v), shapes[v.name]) for v in graph.input}
@@ -277,3 +285,152 @@ def test_only_the_outputs_the_engine_reads_are_copied_back(tmp_path, engines):
         [("cudaMemcpyDeviceToHost", x.nbytes)]  # not the 3 x 4096 floats of features.big
     with load(engines["sd1"], backend="ort-cpu") as eng:  # the engine asks every backend for eps and scores only
         assert eng.runners["unet"].fetch == {"eps", "attn_scores"}
+
+
+# --- buffers (issue 27, deliver 3) --------------------------------------------------------------------
+def _identity_runner(tmp_path, cudart, name="x", activations=1024, max_batch=8, **options):
+    """A runner over a fake plan whose output y copies input x (B, 3) and whose `emb` (B, 2, 2) output copies
+    input emb: what went in comes back, so reused buffers and replayed graphs are checked byte for byte."""
+    inputs = {"x": ("FLOAT", [-1, 3]), "emb": ("FLOAT", [-1, 2, 2])}
+    outputs = {"y": ("FLOAT", [-1, 3], "x"), "emb_out": ("FLOAT", [-1, 2, 2], "emb")}
+    path = tmp_path / f"{name}.plan"
+    path.write_bytes(plan_bytes(inputs, outputs, activations))
+    spec = GraphSpec(f"{name}.onnx", "", 0, "fp32",
+                     [TensorSpec("x", "float32", ["batch", 3]), TensorSpec("emb", "float32", ["batch", 2, 2])],
+                     [TensorSpec("y", "float32", ["batch", 3]), TensorSpec("emb_out", "float32", ["batch", 2, 2])])
+    plan = PlanSpec(f"{name}.plan", name, "nvidia-h100-80gb-hbm3", "10.8.0", "fp32", 1, max_batch, max_batch, "", 0)
+    return TensorRTRunner(path, plan, spec, **options)
+
+
+def _feed(batch, seed, table=None, rows=None):
+    from diffscore.engine.conditioning import take_rows
+
+    rng = np.random.default_rng(seed)
+    emb = take_rows(table, rows) if table is not None else rng.standard_normal((batch, 2, 2), dtype=np.float32)
+    return {"x": rng.standard_normal((batch, 3), dtype=np.float32), "emb": emb}
+
+
+@pytest.fixture
+def fakes():
+    """(trt, cudart): a fake pair installed while the test runs."""
+    cudart = FakeCudart()
+    trt = fake_tensorrt(cudart)
+    with installed(trt, cudart):
+        yield trt, cudart
+
+
+def test_buffers_are_allocated_once_and_every_copy_goes_through_pinned_memory(tmp_path, fakes):
+    _, cudart = fakes
+    runner = _identity_runner(tmp_path, cudart)
+    allocations = len(cudart.calls.named("cudaMalloc")) + len(cudart.calls.named("cudaMallocHost"))
+    assert len(cudart.calls.named("cudaMallocHost")) == 4  # one pinned buffer per input and output
+    for batch, seed in ((8, 0), (3, 1), (8, 2), (5, 3)):
+        feed = _feed(batch, seed)
+        out = runner.infer(feed)
+        assert np.array_equal(out["y"], feed["x"]) and np.array_equal(out["emb_out"], feed["emb"])
+    assert len(cudart.calls.named("cudaMalloc")) + len(cudart.calls.named("cudaMallocHost")) == allocations
+    host_side = [(dst, src) for kind, dst, src, _ in cudart.copies if kind != "cudaMemcpyDeviceToDevice"]
+    assert host_side and all(src in cudart.pinned or dst in cudart.pinned for dst, src in host_side)
+    kept = out["y"].copy()
+    runner.infer(_feed(8, 9))
+    assert np.array_equal(out["y"], kept)  # results are the caller's: the next call does not overwrite them
+    runner.close()
+    assert not cudart.buffers and not cudart.pinned  # device, pinned and activation memory all returned
+
+
+def test_a_prompt_tables_rows_upload_the_table_once_and_gather_on_the_gpu(tmp_path, fakes):
+    _, cudart = fakes
+    rng = np.random.default_rng(0)
+    table, other = (rng.standard_normal((5, 2, 2), dtype=np.float32) for _ in range(2))
+    runner = _identity_runner(tmp_path, cudart)
+    uploads = lambda: [c for c in cudart.copies if c[0] == "cudaMemcpyHostToDevice" and c[3] == table.nbytes]
+    device_copies = {}
+    for rows in ([0, 0, 3, 3], [4, 1, 2, 3, 0, 0], [2]):  # one prompt set: one upload, whatever the rows
+        rows, before = np.array(rows), len(cudart.copies)
+        out = runner.infer(_feed(len(rows), 1, table, rows))
+        assert np.array_equal(out["emb_out"], table[rows])
+        device_copies[len(rows)] = [c[3] for c in cudart.copies[before:] if c[0] == "cudaMemcpyDeviceToDevice"]
+    assert len(uploads()) == 1
+    # [4, 1, 2, 3, 0, 0]: one copy per run of consecutive rows (16 bytes a row), then the network's own two
+    assert device_copies[6] == [16, 48, 16, 16, 6 * 12, 6 * 16]
+    out = runner.infer(_feed(2, 1, other, np.array([1, 0])))  # a new prompt set: uploaded once more
+    assert np.array_equal(out["emb_out"], other[[1, 0]]) and len(uploads()) == 2
+    rows_sent = [c for c in cudart.copies if c[0] == "cudaMemcpyHostToDevice" and c[3] in (4 * 16, 6 * 16, 16)]
+    assert not rows_sent  # the gathered (B, 2, 2) rows never cross from the host: only the table did
+    runner.close()
+    assert not cudart.buffers
+
+
+def test_the_engines_contexts_share_one_activation_block(tmp_path, fakes):
+    trt, cudart = fakes
+    small = _identity_runner(tmp_path, cudart, "small", activations=1000)
+    big = _identity_runner(tmp_path, cudart, "big", activations=5000)
+    assert [c[1] for c in trt.calls.named("create_execution_context")] == ["USER_MANAGED"] * 2
+    blocks = [c for c in cudart.calls.named("cudaMalloc") if c[2] in (1000, 5000)]
+    assert [c[2] for c in blocks] == [1000, 5000]  # grown once to the larger need, the smaller one freed
+    memory = trt.calls.named("set_device_memory")
+    assert {(address, size) for _, address, size in memory[-2:]} == {(memory[-1][1], 1000), (memory[-1][1], 5000)}
+    for runner in (small, big):  # both run on the shared block
+        feed = _feed(4, 0)
+        assert np.array_equal(runner.infer(feed)["y"], feed["x"])
+    small.close()
+    assert memory[-1][1] in cudart.buffers  # still in use by the other context
+    big.close()
+    assert not cudart.buffers
+
+
+def test_cuda_graphs_are_captured_once_per_batch_size_and_replayed(tmp_path, fakes):
+    trt, cudart = fakes
+    runner = _identity_runner(tmp_path, cudart, cuda_graphs=True)
+    for i, batch in enumerate((3, 3, 5, 3, 5, 8)):
+        feed = _feed(batch, i)
+        out = runner.infer(feed)  # replays copy this call's inputs, not the captured call's
+        assert np.array_equal(out["y"], feed["x"]) and np.array_equal(out["emb_out"], feed["emb"])
+    assert len(cudart.calls.named("cudaStreamBeginCapture")) == 3  # batches 3, 5 and 8
+    assert len(cudart.calls.named("cudaGraphLaunch")) == 3  # the second 3, the second 5, the third 3
+    assert len(trt.calls.named("execute_async_v3")) == 6  # per bucket: one run to settle shapes, one captured
+    runner.close()
+    assert cudart.graphs == 0 and not cudart.buffers
+
+
+def test_the_engine_uploads_its_prompt_embeddings_once_per_call(gpu):
+    _, cudart, engine_dir = gpu()
+    build_plans(engine_dir, precision="fp32", max_batch=4)
+    with load(engine_dir, backend="tensorrt") as eng:
+        assert "unet_eps" in eng.runners  # the ε̂-only graph's plan runs classify
+        table = eng.text_conditioning(["a photo of a cat", "a photo of a dog"])["encoder_hidden_states"]
+        cudart.copies.clear()
+        eng.classify([np.zeros((16, 16, 3), np.uint8)], ["cat", "dog"], stages=[(8, 1)], loss="l2")
+        uploads = [c for c in cudart.copies if c[0] == "cudaMemcpyHostToDevice" and c[3] == table.nbytes]
+        assert len(uploads) == 1  # 16 pairs in 4 UNet calls, one upload of the two prompts' embeddings
+
+
+def test_int8_plans_are_built_from_the_fp16_base_variant(gpu):
+    """build-trt --precision int8 parses the Q/DQ graph with fp16 scales and float part (export.fp16.on_fp16_base),
+    as NVIDIA's demo/Diffusion builds INT8, and leaves no temporary file behind."""
+    from diffscore.calibration.dataset import CalibrationSet
+    from diffscore.calibration.quantize import quantize_unet
+    from diffscore.export.eps_graph import write_eps_graph
+    from diffscore.export.onnx_export import save_graph
+
+    _, _, engine_dir = gpu()
+    manifest = Manifest.load(engine_dir)
+    n, rng = 4, np.random.default_rng(0)
+    cal = CalibrationSet(sample=rng.standard_normal((n, *manifest.sample_shape), dtype=np.float32),
+                         timestep=np.linspace(50, 950, n).astype(np.float32), prompt_row=np.arange(n) % 2,
+                         embeddings=rng.standard_normal((2, manifest.max_length, manifest.text_hidden_size),
+                                                        dtype=np.float32),
+                         image_row=np.arange(n), noise_row=np.arange(n), workload=np.zeros(n, dtype=np.int64))
+    unet = manifest.graphs["unet"]
+    model = quantize_unet(engine_dir / unet.file, cal)
+    manifest.graphs["unet.int8"] = save_graph(model, engine_dir, "unet.int8.onnx", unet.inputs, unet.outputs, "int8")
+    manifest.graphs["unet_eps.int8"] = write_eps_graph(engine_dir, manifest.graphs["unet.int8"], "int8")
+    manifest.save(engine_dir)
+    PARSED.clear()
+    plans = build_plans(engine_dir, precision="int8", max_batch=4)
+    parsed = dict(PARSED)
+    assert {p.graph: p.precision for p in plans if "unet" in p.graph} == {"unet.int8": "int8", "unet_eps.int8": "int8"}
+    for file in ("unet.int8.onnx", "unet_eps.int8.onnx"):
+        assert parsed[file] == {onnx.TensorProto.FLOAT16}, parsed  # every scale fp16: the fp16 base
+    assert parsed["text_encoder.onnx"] == set()  # the encoders stay the fp32 graphs
+    assert not list(engine_dir.glob(".*fp16-base*"))

@@ -52,7 +52,9 @@ class FakeCudart:
         self.calls = Calls()
         self.gpus, self.total, self.device = list(gpus), total, 0
         self.buffers: dict[int, ctypes.Array] = {}
-        self.streams = 0
+        self.streams = self.graphs = 0
+        self.copies: list[tuple] = []  # (kind, dst, src, nbytes) per cudaMemcpyAsync
+        self.pinned: set[int] = set()  # cudaMallocHost's allocations
 
     def _ok(self, *values):
         return (self.cudaError_t.cudaSuccess, *values)
@@ -100,11 +102,13 @@ class FakeCudart:
         self.calls.append(("cudaMallocHost", nbytes))
         buffer = ctypes.create_string_buffer(nbytes)
         self.buffers[ctypes.addressof(buffer)] = buffer
+        self.pinned.add(ctypes.addressof(buffer))
         return self._ok(ctypes.addressof(buffer))
 
     def cudaFreeHost(self, pointer: int):
         self.calls.append(("cudaFreeHost", pointer))
         self.buffers.pop(pointer)
+        self.pinned.discard(pointer)
         return self._ok()
 
     def cudaStreamCreateWithFlags(self, flags: int):
@@ -124,14 +128,60 @@ class FakeCudart:
         self.calls.append(("cudaStreamSynchronize", stream.handle))
         return self._ok()
 
+    def _run(self, work) -> None:
+        """Run a stream operation now, or record it into the graph being captured (CUDA's stream capture)."""
+        if self.capturing is not None:
+            self.capturing.append(work)
+        else:
+            work()
+
     def cudaMemcpyAsync(self, dst: int, src: int, nbytes: int, kind, stream):
         self.calls.append(("cudaMemcpyAsync", self.cudaMemcpyKind(kind).name, nbytes))
-        ctypes.memmove(dst, src, nbytes)
+        self.copies.append((self.cudaMemcpyKind(kind).name, dst, src, nbytes))
+        self._run(lambda: ctypes.memmove(dst, src, nbytes))
         return self._ok()
 
     def cudaMemsetAsync(self, dst: int, value: int, nbytes: int, stream):
         self.calls.append(("cudaMemsetAsync", nbytes))
-        ctypes.memset(dst, value, nbytes)
+        self._run(lambda: ctypes.memset(dst, value, nbytes))
+        return self._ok()
+
+    class cudaStreamCaptureMode(enum.IntEnum):
+        cudaStreamCaptureModeGlobal = 0
+        cudaStreamCaptureModeThreadLocal = 1
+        cudaStreamCaptureModeRelaxed = 2
+
+    capturing = None  # the operations recorded since cudaStreamBeginCapture, else None
+
+    def cudaStreamBeginCapture(self, stream, mode):
+        self.calls.append(("cudaStreamBeginCapture", stream.handle))
+        assert self.capturing is None, "a capture is already under way"
+        self.capturing = []
+        return self._ok()
+
+    def cudaStreamEndCapture(self, stream):
+        self.calls.append(("cudaStreamEndCapture", stream.handle))
+        graph, self.capturing = types.SimpleNamespace(work=self.capturing), None
+        self.graphs += 1
+        return self._ok(graph)
+
+    def cudaGraphInstantiate(self, graph, flags):
+        self.calls.append(("cudaGraphInstantiate",))
+        return self._ok(types.SimpleNamespace(work=list(graph.work)))
+
+    def cudaGraphLaunch(self, executable, stream):
+        self.calls.append(("cudaGraphLaunch", stream.handle))
+        for work in executable.work:
+            work()
+        return self._ok()
+
+    def cudaGraphExecDestroy(self, executable):
+        self.calls.append(("cudaGraphExecDestroy",))
+        return self._ok()
+
+    def cudaGraphDestroy(self, graph):
+        self.calls.append(("cudaGraphDestroy",))
+        self.graphs -= 1
         return self._ok()
 
 
@@ -140,10 +190,11 @@ DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": n
           "BOOL": np.bool_}
 
 
-def plan_bytes(inputs: dict, outputs: dict) -> bytes:
+def plan_bytes(inputs: dict, outputs: dict, activations: int = 1024) -> bytes:
     """A fake plan: inputs {name: (dtype, shape)}, outputs {name: (dtype, shape, source input or None)};
-    dtype a TensorRT name ("FLOAT", "HALF", "INT64", or e.g. "BF16" to test unsupported types)."""
-    return json.dumps({"inputs": inputs, "outputs": outputs}).encode()
+    dtype a TensorRT name ("FLOAT", "HALF", "INT64", or e.g. "BF16" to test unsupported types); activations:
+    the bytes a context needs (device_memory_size_v2)."""
+    return json.dumps({"inputs": inputs, "outputs": outputs, "activations": activations}).encode()
 
 
 def fake_tensorrt(cudart, version: str = "10.8.0.43", calls: Calls | None = None, onnx_io=None) -> types.ModuleType:
@@ -156,6 +207,8 @@ def fake_tensorrt(cudart, version: str = "10.8.0.43", calls: Calls | None = None
     trt.TensorIOMode = enum.Enum("TensorIOMode", ["INPUT", "OUTPUT"])
     trt.BuilderFlag = enum.Enum("BuilderFlag", ["TF32", "FP16", "INT8"])
     trt.MemoryPoolType = enum.Enum("MemoryPoolType", ["WORKSPACE"])
+    trt.ExecutionContextAllocationStrategy = enum.Enum("ExecutionContextAllocationStrategy",
+                                                       ["STATIC", "ON_PROFILE_CHANGE", "USER_MANAGED"])
     trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=5)
 
     def nptype(dtype):
@@ -187,6 +240,11 @@ def fake_tensorrt(cudart, version: str = "10.8.0.43", calls: Calls | None = None
             batch = next(iter(self.shapes.values()))[0]
             return tuple(batch if d == -1 else d for d in spec[1])
 
+        def set_device_memory(self, address, size):
+            calls.append(("set_device_memory", address, size))
+            assert isinstance(address, int), "set_device_memory takes the memory's address"
+            self.device_memory = (address, size)
+
         def set_tensor_address(self, name, address):
             calls.append(("set_tensor_address", name))
             self.addresses[name] = address
@@ -194,6 +252,8 @@ def fake_tensorrt(cudart, version: str = "10.8.0.43", calls: Calls | None = None
 
         def execute_async_v3(self, stream_handle):
             calls.append(("execute_async_v3", stream_handle))
+            if self.strategy.name == "USER_MANAGED":
+                assert getattr(self, "device_memory", None), "a USER_MANAGED context runs only with device memory set"
             assert isinstance(stream_handle, int), "execute_async_v3 takes the stream's address"
             kind = cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
             for name, (dtype, _, source) in self.engine.outputs.items():
@@ -209,6 +269,7 @@ def fake_tensorrt(cudart, version: str = "10.8.0.43", calls: Calls | None = None
     class Engine:
         def __init__(self, plan: dict):
             self.inputs, self.outputs = plan["inputs"], plan["outputs"]
+            self.activations = plan.get("activations", 1024)
             self.tensors = {**self.inputs, **self.outputs}
             self.num_io_tensors = len(self.tensors)
 
@@ -221,9 +282,16 @@ def fake_tensorrt(cudart, version: str = "10.8.0.43", calls: Calls | None = None
         def get_tensor_dtype(self, name):
             return trt.DataType[self.tensors[name][0]]
 
-        def create_execution_context(self):
-            calls.append(("create_execution_context",))
-            return Context(self)
+        @property
+        def device_memory_size_v2(self):  # activations: the plan's "activations" entry, else 1 KiB
+            return self.activations
+
+        def create_execution_context(self, strategy=None):
+            strategy = strategy or trt.ExecutionContextAllocationStrategy.STATIC
+            calls.append(("create_execution_context", strategy.name))
+            context = Context(self)
+            context.strategy = strategy
+            return context
 
     class Runtime:
         def __init__(self, logger):

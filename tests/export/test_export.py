@@ -5,6 +5,7 @@ import errno
 import json
 
 
+import onnx
 import pytest
 
 from diffscore.errors import EngineError
@@ -31,8 +32,15 @@ def engines(tiny_models, tmp_path_factory):
 @pytest.mark.parametrize("kind", KINDS)
 def test_engine_directory(engines, kind):
     m = Manifest.load(engines[kind])
-    expected = {"text_encoder", "unet", "unet.fp16"} | ({"vae_encoder"} if kind != "pixel" else set())
+    expected = ({"text_encoder", "unet", "unet.fp16", "unet_eps", "unet_eps.fp16"}
+                | ({"vae_encoder"} if kind != "pixel" else set()))
     assert set(m.graphs) == expected
+    for key, scoring in (("unet_eps", "unet"), ("unet_eps.fp16", "unet.fp16")):  # the ε̂-only cut of each precision
+        assert [t.name for t in m.graphs[key].outputs] == ["eps"] and m.graphs[key].inputs == m.graphs[scoring].inputs
+        assert m.graphs[key].precision == m.graphs[scoring].precision
+        ops = lambda g: [n.op_type for n in onnx.load(str(engines[kind] / m.graphs[g].file)).graph.node]  # noqa: E731
+        assert "ReduceLogSumExp" in ops(scoring) and "ReduceLogSumExp" not in ops(key)  # no score capture left
+        assert len(ops(key)) < len(ops(scoring))
     assert m.verify(engines[kind]) == []
     unet = m.graphs["unet"]
     assert [t.name for t in unet.inputs] == ["sample", "timestep", "encoder_hidden_states"]
@@ -52,6 +60,10 @@ def test_fp32_and_fp16_parity_with_torch(engines, tiny_models, kind):
     fp16 = [v for v in verdicts if v.name.startswith("ort-cpu fp16 unet:")]
     assert len(fp32) == len(fp16) == 8  # 4 outputs x (random, real)
     assert max(v.measured for v in fp32) <= 1e-4 and max(v.measured for v in fp16) <= 2e-2
+    # the ε̂-only graphs against a plain diffusers UNet (its own attention processors, no capture)
+    eps = {p: [v for v in verdicts if v.name.startswith(f"ort-cpu {p} unet_eps:eps")] for p in ("fp32", "fp16")}
+    assert len(eps["fp32"]) == len(eps["fp16"]) == 2  # (random, real)
+    assert max(v.measured for v in eps["fp32"]) <= 1e-4 and max(v.measured for v in eps["fp16"]) <= 2e-2
     if "openvino" in available_backends(m):  # OpenVINO x every precision, bf16 where the CPU has it
         ov = {p: [v for v in verdicts if v.name.startswith(f"openvino {p} unet:")] for p in ("fp32", "fp16", "bf16")}
         assert len(ov["fp32"]) == len(ov["fp16"]) == 8 and max(v.measured for v in ov["fp32"]) <= 1e-4

@@ -312,7 +312,7 @@ def test_hostile_manifest_documents_are_one_line(pristine, sandbox, tmp_path, ru
     assert "\n" not in str(e.value) and sandbox() == before
 
 
-@pytest.mark.parametrize("name", ["text_encoder", "unet", "vae_encoder"])
+@pytest.mark.parametrize("name", ["text_encoder", "unet_eps", "vae_encoder"])  # classify's UNet: the ε̂-only graph
 def test_graph_failing_while_running_names_the_graph(pristine, sandbox, tmp_path, monkeypatch, run_cli_out, name):
     """An error from ONNX Runtime's session.run (a graph that loads but cannot run these inputs)."""
     from diffscore.engine.backends import onnxruntime as ortb
