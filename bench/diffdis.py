@@ -74,7 +74,8 @@ def read_match_rows() -> tuple[list[dict], str]:
         for method, r in data["r_at_1"].items():
             if method.startswith("(e)") or any(r["method"] == method for r in rows):
                 continue  # zero-shot DSD with the engine's (discffusion) preset: re-measured here; a row read twice
-            seconds = (timing.get("bias_s") if method.startswith("(b)") else timing.get("dc_s") if method.startswith("(d)")
+            seconds = (timing.get("bias_s") if method.startswith("(b)")
+                       else timing.get("dc_s") if method.startswith("(d)")
                        else next((t["eval_s"] for k, t in pl.items() if method.endswith(k.split(" (")[0])), None))
             rows.append({"method": method, "r_at_1": r, "images_per_s": n / seconds if seconds else None,
                          "source": f"bench/results/{name}.json"})
@@ -96,7 +97,8 @@ def main() -> None:
     parser.add_argument("--frozen-only", action="store_true", help="--unified: the two frozen runs only (e.g. at the "
                         "unified run's epoch cap: --epochs 5), written as diffdis_unified_frozen; no generation part")
     parser.add_argument("--results-name", default="diffdis_unified", choices=("diffdis_unified", "diffdis_unified_20"),
-                        help="--unified: results file and docs block (the 5-epoch run; the run with --unified-epochs 20)")
+                        help="--unified: results file and docs block (the 5-epoch run; "
+                             "the run with --unified-epochs 20)")
     parser.add_argument("--captions-per-image", type=int, default=6, help="--unified: train on this many of each "
                         "training digit's 6 captions (drawn with seed 0; fewer: a cheaper run)")
     args = parser.parse_args()
@@ -123,7 +125,8 @@ def main() -> None:
         data={"source": "demo digits, training split", "held_out_templates": list(DIFFDIS_HELD_OUT_TEMPLATES)}))
     trained_captions = set(pairs.captions)
     assert not trained_captions & set(prompts), "a class prompt was a training caption"
-    assert not trained_captions & {c for y in range(10) for c in match_bench.captions_for(y)}, "a match caption was trained on"
+    assert not trained_captions & {c for y in range(10) for c in match_bench.captions_for(y)}, \
+        "a match caption was trained on"
     export_engine(DEMO_MODEL, engine_dir, diffdis=run_dir, show_progress=False,
                   defaults={"template": DEFAULT_TEMPLATE, "stages": [list(s) for s in DEMO_STAGES], "loss": DEMO_LOSS})
     eng = diffscore.load(engine_dir, backend="ort-cpu")
@@ -135,8 +138,9 @@ def main() -> None:
     for mode in MODES:
         res, s = timed(lambda: eng.classify(images, list(CLASS_NAMES), method="diffdis", diffdis_mode=mode, seed=SEED))
         acc = float(np.mean([r.label == CLASS_NAMES[y] for r, y in zip(res, labels)]))
-        cls_rows.append({"method": f"DiffDis, {mode}" + (f" ({model.config.timesteps} shared (t, ε))" if mode == "denoise"
-                                                          else f" ({model.config.generate_steps} DDIM steps)"),
+        cls_rows.append({"method": f"DiffDis, {mode}"
+                         + (f" ({model.config.timesteps} shared (t, ε))" if mode == "denoise"
+                            else f" ({model.config.generate_steps} DDIM steps)"),
                          "images": n, "accuracy": acc, "unet_passes": 1, "images_per_s": n / s})
     preset = eng.dsd_preset()
     uses_empty_prompt = bool(preset.bias_weight or preset.pool_unconditional)  # one more pass per timestep
@@ -187,23 +191,26 @@ def main() -> None:
     def ips(v):
         return "–" if v is None else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
 
-    table = ["Zero-shot classification (10 digits, prompt \"a handwritten digit {}\", never a DiffDis training caption):", "",
+    table = ["Zero-shot classification (10 digits, prompt \"a handwritten digit {}\", never a DiffDis training "
+             "caption):", "",
              "| method | images | accuracy | UNet passes / image | images/s |", "|---|---:|---:|---:|---:|"]
-    table += [f"| {r['method']} | {r['images']} | {r['accuracy']:.2%} | {r['unet_passes']:g} | {ips(r['images_per_s'])} |"
+    table += [f"| {r['method']} | {r['images']} | {r['accuracy']:.2%} | {r['unet_passes']:g} | "
+              f"{ips(r['images_per_s'])} |"
               for r in cls_rows]
     table += ["", "Matching (bench/match.py's task: own caption among 4 confusable digits' captions), R@1:", "",
               "| method | R@1 | images/s | measured |", "|---|---:|---:|---|"]
     table += [f"| {r['method']} | {r['r_at_1']:.2%} | {ips(r['images_per_s'])} | {r['source']} |" for r in match_rows]
-    table += ["", f"DiffDis: frozen UNet, blocks {', '.join(cfg.blocks)} at t = {cfg.image_step}; text stream dim {cfg.dim}, "
-              f"depth {cfg.depth}; trained on {t['pairs']} pairs ({t['images']} training digits x 6 templates, "
-              f"{t['val_pairs']} validation pairs), best epoch {t['best_epoch']}, stopped after {t['epochs']} of at most "
-              f"{t['max_epochs']}, validation loss "
-              f"{t['val_loss']:.4f}, {train_s:.0f} s. Engine vs torch on {len(few)} digits: max rel. error "
+    table += ["",
+              f"DiffDis: frozen UNet, blocks {', '.join(cfg.blocks)} at t = {cfg.image_step}; text stream dim "
+              f"{cfg.dim}, depth {cfg.depth}; trained on {t['pairs']} pairs ({t['images']} training digits x 6 "
+              f"templates, {t['val_pairs']} validation pairs), best epoch {t['best_epoch']}, stopped after "
+              f"{t['epochs']} of at most {t['max_epochs']}, validation loss {t['val_loss']:.4f}, {train_s:.0f} s. "
+              f"Engine vs torch on {len(few)} digits: max rel. error "
               + ", ".join(f"{m} {p['max_rel']:.1e} (decisions {p['decisions_agree']:.0%})" for m, p in parity.items())
               + f". Rows marked with a results file are read from earlier runs ({read_note}); their images/s are from "
-              f"those runs. One run, ONNX Runtime CPU fp32; load average {load_start:.1f} at the start, {timing_load:.1f} "
-              f"when timing began, {end_load:.1f} at the end (2 cores shared with other jobs: compare images/s within "
-              f"this run only). Measured on {machine_line(machine())} by `bench/diffdis.py`."]
+              f"those runs. One run, ONNX Runtime CPU fp32; load average {load_start:.1f} at the start, "
+              f"{timing_load:.1f} when timing began, {end_load:.1f} at the end (2 cores shared with other jobs: "
+              f"compare images/s within this run only). Measured on {machine_line(machine())} by `bench/diffdis.py`."]
     publish("diffdis", result, table, args.update_docs)
 
 
@@ -239,7 +246,8 @@ def sampled_accuracy(comp, classifier, per_class: int) -> float:
 
     labels = np.repeat(np.arange(10), per_class)
     prompts = [DEFAULT_TEMPLATE.format(CLASS_NAMES[y]) for y in labels]
-    images = to_uint8(sample(comp, prompts, SampleOptions(sampler="ddim", steps=50, guidance=2.0, seed=SEED), progress=True))
+    images = to_uint8(sample(comp, prompts, SampleOptions(sampler="ddim", steps=50, guidance=2.0, seed=SEED),
+                             progress=True))
     return float(np.mean(classifier.predict(np.stack(images).reshape(len(images), -1) / 255.0) == labels))
 
 
@@ -270,7 +278,8 @@ def compare_unified(args) -> None:
     note = {"source": f"demo digits, training split, {args.captions_per_image} of 6 captions per digit",
             "held_out_templates": list(DIFFDIS_HELD_OUT_TEMPLATES)}
     variants = [("frozen (shipped default: memory fusion, 3 blocks)", {}, {}),
-                ("frozen, stages fusion on every block", {"blocks": tappable_blocks(comp.unet), "fusion": "stages"}, {}),
+                ("frozen, stages fusion on every block", {"blocks": tappable_blocks(comp.unet), "fusion": "stages"},
+                 {}),
                 ("unified (UNet fine-tuned, stages fusion on every block)", {"unified": True}, {}),
                 (CONTROL, {"unified": True}, {"text_weight": 0.0})][: 2 if args.frozen_only else None]
     rows, models = [], {}
@@ -286,18 +295,21 @@ def compare_unified(args) -> None:
         if name == CONTROL:
             continue  # its text stream is untrained (text weight 0): only its UNet's generation is measured
         export_engine(DEMO_MODEL, engine_dir, diffdis=run_dir, show_progress=False,
-                      defaults={"template": DEFAULT_TEMPLATE, "stages": [list(s) for s in DEMO_STAGES], "loss": DEMO_LOSS})
+                      defaults={"template": DEFAULT_TEMPLATE, "stages": [list(s) for s in DEMO_STAGES],
+                                "loss": DEMO_LOSS})
         row = {"variant": name, "train_s": train_s, "training": model.config.training, "blocks": model.config.blocks,
                "fusion": model.config.fusion, "unified": model.config.unified}
         with diffscore.load(engine_dir, backend="ort-cpu") as eng:
             eng.classify(images[:2], list(CLASS_NAMES), method="diffdis")  # open the session before timing
             for mode in MODES:
-                res, s = timed(lambda: eng.classify(images, list(CLASS_NAMES), method="diffdis", diffdis_mode=mode, seed=SEED))
+                res, s = timed(lambda: eng.classify(images, list(CLASS_NAMES), method="diffdis", diffdis_mode=mode,
+                                                    seed=SEED))
                 got = np.array([CLASS_NAMES.index(r.label) for r in res])
                 want = diffdis_scores_reference(comp, model, images, prompts, mode=mode, seed=SEED).argmax(1)
                 scores = eng.match(images[:20], prompts, method="diffdis", diffdis_mode=mode, seed=SEED).scores
                 ref = diffdis_scores_reference(comp, model, images[:20], prompts, mode=mode, seed=SEED)
-                (r1, _), s_match = timed(lambda: match_bench.r_at_1(eng, images, labels, method="diffdis", diffdis_mode=mode))
+                (r1, _), s_match = timed(
+                    lambda: match_bench.r_at_1(eng, images, labels, method="diffdis", diffdis_mode=mode))
                 row[mode] = {"accuracy": float(np.mean(got == labels)), "images_per_s": n / s, "r_at_1": r1,
                              "match_images_per_s": n / s_match, "decisions_agree": float(np.mean(got == want)),
                              "max_rel": float(np.abs(scores - ref).max() / np.abs(ref).max())}
@@ -315,8 +327,10 @@ def compare_unified(args) -> None:
     captions = [DEFAULT_TEMPLATE.format(CLASS_NAMES[y]) for y in labels]
     generation = []
     for name, c in (("the model's own UNet (frozen DiffDis)", comp),
-                    ("the unified run's UNet", dataclasses.replace(comp, unet=image_branch(comp, models[variants[2][0]]))),
-                    ("the control's UNet (text weight 0)", dataclasses.replace(comp, unet=image_branch(comp, models[CONTROL])))):
+                    ("the unified run's UNet",
+                     dataclasses.replace(comp, unet=image_branch(comp, models[variants[2][0]]))),
+                    ("the control's UNet (text weight 0)",
+                     dataclasses.replace(comp, unet=image_branch(comp, models[CONTROL])))):
         generation.append({"unet": name, "held_out_denoising_loss": denoising_loss(c, images, captions),
                            "sampled_accuracy": sampled_accuracy(c, classifier, args.per_class)})
         print(json.dumps(generation[-1]), flush=True)
@@ -337,20 +351,22 @@ def compare_unified(args) -> None:
                      f"{r['denoise']['images_per_s']:.1f} | best epoch {t['best_epoch']} of {t['epochs']}, "
                      f"{r['train_s']:.0f} s{extra} |")
     ctl = (f"best epoch {models[CONTROL].config.training['best_epoch']} of {models[CONTROL].config.training['epochs']}")
-    table += ["", "| UNet | held-out denoising loss | fixed classifier's accuracy on sampled digits |", "|---|---:|---:|"]
+    table += ["", "| UNet | held-out denoising loss | fixed classifier's accuracy on sampled digits |",
+              "|---|---:|---:|"]
     table += [f"| {g['unet']} | {g['held_out_denoising_loss']:.4f} | {g['sampled_accuracy']:.2%} |" for g in generation]
     parity = "; ".join(f"{r['variant'].split(' (')[0]}: " + ", ".join(
         f"{m} {r[m]['max_rel']:.1e} ({r[m]['decisions_agree']:.0%} decisions)" for m in MODES) for r in rows)
     table += ["", f"{n} held-out digits (accuracy: 10 class prompts \"{DEFAULT_TEMPLATE}\"; R@1: bench/match.py's "
-              f"5-caption task), none of them a DiffDis training caption; all three trained on the same {rows[0]['training']['pairs']} "
-              f"pairs ({args.captions_per_image} of each training digit's 6 captions), seed 0, early stopping on the validation loss, the frozen ones at most "
-              f"{args.epochs or DiffDisTrainOptions.epochs} epochs, the unified one (UNet lr 1e-4, text stream 1e-3) at most "
-              f"{args.unified_epochs}. Control (same fine-tune, text weight 0): {ctl}. Generation: held-out denoising "
-              f"loss over t = 50, 150, ..., 950 (seeded ε shared by all images); {args.per_class} DDIM samples (50 steps, "
-              f"guidance 2) per digit, read by a logistic regression fitted on the training pixels ({real_acc:.2%} on "
-              f"the real held-out digits). Engine (ONNX Runtime CPU fp32) vs torch, max rel. error of the scores on 20 "
-              f"digits and decisions on all {n}: {parity}. One run; load average {load_start:.1f} at the start, "
-              f"{end_load:.1f} at the end (images/s comparable within this run only). Measured on "
+              f"5-caption task), none of them a DiffDis training caption; all three trained on the same "
+              f"{rows[0]['training']['pairs']} pairs ({args.captions_per_image} of each training digit's 6 captions), "
+              f"seed 0, early stopping on the validation loss, the frozen ones at most "
+              f"{args.epochs or DiffDisTrainOptions.epochs} epochs, the unified one (UNet lr 1e-4, text stream 1e-3) "
+              f"at most {args.unified_epochs}. Control (same fine-tune, text weight 0): {ctl}. Generation: held-out "
+              f"denoising loss over t = 50, 150, ..., 950 (seeded ε shared by all images); {args.per_class} DDIM "
+              f"samples (50 steps, guidance 2) per digit, read by a logistic regression fitted on the training pixels "
+              f"({real_acc:.2%} on the real held-out digits). Engine (ONNX Runtime CPU fp32) vs torch, max rel. error "
+              f"of the scores on 20 digits and decisions on all {n}: {parity}. One run; load average {load_start:.1f} "
+              f"at the start, {end_load:.1f} at the end (images/s comparable within this run only). Measured on "
               f"{machine_line(machine())} by `bench/diffdis.py --unified`."]
     publish(args.results_name, result, table, args.update_docs)
 
@@ -364,13 +380,14 @@ def publish_frozen(args, rows: list[dict], n: int, load_start: float) -> None:
     table = ["| DiffDis (frozen) | denoise: accuracy | denoise: R@1 | generate: accuracy | generate: R@1 | training |",
              "|---|---:|---:|---:|---:|---|"]
     table += [f"| {r['variant']} | {r['denoise']['accuracy']:.2%} | {r['denoise']['r_at_1']:.2%} | "
-              f"{r['generate']['accuracy']:.2%} | {r['generate']['r_at_1']:.2%} | best epoch {r['training']['best_epoch']} "
-              f"of {r['training']['epochs']}, {r['train_s']:.0f} s |" for r in rows]
+              f"{r['generate']['accuracy']:.2%} | {r['generate']['r_at_1']:.2%} | best epoch "
+              f"{r['training']['best_epoch']} of {r['training']['epochs']}, {r['train_s']:.0f} s |" for r in rows]
     end_load = os.getloadavg()[0]
-    table += ["", f"The same {n} held-out digits and pairs ({args.captions_per_image} of each training digit's 6 captions, "
+    table += ["",
+              f"The same {n} held-out digits and pairs ({args.captions_per_image} of each training digit's 6 captions, "
               f"seed 0), the frozen runs capped at {args.epochs or DiffDisTrainOptions.epochs} epochs. One run; load "
-              f"average {load_start:.1f} at the start, {end_load:.1f} at the end. Measured on {machine_line(machine())} by "
-              f"`bench/diffdis.py --unified --frozen-only`."]
+              f"average {load_start:.1f} at the start, {end_load:.1f} at the end. Measured on "
+              f"{machine_line(machine())} by `bench/diffdis.py --unified --frozen-only`."]
     publish("diffdis_unified_frozen", {"images": n, "variants": rows, "torch_threads": torch.get_num_threads(),
                                        "load_average": {"start": load_start, "end": end_load}}, table, args.update_docs)
 

@@ -48,8 +48,8 @@ def load_run(comp: Components, run_dir: str | Path, source_sha256: str) -> DiffD
     model = load_diffdis(run_dir)
     cfg = model.config
     if cfg.source_sha256 and cfg.source_sha256 != source_sha256:
-        raise EngineError(f"DiffDis run {run_dir} was trained on another model (sha256 {cfg.source_sha256[:12]}, this one "
-                          f"{source_sha256[:12]}); retrain it with `diffscore train-diffdis`")
+        raise EngineError(f"DiffDis run {run_dir} was trained on another model (sha256 {cfg.source_sha256[:12]}, this "
+                          f"one {source_sha256[:12]}); retrain it with `diffscore train-diffdis`")
     if cfg.text_dim != int(comp.text_encoder.config.hidden_size):
         raise EngineError(f"DiffDis run {run_dir} reads {cfg.text_dim}-wide text embeddings, this model's are "
                           f"{comp.text_encoder.config.hidden_size}; retrain it on this model")

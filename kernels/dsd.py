@@ -6,11 +6,14 @@ pipeline_dsd.py and unet_2d_condition.py):
 
 | | diffscore | discffusion |
 |---|---|---|
-| a_k | the conditional pass's attention score | the mean of the unconditional (empty prompt) and conditional passes' (its batch is [∅, text] and the score a mean over the batch) |
+| a_k | the conditional pass's attention score | the mean of the unconditional (empty prompt) and conditional passes' \
+(its batch is [∅, text] and the score a mean over the batch) |
 | λ | 0 (bias off) | 1 (bias on) |
 | t_k | range(10, 990, T//S) | T − 1 − idx for idx in range(10, 990, T//S) |
-| layers | the last cross-attention layer of every block with one | per down/mid/up section: the last block with cross-attention, every one of its attentions, the last transformer block of each |
-| S (default timesteps per pair) | 10 | 30 (dsd_infer.py's --sampling_time_steps); 10 stays a speed option: `--timesteps 10` |
+| layers | the last cross-attention layer of every block with one | per down/mid/up section: the last block with \
+cross-attention, every one of its attentions, the last transformer block of each |
+| S (default timesteps per pair) | 10 | 30 (dsd_infer.py's --sampling_time_steps); 10 stays a speed option: \
+`--timesteps 10` |
 
 Prompt learning (reference.prompt_learning) follows the preset's score (attention only, or attention +
 bias with the empty prompt averaged in) and, for discffusion (dsd_train.py), also draws a new t and ε

@@ -155,7 +155,8 @@ class DiffDis(nn.Module):
         self.unet_state: dict[str, torch.Tensor] | None = None  # unified: the trained UNet's weights (not a module)
         self.norm = nn.LayerNorm(c.dim)
         self.text_out = nn.Linear(c.dim, c.text_dim)
-        abar = torch.zeros(c.num_train_timesteps, dtype=torch.float64) if alphas_cumprod is None else alphas_cumprod.double()
+        abar = (torch.zeros(c.num_train_timesteps, dtype=torch.float64) if alphas_cumprod is None
+                else alphas_cumprod.double())
         # computed in float64, kept in float32: kernels.add_noise's numbers
         self.register_buffer("sqrt_abar", abar.sqrt().float())
         self.register_buffer("sqrt_one_minus_abar", (1 - abar).sqrt().float())
@@ -226,7 +227,8 @@ def score_noise(seed: int, n: int, text_dim: int) -> np.ndarray:
 def pooled_text(comp: Components, texts: list[str]) -> torch.Tensor:
     """(P, text_dim) raw text queries: the last hidden state at the first end-of-text token (CLIP's pooler)."""
     tok = comp.tokenizer
-    ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
     hidden = comp.text_encoder(ids)[0]  # (P, L, D)
     pos = torch.from_numpy(eos_positions(ids.numpy(), int(tok.eos_token_id)))
     return hidden[torch.arange(len(texts)), pos]
@@ -286,7 +288,8 @@ def train_diffdis(comp: Components, images, captions: list[str], config: DiffDis
     stopping on a validation split of the images with the best epoch's weights kept. Fills config.training.
     Deterministic for a given seed and thread count."""
     if len(images) != len(captions) or len(images) < 2:
-        raise EngineError(f"{len(images)} images and {len(captions)} captions: need one caption per image, at least 2 pairs")
+        raise EngineError(f"{len(images)} images and {len(captions)} captions: need one caption per image, "
+                          f"at least 2 pairs")
     check_blocks(comp.unet, config.blocks)
     check_steps([config.image_step], comp.num_train_timesteps)
     start = time.perf_counter()
@@ -341,7 +344,8 @@ def train_diffdis(comp: Components, images, captions: list[str], config: DiffDis
         img = image_of[rows]
         c = torch.where(d["drop"][:, None, None], empty, cond[caption_of[rows]])
         total, g_loss, t_loss = unified_loss(model, scoring, comp, x0[img], x_img[img], c, empty,
-                                             text[caption_of[rows]][:, None], d["gen_t"], d["gen_eps"], d["t"], d["eps"],
+                                             text[caption_of[rows]][:, None], d["gen_t"], d["gen_eps"],
+                                             d["t"], d["eps"],
                                              options.generation_weight, options.text_weight)
         return total, {"generation": g_loss.item(), "text": t_loss.item()}
 
@@ -383,7 +387,8 @@ def train_diffdis(comp: Components, images, captions: list[str], config: DiffDis
     model.eval()
     config.training = {**config.training, "pairs": len(tr), "val_pairs": len(va), "images": len(distinct),
                        "captions": len(vocab), "epochs": epoch, "best_epoch": best[1] or epoch,
-                       "val_loss": best[0] if len(va) else None, "final_train_loss_mean20": float(np.mean(losses[-20:])),
+                       "val_loss": best[0] if len(va) else None,
+                       "final_train_loss_mean20": float(np.mean(losses[-20:])),
                        **({"val_" + k: v for k, v in best[3].items()}),
                        **{k: v for k, v in asdict(options).items() if k != "epochs"}, "max_epochs": options.epochs,
                        "wall_time_s": round(time.perf_counter() - start, 2),
@@ -435,7 +440,8 @@ def load_diffdis(folder: str | Path, weights: str = WEIGHTS, config: str = CONFI
     try:
         cfg = DiffDisConfig(**json.loads((folder / config).read_text()))
     except (json.JSONDecodeError, TypeError) as e:
-        raise EngineError(f"{folder / config} is not a DiffDis config ({e}); retrain with `diffscore train-diffdis`") from None
+        raise EngineError(
+            f"{folder / config} is not a DiffDis config ({e}); retrain with `diffscore train-diffdis`") from None
     model = DiffDis(cfg)
     tensors = load_file(str(folder / weights))
     model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("unet.")})

@@ -1,6 +1,7 @@
 """DSD image-text matching in torch: the reference for `Engine.match` (DESIGN.md §3).
 
-Per pair (image, text), conditional pass only (the discffusion preset averages in the empty prompt's): attention score a_k = mean over selected layers of
+Per pair (image, text), conditional pass only (the discffusion preset averages in the empty prompt's): attention score \
+a_k = mean over selected layers of
 logsumexp_tokens(scale·QKᵀ) averaged over heads and pixels; optional denoising bias
 b_k = ||ε − ε̂(∅)||₂ − ||ε − ε̂(text)||₂; score = mean_k (a_k + λ b_k). Higher = better match.
 With learned per-layer score weights (prompt learning), a_k is their weighted sum instead of the mean.
@@ -28,7 +29,8 @@ def match_reference(comp: Components, scoring_unet: ScoringUNet, images, texts: 
                     preset: str | None = None) -> np.ndarray:
     """(images, texts) scores, one image-text pair at a time over its K timesteps.
 
-    `preset` (kernels.dsd; default DEFAULT_DSD_PRESET, as export's) sets the timesteps, the default λ and whether the empty prompt's attention score is
+    `preset` (kernels.dsd; default DEFAULT_DSD_PRESET, as export's) sets the timesteps, the default λ and whether the \
+empty prompt's attention score is
     averaged in; the layers are `scoring_unet`'s (reference.scoring_unet.preset_attention_layers)."""
     spec = dsd_preset(preset or DEFAULT_DSD_PRESET)
     bias_weight = spec.bias_weight if bias_weight is None else bias_weight

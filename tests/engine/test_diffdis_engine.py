@@ -46,7 +46,8 @@ def test_manifest_records_one_graph(diffdis_engine):
     m = Manifest.load(diffdis_engine)
     spec = m.diffdis
     assert spec.graph == "diffdis" and spec.graph in m.graphs
-    assert spec.blocks == ["down_blocks.1", "mid_block", "up_blocks.1"] and spec.timesteps == 3 and spec.generate_steps == 2
+    assert (spec.blocks == ["down_blocks.1", "mid_block", "up_blocks.1"]
+            and spec.timesteps == 3 and spec.generate_steps == 2)
     graph = m.graphs["diffdis"]
     assert [t.name for t in graph.inputs] == ["sample", "text", "noise", "timestep"]
     assert [t.name for t in graph.outputs] == ["error", "similarity"]
@@ -70,14 +71,16 @@ def test_engine_equals_torch_reference(diffdis_engine, pixel, images):
             assert [r.label for r in results] == labels_want
             assert all(r.passes == 1 and r.options.to_dict()["method"] == f"diffdis-{mode}" for r in results)
         # mode "denoise" by hand: −mean error over the DC grid's timesteps, each candidate on the same ε
-        assert eng.match(images[:1], texts, method="diffdis", diffdis_mode="denoise").options.timesteps == (166, 499, 832)
+        assert eng.match(images[:1], texts, method="diffdis",
+                         diffdis_mode="denoise").options.timesteps == (166, 499, 832)
 
 
 def test_parity_verdicts_pass(diffdis_engine, pixel, images):
     manifest = Manifest.load(diffdis_engine)
     verdicts = diffdis_parity(diffdis_engine, manifest, load_components(pixel), images, LABELS)
     # per backend: the graph's two outputs on random inputs, both modes' scores, both modes' decisions
-    assert len(verdicts) == 6 * len(available_backends(manifest)) and all(v.passed for v in verdicts), [str(v) for v in verdicts]
+    assert len(verdicts) == 6 * len(available_backends(manifest)) and all(v.passed for v in verdicts), \
+        [str(v) for v in verdicts]
 
 
 def test_modes_are_one_list():
@@ -152,7 +155,8 @@ def test_unified_engine_parity(unified_engine, pixel, images):
     model = load_diffdis(unified_engine)
     assert model.config.unified and model.config.fusion == "stages" and model.unet_state
     verdicts = diffdis_parity(unified_engine, m, load_components(pixel), images, LABELS)
-    assert len(verdicts) == 6 * len(available_backends(m)) and all(v.passed for v in verdicts), [str(v) for v in verdicts]
+    assert len(verdicts) == 6 * len(available_backends(m)) and all(v.passed for v in verdicts), \
+        [str(v) for v in verdicts]
     # the graph is the trained UNet's: the frozen model's UNet gives other scores
     comp = load_components(pixel)
     texts = ["a photo of a cat", "a photo of a dog"]
@@ -173,9 +177,11 @@ def test_cli_unified(pixel, images, tmp_path, run_cli, run_cli_out):
     cfg = json.loads((run / "diffdis.json").read_text())
     assert cfg["unified"] and cfg["fusion"] == "stages" and cfg["training"]["generation_weight"] == 0.5
     assert run_cli("export", pixel, engine, "--diffdis", run)[0] == 0
-    code, out, err = run_cli_out("match", engine, tmp_path / "1.png", "-t", "a cat", "-t", "a dog", "--method", "diffdis",
+    code, out, err = run_cli_out("match", engine, tmp_path / "1.png", "-t", "a cat", "-t", "a dog",
+                                 "--method", "diffdis",
                                  "--format", "json")
     assert code == 0, err
-    for bad, message in ((("--generation-weight", "-1"), "--generation-weight"), (("--text-weight", "0.5"), "--unified")):
+    for bad, message in ((("--generation-weight", "-1"), "--generation-weight"),
+                         (("--text-weight", "0.5"), "--unified")):
         code, err = run_cli("train-diffdis", pixel, "--data", tmp_path / "pairs.jsonl", "--out", tmp_path / "y", *bad)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

@@ -19,7 +19,8 @@ def comp(tiny_models):
 
 def tiny_config(comp, **kw) -> DiffDisConfig:
     return DiffDisConfig(blocks=BLOCKS, shapes=[[32, 4, 4], [32, 4, 4], [16, 8, 8]],
-                         text_dim=int(comp.text_encoder.config.hidden_size), num_train_timesteps=comp.num_train_timesteps,
+                         text_dim=int(comp.text_encoder.config.hidden_size),
+                         num_train_timesteps=comp.num_train_timesteps,
                          eos_token_id=int(comp.tokenizer.eos_token_id), dim=16, heads=2, **kw)
 
 
@@ -36,7 +37,8 @@ def test_shapes_and_names(comp):
         assert name in names, name
     B, Q, D = 3, 5, model.config.text_dim
     with torch.no_grad():
-        error, similarity = model(features(comp, B), torch.randn(B, Q, D), torch.randn(B, Q, D), torch.randint(0, 1000, (B, Q)))
+        error, similarity = model(features(comp, B), torch.randn(B, Q, D), torch.randn(B, Q, D),
+                                  torch.randint(0, 1000, (B, Q)))
         memory = model.memory(features(comp, B))
     assert error.shape == similarity.shape == (B, Q)
     assert memory.shape == (B, 16 + 16 + 16, 16)  # 4x4 + 4x4 + 8x8 pooled to 4x4, width dim
@@ -128,7 +130,8 @@ def unified_config(comp, **kw) -> DiffDisConfig:
 
     blocks = tappable_blocks(comp.unet)
     shapes = block_shapes(comp, blocks)
-    return DiffDisConfig(blocks=blocks, shapes=[shapes[b] for b in blocks], text_dim=int(comp.text_encoder.config.hidden_size),
+    return DiffDisConfig(blocks=blocks, shapes=[shapes[b] for b in blocks],
+                         text_dim=int(comp.text_encoder.config.hidden_size),
                          num_train_timesteps=comp.num_train_timesteps, eos_token_id=int(comp.tokenizer.eos_token_id),
                          dim=16, heads=2, fusion="stages", depth=len(blocks), unified=True, **kw)
 
@@ -154,7 +157,8 @@ def test_stages_fusion_reads_one_block_per_stage(comp):
 def hooked_blocks(unet, blocks, sample, t, emb):
     """The blocks' outputs of one plain UNet call, taken with forward hooks registered here."""
     out, modules = {}, dict(unet.named_modules())
-    hooks = [modules[b].register_forward_hook(lambda m, a, o, b=b: out.__setitem__(b, o[0] if isinstance(o, tuple) else o))
+    hooks = [modules[b].register_forward_hook(
+                 lambda m, a, o, b=b: out.__setitem__(b, o[0] if isinstance(o, tuple) else o))
              for b in blocks]
     try:
         unet(sample, t, encoder_hidden_states=emb)
@@ -193,7 +197,8 @@ def test_unified_loss_is_diffusers_loss_plus_text_loss(comp):
     sched = DDPMScheduler.from_config(comp.scheduler.config)
     with torch.no_grad():
         noisy = sched.add_noise(x0, gen_eps, gen_t)
-        want_gen = F.mse_loss(unet(noisy, gen_t, encoder_hidden_states=cond).sample.float(), gen_eps.float(), reduction="mean")
+        want_gen = F.mse_loss(unet(noisy, gen_t, encoder_hidden_states=cond).sample.float(), gen_eps.float(),
+                              reduction="mean")
         feats = hooked_blocks(unet, cfg.blocks, x_img, torch.full((B,), float(cfg.image_step)), empty.expand(B, -1, -1))
         abar = sched.alphas_cumprod.double()[t][..., None]
         e0 = (text - model.text_mean) / model.text_std

@@ -74,7 +74,8 @@ def test_engine_and_reference_equal_a_transcription_of_discffusion(engine, tiny_
     rng = np.random.default_rng(4)
     imgs = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(2)]
     got = eng.match(imgs, TEXTS, steps=4, seed=3)  # the preset's λ = 1 by default
-    want = np.array([[discffusion_score(comp, eng.manifest.attention_layers, im, t, 4, 3) for t in TEXTS] for im in imgs])
+    want = np.array([[discffusion_score(comp, eng.manifest.attention_layers, im, t, 4, 3) for t in TEXTS]
+                     for im in imgs])
     np.testing.assert_allclose(got, want, rtol=1e-4)
     su = ScoringUNet(comp.unet, eng.manifest.attention_layers)
     ref = match_reference(comp, su, imgs, TEXTS, steps=4, seed=3, preset="discffusion")
@@ -91,7 +92,8 @@ def test_an_engine_scores_with_its_own_preset(engine):
 
 def test_discffusion_prompt_learning(tiny_models, tmp_path):
     rng = np.random.default_rng(0)
-    pairs = Pairs([rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(6)], [t for t in TEXTS for _ in range(2)])
+    pairs = Pairs([rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(6)],
+                  [t for t in TEXTS for _ in range(2)])
     cfg = PromptLearningConfig(shots=2, steps=3, lr=1e-2, batch_size=3, preset="discffusion")
     comp = load_components(tiny_models["sd1"])
     grads = []
@@ -127,7 +129,8 @@ def test_parity_scores_the_reference_with_the_engines_preset(tiny_models, tmp_pa
     from diffscore.export.parity import match_parity, reference_components
 
     rng = np.random.default_rng(1)
-    pairs = Pairs([rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(6)], [t for t in TEXTS for _ in range(2)])
+    pairs = Pairs([rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(6)],
+                  [t for t in TEXTS for _ in range(2)])
     train_prompts(tiny_models["sd1"], pairs, tmp_path / "run", progress=False,
                   config=PromptLearningConfig(shots=2, steps=2, lr=1e-2, batch_size=3, preset="diffscore"))
     engine_dir = export_engine(tiny_models["sd1"], tmp_path / "e", adapters=tmp_path / "run", show_progress=False)
