@@ -52,7 +52,8 @@ def build_sd15(folder: Path, tokenizer: Path) -> None:
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
     ).save_pretrained(folder / "vae")
-    PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True).save_pretrained(folder / "scheduler")
+    PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                  skip_prk_steps=True).save_pretrained(folder / "scheduler")
     shutil.copytree(tokenizer, folder / "tokenizer")  # the real CLIP BPE vocabulary
     cfg = folder / "tokenizer" / "tokenizer_config.json"
     cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "model_max_length": 77}))  # CLIP's context length
@@ -81,9 +82,11 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/diffscore-sd15"))
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--tokenizer", type=Path, default=DEMO_TOKENIZER, help="a CLIP tokenizer folder")
-    parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the INT8 UNet (quantizing takes minutes)")
+    parser.add_argument("--no-int8", dest="int8", action="store_false",
+                        help="skip the INT8 UNet (quantizing takes minutes)")
     parser.add_argument("--update-docs", action="store_true")
-    parser.add_argument("--resume", action="store_true", help="keep the export and the paths already timed in --workdir")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the export and the paths already timed in --workdir")
     parser.add_argument("--paths", help="comma-separated paths to time (default: all); " + "; ".join(PATHS))
     parser.add_argument("--result", choices=("export_sd", "export_sd_capture"), default="export_sd",
                         help="the result and docs block to write: export_sd_capture holds the with/without score "
@@ -127,7 +130,8 @@ def main() -> None:
     if set(chosen) - set(PATHS):
         raise SystemExit(f"--paths: unknown {sorted(set(chosen) - set(PATHS))}; choose from {PATHS}")
     for path in (p for p in PATHS if p in chosen):
-        if (path == "OpenVINO bf16" and not cpu_has_bf16()) or (not args.int8 and ("int8" in path or path == "quantize")):
+        if ((path == "OpenVINO bf16" and not cpu_has_bf16())
+                or (not args.int8 and ("int8" in path or path == "quantize"))):
             continue
         if path in state["peaks"]:
             continue  # timed before this --resume
@@ -150,7 +154,8 @@ def main() -> None:
         print(f"   {row}", flush=True)
     ms, peaks, quantize_s, params_m = state["ms"], state["peaks"], state["quantize_s"], state["params_m"]
     build_s, export_s = state["build_s"], state["export_s"]
-    outputs = {k: np.load(f) for k in ("torch", "ort", "ort-eps", "ort-eps-opt") if (f := args.workdir / f"out-{k}.npz").exists()}
+    outputs = {k: np.load(f) for k in ("torch", "ort", "ort-eps", "ort-eps-opt")
+               if (f := args.workdir / f"out-{k}.npz").exists()}
     verdicts = [compare(f"unet:{n}", outputs["ort"][n], outputs["torch"][n], 1e-4) for n in ("eps", "attn_scores")]
     verdicts += [compare(f"{key}:eps", outputs[key]["eps"], outputs["torch"]["eps"], 1e-4)
                  for key in ("ort-eps", "ort-eps-opt") if key in outputs]
@@ -268,7 +273,8 @@ def ort_optimize(engine: Path, spec, workdir: Path) -> tuple[dict, object]:
             ops[node.op_type] = ops.get(node.op_type, 0) + 1
         row = {"seconds": time.perf_counter() - start, "fused_ops": {k: v for k, v in ops.items() if k in (
             "MultiHeadAttention", "Attention", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "NhwcConv", "BiasAdd",
-            "SkipLayerNormalization", "LayerNormalization", "FastGelu", "BiasGelu", "Gelu")}, "nodes": sum(ops.values())}
+            "SkipLayerNormalization", "LayerNormalization", "FastGelu", "BiasGelu", "Gelu")},
+            "nodes": sum(ops.values())}
         try:
             options_cpu = ort.SessionOptions()
             options_cpu.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # loading is the test
@@ -292,7 +298,8 @@ def quantize_for_timing(engine: Path, manifest, feed: dict):
     n = 1  # 4 (in one calibration batch) ran out of 23 GB: the calibrator keeps every activation
     rng = np.random.default_rng(1)
     cal = CalibrationSet(sample=rng.standard_normal((n,) + feed["sample"].shape[1:], dtype=np.float32),
-                         timestep=np.linspace(50, 950, n).astype(np.float32), prompt_row=np.arange(n) % len(feed["timestep"]),
+                         timestep=np.linspace(50, 950, n).astype(np.float32),
+                         prompt_row=np.arange(n) % len(feed["timestep"]),
                          embeddings=feed["encoder_hidden_states"], image_row=np.arange(n), noise_row=np.arange(n),
                          workload=np.zeros(n, dtype=np.int64))
     fp32 = manifest.graphs["unet"]
@@ -305,11 +312,13 @@ def readme_table(result: dict) -> str:
     rows = "\n".join(f"| {k} | {v / 1000:.1f} s | {ms['torch fp32'] / v:.2f}× | {ms['ONNX Runtime fp32'] / v:.2f}× | "
                      f"{peaks[k]:.1f} GB |"
                      for k, v in ms.items())
-    return (f"SD 1.5-size UNet ({result['unet_params_M']:.1f} M parameters, random weights), one pass at batch {result['batch']}, per image "
+    return (f"SD 1.5-size UNet ({result['unet_params_M']:.1f} M parameters, random weights), one pass at batch "
+            f"{result['batch']}, per image "
             f"(`bench/export_sd.py`; {machine_line(result['machine'])}):\n\n"
-            "| path | per image-pass | vs torch | vs ONNX Runtime fp32 | peak RSS of its process |\n|---|---|---|---|---|\n"
-            f"{rows}\n\nExport {result['export_s']:.0f} s (its process peaked at {peaks['export']:.1f} GB); INT8 quantization "
-            f"{result['quantize_s'] or 0:.0f} s, peak {peaks.get('quantize', 0):.1f} GB "
+            "| path | per image-pass | vs torch | vs ONNX Runtime fp32 | peak RSS of its process |\n"
+            "|---|---|---|---|---|\n"
+            f"{rows}\n\nExport {result['export_s']:.0f} s (its process peaked at {peaks['export']:.1f} GB); "
+            f"INT8 quantization {result['quantize_s'] or 0:.0f} s, peak {peaks.get('quantize', 0):.1f} GB "
             "(calibrated on one random latent: timing only)." + capture_notes(result))
 
 

@@ -124,7 +124,8 @@ def calibrate(engine_dir: str | Path, *, images, labels: list[str] | None, sourc
                                   "sensitive layers in float")
             if not gate.passed:
                 rows = rows or sensitivity.layer_sensitivity(swap, fp32_path, cal, val_images[:SENSITIVITY_IMAGES],
-                                                             labels, method=method, ranges_cache=ranges, progress=progress)
+                                                             labels, method=method, ranges_cache=ranges,
+                                                             progress=progress)
                 keep, model, gate, more = sensitivity.auto_keep_float(
                     swap, fp32_path, cal, val_images, labels, method=method, ranges_cache=ranges, start=keep,
                     ranking=rows, reference=reference)

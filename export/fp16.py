@@ -73,12 +73,14 @@ def fp16_sensitivity(fp32_path: Path, feed: dict[str, np.ndarray], candidates=FP
     names = [o.name for o in model.graph.output]
     ref = run(model)
     report = {}
-    settings = {"all kept": candidates, **{f"release {op}": tuple(c for c in candidates if c != op) for op in candidates},
+    settings = {"all kept": candidates,
+                **{f"release {op}": tuple(c for c in candidates if c != op) for op in candidates},
                 "none kept": ()}
     for label, keep in settings.items():
         out = run(to_fp16(model, keep))
         report[label] = {
-            n: (float(np.abs(o.astype(np.float64) - r).max() / max(np.abs(r).max(), 1e-12)), int((~np.isfinite(o)).sum()))
+            n: (float(np.abs(o.astype(np.float64) - r).max() / max(np.abs(r).max(), 1e-12)),
+                int((~np.isfinite(o)).sum()))
             for n, o, r in zip(names, out, ref)
         }
     return report

@@ -221,7 +221,8 @@ def export_graph(module, sample, inputs, outputs, out_dir: Path, name: str) -> G
     """Export one module; re-save with one external-data file when the graph exceeds 2 GB."""
     scratch = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=out_dir))
     try:
-        axes = {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in inputs + outputs}  # BATCH, ...
+        # BATCH, ...
+        axes = {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in inputs + outputs}
         # diffusers' trace-time branches (a .contiguous() for batch >= 64, a > 2**31-element guard)
         # do not change the math for real shapes: their TracerWarnings are noise to a user.
         with torch.no_grad(), warnings.catch_warnings():

@@ -68,9 +68,11 @@ def torch_modules(comp, manifest: Manifest) -> dict[str, torch.nn.Module]:
 def feeds(manifest: Manifest, comp, engine_dir: Path, seed: int = 0, batch: int = 6, images=None) -> dict[str, dict]:
     """Per graph: fresh random inputs, and real ones (tokenized prompts, encoded images, x_t at real t)."""
     rng = np.random.default_rng(seed)
-    spec = {k: {t.name: [batch if d == BATCH else d for d in t.shape] for t in g.inputs} for k, g in manifest.graphs.items()}
+    spec = {k: {t.name: [batch if d == BATCH else d for d in t.shape] for t in g.inputs}
+            for k, g in manifest.graphs.items()}
     random = {
-        "text_encoder": {name: rng.integers(0, 49406, shape).astype(np.int64) for name, shape in spec["text_encoder"].items()},
+        "text_encoder": {name: rng.integers(0, 49406, shape).astype(np.int64)
+                         for name, shape in spec["text_encoder"].items()},
         "unet": {"sample": rng.standard_normal(spec["unet"]["sample"], dtype=np.float32),
                  "timestep": rng.integers(0, len(manifest.alphas_cumprod), batch).astype(np.float32),
                  "encoder_hidden_states": rng.standard_normal(spec["unet"]["encoder_hidden_states"], dtype=np.float32)},
@@ -111,7 +113,8 @@ def real_images(manifest: Manifest, n: int, rng, images=None) -> list:
     base = rng.integers(0, 256, (n, 4, 4, manifest.image_channels), dtype=np.uint8)
     from PIL import Image
 
-    return [np.asarray(Image.fromarray(b.squeeze(-1) if b.shape[-1] == 1 else b).resize((size, size), Image.BICUBIC)) for b in base]
+    return [np.asarray(Image.fromarray(b.squeeze(-1) if b.shape[-1] == 1 else b).resize((size, size), Image.BICUBIC))
+            for b in base]
 
 
 def tensor_parity(engine_dir: Path, manifest: Manifest, comp, images=None, progress: bool = False) -> list[Verdict]:
@@ -149,7 +152,8 @@ def torch_head(engine_dir: Path, manifest: Manifest, name: str):
     return load_head(engine_dir, weights=spec.weights, config=spec.config)
 
 
-def head_parity(engine_dir: Path, manifest: Manifest, comp, seed: int = 0, batch: int = 6, images=None) -> list[Verdict]:
+def head_parity(engine_dir: Path, manifest: Manifest, comp, seed: int = 0, batch: int = 6,
+                images=None) -> list[Verdict]:
     """Per head and backend: its graph on random x_t against the same torch graph, and the whole head
     path (images -> logits) against torch features through the torch head. Head graphs are fp32."""
     from diffscore.export.graphs import HeadGraph
@@ -177,7 +181,8 @@ def head_parity(engine_dir: Path, manifest: Manifest, comp, seed: int = 0, batch
     return verdicts
 
 
-def head_decision_parity(engine_dir: Path, manifest: Manifest, comp, images: list, source: str = "images") -> list[Verdict]:
+def head_decision_parity(engine_dir: Path, manifest: Manifest, comp, images: list,
+                         source: str = "images") -> list[Verdict]:
     """Top-1 agreement of each head on each backend with the torch head, on the caller's images."""
     from diffscore.reference.heads import head_logits_reference
 
@@ -230,7 +235,8 @@ def match_parity(engine_dir: Path, manifest: Manifest, comp, images=None, seed: 
     opts = dict(steps=3, seed=seed)
     want = match_reference(comp, ScoringUNet(comp.unet, manifest.attention_layers), images, texts,
                            layer_weights=trained.score_weights, preset=manifest.defaults.dsd_preset, **opts)
-    return [compare(f"{backend} fp32 match (prompt learning)", load(engine_dir, backend=backend).match(images, texts, **opts),
+    return [compare(f"{backend} fp32 match (prompt learning)",
+                    load(engine_dir, backend=backend).match(images, texts, **opts),
                     want, RTOL["fp32"]) for backend in available_backends(manifest)]
 
 
@@ -303,20 +309,23 @@ def diffdis_parity(engine_dir: Path, manifest: Manifest, comp, images=None, labe
     texts = [manifest.defaults.template.format(w) for w in (labels or ("cat", "seven", "three"))][:5]
     modes = MODES
     scores = {m: diffdis_scores_reference(comp, model, pictures, texts, mode=m, seed=seed) for m in modes}
-    decisions = {m: diffdis_scores_reference(comp, model, images, [manifest.defaults.template.format(x) for x in labels],
+    decisions = {m: diffdis_scores_reference(comp, model, images,
+                                             [manifest.defaults.template.format(x) for x in labels],
                                              mode=m, seed=seed).argmax(1) for m in modes} if images and labels else {}
     verdicts = []
     for backend in available_backends(manifest):
         eng = load(engine_dir, backend=backend)
         got = diffdis_runner(eng).infer(feed)
         for name in ("error", "similarity"):
-            verdicts.append(compare(f"{backend} fp32 {spec.graph}:{name} (random)", got[name], want[name], RTOL["fp32"]))
+            verdicts.append(compare(f"{backend} fp32 {spec.graph}:{name} (random)", got[name], want[name],
+                                    RTOL["fp32"]))
         for m in modes:
             verdicts.append(compare(f"{backend} fp32 diffdis {m} scores (real images, end to end)",
                                     eng.match(pictures, texts, method="diffdis", diffdis_mode=m, seed=seed).scores,
                                     scores[m], RTOL["fp32"]))
             if m in decisions:
-                got_labels = [r.label for r in eng.classify(images, list(labels), method="diffdis", diffdis_mode=m, seed=seed)]
+                got_labels = [r.label for r in eng.classify(images, list(labels), method="diffdis", diffdis_mode=m,
+                                                            seed=seed)]
                 verdicts.append(agreement(f"{backend} fp32 diffdis {m}", got_labels,
                                           [labels[i] for i in decisions[m]], "torch fp32", source))
     return verdicts

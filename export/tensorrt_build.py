@@ -5,7 +5,8 @@ strongly typed, so no precision builder flags are set (TensorRT 11 removed them)
 off for fp32 graphs, to keep them at fp32 accuracy. One optimization profile per graph spans the batch
 sizes the runtime calls that graph with (graph_batches): the UNet and text encoder up to max_batch, tuned
 for max_batch (the runtime fills its batches), the VAE encoder up to 8 images. A timing cache kept in the
-engine directory makes later builds (another precision, another batch range) fast. Plans already built for this GPU, TensorRT version and batch range are reused, so
+engine directory makes later builds (another precision, another batch range) fast. Plans already built for this \
+GPU, TensorRT version and batch range are reused, so
 running this twice costs only a hash check.
 """
 

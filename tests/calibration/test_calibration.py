@@ -23,12 +23,14 @@ LABELS = list(CLASS_NAMES)
 @pytest.fixture(scope="module")
 def engine_dir(demo_model, tmp_path_factory):
     return export_engine(demo_model, tmp_path_factory.mktemp("cal") / "engine", show_progress=False,
-                         defaults={"template": DEFAULT_TEMPLATE, "stages": [list(s) for s in DEMO_STAGES], "loss": DEMO_LOSS})
+                         defaults={"template": DEFAULT_TEMPLATE, "stages": [list(s) for s in DEMO_STAGES],
+                                   "loss": DEMO_LOSS})
 
 
 @pytest.fixture(scope="module")
 def calibrated(engine_dir):
-    return calibrate(engine_dir, images=training_images(), labels=list(CLASS_NAMES), source="demo training digits", samples=SAMPLES, validation=VALIDATION, seed=0)
+    return calibrate(engine_dir, images=training_images(), labels=list(CLASS_NAMES), source="demo training digits",
+                     samples=SAMPLES, validation=VALIDATION, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -141,12 +143,14 @@ def test_calibrate_with_smoothquant(engine_dir, calibrated, tmp_path):
     import shutil
 
     engine = shutil.copytree(engine_dir, tmp_path / "engine")
-    result = calibrate(engine, images=training_images(), labels=list(CLASS_NAMES), source="demo training digits", samples=SAMPLES, validation=VALIDATION, seed=0, smoothquant_alpha=0.5)
+    result = calibrate(engine, images=training_images(), labels=list(CLASS_NAMES), source="demo training digits",
+                       samples=SAMPLES, validation=VALIDATION, seed=0, smoothquant_alpha=0.5)
     record = Manifest.load(engine).calibration
     assert record.smoothquant["alpha"] == 0.5 and len(record.smoothquant["norms"]) > 0
     assert result.gate.passed and set(result.quantized) == set(calibrated.quantized)
     assert Manifest.load(engine_dir).calibration.smoothquant is None  # off by default
-    got = diffscore.load(engine, backend="ort-cpu", precision="int8").classify(list(load_digits_split().train_images[-2:]), LABELS)
+    got = diffscore.load(engine, backend="ort-cpu", precision="int8").classify(
+        list(load_digits_split().train_images[-2:]), LABELS)
     assert len(got) == 2
 
 
@@ -212,8 +216,10 @@ def test_auto_keeps_most_sensitive_layers_until_gate_holds(monkeypatch):
     tried = []
     monkeypatch.setattr(sensitivity, "quantize_unet", lambda *a, keep_float, **k: list(keep_float))
     monkeypatch.setattr(sensitivity, "decision_gate",
-                        lambda swap, model, *a: tried.append(model) or sensitivity.gate_verdict(["a"] * (100 if "b" in model else 90) + ["b"] * (0 if "b" in model else 10), ["a"] * 100))
-    ranking = [sensitivity.LayerSensitivity(x, e, 0.0) for x, e in (("a", 3.0), ("conv_in", 2.0), ("b", 1.0), ("c", 0.5))]
+                        lambda swap, model, *a: tried.append(model) or sensitivity.gate_verdict(
+                            ["a"] * (100 if "b" in model else 90) + ["b"] * (0 if "b" in model else 10), ["a"] * 100))
+    ranking = [sensitivity.LayerSensitivity(x, e, 0.0)
+               for x, e in (("a", 3.0), ("conv_in", 2.0), ("b", 1.0), ("c", 0.5))]
     keep, _, gate, steps = sensitivity.auto_keep_float(None, None, None, [], LABELS, method="minmax", ranges_cache=None,
                                                        start=["conv_in"], ranking=ranking, reference=[])
     assert keep == ["conv_in", "a", "b"] and gate.passed and len(steps) == 2 and tried[-1] == keep
