@@ -52,17 +52,16 @@ def clip_pixels(window, spec) -> np.ndarray:
 def image_embeddings(engine, images, batch_size: int | None = None, progress: bool = False) -> np.ndarray:
     """(N, dim) L2-normalised image embeddings; images read a window at a time (bounded memory)."""
     spec = engine.manifest.itc
-    eps = shared_noise(spec.seed, 1, tuple(engine.manifest.sample_shape))  # (1, C, H, W): the run's fixed ε
     runner = engine.graph_runner(spec.image_graph)
     step = batch_size or engine.default_batch_size()
     chunks = []
     if spec.kind == "clip":
         feed_name, encode = "pixel_values", lambda window: clip_pixels(window, spec)
-    else:
-        feed_name, encode = "sample", None
-    for x0 in engine.encoded_windows(images, "match itc", progress, max(step, IMAGE_WINDOW), encode=encode):
-        x = x0 if spec.kind == "clip" else np.concatenate(
-            [add_noise(x, eps, engine.alphas_cumprod, [spec.noise_step]) for x in x0])
+    else:  # x_t at the run's one noise step, with its fixed ε (1, C, H, W)
+        eps = shared_noise(spec.seed, 1, tuple(engine.manifest.sample_shape))
+        feed_name, encode = "sample", lambda window: np.concatenate(
+            [add_noise(x, eps, engine.alphas_cumprod, [spec.noise_step]) for x in engine.encode_images(window)])
+    for x in engine.encoded_windows(images, "match itc", progress, max(step, IMAGE_WINDOW), encode=encode):
         for lo in range(0, len(x), step):
             chunks.append(runner.infer({feed_name: x[lo : lo + step]})["embedding"])
     return np.concatenate(chunks)
