@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffscore.engine.graph_contract import CONTEXT, POOLED, SAMPLE, TIME_IDS, TIMESTEP
 from diffscore.engine.images import IMAGE_SUFFIXES, image_files
 from diffscore.errors import EngineError
 from diffscore.kernels import add_noise, dsd_timesteps, shared_noise, stage_timesteps
@@ -50,9 +51,8 @@ class CalibrationSet:
         for lo in range(0, len(self), batch_size):
             sl = slice(lo, lo + batch_size)
             rows = self.prompt_row[sl]
-            yield {"sample": self.sample[sl], "timestep": self.timestep[sl],
-                   "encoder_hidden_states": self.embeddings[rows],
-                   **{k: v[rows] for k in ("text_embeds", "time_ids") if (v := getattr(self, k)) is not None}}
+            yield {SAMPLE: self.sample[sl], TIMESTEP: self.timestep[sl], CONTEXT: self.embeddings[rows],
+                   **{k: v[rows] for k in (POOLED, TIME_IDS) if (v := getattr(self, k)) is not None}}
 
     def save(self, path: Path) -> None:
         """Write atomically (temporary name, then rename)."""

@@ -155,15 +155,16 @@ def _install(engine_dir: Path, manifest: Manifest, work: Path, model, cal, *, me
              smoothquant: dict | None) -> CalibrationRecord:
     """Move the calibration set and the INT8 graph into the engine directory and record them."""
     from diffscore.calibration.dataset import CALIBRATION_FILE
-    from diffscore.engine.eps_graph import EPS_OUTPUT, eps_graph
+    from diffscore.engine.eps_graph import eps_graph
+    from diffscore.engine.graph_contract import EPS
     from diffscore.export.eps_graph import prune_to
     from diffscore.export.onnx_export import save_graph
 
     unet = manifest.graphs["unet"]
     spec = save_graph(model, work, INT8_FILE, unet.inputs, unet.outputs, precision="int8")
     eps_key = eps_graph("int8")  # the ε̂-only cut of the same graph: the same ε̂, the gate's decisions
-    eps_spec = save_graph(prune_to(model, [EPS_OUTPUT]), work, f"{eps_key}.onnx", unet.inputs,
-                          [t for t in unet.outputs if t.name == EPS_OUTPUT], precision="int8")
+    eps_spec = save_graph(prune_to(model, [EPS]), work, f"{eps_key}.onnx", unet.inputs,
+                          [t for t in unet.outputs if t.name == EPS], precision="int8")
     for file in spec.files + eps_spec.files:
         (work / file).replace(engine_dir / file)
     (work / CALIBRATION_FILE).replace(engine_dir / CALIBRATION_FILE)

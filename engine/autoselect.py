@@ -116,13 +116,9 @@ def describe(choice: dict | None, precision: str) -> str:
 
 def random_unet_feed(manifest: Manifest, graph: str, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random inputs of the right names, shapes and dtypes for timing a UNet graph (timesteps in range)."""
-    rng = np.random.default_rng(seed)
-    feed = {}
-    for spec in manifest.graphs[graph].inputs:
-        shape = [batch if d == "batch" else d for d in spec.shape]
-        feed[spec.name] = (rng.integers(0, len(manifest.alphas_cumprod), shape) if spec.name == "timestep"
-                           else rng.standard_normal(shape)).astype(spec.dtype)
-    return feed
+    from diffscore.engine.graph_contract import ModelDims, graph_contracts, role_of
+
+    return graph_contracts(ModelDims.of(manifest))[role_of(graph)].sample_feed(batch, np.random.default_rng(seed))
 
 
 def measure(engine_dir: Path, manifest: Manifest, precision: str, backend: str, workers: int,

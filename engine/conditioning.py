@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffscore.engine.graph_contract import CONTEXT, INPUT_IDS, INPUT_IDS_2, POOLED, TIME_IDS
 from diffscore.engine.manifest import resolve_inside
 from diffscore.errors import EngineError, first_line
 
@@ -82,19 +83,19 @@ class PromptCache:
 class TextConditioning:
     def token_feed(self, prompts: list[str]) -> dict[str, np.ndarray]:
         """The text encoder graph's feed: (P, L) int64 ids per tokenizer (input_ids; SDXL adds input_ids_2)."""
-        feed = {"input_ids": np.array([e.ids for e in self.tokenizer.encode_batch(prompts)], dtype=np.int64)}
+        feed = {INPUT_IDS: np.array([e.ids for e in self.tokenizer.encode_batch(prompts)], dtype=np.int64)}
         if self.manifest.conditioning == "sdxl":
-            feed["input_ids_2"] = np.array([e.ids for e in self.tokenizer_2.encode_batch(prompts)], dtype=np.int64)
+            feed[INPUT_IDS_2] = np.array([e.ids for e in self.tokenizer_2.encode_batch(prompts)], dtype=np.int64)
         return feed
 
     def text_conditioning(self, prompts: list[str]) -> dict[str, np.ndarray]:
         """The UNet graph's text inputs, one row per prompt, named as its inputs: encoder_hidden_states (P, L, D);
         SDXL adds text_embeds (P, D2) and time_ids (P, 6). Rows of it (`conditioning_rows`) feed the UNet."""
         embeddings = self.prompt_embeddings(prompts)
-        cond = {"encoder_hidden_states": np.stack([hidden for hidden, _ in embeddings])}
+        cond = {CONTEXT: np.stack([hidden for hidden, _ in embeddings])}
         if self.manifest.conditioning == "sdxl":
-            cond["text_embeds"] = np.stack([pooled for _, pooled in embeddings])
-            cond["time_ids"] = np.tile(np.asarray(self.manifest.time_ids, dtype=np.float32), (len(prompts), 1))
+            cond[POOLED] = np.stack([pooled for _, pooled in embeddings])
+            cond[TIME_IDS] = np.tile(np.asarray(self.manifest.time_ids, dtype=np.float32), (len(prompts), 1))
         return cond
 
     def conditioning_rows(self, conditioning, rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -104,7 +105,7 @@ class TextConditioning:
             if self.manifest.conditioning != "sd":
                 raise EngineError(f"{self.engine_dir} is an {self.manifest.conditioning} engine: its UNet also takes "
                                   "text_embeds and time_ids; this method builds SD conditioning only")
-            conditioning = {"encoder_hidden_states": conditioning}
+            conditioning = {CONTEXT: conditioning}
         return {name: take_rows(value, rows) for name, value in conditioning.items()}
 
 

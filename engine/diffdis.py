@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from diffscore.engine.graph_contract import ERROR, INPUT_IDS, NOISE_QUERY, SAMPLE, SIMILARITY, TEXT_QUERY, TIMESTEP
 from diffscore.engine.manifest import DiffDisSpec
 from diffscore.engine.options import check_count, check_labels, check_seed
 from diffscore.engine.results import Classification, MatchOptions, MatchResult, ranked
@@ -44,7 +45,7 @@ def eos_positions(ids: np.ndarray, eos_token_id: int) -> np.ndarray:
 
 def text_queries(engine, texts: list[str], spec: DiffDisSpec) -> np.ndarray:
     """(P, D) raw text queries: the text encoder's hidden state at the first end-of-text token."""
-    pos = eos_positions(engine.token_feed(texts)["input_ids"], spec.eos_token_id)
+    pos = eos_positions(engine.token_feed(texts)[INPUT_IDS], spec.eos_token_id)
     return engine.encode_text(texts)[np.arange(len(texts)), pos].astype(np.float32)
 
 
@@ -86,17 +87,17 @@ def diffdis_scores(engine, images, texts: list[str], *, mode: str | None = None,
     per_call = max(1, (batch_size or engine.default_batch_size()) // max(1, len(q_t) // 64))  # images per call
     # Every image of a call gets the same queries: built once, each call takes its first n rows.
     queries = {name: np.broadcast_to(q, (per_call, *q.shape)).copy()
-               for name, q in (("text", q_text), ("noise", q_noise), ("timestep", q_t))}
+               for name, q in ((TEXT_QUERY, q_text), (NOISE_QUERY, q_noise), (TIMESTEP, q_t))}
     out = []
     for x0 in engine.encoded_windows(images, "diffdis", progress):
         xt = np.concatenate([add_noise(x, image_eps, engine.alphas_cumprod, [spec.image_step]) for x in x0])
         for lo in range(0, len(xt), per_call):
             n = len(xt[lo : lo + per_call])
-            res = runner.infer({"sample": xt[lo : lo + per_call], **{k: q[:n] for k, q in queries.items()}})
+            res = runner.infer({SAMPLE: xt[lo : lo + per_call], **{k: q[:n] for k, q in queries.items()}})
             if mode == "denoise":
-                out.append(-res["error"].astype(np.float64).reshape(n, P, len(ts)).mean(-1))
+                out.append(-res[ERROR].astype(np.float64).reshape(n, P, len(ts)).mean(-1))
             else:
-                out.append(res["similarity"].astype(np.float64))
+                out.append(res[SIMILARITY].astype(np.float64))
     options = {"mode": mode, "timesteps": tuple(ts), "seed": seed, "generate_steps": spec.generate_steps}
     return np.concatenate(out), options
 

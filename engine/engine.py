@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from diffscore.engine.backends.base import Runner
-from diffscore.engine.backends.choice import BACKENDS, GPU_BATCH, VAE_BATCH, cpu_workers, make_runner, resolve_backend
+from diffscore.engine.backends.choice import BACKENDS, GPU_BATCH, cpu_workers, make_runner, resolve_backend
 from diffscore.engine.conditioning import PromptCache, TextConditioning, read_tokenizer
 from diffscore.engine.classify_options import ClassifyOptions, pack
-from diffscore.engine.eps_graph import EPS_ROLE, eps_graph, has_eps_graph
+from diffscore.engine.eps_graph import eps_graph, has_eps_graph
+from diffscore.engine.graph_contract import (ATTN_SCORES, EPS, HIDDEN, IMAGE, LATENT, POOLED, SAMPLE, TEXT_ENCODER,
+                                             TIMESTEP, UNET, UNET_EPS, VAE_BATCH, VAE_ENCODER, role_of)
 from diffscore.engine.heads import HeadScoring
 from diffscore.engine.images import IMAGE_WINDOW, count_images, image_windows, preprocess_batch
 from diffscore.engine.manifest import PRECISIONS, Manifest, ScoringDefaults, unet_graph
@@ -85,24 +87,24 @@ def load(engine_dir: str | Path, backend: str = "auto", device: int = 0, precisi
     if workers is None:
         workers = cpu_workers(manifest, backend, threads)
     given = dict(runners or {})
-    unknown = set(given) - {"text_encoder", "vae_encoder", "unet", EPS_ROLE}
+    unknown = set(given) - {TEXT_ENCODER, VAE_ENCODER, UNET, UNET_EPS}
     if unknown:
         raise EngineError(f"runner overrides for {sorted(unknown)}: only text_encoder, vae_encoder, unet and "
-                          f"{EPS_ROLE} can be replaced")
+                          f"{UNET_EPS} can be replaced")
     # issue 27: the ε̂-only graph (given, or the engine's own unless the scoring UNet is given); see below
-    eps_only = EPS_ROLE in given or ("unet" not in given and has_eps_graph(manifest, precision, backend, device))
-    names = [g for g in ("text_encoder", "vae_encoder") if g in manifest.graphs] + [unet]
+    eps_only = UNET_EPS in given or (UNET not in given and has_eps_graph(manifest, precision, backend, device))
+    names = [g for g in (TEXT_ENCODER, VAE_ENCODER) if g in manifest.graphs] + [unet]
     runners = {
-        name.split(".")[0]: given.get(name.split(".")[0])
+        role_of(name): given.get(role_of(name))
         or make_runner(engine_dir, manifest, name, backend, device, threads, workers=workers,
                        precision=precision if name == unet else "fp32")
         for name in names
     }
     if eps_only:  # issue 27: the ε̂-only graph runs classify, the scoring graph the methods that read scores
-        runners[EPS_ROLE] = given.get(EPS_ROLE) or make_runner(engine_dir, manifest, eps_graph(precision), backend,
+        runners[UNET_EPS] = given.get(UNET_EPS) or make_runner(engine_dir, manifest, eps_graph(precision), backend,
                                                                device, threads, workers=workers, precision=precision)
-    if "unet" not in given:  # the engine reads ε̂ and the scores of the UNet graph, never its features.* maps
-        runners["unet"].fetch = {"eps", "attn_scores"}
+    if UNET not in given:  # the engine reads ε̂ and the scores of the UNet graph, never its features.* maps
+        runners[UNET].fetch = {EPS, ATTN_SCORES}
     engine = Engine(engine_dir, manifest, runners, backend, precision, workers, device, threads)
     engine._borrowed = set(given)  # the caller's runners: the caller closes them
     return engine
@@ -185,7 +187,7 @@ class Engine(HeadScoring, TextConditioning):
     def default_batch_size(self) -> int:
         """Pairs per UNet call: small samples batch wide on CPU; GPUs and big latents less so. On TensorRT, the
         max_batch of the plan the UNet runs (this GPU's, this precision's), not of other GPUs' plans."""
-        plan_max = getattr(self.runners.get(EPS_ROLE) or self.runners.get("unet"), "max_batch", None)
+        plan_max = getattr(self.runners.get(UNET_EPS) or self.runners.get(UNET), "max_batch", None)
         if self.backend == "tensorrt" and plan_max:
             return plan_max
         elements = int(np.prod(self.manifest.sample_shape))
@@ -205,13 +207,13 @@ class Engine(HeadScoring, TextConditioning):
         or the text encoder (each distinct prompt once per call, however small the cache)."""
         found = {p: item for p in dict.fromkeys(prompts) if (item := self.prompt_cache.get(p)) is not None}
         missing = [p for p in dict.fromkeys(prompts) if p not in found]
-        step = getattr(self.runners["text_encoder"], "max_batch", None) or self.default_batch_size()  # a plan's limit
+        step = getattr(self.runners[TEXT_ENCODER], "max_batch", None) or self.default_batch_size()  # a plan's limit
         for lo in range(0, len(missing), step):
             chunk = missing[lo : lo + step]
-            out = self.runners["text_encoder"].infer(self.token_feed(chunk))
-            pooled = out.get("text_embeds")
+            out = self.runners[TEXT_ENCODER].infer(self.token_feed(chunk))
+            pooled = out.get(POOLED)
             for j, p in enumerate(chunk):  # copies: a cached row must not keep its whole batch alive
-                found[p] = (out["last_hidden_state"][j].copy(), None if pooled is None else pooled[j].copy())
+                found[p] = (out[HIDDEN][j].copy(), None if pooled is None else pooled[j].copy())
                 self.prompt_cache.put(p, found[p])
         return [found[p] for p in prompts]
 
@@ -221,9 +223,9 @@ class Engine(HeadScoring, TextConditioning):
         pixels = preprocess_batch(images, m.image_size, m.image_channels)
         if m.pixel_space:
             return pixels
-        vae = self.runners["vae_encoder"]
+        vae = self.runners[VAE_ENCODER]
         step = min(VAE_BATCH, getattr(vae, "max_batch", None) or self.default_batch_size())
-        return np.concatenate([vae.infer({"image": pixels[i : i + step]})["latent"]
+        return np.concatenate([vae.infer({IMAGE: pixels[i : i + step]})[LATENT]
                                for i in range(0, len(pixels), step)])
 
     def encoded_windows(self, images, what: str, progress: bool = False, size: int = IMAGE_WINDOW, encode=None):
@@ -246,24 +248,21 @@ class Engine(HeadScoring, TextConditioning):
         """Denoising error (n,) and attention scores (n, layers) for every pair, in batches.
         emb: the prompts' text_conditioning (or, on an SD engine, their encode_text array).
         scores_read=False: ε̂ only, on the ε̂-only graph where the engine has one (scores then (n, 0))."""
-        eps_only = not scores_read and EPS_ROLE in self.runners
-        unet = self.runners[EPS_ROLE if eps_only else "unet"]
+        eps_only = not scores_read and UNET_EPS in self.runners
+        unet = self.runners[UNET_EPS if eps_only else UNET]
         n = len(pairs.xt_row)
         errors = np.empty(n, dtype=np.float32)
         scores = np.empty((n, 0 if eps_only else len(self.manifest.attention_layers)), dtype=np.float32)
 
         def run(sl: slice):
             x_t = pairs.xt[pairs.xt_row[sl]]
-            out = unet.infer({
-                "sample": x_t,
-                "timestep": pairs.timestep[sl],
-                **self.conditioning_rows(emb, pairs.emb_row[sl]),
-            })
-            eps_hat = epsilon_from_output(out["eps"], x_t, self.alphas_cumprod[pairs.timestep[sl].astype(np.int64)],
+            feed = {SAMPLE: x_t, TIMESTEP: pairs.timestep[sl], **self.conditioning_rows(emb, pairs.emb_row[sl])}
+            out = unet.infer(feed)
+            eps_hat = epsilon_from_output(out[EPS], x_t, self.alphas_cumprod[pairs.timestep[sl].astype(np.int64)],
                                           self.manifest.prediction_type)  # the graph returns the raw UNet output
             errors[sl] = denoising_error(noise[pairs.eps_row[sl]], eps_hat, loss)
             if not eps_only:
-                scores[sl] = out["attn_scores"]
+                scores[sl] = out[ATTN_SCORES]
 
         chunks = [slice(lo, lo + batch_size) for lo in range(0, n, batch_size)]
         list(self._pool.map(run, chunks) if self._pool else map(run, chunks))

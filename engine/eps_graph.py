@@ -8,15 +8,13 @@ every graph is checked against the manifest there (docs/engine-format.md); the p
 
 from __future__ import annotations
 
+from diffscore.engine.graph_contract import UNET_EPS
 from diffscore.engine.manifest import Manifest
-
-EPS_OUTPUT = "eps"
-EPS_ROLE = "unet_eps"  # the runner role of the ε̂-only graph (Engine.runners)
 
 
 def eps_graph(precision: str) -> str:
     """The manifest key of the ε̂-only UNet graph of a precision: "unet_eps" (fp32, bf16), "unet_eps.fp16", ..."""
-    return EPS_ROLE if precision in ("fp32", "bf16") else f"{EPS_ROLE}.{precision}"
+    return UNET_EPS if precision in ("fp32", "bf16") else f"{UNET_EPS}.{precision}"
 
 
 def has_eps_graph(manifest: Manifest, precision: str, backend: str, device: int = 0) -> bool:

@@ -8,6 +8,7 @@ import numpy as np
 
 from diffscore.engine.backends.base import Runner
 from diffscore.engine.backends.choice import make_runner
+from diffscore.engine.graph_contract import LOGITS, SAMPLE
 from diffscore.engine.images import IMAGE_WINDOW
 from diffscore.engine.results import Classification, ranked
 from diffscore.errors import EngineError
@@ -38,7 +39,7 @@ class HeadScoring:
             def run(lo: int) -> None:
                 x = x0[lo : lo + size]
                 xt = np.stack([add_noise(xi, noise, self.alphas_cumprod, steps) for xi in x])  # (n, steps, C, H, W)
-                logits[lo : lo + len(x)] = runner.infer({"sample": xt})["logits"]
+                logits[lo : lo + len(x)] = runner.infer({SAMPLE: xt})[LOGITS]
 
             starts = range(0, len(x0), size)
             list(self._pool.map(run, starts) if self._pool else map(run, starts))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from diffscore.engine.graph_contract import EMBEDDING, HIDDEN, INPUT_IDS, PIXEL_VALUES, SAMPLE
 from diffscore.engine.images import IMAGE_WINDOW, preprocess_batch
 from diffscore.engine.options import check_count, check_labels
 from diffscore.engine.results import MatchOptions, MatchResult
@@ -25,9 +26,9 @@ def text_embeddings(engine, texts: list[str]) -> np.ndarray:
     spec = engine.manifest.itc
     if spec.kind == "clip":
         ids = np.array([e.ids for e in clip_tokenizer(engine).encode_batch(list(texts))], dtype=np.int64)
-        return engine.graph_runner(spec.text_graph).infer({"input_ids": ids})["embedding"]
+        return engine.graph_runner(spec.text_graph).infer({INPUT_IDS: ids})[EMBEDDING]
     hidden = engine.encode_text(texts)
-    return engine.graph_runner(spec.text_graph).infer({"last_hidden_state": hidden})["embedding"]
+    return engine.graph_runner(spec.text_graph).infer({HIDDEN: hidden})[EMBEDDING]
 
 
 def clip_tokenizer(engine):
@@ -56,14 +57,14 @@ def image_embeddings(engine, images, batch_size: int | None = None, progress: bo
     step = batch_size or engine.default_batch_size()
     chunks = []
     if spec.kind == "clip":
-        feed_name, encode = "pixel_values", lambda window: clip_pixels(window, spec)
+        feed_name, encode = PIXEL_VALUES, lambda window: clip_pixels(window, spec)
     else:  # x_t at the run's one noise step, with its fixed ε (1, C, H, W)
         eps = shared_noise(spec.seed, 1, tuple(engine.manifest.sample_shape))
-        feed_name, encode = "sample", lambda window: np.concatenate(
+        feed_name, encode = SAMPLE, lambda window: np.concatenate(
             [add_noise(x, eps, engine.alphas_cumprod, [spec.noise_step]) for x in engine.encode_images(window)])
     for x in engine.encoded_windows(images, "match itc", progress, max(step, IMAGE_WINDOW), encode=encode):
         for lo in range(0, len(x), step):
-            chunks.append(runner.infer({feed_name: x[lo : lo + step]})["embedding"])
+            chunks.append(runner.infer({feed_name: x[lo : lo + step]})[EMBEDDING])
     return np.concatenate(chunks)
 
 

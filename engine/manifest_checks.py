@@ -152,26 +152,29 @@ def shape_of(where: str, shape: list, exact: list | None = None) -> None:
         raise bad(where, shape, f"{exact} (the manifest's own sizes)")
 
 
-def graph_io(m, key: str, inputs: dict | None = None, outputs: dict | None = None) -> None:
-    """A graph the runtime feeds directly: these inputs/outputs (name -> (dtype, shape)) at least, as the runtime
-    builds them from the manifest's sizes."""
+def graph_io(m, key: str, inputs, outputs) -> None:
+    """A graph the runtime feeds directly: at least these inputs (dtype and shape) and outputs (shape where given;
+    any float dtype, as a reduced-precision graph may return its own), as its contract builds them from the
+    manifest's sizes (engine/graph_contract.py)."""
     graph = m.graphs.get(key)
     if graph is None:
         return
-    for what, specs, want in (("inputs", graph.inputs, inputs or {}), ("outputs", graph.outputs, outputs or {})):
+    for what, specs, want in (("inputs", graph.inputs, inputs), ("outputs", graph.outputs, outputs)):
         declared = {t.name: t for t in specs}
-        for name, (dtype, shape) in want.items():
-            if name not in declared:
-                raise bad(f"graphs[{key!r}].{what}", sorted(declared), f"a list with {name!r}")
-            shape_of(f"graphs[{key!r}].{what}[{name!r}].shape", declared[name].shape, shape)
-            if dtype is not None:
-                one_of(f"graphs[{key!r}].{what}[{name!r}].dtype", declared[name].dtype, (dtype,))
+        for spec in want:
+            if spec.name not in declared:
+                raise bad(f"graphs[{key!r}].{what}", sorted(declared), f"a list with {spec.name!r}")
+            found = declared[spec.name]
+            shape_of(f"graphs[{key!r}].{what}[{spec.name!r}].shape", found.shape, spec.shape)
+            one_of(f"graphs[{key!r}].{what}[{spec.name!r}].dtype", found.dtype,
+                   (spec.dtype,) if what == "inputs" else ("float32", "float16"))
 
 
 def check_manifest(m, path: Path) -> None:
     """Every field of a loaded manifest (types already built by `_typed`), each problem one line."""
     from diffscore.engine.diffdis import MODES
-    from diffscore.engine.manifest import BATCH, PRECISIONS
+    from diffscore.engine.graph_contract import INPUT_IDS, ModelDims, graph_contracts, head_graph_contract, role_of
+    from diffscore.engine.manifest import BATCH, PRECISIONS, TensorSpec
     from diffscore.kernels import DSD_PRESETS, LOSSES, PREDICTION_TYPES, STRATEGIES
     from diffscore.engine.options import check_template
 
@@ -242,28 +245,18 @@ def check_manifest(m, path: Path) -> None:
         in_range(f"{at}.opt_batch", p.opt_batch, p.min_batch, 1 << 16)
         in_range(f"{at}.max_batch", p.max_batch, p.opt_batch, 1 << 16)
 
-    # the graphs the runtime feeds itself, against the manifest's sizes
-    L, D, C, S = m.max_length, m.text_hidden_size, m.image_channels, m.image_size
-    sample = [BATCH, *m.sample_shape]
-    text_in = {"input_ids": ("int64", [BATCH, L])}
-    if m.conditioning == "sdxl":
-        text_in["input_ids_2"] = ("int64", [BATCH, L])
-    graph_io(m, "text_encoder", text_in, {"last_hidden_state": (None, [BATCH, L, D])})
+    # the graphs the runtime feeds itself, against the contract at the manifest's sizes
+    C, S = m.image_channels, m.image_size
     if m.pixel_space:
         if m.latent_scaling is not None or list(m.sample_shape) != [C, S, S]:
             raise bad("sample_shape", m.sample_shape, f"[{C}, {S}, {S}] with latent_scaling null (no VAE: pixel space)")
-    else:
-        if m.latent_scaling is None or not m.latent_scaling > 0:
-            raise bad("latent_scaling", m.latent_scaling, "a positive number (the VAE's scaling factor)")
-        graph_io(m, "vae_encoder", {"image": ("float32", [BATCH, C, S, S])}, {"latent": (None, sample)})
-    for key in ("unet", "unet.fp16", "unet.int8"):
-        graph_io(m, key, {"sample": ("float32", sample), "timestep": ("float32", [BATCH]),
-                          "encoder_hidden_states": ("float32", [BATCH, L, D])},
-                 {"eps": (None, sample),  # score outputs only where layers are captured (an ε̂-only graph has none)
-                  **({"attn_scores": (None, [BATCH, len(m.attention_layers)])} if m.attention_layers else {})})
-    for key in ("unet_eps", "unet_eps.fp16", "unet_eps.int8"):  # the ε̂-only graphs (engine/eps_graph.py)
-        graph_io(m, key, {"sample": ("float32", sample), "timestep": ("float32", [BATCH]),
-                          "encoder_hidden_states": ("float32", [BATCH, L, D])}, {"eps": (None, sample)})
+    elif m.latent_scaling is None or not m.latent_scaling > 0:
+        raise bad("latent_scaling", m.latent_scaling, "a positive number (the VAE's scaling factor)")
+    dims = ModelDims.of(m)
+    contracts = graph_contracts(dims)
+    for key in m.graphs:
+        if role_of(key) in contracts:
+            graph_io(m, key, contracts[role_of(key)].inputs, contracts[role_of(key)].outputs)
 
     # heads, adapters, defaults, records
     names("heads", list(m.heads), KEY)
@@ -282,8 +275,8 @@ def check_manifest(m, path: Path) -> None:
             if len(pair) != 2:
                 raise bad(f"{at}.feedback[{i}]", pair, "a [source, target] block pair")
             names(f"{at}.feedback[{i}]", pair)
-        graph_io(m, h.graph, {"sample": ("float32", [BATCH, len(h.steps), *m.sample_shape])},
-                 {"logits": (None, [BATCH, len(h.labels)])})
+        head = head_graph_contract(dims, len(h.steps), len(h.labels))
+        graph_io(m, h.graph, head.inputs, head.outputs)
         if h.training is not None:
             one_of(f"{at}.training.source", h.training.source, HEAD_SOURCES)
     for key, a in m.adapters.items():
@@ -348,6 +341,6 @@ def check_manifest(m, path: Path) -> None:
                 if len(values) != itc.image_channels or (key == "image_std" and min(values) <= 0):
                     raise bad(f"itc.{key}", values, f"{itc.image_channels} per-channel values (std > 0)")
             pixels = [BATCH, itc.image_channels, itc.image_size, itc.image_size]
-            embedding = {"embedding": ("float32", None)}
-            graph_io(m, itc.image_graph, {"pixel_values": ("float32", pixels)}, embedding)
-            graph_io(m, itc.text_graph, {"input_ids": ("int64", [BATCH, itc.max_length])}, embedding)
+            embedding = [TensorSpec("embedding", "float32", None)]
+            graph_io(m, itc.image_graph, [TensorSpec("pixel_values", "float32", pixels)], embedding)
+            graph_io(m, itc.text_graph, [TensorSpec(INPUT_IDS, "int64", [BATCH, itc.max_length])], embedding)

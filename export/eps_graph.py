@@ -14,7 +14,8 @@ from pathlib import Path
 
 import onnx
 
-from diffscore.engine.eps_graph import EPS_OUTPUT, eps_graph
+from diffscore.engine.eps_graph import eps_graph
+from diffscore.engine.graph_contract import EPS
 from diffscore.engine.manifest import GraphSpec
 
 
@@ -58,7 +59,7 @@ def write_eps_graph(out_dir: Path, scoring: GraphSpec, precision: str) -> GraphS
     """Cut `scoring` (a UNet graph file in out_dir) to its ε̂ output and save it beside it."""
     from diffscore.export.onnx_export import save_graph
 
-    model = prune_to(onnx.load(str(out_dir / scoring.file)), [EPS_OUTPUT])
+    model = prune_to(onnx.load(str(out_dir / scoring.file)), [EPS])
     key = eps_graph(precision)
-    outputs = [t for t in scoring.outputs if t.name == EPS_OUTPUT]
+    outputs = [t for t in scoring.outputs if t.name == EPS]
     return save_graph(model, out_dir, f"{key}.onnx", scoring.inputs, outputs, precision=scoring.precision)

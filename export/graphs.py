@@ -1,15 +1,18 @@
-"""Each exported graph's input/output contract, written once: it feeds export, the manifest and
-every runtime backend (names, dtypes, shapes with the symbolic batch axis)."""
+"""The torch modules of the exported graphs, each built to the runtime's graph contract
+(engine/graph_contract.py: names, dtypes, shapes with the symbolic batch axis, sample feeds)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
+from diffscore.engine.graph_contract import (TEXT_ENCODER, UNET, VAE_ENCODER, GraphContract, ModelDims,
+                                             head_graph_contract)
+from diffscore.engine.graph_contract import graph_contracts as runtime_contracts
 from diffscore.engine.manifest import BATCH, TensorSpec
 from diffscore.reference.loading import Components, sdxl_text
 from diffscore.reference.scoring_unet import ScoringUNet
-
 
 
 class TextEncoderGraph(nn.Module):
@@ -60,53 +63,38 @@ class VaeEncoderGraph(nn.Module):
         return (self.vae.encode(image).latent_dist.mean - self.shift) * self.scaling
 
 
+def model_dims(comp: Components, attention_layers: int) -> ModelDims:
+    """The runtime contract's sizes (engine/graph_contract.py), read from the torch model."""
+    pooled = int(comp.text_encoder_2.config.projection_dim) if comp.conditioning == "sdxl" else None
+    S = int(comp.unet.config.sample_size)
+    return ModelDims(int(comp.tokenizer.model_max_length), text_hidden_size(comp),
+                     (int(comp.unet.config.in_channels), S, S), comp.image_channels, comp.image_size,
+                     len(comp.alphas_cumprod), attention_layers, comp.pixel_space, pooled,
+                     None if comp.time_ids is None else tuple(comp.time_ids))
+
+
+def torch_feed(contract: GraphContract, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """The contract's sample feed as the torch inputs the graph is traced with, in input order."""
+    feed = contract.sample_feed(batch, np.random.default_rng(seed))
+    return tuple(torch.from_numpy(feed[name]) for name in contract.input_names)
+
+
 def graph_contracts(comp: Components, scoring_unet: ScoringUNet) -> dict:
-    """{graph name: (module, sample inputs, input specs, output specs)} for the model's graphs."""
-    L = int(comp.tokenizer.model_max_length)
-    D = text_hidden_size(comp)
-    size, ch = comp.image_size, comp.image_channels
-    C, S = int(comp.unet.config.in_channels), int(comp.unet.config.sample_size)
-    B = 2
-    ids = [TensorSpec("input_ids", "int64", [BATCH, L])]
-    text_out = [TensorSpec("last_hidden_state", "float32", [BATCH, L, D])]
-    extra_in, extra_sample = [], ()  # SDXL's added conditioning inputs of the UNet graph
-    if comp.conditioning == "sdxl":
-        D2 = int(comp.text_encoder_2.config.projection_dim)
-        ids.append(TensorSpec("input_ids_2", "int64", [BATCH, L]))
-        text_out.append(TensorSpec("text_embeds", "float32", [BATCH, D2]))
-        extra_in = [TensorSpec("text_embeds", "float32", [BATCH, D2]),
-                    TensorSpec("time_ids", "float32", [BATCH, len(comp.time_ids)])]
-        extra_sample = (torch.randn(B, D2), torch.tensor([comp.time_ids] * B))
-    graphs = {
-        "text_encoder": (
-            text_encoder_graph(comp),
-            tuple(torch.zeros(B, L, dtype=torch.int64) for _ in ids),
-            ids,
-            text_out,
-        )
-    }
-    if comp.vae is not None:
-        latent_c = int(comp.vae.config.latent_channels)
-        graphs["vae_encoder"] = (
-            VaeEncoderGraph(comp.vae),
-            (torch.zeros(B, ch, size, size),),
-            [TensorSpec("image", "float32", [BATCH, ch, size, size])],
-            [TensorSpec("latent", "float32", [BATCH, latent_c, S, S])],
-        )
-    sample = (torch.randn(B, C, S, S), torch.tensor([10.0, 500.0]), torch.randn(B, L, D), *extra_sample)
-    with torch.no_grad():
-        outputs = scoring_unet(*sample)
-    graphs["unet"] = (
-        scoring_unet,
-        sample,
-        [
-            TensorSpec("sample", "float32", [BATCH, C, S, S]),
-            TensorSpec("timestep", "float32", [BATCH]),  # float: exact for integers, TensorRT-friendly
-            TensorSpec("encoder_hidden_states", "float32", [BATCH, L, D]),
-            *extra_in,
-        ],
-        [TensorSpec(n, "float32", [BATCH, *o.shape[1:]]) for n, o in zip(scoring_unet.output_names, outputs)],
-    )
+    """{graph name: (module, sample inputs, input specs, output specs)} for the model's graphs, each to the
+    runtime's contract; the scoring UNet adds its feature maps after the contract's outputs."""
+    contracts = runtime_contracts(model_dims(comp, len(scoring_unet.attention_layers)))
+    vae = {VAE_ENCODER: VaeEncoderGraph(comp.vae)} if comp.vae is not None else {}
+    modules = {TEXT_ENCODER: text_encoder_graph(comp), **vae, UNET: scoring_unet}
+    graphs = {}
+    for role, module in modules.items():
+        contract, sample = contracts[role], torch_feed(contracts[role])
+        outputs = list(contract.outputs)
+        if role == UNET:
+            with torch.no_grad():
+                traced = scoring_unet(*sample)
+            outputs = [TensorSpec(n, "float32", [BATCH, *o.shape[1:]])
+                       for n, o in zip(scoring_unet.output_names, traced)]
+        graphs[role] = (module, sample, list(contract.inputs), outputs)
     return graphs
 
 
@@ -147,7 +135,6 @@ def head_contract(comp: Components, head: nn.Module, config) -> tuple:
     """
     from diffscore.reference.loading import encode_conditioning
 
-    C, S, n = int(comp.unet.config.in_channels), int(comp.unet.config.sample_size), len(config.features.steps)
+    contract = head_graph_contract(model_dims(comp, 0), len(config.features.steps), len(config.labels))
     module = HeadGraph(comp.unet, head.eval(), config, encode_conditioning(comp, [config.features.prompt])).eval()
-    return (module, (torch.randn(2, n, C, S, S),), [TensorSpec("sample", "float32", [BATCH, n, C, S, S])],
-            [TensorSpec("logits", "float32", [BATCH, len(config.labels)])])
+    return module, torch_feed(contract), list(contract.inputs), list(contract.outputs)

@@ -16,6 +16,8 @@ import torch
 
 from diffscore.engine.backends.choice import make_runner
 from diffscore.engine.engine import load
+from diffscore.engine.graph_contract import (IMAGE, LOGITS, SAMPLE, TEXT_ENCODER, TIMESTEP, UNET, UNET_EPS, VAE_ENCODER,
+                                             ModelDims, graph_contracts, head_graph_contract)
 from diffscore.engine.manifest import BATCH, PRECISIONS, Manifest, unet_graph
 from diffscore.engine.progress import progress_bar
 from diffscore.errors import EngineError
@@ -47,7 +49,7 @@ def precisions_on(backend: str, manifest: Manifest, variant: str) -> list[str]:
     """The precisions a graph variant runs at on a backend: its own, and bf16 for the fp32 UNet on OpenVINO
     where the CPU has bf16 instructions."""
     precisions = [manifest.graphs[variant].precision]
-    if backend == "openvino" and variant == "unet":
+    if backend == "openvino" and variant == UNET:
         from diffscore.engine.backends.openvino import cpu_has_bf16
 
         precisions += ["bf16"] if cpu_has_bf16() else []
@@ -56,34 +58,23 @@ def precisions_on(backend: str, manifest: Manifest, variant: str) -> list[str]:
 
 def torch_modules(comp, manifest: Manifest) -> dict[str, torch.nn.Module]:
     modules = {}
-    if "unet_eps" in manifest.graphs:  # a plain UNet (diffusers' own attention): the scoring one below would
-        modules["unet_eps"] = ScoringUNet(copy.deepcopy(comp.unet), [])  # install its processors on a shared one
-    modules.update({"text_encoder": text_encoder_graph(comp),
-                    "unet": ScoringUNet(comp.unet, manifest.attention_layers, manifest.feature_blocks)})
+    if UNET_EPS in manifest.graphs:  # a plain UNet (diffusers' own attention): the scoring one below would
+        modules[UNET_EPS] = ScoringUNet(copy.deepcopy(comp.unet), [])  # install its processors on a shared one
+    modules.update({TEXT_ENCODER: text_encoder_graph(comp),
+                    UNET: ScoringUNet(comp.unet, manifest.attention_layers, manifest.feature_blocks)})
     if comp.vae is not None:
-        modules["vae_encoder"] = VaeEncoderGraph(comp.vae)
+        modules[VAE_ENCODER] = VaeEncoderGraph(comp.vae)
     return modules
 
 
 def feeds(manifest: Manifest, comp, engine_dir: Path, seed: int = 0, batch: int = 6, images=None) -> dict[str, dict]:
     """Per graph: fresh random inputs, and real ones (tokenized prompts, encoded images, x_t at real t)."""
     rng = np.random.default_rng(seed)
-    spec = {k: {t.name: [batch if d == BATCH else d for d in t.shape] for t in g.inputs}
-            for k, g in manifest.graphs.items()}
-    random = {
-        "text_encoder": {name: rng.integers(0, 49406, shape).astype(np.int64)
-                         for name, shape in spec["text_encoder"].items()},
-        "unet": {"sample": rng.standard_normal(spec["unet"]["sample"], dtype=np.float32),
-                 "timestep": rng.integers(0, len(manifest.alphas_cumprod), batch).astype(np.float32),
-                 "encoder_hidden_states": rng.standard_normal(spec["unet"]["encoder_hidden_states"], dtype=np.float32)},
-    }
-    if manifest.conditioning == "sdxl":  # random pooled embeddings; the engine's own time ids
-        random["unet"]["text_embeds"] = rng.standard_normal(spec["unet"]["text_embeds"], dtype=np.float32)
-        random["unet"]["time_ids"] = np.tile(np.asarray(manifest.time_ids, dtype=np.float32), (batch, 1))
-    if "unet_eps" in manifest.graphs:  # the ε̂-only graph takes the scoring graph's inputs
-        random["unet_eps"] = random["unet"]
-    if "vae_encoder" in manifest.graphs:
-        random["vae_encoder"] = {"image": rng.uniform(-1, 1, spec["vae_encoder"]["image"]).astype(np.float32)}
+    contracts = graph_contracts(ModelDims.of(manifest))  # each graph role's sample feed
+    random = {role: c.sample_feed(batch, rng) for role, c in contracts.items()
+              if role in manifest.graphs and role != UNET_EPS}
+    if UNET_EPS in manifest.graphs:  # the ε̂-only graph takes the scoring graph's inputs
+        random[UNET_EPS] = random[UNET]
     # real inputs, made by the runtime's own preprocessing on the CPU backend
     eng = load(engine_dir, backend="ort-cpu")
     images = real_images(manifest, batch, rng, images)
@@ -94,14 +85,14 @@ def feeds(manifest: Manifest, comp, engine_dir: Path, seed: int = 0, batch: int 
 
     eps = rng.standard_normal(x0.shape, dtype=np.float32)
     x_t = np.stack([add_noise(x0[i], eps[i : i + 1], eng.alphas_cumprod, ts[i : i + 1])[0] for i in range(batch)])
-    real = {"text_encoder": eng.token_feed(prompts),
-            "unet": {"sample": x_t, "timestep": ts.astype(np.float32), **eng.text_conditioning(prompts)}}
-    if "unet_eps" in manifest.graphs:
-        real["unet_eps"] = real["unet"]
-    if "vae_encoder" in manifest.graphs:
+    real = {TEXT_ENCODER: eng.token_feed(prompts),
+            UNET: {SAMPLE: x_t, TIMESTEP: ts.astype(np.float32), **eng.text_conditioning(prompts)}}
+    if UNET_EPS in manifest.graphs:
+        real[UNET_EPS] = real[UNET]
+    if VAE_ENCODER in manifest.graphs:
         from diffscore.engine.images import preprocess_batch
 
-        real["vae_encoder"] = {"image": preprocess_batch(images, manifest.image_size, manifest.image_channels)}
+        real[VAE_ENCODER] = {IMAGE: preprocess_batch(images, manifest.image_size, manifest.image_channels)}
     return {"random": random, "real": real}
 
 
@@ -165,8 +156,8 @@ def head_parity(engine_dir: Path, manifest: Manifest, comp, seed: int = 0, batch
     verdicts = []
     for name, spec in manifest.heads.items():
         head, config = torch_head(engine_dir, manifest, name)
-        graph = manifest.graphs[spec.graph]
-        sample = rng.standard_normal([batch if d == BATCH else d for d in graph.inputs[0].shape], dtype=np.float32)
+        sample = head_graph_contract(ModelDims.of(manifest), len(spec.steps), len(spec.labels)).sample_feed(
+            batch, rng)[SAMPLE]
         module = HeadGraph(comp.unet, head, config, encode_conditioning(comp, [config.features.prompt])).eval()
         with torch.no_grad():
             want = module(torch.from_numpy(sample)).numpy()
@@ -174,7 +165,7 @@ def head_parity(engine_dir: Path, manifest: Manifest, comp, seed: int = 0, batch
         want_real = head_logits_reference(comp, head, config, images).numpy()
         for backend in available_backends(manifest):
             eng = load(engine_dir, backend=backend)
-            got = eng.head_runner(name).infer({"sample": sample})["logits"]
+            got = eng.head_runner(name).infer({SAMPLE: sample})[LOGITS]
             verdicts.append(compare(f"{backend} fp32 {spec.graph}:logits (random)", got, want, RTOL["fp32"]))
             verdicts.append(compare(f"{backend} fp32 {spec.graph}:logits (real images, end to end)",
                                     eng.head_logits(images, name), want_real, RTOL["fp32"]))
@@ -299,7 +290,7 @@ def diffdis_parity(engine_dir: Path, manifest: Manifest, comp, images=None, labe
     graph = manifest.graphs[spec.graph]
     feed = {t.name: rng.standard_normal([2 if d == BATCH else 3 if isinstance(d, str) else d for d in t.shape],
                                         dtype=np.float32) for t in graph.inputs}
-    feed["timestep"] = rng.integers(0, len(manifest.alphas_cumprod), feed["timestep"].shape).astype(np.float32)
+    feed[TIMESTEP] = rng.integers(0, len(manifest.alphas_cumprod), feed[TIMESTEP].shape).astype(np.float32)
     module = DiffDisGraph(image_branch(comp, model), model, encode_prompts(comp, [model.config.prompt])).eval()
     with torch.no_grad():
         want = dict(zip(("error", "similarity"), (o.numpy() for o in module(*(torch.from_numpy(feed[t.name])

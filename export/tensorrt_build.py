@@ -3,11 +3,11 @@
 Precision comes from the ONNX graphs themselves (fp16 tensors, int8 Q/DQ nodes) and the network is
 strongly typed, so no precision builder flags are set (TensorRT 11 removed them); only TF32 is turned
 off for fp32 graphs, to keep them at fp32 accuracy. One optimization profile per graph spans the batch
-sizes the runtime calls that graph with (graph_batches): the UNet and text encoder up to max_batch, tuned
-for max_batch (the runtime fills its batches), the VAE encoder up to 8 images. A timing cache kept in the
-engine directory makes later builds (another precision, another batch range) fast. Plans already built for this \
-GPU, TensorRT version and batch range are reused, so
-running this twice costs only a hash check.
+sizes the runtime calls that graph with (its graph contract's profile, engine/graph_contract.py): the UNet and
+text encoder up to max_batch, tuned for max_batch (the runtime fills its batches), the VAE encoder up to 8 images.
+A timing cache kept in the engine directory makes later builds (another precision, another batch range) fast.
+Plans already built for this GPU, TensorRT version and batch range are reused, so running this twice costs only a
+hash check.
 """
 
 from __future__ import annotations
@@ -22,26 +22,15 @@ from diffscore.engine.backends.tensorrt import (
     find_plan,
     gpu_model,
     import_tensorrt,
-    shape_at,
     tensorrt_version,
 )
-from diffscore.engine.backends.choice import VAE_BATCH
+from diffscore.engine.graph_contract import at_batch, batch_profile
 from diffscore.engine.eps_graph import eps_graph
 from diffscore.errors import EngineError
 from diffscore.engine.manifest import GraphSpec, Manifest, PlanSpec, sha256_file, unet_graph
 
 log = logging.getLogger("diffscore")
 PRECISIONS = ("fp32", "fp16", "int8")
-
-
-def graph_batches(key: str, batches: tuple[int, int, int]) -> tuple[int, int, int]:
-    """(min, opt, max) batch of graph `key`'s profile: the VAE encoder is called with at most 8 images (at
-    512² its activations at 32 would reserve GBs for nothing); the others with up to max_batch."""
-    lo, opt, hi = batches
-    if key.split(".")[0] == "vae_encoder":
-        hi = min(hi, VAE_BATCH)
-        return min(lo, hi), min(opt, hi), hi
-    return batches
 
 
 def tensorrt_available() -> str | None:
@@ -110,7 +99,7 @@ def build_plans(
     cache = None  # one timing cache shared by every graph's build
     plans = []
     for key in keys:
-        batches = graph_batches(key, (min_batch, opt_batch, max_batch))
+        batches = batch_profile(manifest, key, (min_batch, opt_batch, max_batch))
         existing = find_plan(manifest.plans, key, model, version, exact=True)
         if existing and _reusable(existing, engine_dir, batches):
             log.info("%s: reusing %s", key, existing.file)
@@ -188,7 +177,7 @@ def _build(trt, builder, config, logger, path: Path, key: str, graph: GraphSpec,
             raise EngineError(
                 f"{key}: input {tensor.name} has shape {tensor.shape}; only the {BATCH!r} axis may be symbolic"
             )
-        profile.set_shape(tensor.name, *(shape_at(tensor.shape, b) for b in batches))
+        profile.set_shape(tensor.name, *(at_batch(tensor.shape, b) for b in batches))
     if config.add_optimization_profile(profile) < 0:
         raise EngineError(f"{key}: TensorRT rejected the batch profile {batches} (see its log above)")
     serialized = builder.build_serialized_network(network, config)

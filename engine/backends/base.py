@@ -13,6 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
+from diffscore.engine.graph_contract import at_batch
 from diffscore.engine.manifest import BATCH, TensorSpec
 from diffscore.errors import EngineError, first_line
 
@@ -90,7 +91,7 @@ def check_outputs(out: dict[str, np.ndarray], outputs: list[TensorSpec], graph: 
                           "graph this engine was exported with; re-export the engine")
     for spec in outputs:
         array = np.asarray(out[spec.name])
-        want = [batch if d == BATCH else d for d in spec.shape]
+        want = at_batch(spec.shape, batch)
         shape_ok = array.ndim == len(want) and all(w is None or isinstance(w, str) or a == w
                                                    for a, w in zip(array.shape, want))
         if not shape_ok or np.dtype(array.dtype) != np.dtype(spec.dtype):

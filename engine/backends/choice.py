@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from diffscore.engine.backends.base import Runner
+from diffscore.engine.graph_contract import batch_profile
 from diffscore.engine.manifest import Manifest, resolve_inside
 from diffscore.errors import EngineError
 
@@ -18,7 +19,6 @@ BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt", "openvino")
 # 2 cores, batch 128: 855 vs 691 samples/s. Big latents keep ONNX Runtime's intra-op threading.
 CONCURRENT_MAX_ELEMENTS = 4096
 GPU_BATCH = 32  # UNet pairs per call on the ONNX Runtime GPU backends (TensorRT: its plan's max_batch)
-VAE_BATCH = 8  # images per VAE encoder call (export/tensorrt_build.py builds that graph's profile for it)
 
 
 def cpu_workers(manifest: Manifest, backend: str, threads: int | None) -> int:
@@ -65,4 +65,4 @@ def make_runner(engine_dir: Path, manifest: Manifest, graph: str, backend: str, 
 
     return OnnxRuntimeRunner(resolve_inside(engine_dir, spec.file, f"graph {graph}"), spec, backend, device,
                              1 if workers > 1 else threads, graph,
-                             batches=(1, VAE_BATCH, VAE_BATCH) if graph == "vae_encoder" else (1, GPU_BATCH, GPU_BATCH))
+                             batches=batch_profile(manifest, graph, (1, GPU_BATCH, GPU_BATCH)))

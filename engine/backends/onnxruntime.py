@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from diffscore.engine.backends.base import RunnerBase, check_signature, run_error
+from diffscore.engine.graph_contract import at_batch
 from diffscore.errors import EngineError, first_line
-from diffscore.engine.manifest import BATCH, GraphSpec
+from diffscore.engine.manifest import GraphSpec
 
 log = logging.getLogger("diffscore")
 
@@ -71,7 +72,7 @@ def gpu_backends() -> list[str]:
 def trt_options(spec: GraphSpec, batches: tuple[int, int, int]) -> dict:
     """TensorRT provider options for a graph: its precision (fp16 / Q/DQ int8 must be enabled, or the provider
     builds fp32 and falls over on fp16 ONNX) and one batch profile (else it rebuilds whenever the batch changes)."""
-    shapes = lambda batch: ",".join(f"{t.name}:{'x'.join(str(batch if d == BATCH else d) for d in t.shape)}"
+    shapes = lambda batch: ",".join(f"{t.name}:{'x'.join(map(str, at_batch(t.shape, batch)))}"
                                     for t in spec.inputs)
     lo, opt, hi = batches
     return {"trt_fp16_enable": spec.precision == "fp16", "trt_int8_enable": spec.precision == "int8",

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from diffscore.engine.backends.base import RunnerBase
+from diffscore.engine.graph_contract import at_batch
 from diffscore.errors import EngineError
 from diffscore.engine.manifest import BATCH, GraphSpec, Manifest, PlanSpec
 
@@ -139,11 +140,6 @@ def find_plan(plans: dict[str, PlanSpec], graph: str, gpu: GpuModel, version: st
         if found is not None:
             return found
     return None
-
-
-def shape_at(shape: list, batch: int) -> tuple[int, ...]:
-    """A manifest shape with its symbolic batch axis set to `batch`."""
-    return tuple(batch if dim == BATCH else dim for dim in shape)
 
 
 def numpy_dtype(trt, dtype) -> np.dtype:
@@ -296,7 +292,7 @@ class TensorRTRunner(RunnerBase):
         # Size each buffer for the largest batch: set the max input shapes, read the output shapes back.
         self._stream = cuda_call(self._cudart.cudaStreamCreateWithFlags(1), "cudaStreamCreateWithFlags")  # non-blocking
         for t in self.inputs:
-            self._set_input_shape(t.name, shape_at(t.shape, self.max_batch))
+            self._set_input_shape(t.name, at_batch(t.shape, self.max_batch))
         for n in names:
             nbytes = max(int(np.prod(tuple(self._context.get_tensor_shape(n)))) * self._dtypes[n].itemsize, 1)
             self._device[n] = cuda_call(self._cudart.cudaMalloc(nbytes), f"cudaMalloc({nbytes} bytes) for {n}")
