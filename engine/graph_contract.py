@@ -17,6 +17,8 @@ from diffscore.engine.manifest_schema import BATCH, TensorSpec
 
 # graph roles (the manifest keys of their fp32 graphs)
 TEXT_ENCODER, VAE_ENCODER, UNET, UNET_EPS = "text_encoder", "vae_encoder", "unet", "unet_eps"
+ITC_IMAGE, ITC_TEXT, DIFFDIS = "itc_image", "itc_text", "diffdis"
+QUERIES = "queries"  # DiffDis's symbolic axis of (text, noise, timestep) queries per image
 # tensor names
 INPUT_IDS, INPUT_IDS_2 = "input_ids", "input_ids_2"  # token ids of tokenizer 1 and (SDXL) 2
 HIDDEN, POOLED = "last_hidden_state", "text_embeds"  # text encoder outputs; POOLED is also an SDXL UNet input
@@ -31,9 +33,9 @@ VAE_BATCH = 8  # images per VAE encoder call: at 512² its activations at a larg
 TOKEN_ID_LIMIT = 49406  # sample token ids stay below CLIP's special tokens (every exported tokenizer is CLIP's)
 
 
-def at_batch(shape: list, batch: int) -> tuple[int, ...]:
-    """A declared shape with its symbolic batch axis set to `batch`."""
-    return tuple(batch if d == BATCH else d for d in shape)
+def at_batch(shape: list, batch: int, other: int | None = None) -> tuple[int, ...]:
+    """A declared shape with its symbolic batch axis set to `batch` (and any other symbolic axis to `other`)."""
+    return tuple(batch if d == BATCH else other if isinstance(d, str) and other is not None else d for d in shape)
 
 
 @dataclass(frozen=True)
@@ -81,11 +83,12 @@ class GraphContract:
         return min(min_batch, hi), min(opt_batch, hi), hi
 
     def sample_feed(self, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Random inputs of the right names, dtypes and shapes, with values the graph meets in use: token ids,
-        timesteps in the schedule, pixels in [-1, 1], the engine's own time ids, standard normal otherwise."""
+        """Random inputs of the right names, dtypes and shapes (3 along other symbolic axes: DiffDis's queries),
+        with values the graph meets in use: token ids, timesteps in the schedule, pixels in [-1, 1], the engine's
+        own time ids, standard normal otherwise."""
         feed = {}
         for t in self.inputs:
-            shape = at_batch(t.shape, batch)
+            shape = at_batch(t.shape, batch, other=3)
             if t.name in (INPUT_IDS, INPUT_IDS_2):
                 value = rng.integers(0, TOKEN_ID_LIMIT, shape)
             elif t.name == TIMESTEP:
@@ -126,6 +129,32 @@ def head_graph_contract(dims: ModelDims, steps: int, classes: int) -> GraphContr
     """A head graph: the image noised at each of the head's `steps` -> logits over its classes."""
     return GraphContract("head", (TensorSpec(SAMPLE, "float32", [BATCH, steps, *dims.sample_shape]),),
                          (TensorSpec(LOGITS, "float32", [BATCH, classes]),), dims)
+
+
+def itc_graph_contracts(dims: ModelDims | None, dim: int, clip: tuple[int, int, int] | None = None) -> dict:
+    """The two ITC towers -> L2-normalised embeddings of width `dim`. Kind "unet": x_t at the run's noise step and
+    the text encoder's states; kind "clip": CLIP's pixel_values and token ids, `clip` = (channels, size, length)
+    (its own sizes: `dims` may then be None)."""
+    if clip is None:
+        L, D = dims.max_length, dims.text_hidden_size
+        image_in = TensorSpec(SAMPLE, "float32", [BATCH, *dims.sample_shape])
+        text_in = TensorSpec(HIDDEN, "float32", [BATCH, L, D])
+    else:
+        c, s, length = clip
+        image_in, text_in = (TensorSpec(PIXEL_VALUES, "float32", [BATCH, c, s, s]),
+                             TensorSpec(INPUT_IDS, "int64", [BATCH, length]))
+    out = (TensorSpec(EMBEDDING, "float32", [BATCH, dim]),)
+    return {ITC_IMAGE: GraphContract(ITC_IMAGE, (image_in,), out, dims),
+            ITC_TEXT: GraphContract(ITC_TEXT, (text_in,), out, dims)}
+
+
+def diffdis_graph_contract(dims: ModelDims, text_dim: int) -> GraphContract:
+    """The DiffDis graph: x_t and, per image, Q (text query, noise query, timestep) rows -> error and similarity."""
+    f32 = lambda name, shape: TensorSpec(name, "float32", shape)  # noqa: E731
+    query = [BATCH, QUERIES, text_dim]
+    return GraphContract(DIFFDIS, (f32(SAMPLE, [BATCH, *dims.sample_shape]), f32(TEXT_QUERY, query),
+                                   f32(NOISE_QUERY, query), f32(TIMESTEP, [BATCH, QUERIES])),
+                         (f32(ERROR, [BATCH, QUERIES]), f32(SIMILARITY, [BATCH, QUERIES])), dims)
 
 
 def batch_profile(manifest, key: str, batches: tuple[int, int, int]) -> tuple[int, int, int]:

@@ -173,8 +173,9 @@ def graph_io(m, key: str, inputs, outputs) -> None:
 def check_manifest(m, path: Path) -> None:
     """Every field of a loaded manifest (types already built by `_typed`), each problem one line."""
     from diffscore.engine.diffdis import MODES
-    from diffscore.engine.graph_contract import INPUT_IDS, ModelDims, graph_contracts, head_graph_contract, role_of
-    from diffscore.engine.manifest import BATCH, PRECISIONS, TensorSpec
+    from diffscore.engine.graph_contract import (ITC_IMAGE, ITC_TEXT, ModelDims, diffdis_graph_contract,
+                                                 graph_contracts, head_graph_contract, itc_graph_contracts, role_of)
+    from diffscore.engine.manifest import PRECISIONS
     from diffscore.kernels import DSD_PRESETS, LOSSES, PREDICTION_TYPES, STRATEGIES
     from diffscore.engine.options import check_template
 
@@ -322,6 +323,8 @@ def check_manifest(m, path: Path) -> None:
         in_range("diffdis.timesteps", dd.timesteps, 1, T)
         in_range("diffdis.generate_steps", dd.generate_steps, 1, T)
         one_of("diffdis.mode", dd.mode, MODES)
+        contract = diffdis_graph_contract(dims, dd.text_dim)
+        graph_io(m, dd.graph, contract.inputs, contract.outputs)
     if (itc := m.itc) is not None:
         one_of("itc.image_graph", itc.image_graph, list(m.graphs))
         one_of("itc.text_graph", itc.text_graph, list(m.graphs))
@@ -340,7 +343,7 @@ def check_manifest(m, path: Path) -> None:
                 values = getattr(itc, key)
                 if len(values) != itc.image_channels or (key == "image_std" and min(values) <= 0):
                     raise bad(f"itc.{key}", values, f"{itc.image_channels} per-channel values (std > 0)")
-            pixels = [BATCH, itc.image_channels, itc.image_size, itc.image_size]
-            embedding = [TensorSpec("embedding", "float32", None)]
-            graph_io(m, itc.image_graph, [TensorSpec("pixel_values", "float32", pixels)], embedding)
-            graph_io(m, itc.text_graph, [TensorSpec(INPUT_IDS, "int64", [BATCH, itc.max_length])], embedding)
+        towers = itc_graph_contracts(dims, itc.dim, clip=(itc.image_channels, itc.image_size, itc.max_length)
+                                     if itc.kind == "clip" else None)
+        for key, contract in ((itc.image_graph, towers[ITC_IMAGE]), (itc.text_graph, towers[ITC_TEXT])):
+            graph_io(m, key, contract.inputs, contract.outputs)

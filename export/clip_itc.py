@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffscore.engine.graph_contract import ITC_IMAGE, ITC_TEXT, itc_graph_contracts
 from diffscore.engine.manifest import BATCH, ItcSpec, TensorSpec
+from diffscore.export.graphs import to_export
 from diffscore.reference.clip_finetune import CLIP_SUBDIR, image_features, load_clip, text_features
 
 TOKENIZER_FILE = "clip_tokenizer.json"
@@ -39,16 +41,13 @@ def clip_itc_contracts(run: dict, run_dir: Path) -> tuple[dict, ItcSpec]:
     clip, _, spec = load_clip(Path(run_dir) / CLIP_SUBDIR)
     cfg = run["config"]
     C, S, L, dim = spec.image_channels, spec.image_size, spec.max_length, int(clip.config.projection_dim)
-    out = [TensorSpec("embedding", "float32", [BATCH, dim]), TensorSpec("features", "float32", [BATCH, dim])]
-    ids = torch.full((2, L), int(clip.config.text_config.eos_token_id or 0), dtype=torch.long)
+    roles = itc_graph_contracts(None, dim, clip=(C, S, L))
+    out = [*roles[ITC_IMAGE].outputs, TensorSpec("features", "float32", [BATCH, dim])]  # + the raw features
+    ids = torch.full((2, L), int(clip.config.text_config.eos_token_id or 0), dtype=torch.long)  # BOS, then EOS
     ids[:, 0] = int(clip.config.text_config.bos_token_id or 0)
-    contracts = {
-        "itc_image": (ClipTowerGraph(clip, image_features).eval(), (torch.randn(2, C, S, S),),
-                      [TensorSpec("pixel_values", "float32", [BATCH, C, S, S])], out),
-        "itc_text": (ClipTowerGraph(clip, text_features).eval(), (ids,),
-                     [TensorSpec("input_ids", "int64", [BATCH, L])], out),
-    }
-    record = ItcSpec(image_graph="itc_image", text_graph="itc_text", noise_step=int(cfg["noise_step"]),
+    contracts = {ITC_IMAGE: to_export(ClipTowerGraph(clip, image_features).eval(), roles[ITC_IMAGE], out),
+                 ITC_TEXT: (ClipTowerGraph(clip, text_features).eval(), (ids,), list(roles[ITC_TEXT].inputs), out)}
+    record = ItcSpec(image_graph=ITC_IMAGE, text_graph=ITC_TEXT, noise_step=int(cfg["noise_step"]),
                      seed=int(cfg["seed"]), blocks=list(cfg["blocks"]), dim=dim, objectives=list(cfg["objectives"]),
                      run=str(Path(run_dir).resolve()), kind="clip", tokenizer=TOKENIZER_FILE, max_length=L,
                      image_size=S, image_channels=C, image_mean=list(spec.image_mean), image_std=list(spec.image_std))

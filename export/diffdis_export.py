@@ -15,14 +15,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from diffscore.engine.manifest import BATCH, DiffDisSpec, TensorSpec
+from diffscore.engine.graph_contract import DIFFDIS, diffdis_graph_contract
+from diffscore.engine.manifest import DiffDisSpec
+from diffscore.export.graphs import model_dims, to_export
 from diffscore.errors import EngineError
 from diffscore.reference.diffdis import CONFIG, WEIGHTS, DiffDis, image_branch, load_diffdis
 from diffscore.reference.loading import Components, encode_prompts
 from diffscore.reference.scoring_unet import ScoringUNet
 
-QUERIES = "queries"  # the symbolic query axis of the DiffDis graph
-GRAPH = "diffdis"
+GRAPH = DIFFDIS
 
 
 class DiffDisGraph(nn.Module):
@@ -59,15 +60,9 @@ def load_run(comp: Components, run_dir: str | Path, source_sha256: str) -> DiffD
 def diffdis_contract(comp: Components, model: DiffDis) -> tuple:
     """(module, sample inputs, input specs, output specs) of the DiffDis graph."""
     cfg = model.config
-    C, S, D = int(comp.unet.config.in_channels), int(comp.unet.config.sample_size), cfg.text_dim
     module = DiffDisGraph(image_branch(comp, model), model.eval(), encode_prompts(comp, [cfg.prompt])).eval()
-    B, Q = 2, 3
-    sample = (torch.randn(B, C, S, S), torch.randn(B, Q, D), torch.randn(B, Q, D),
-              torch.tensor([[10.0, 500.0, 990.0]] * B))
-    inputs = [TensorSpec("sample", "float32", [BATCH, C, S, S]), TensorSpec("text", "float32", [BATCH, QUERIES, D]),
-              TensorSpec("noise", "float32", [BATCH, QUERIES, D]), TensorSpec("timestep", "float32", [BATCH, QUERIES])]
-    outputs = [TensorSpec("error", "float32", [BATCH, QUERIES]), TensorSpec("similarity", "float32", [BATCH, QUERIES])]
-    return module, sample, inputs, outputs
+    contract = diffdis_graph_contract(model_dims(comp, 0), cfg.text_dim)
+    return to_export(module, contract)
 
 
 def ship_run(run_dir: str | Path, out_dir: Path, model: DiffDis) -> DiffDisSpec:

@@ -79,22 +79,22 @@ def torch_feed(contract: GraphContract, batch: int = 2, seed: int = 0) -> tuple[
     return tuple(torch.from_numpy(feed[name]) for name in contract.input_names)
 
 
+def to_export(module: nn.Module, contract: GraphContract, outputs: list | None = None) -> tuple:
+    """(module, sample inputs, input specs, output specs): what export_graph takes, to the contract."""
+    return module, torch_feed(contract), list(contract.inputs), list(outputs or contract.outputs)
+
+
 def graph_contracts(comp: Components, scoring_unet: ScoringUNet) -> dict:
     """{graph name: (module, sample inputs, input specs, output specs)} for the model's graphs, each to the
     runtime's contract; the scoring UNet adds its feature maps after the contract's outputs."""
     contracts = runtime_contracts(model_dims(comp, len(scoring_unet.attention_layers)))
     vae = {VAE_ENCODER: VaeEncoderGraph(comp.vae)} if comp.vae is not None else {}
     modules = {TEXT_ENCODER: text_encoder_graph(comp), **vae, UNET: scoring_unet}
-    graphs = {}
-    for role, module in modules.items():
-        contract, sample = contracts[role], torch_feed(contracts[role])
-        outputs = list(contract.outputs)
-        if role == UNET:
-            with torch.no_grad():
-                traced = scoring_unet(*sample)
-            outputs = [TensorSpec(n, "float32", [BATCH, *o.shape[1:]])
-                       for n, o in zip(scoring_unet.output_names, traced)]
-        graphs[role] = (module, sample, list(contract.inputs), outputs)
+    graphs = {role: to_export(module, contracts[role]) for role, module in modules.items()}
+    with torch.no_grad():
+        traced = scoring_unet(*graphs[UNET][1])
+    graphs[UNET] = to_export(scoring_unet, contracts[UNET], [TensorSpec(n, "float32", [BATCH, *o.shape[1:]])
+                                                              for n, o in zip(scoring_unet.output_names, traced)])
     return graphs
 
 
@@ -137,4 +137,4 @@ def head_contract(comp: Components, head: nn.Module, config) -> tuple:
 
     contract = head_graph_contract(model_dims(comp, 0), len(config.features.steps), len(config.labels))
     module = HeadGraph(comp.unet, head.eval(), config, encode_conditioning(comp, [config.features.prompt])).eval()
-    return module, torch_feed(contract), list(contract.inputs), list(contract.outputs)
+    return to_export(module, contract)

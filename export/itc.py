@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from diffscore.engine.manifest import BATCH, ItcSpec, TensorSpec
+from diffscore.engine.graph_contract import ITC_IMAGE, ITC_TEXT, itc_graph_contracts
+from diffscore.engine.manifest import ItcSpec
+from diffscore.export.graphs import model_dims, to_export
 from diffscore.reference.finetune import ItcHeads
 from diffscore.reference.loading import Components, encode_prompts
 from diffscore.reference.scoring_unet import ScoringUNet
@@ -47,18 +49,13 @@ def itc_contracts(comp: Components, heads: ItcHeads, run: dict, run_dir: Path) -
     """{graph name: (module, sample, inputs, outputs)} for the two graphs, and the manifest record.
     `comp`'s UNet already holds the merged LoRA."""
     cfg = run["config"]
-    C, S = int(comp.unet.config.in_channels), int(comp.unet.config.sample_size)
-    L, D, dim = int(comp.tokenizer.model_max_length), int(comp.text_encoder.config.hidden_size), int(cfg["dim"])
     image = ItcImageGraph(comp.unet, heads, cfg["blocks"], cfg["noise_step"], encode_prompts(comp, [""])).eval()
-    out = [TensorSpec("embedding", "float32", [BATCH, dim])]
-    contracts = {
-        "itc_image": (image, (torch.randn(2, C, S, S),), [TensorSpec("sample", "float32", [BATCH, C, S, S])], out),
-        "itc_text": (ItcTextGraph(heads).eval(), (torch.randn(2, L, D),),
-                     [TensorSpec("last_hidden_state", "float32", [BATCH, L, D])], out),
-    }
-    spec = ItcSpec(image_graph="itc_image", text_graph="itc_text", noise_step=int(cfg["noise_step"]),
-                   seed=int(cfg["seed"]), blocks=list(cfg["blocks"]), dim=dim, objectives=list(cfg["objectives"]),
-                   run=str(Path(run_dir).resolve()))
+    roles = itc_graph_contracts(model_dims(comp, 0), int(cfg["dim"]))
+    contracts = {ITC_IMAGE: to_export(image, roles[ITC_IMAGE]), ITC_TEXT: to_export(ItcTextGraph(heads).eval(),
+                                                                                      roles[ITC_TEXT])}
+    spec = ItcSpec(image_graph=ITC_IMAGE, text_graph=ITC_TEXT, noise_step=int(cfg["noise_step"]),
+                   seed=int(cfg["seed"]), blocks=list(cfg["blocks"]), dim=int(cfg["dim"]),
+                   objectives=list(cfg["objectives"]), run=str(Path(run_dir).resolve()))
     return contracts, spec
 
 

@@ -17,8 +17,8 @@ import torch
 from diffscore.engine.backends.choice import make_runner
 from diffscore.engine.engine import load
 from diffscore.engine.graph_contract import (IMAGE, LOGITS, SAMPLE, TEXT_ENCODER, TIMESTEP, UNET, UNET_EPS, VAE_ENCODER,
-                                             ModelDims, graph_contracts, head_graph_contract)
-from diffscore.engine.manifest import BATCH, PRECISIONS, Manifest, unet_graph
+                                             ModelDims, diffdis_graph_contract, graph_contracts, head_graph_contract)
+from diffscore.engine.manifest import PRECISIONS, Manifest, unet_graph
 from diffscore.engine.progress import progress_bar
 from diffscore.errors import EngineError
 from diffscore.export.graphs import VaeEncoderGraph, text_encoder_graph
@@ -287,14 +287,12 @@ def diffdis_parity(engine_dir: Path, manifest: Manifest, comp, images=None, labe
     spec = manifest.diffdis
     model = load_diffdis(engine_dir, weights=spec.weights, config=spec.config)
     rng = np.random.default_rng(seed)
-    graph = manifest.graphs[spec.graph]
-    feed = {t.name: rng.standard_normal([2 if d == BATCH else 3 if isinstance(d, str) else d for d in t.shape],
-                                        dtype=np.float32) for t in graph.inputs}
-    feed[TIMESTEP] = rng.integers(0, len(manifest.alphas_cumprod), feed[TIMESTEP].shape).astype(np.float32)
+    contract = diffdis_graph_contract(ModelDims.of(manifest), spec.text_dim)
+    feed = contract.sample_feed(2, rng)
     module = DiffDisGraph(image_branch(comp, model), model, encode_prompts(comp, [model.config.prompt])).eval()
     with torch.no_grad():
         want = dict(zip(("error", "similarity"), (o.numpy() for o in module(*(torch.from_numpy(feed[t.name])
-                                                                               for t in graph.inputs)))))
+                                                                               for t in contract.inputs)))))
     module.unet.remove_hooks()
     pictures = real_images(manifest, 3, rng, images)
     texts = [manifest.defaults.template.format(w) for w in (labels or ("cat", "seven", "three"))][:5]
