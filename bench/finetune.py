@@ -204,7 +204,7 @@ def parity_only(args) -> None:
 def clip_main(args) -> None:
     import torch
 
-    from diffscore.engine.itc import image_embeddings
+    from diffscore.engine.scorers.itc import image_embeddings
     from diffscore.export.onnx_export import export_engine
     from diffscore.reference.clip_finetune import clip_image_embeddings, clip_similarity
     from diffscore.reference.finetune import FinetuneConfig, denoising_loss, finetune

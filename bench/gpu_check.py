@@ -122,7 +122,8 @@ def unet_io(batch_free: bool, small: bool):
 def check_plumbing(ck: Check) -> None:
     from trt_fakes import FakeCudart, fake_tensorrt, installed
 
-    from diffscore.engine.backends.tensorrt import TensorRTRunner, cuda_call, gpu_slug, set_device, tensorrt_version
+    from diffscore.engine.backends.tensorrt import TensorRTRunner
+    from diffscore.engine.backends.tensorrt_plans import cuda_call, gpu_slug, set_device, tensorrt_version
     from diffscore.engine.manifest import PlanSpec
     from diffscore.errors import EngineError
 

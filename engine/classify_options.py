@@ -108,7 +108,7 @@ class DcOptions:
             return out
         if cascade.by == "head":
             return dataclasses.replace(out, shortlist="head", head=engine.head_name(self.head))
-        from diffscore.engine.diffdis import check_mode, diffdis_spec
+        from diffscore.engine.scorers.diffdis import check_mode, diffdis_spec
 
         return dataclasses.replace(out, shortlist="diffdis",
                                    diffdis_mode=check_mode(self.diffdis_mode or diffdis_spec(engine).mode))
@@ -164,7 +164,7 @@ class DiffDisOptions:
     precision: str = ""
 
     def resolve(self, engine) -> "DiffDisOptions":
-        from diffscore.engine.diffdis import check_mode, diffdis_spec
+        from diffscore.engine.scorers.diffdis import check_mode, diffdis_spec
 
         if self.labels is None:
             raise EngineError("DiffDis needs labels: the class names to choose from")

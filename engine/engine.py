@@ -21,7 +21,7 @@ from diffscore.engine.classify_options import ClassifyOptions, pack
 from diffscore.engine.eps_graph import eps_graph, has_eps_graph
 from diffscore.engine.graph_contract import (ATTN_SCORES, EPS, HIDDEN, IMAGE, LATENT, POOLED, SAMPLE, TEXT_ENCODER,
                                              TIMESTEP, UNET, UNET_EPS, VAE_BATCH, VAE_ENCODER, role_of)
-from diffscore.engine.heads import HeadScoring
+from diffscore.engine.scorers.head import HeadScoring
 from diffscore.engine.images import IMAGE_WINDOW, count_images, image_windows, preprocess_batch
 from diffscore.engine.manifest import PRECISIONS, Manifest, ScoringDefaults, unet_graph
 from diffscore.engine.options import check_count, check_distinct_tokens
@@ -141,13 +141,26 @@ class Engine(HeadScoring, TextConditioning):
     def __repr__(self) -> str:
         return f"Engine({str(self.engine_dir)!r}, backend={self.backend!r}, precision={self.precision!r})"
 
-    def runner(self, role: str) -> Runner:
-        """The runner of a graph role: "text_encoder", "vae_encoder", "unet", or a head's name."""
-        if role in self.manifest.heads:
-            return self.head_runner(role)
-        if role not in self.runners and not isinstance(self.runners, _Closed):
-            raise EngineError(f"{self.engine_dir} has no {role} runner; it has {', '.join(self.runners)}")
-        return self.runners[role]
+    def runner(self, name: str) -> Runner:
+        """The one way to a runner: of a graph role load opened ("text_encoder", "vae_encoder", "unet",
+        "unet_eps"), of a head (by its name), or of any other graph of the manifest (a head's, DiffDis's, ITC's),
+        opened on first use. Those are fp32 ONNX (whatever the UNet precision), on ONNX Runtime; under the native
+        TensorRT backend on its CUDA provider when there is one."""
+        if isinstance(self.runners, _Closed):
+            return self.runners[name]  # one line: closed
+        if name in self.manifest.heads:
+            name = self.manifest.heads[name].graph
+        if name not in self.runners:
+            if name not in self.manifest.graphs:
+                raise EngineError(f"{self.engine_dir} has no {name} graph; it has {', '.join(self.manifest.graphs)}")
+            backend = self.backend
+            if backend == "tensorrt":
+                from diffscore.engine.backends.onnxruntime import available_providers
+
+                backend = "ort-cuda" if "CUDAExecutionProvider" in available_providers() else "ort-cpu"
+            self.runners[name] = make_runner(self.engine_dir, self.manifest, name, backend, self._device,
+                                             self._threads, workers=self.workers)
+        return self.runners[name]
 
     def __enter__(self) -> "Engine":
         return self
@@ -352,14 +365,14 @@ class Engine(HeadScoring, TextConditioning):
         method: "dsd" (the above); "diffdis": the engine's DiffDis, one image pass for all texts
         (`diffdis_mode` denoise | generate, `steps` = its shared (t, ε) count; see `classify`); or "itc": the
         cosine similarity of a `diffscore finetune` run's image and text embeddings, one UNet pass per image
-        (engine/itc.py; steps, bias_weight, seed, preset unused)."""
+        (engine/scorers/itc.py; steps, bias_weight, seed, preset unused)."""
         if method == "diffdis":
-            from diffscore.engine.diffdis import match_diffdis
+            from diffscore.engine.scorers.diffdis import match_diffdis
 
             return match_diffdis(self, images, texts, mode=diffdis_mode, timesteps=steps, seed=seed,
                                  batch_size=batch_size, progress=progress)
         if method == "itc":
-            from diffscore.engine.itc import match_itc
+            from diffscore.engine.scorers.itc import match_itc
 
             return match_itc(self, images, texts, batch_size=batch_size, progress=progress)
         if method != "dsd":

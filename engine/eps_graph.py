@@ -23,7 +23,7 @@ def has_eps_graph(manifest: Manifest, precision: str, backend: str, device: int 
     if key not in manifest.graphs:
         return False
     if backend == "tensorrt":
-        from diffscore.engine.backends.tensorrt import matching_plan
+        from diffscore.engine.backends.tensorrt_plans import matching_plan
 
         return matching_plan(manifest, key, device) is not None
     return True

@@ -172,7 +172,7 @@ def graph_io(m, key: str, inputs, outputs) -> None:
 
 def check_manifest(m, path: Path) -> None:
     """Every field of a loaded manifest (types already built by `_typed`), each problem one line."""
-    from diffscore.engine.diffdis import MODES
+    from diffscore.engine.scorers.diffdis import MODES
     from diffscore.engine.graph_contract import (ITC_IMAGE, ITC_TEXT, ModelDims, diffdis_graph_contract,
                                                  graph_contracts, head_graph_contract, itc_graph_contracts, role_of)
     from diffscore.engine.manifest import PRECISIONS
@@ -333,7 +333,7 @@ def check_manifest(m, path: Path) -> None:
         in_range("itc.dim", itc.dim, 1, MAX_DIM)
         names("itc.blocks", itc.blocks, empty_ok=False)
         one_of("itc.kind", itc.kind, ("unet", "clip"))
-        if itc.kind == "clip":  # the CLIP towers' feeds, built from these (engine/itc.py)
+        if itc.kind == "clip":  # the CLIP towers' feeds, built from these (engine/scorers/itc.py)
             if not itc.tokenizer:
                 raise bad("itc.tokenizer", itc.tokenizer, "the CLIP tokenizer file of a kind 'clip' record")
             in_range("itc.max_length", itc.max_length, 1, 1 << 16)

@@ -215,7 +215,7 @@ class ItcSpec:
     dim: int
     objectives: list[str] = field(default_factory=list)  # what the run trained with (itc, is, rsc)
     run: str = ""  # the run directory it came from
-    # kind "clip" (`finetune --clip`): the graphs are the run's CLIP towers, fed CLIP's inputs (engine/itc.py)
+    # kind "clip" (`finetune --clip`): the graphs are the run's CLIP towers, fed CLIP's inputs (engine/scorers/itc.py)
     kind: str = "unet"  # unet: x_t -> embedding, text encoder states -> embedding | clip: pixel_values, input_ids
     tokenizer: str | None = None  # clip: the CLIP tokenizer file (padding to max_length baked in)
     max_length: int = 0  # clip: tokens per text

@@ -6,7 +6,7 @@
   truncation to L baked in) -> ``embedding`` and ``features`` (get_text_features).
 
 The manifest's ``itc`` record says kind "clip" and how to feed them (image size, channels, mean, std, L);
-`Engine.match(method="itc")` is the cosine similarity of the two embeddings (engine/itc.py)."""
+`Engine.match(method="itc")` is the cosine similarity of the two embeddings (engine/scorers/itc.py)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@
   pools (the exporter drops the later layers), spatial means, the projection. One UNet pass per image.
 - ``itc_text``: the text encoder graph's last_hidden_state (B, L, D) -> the text embedding (B, dim).
 
-`Engine.match(method="itc")` is then the cosine similarity of the two (engine/itc.py)."""
+`Engine.match(method="itc")` is then the cosine similarity of the two (engine/scorers/itc.py)."""
 
 from __future__ import annotations
 

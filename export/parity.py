@@ -33,7 +33,7 @@ log = logging.getLogger("diffscore")
 
 def available_backends(manifest: Manifest) -> list[str]:
     from diffscore.engine.backends.onnxruntime import gpu_backends
-    from diffscore.engine.backends.tensorrt import matching_plan
+    from diffscore.engine.backends.tensorrt_plans import matching_plan
 
     found = ["ort-cpu", *sorted(gpu_backends())]
     if any(matching_plan(manifest, g) for g in manifest.graphs):
@@ -165,7 +165,7 @@ def head_parity(engine_dir: Path, manifest: Manifest, comp, seed: int = 0, batch
         want_real = head_logits_reference(comp, head, config, images).numpy()
         for backend in available_backends(manifest):
             eng = load(engine_dir, backend=backend)
-            got = eng.head_runner(name).infer({SAMPLE: sample})[LOGITS]
+            got = eng.runner(name).infer({SAMPLE: sample})[LOGITS]
             verdicts.append(compare(f"{backend} fp32 {spec.graph}:logits (random)", got, want, RTOL["fp32"]))
             verdicts.append(compare(f"{backend} fp32 {spec.graph}:logits (real images, end to end)",
                                     eng.head_logits(images, name), want_real, RTOL["fp32"]))
@@ -279,7 +279,7 @@ def diffdis_parity(engine_dir: Path, manifest: Manifest, comp, images=None, labe
     to end (images x texts) against reference.diffdis, and, with labels, top-1 agreement of both modes."""
     if manifest.diffdis is None:
         return []
-    from diffscore.engine.diffdis import MODES, diffdis_runner
+    from diffscore.engine.scorers.diffdis import MODES, diffdis_spec
     from diffscore.export.diffdis_export import DiffDisGraph
     from diffscore.reference.diffdis import diffdis_scores_reference, image_branch, load_diffdis
     from diffscore.reference.loading import encode_prompts
@@ -304,7 +304,7 @@ def diffdis_parity(engine_dir: Path, manifest: Manifest, comp, images=None, labe
     verdicts = []
     for backend in available_backends(manifest):
         eng = load(engine_dir, backend=backend)
-        got = diffdis_runner(eng).infer(feed)
+        got = eng.runner(diffdis_spec(eng).graph).infer(feed)
         for name in ("error", "similarity"):
             verdicts.append(compare(f"{backend} fp32 {spec.graph}:{name} (random)", got[name], want[name],
                                     RTOL["fp32"]))

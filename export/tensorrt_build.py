@@ -16,18 +16,11 @@ import logging
 import time
 from pathlib import Path
 
-from diffscore.engine.backends.tensorrt import (
-    BATCH,
-    cuda_call,
-    find_plan,
-    gpu_model,
-    import_tensorrt,
-    tensorrt_version,
-)
-from diffscore.engine.graph_contract import at_batch, batch_profile
+from diffscore.engine.backends.tensorrt_plans import cuda_call, find_plan, gpu_model, import_tensorrt, tensorrt_version
 from diffscore.engine.eps_graph import eps_graph
+from diffscore.engine.graph_contract import TEXT_ENCODER, VAE_ENCODER, at_batch, batch_profile
+from diffscore.engine.manifest import BATCH, GraphSpec, Manifest, PlanSpec, sha256_file, unet_graph
 from diffscore.errors import EngineError
-from diffscore.engine.manifest import GraphSpec, Manifest, PlanSpec, sha256_file, unet_graph
 
 log = logging.getLogger("diffscore")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -54,7 +47,7 @@ def graphs_for(manifest: Manifest, precision: str) -> list[str]:
             "export the fp16 graph or calibrate the int8 one first"
         )
     eps = [eps_graph(precision)] if eps_graph(precision) in manifest.graphs else []  # the ε̂-only UNet, if exported
-    return [g for g in ("text_encoder", "vae_encoder") if g in manifest.graphs] + [unet] + eps
+    return [g for g in (TEXT_ENCODER, VAE_ENCODER) if g in manifest.graphs] + [unet] + eps
 
 
 def plan_file(graph: str, gpu: str, version: str, precision: str) -> str:

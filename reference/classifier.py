@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from diffscore.engine.images import preprocess_batch
-from diffscore.engine.cascade import cascade_result
+from diffscore.engine.scorers.cascade import cascade_result
 from diffscore.engine.results import Classification, classification
 from diffscore.kernels import RaceConfig, new_run, shared_noise
 from diffscore.kernels.cascade import CascadeConfig, cascade_run

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffscore.engine.diffdis import MODES, check_mode, eos_positions, score_timesteps  # noqa: F401  (one definition each)
+from diffscore.engine.scorers.diffdis import MODES, check_mode, eos_positions, score_timesteps  # noqa: F401  (one definition each)
 from diffscore.engine.progress import progress_bar
 from diffscore.errors import EngineError
 from diffscore.kernels import shared_noise

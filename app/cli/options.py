@@ -17,7 +17,7 @@ from diffscore.app.render import Format, emit, err, say
 from diffscore.app.runs import save_rows
 from diffscore.engine.backends.choice import BACKENDS
 from diffscore.engine.classify_options import METHODS
-from diffscore.engine.diffdis import MODES
+from diffscore.engine.scorers.diffdis import MODES
 from diffscore.engine.manifest import PRECISIONS
 from diffscore.engine.manifest_checks import CALIBRATION_METHODS, HEAD_KINDS, SAMPLERS
 from diffscore.engine.options import MAX_SEED

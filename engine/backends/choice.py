@@ -35,7 +35,7 @@ def resolve_backend(manifest: Manifest, backend: str, unet: str, device: int = 0
     from diffscore.engine.backends.onnxruntime import gpu_backends
 
     if any(p.graph == unet for p in manifest.plans.values()):
-        from diffscore.engine.backends.tensorrt import matching_plan
+        from diffscore.engine.backends.tensorrt_plans import matching_plan
 
         if matching_plan(manifest, unet, device) is not None:
             return "tensorrt"
@@ -53,7 +53,8 @@ def make_runner(engine_dir: Path, manifest: Manifest, graph: str, backend: str, 
         return OpenVINORunner(resolve_inside(engine_dir, spec.file, f"graph {graph}"), spec, precision, threads,
                               streams=workers, graph=graph)
     if backend == "tensorrt":
-        from diffscore.engine.backends.tensorrt import TensorRTRunner, import_tensorrt, matching_plan, set_device
+        from diffscore.engine.backends.tensorrt import TensorRTRunner
+        from diffscore.engine.backends.tensorrt_plans import import_tensorrt, matching_plan, set_device
 
         set_device(import_tensorrt()[1], device)  # the install message first, then an absent device's
         plan = matching_plan(manifest, graph, device)

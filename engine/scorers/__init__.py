@@ -1,12 +1,12 @@
-"""One scorer per classify method behind one small protocol: `scorer(engine, images, options, batch_size, progress)`
-yields one Classification per image, in input order, from the method's resolved options record
+"""One scorer per method behind one small protocol, one file each: `scorer(engine, images, options, batch_size,
+progress)` yields one Classification per image, in input order, from the method's resolved options record
 (engine/classify_options.py). Each scorer loops over images with `Engine.encoded_windows` and ranks with
 `results.ranked` (or, for the Diffusion Classifier, `results.classification`); `Engine` dispatches by method.
 
-- "dc": engine/scorers/dc.py (fixed stages, the race; the cascade in engine/cascade.py)
-- "head": engine/heads.py `classify_head`
-- "diffdis": engine/diffdis.py `classify_diffdis`
-Matching: DSD in engine/scorers/dsd.py, DiffDis and ITC in engine/diffdis.py and engine/itc.py.
+- "dc": engine/scorers/dc.py (fixed stages, the race; the cascade in engine/scorers/cascade.py)
+- "head": engine/scorers/head.py `classify_head`
+- "diffdis": engine/scorers/diffdis.py `classify_diffdis`
+Matching: DSD in engine/scorers/dsd.py, DiffDis in engine/scorers/diffdis.py, ITC in engine/scorers/itc.py.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np
 
 SCORERS = {  # method -> "module:function"
     "dc": "diffscore.engine.scorers.dc:classify_dc",
-    "head": "diffscore.engine.heads:classify_head",
-    "diffdis": "diffscore.engine.diffdis:classify_diffdis",
+    "head": "diffscore.engine.scorers.head:classify_head",
+    "diffdis": "diffscore.engine.scorers.diffdis:classify_diffdis",
 }
 
 

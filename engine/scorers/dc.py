@@ -1,7 +1,7 @@
 """method "dc": the Diffusion Classifier (DESIGN §3) by fixed stages or the race, and the exhaustive grid errors
 `diffscore profile` reads. Work is batched over (candidate × timestep) pairs across a window of images, so each
 UNet call is full; x_t is computed once per (image, timestep) and shared by all candidates. The cascade
-(engine/cascade.py) drives its race through `score_runs` too."""
+(engine/scorers/cascade.py) drives its race through `score_runs` too."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from diffscore.kernels.racing import DEFAULT_GRID
 def classify_dc(engine, images, options, batch_size: int | None, progress: bool):
     """Classifications by the resolved DcOptions: one StagedPruning/PairedRace per image."""
     if options.cascade is not None:
-        from diffscore.engine.cascade import classify_cascade
+        from diffscore.engine.scorers.cascade import classify_cascade
 
         yield from classify_cascade(engine, images, options, batch_size, progress)
         return

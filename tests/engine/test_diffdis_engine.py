@@ -10,7 +10,7 @@ from PIL import Image
 
 import diffscore
 from diffscore.app import cli
-from diffscore.engine import diffdis as engine_diffdis
+from diffscore.engine.scorers import diffdis as engine_diffdis
 from diffscore.engine.manifest import Manifest
 from diffscore.errors import EngineError
 from diffscore.export.onnx_export import export_engine

@@ -13,7 +13,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from trt_fakes import FakeCudart, fake_tensorrt, installed, plan_bytes  # noqa: E402
 
-from diffscore.engine.backends.tensorrt import TensorRTRunner, matching_plan  # noqa: E402
+from diffscore.engine.backends.tensorrt import TensorRTRunner  # noqa: E402
+from diffscore.engine.backends.tensorrt_plans import matching_plan  # noqa: E402
 from diffscore.engine.engine import load  # noqa: E402
 from diffscore.engine.manifest import GraphSpec, Manifest, PlanSpec, TensorSpec  # noqa: E402
 from diffscore.errors import EngineError  # noqa: E402

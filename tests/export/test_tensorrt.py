@@ -8,7 +8,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from diffscore.engine.backends.tensorrt import TensorRTRunner, matching_plan
+from diffscore.engine.backends.tensorrt import TensorRTRunner
+from diffscore.engine.backends.tensorrt_plans import matching_plan
 from diffscore.errors import EngineError
 from diffscore.engine.manifest import GraphSpec, Manifest, PlanSpec, sha256_file
 from diffscore.export.tensorrt_build import build_plans, graphs_for, plan_file, tensorrt_available

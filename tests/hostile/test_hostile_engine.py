@@ -383,7 +383,7 @@ API_CASES = [
     ("closed-encode-text", lambda d: closed(d).encode_text(["a"]), "closed"),
     ("closed-encode-images", lambda d: closed(d).encode_images([IMAGE]), "closed"),
     ("closed-runner", lambda d: closed(d).runner("unet"), "closed"),
-    ("closed-graph-runner", lambda d: closed(d).graph_runner("unet"), "closed"),
+    ("closed-graph-runner", lambda d: closed(d).runner("vae_encoder"), "closed"),
     ("image-5-channels", lambda d: diffscore.load(d, backend="ort-cpu").classify(np.zeros((8, 8, 5), np.uint8),
                                                                                    ["a", "b"]), "array images"),
     ("image-0x0", lambda d: diffscore.load(d, backend="ort-cpu").classify(np.zeros((0, 0), np.uint8), ["a", "b"]),

@@ -1,5 +1,5 @@
-"""UniDiff with CLIP (`finetune --clip`, reference/clip_finetune.py, export/clip_itc.py, engine/itc.py): ITC against
-transformers' own CLIP loss, RSC against a hand computation on hooked UNet features, the CLIP features served by
+"""UniDiff with CLIP (`finetune --clip`, reference/clip_finetune.py, export/clip_itc.py, engine/scorers/itc.py): ITC
+against transformers' own CLIP loss, RSC against a hand computation on hooked UNet features, the CLIP features served by
 the engine against transformers' `CLIPModel.get_image_features` (pixels from `CLIPImageProcessor`), and the
 user's path end to end through the CLI. A tiny CLIP is built in the test (no download)."""
 

@@ -17,7 +17,7 @@ def shortlister_scores(engine, images, labels: list[str], options, batch_size: i
     """((images, labels) scores, higher = better, columns in `labels` order; UNet passes per image; name), by the
     resolved DcOptions' shortlister."""
     if options.shortlist == "diffdis":
-        from diffscore.engine.diffdis import diffdis_scores
+        from diffscore.engine.scorers.diffdis import diffdis_scores
 
         scores, used = diffdis_scores(engine, images, [options.templates[0].format(x) for x in labels],
                                       mode=options.diffdis_mode, seed=options.seed, batch_size=batch_size,

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffscore.engine.backends.base import Runner
-from diffscore.engine.backends.choice import make_runner
 from diffscore.engine.graph_contract import LOGITS, SAMPLE
 from diffscore.engine.images import IMAGE_WINDOW
 from diffscore.engine.results import Classification, ranked
@@ -29,7 +27,7 @@ class HeadScoring:
         spec = self.manifest.heads[name]
         steps = np.asarray(spec.steps, dtype=np.int64)
         noise = shared_noise(spec.seed, len(steps), tuple(self.manifest.sample_shape))
-        runner = self.head_runner(name)
+        runner = self.runner(name)
         per_call = max(1, (batch_size or self.default_batch_size()) // len(steps))  # images per call
         chunks = []
         for x0 in self.encoded_windows(images, f"head {name}", progress, max(per_call * self.workers, IMAGE_WINDOW)):
@@ -58,25 +56,6 @@ class HeadScoring:
         if head not in heads:
             raise EngineError(f"{self.engine_dir} has no head {head!r}; it has {', '.join(heads)}")
         return head
-
-    def head_runner(self, head: str | None = None) -> Runner:
-        """The runner of a head's graph (x_t -> logits)."""
-        return self.graph_runner(self.manifest.heads[self.head_name(head)].graph)
-
-    def graph_runner(self, graph: str) -> Runner:
-        """The runner of a graph beside the UNet (a head, DiffDis, ITC), opened on first use. They are fp32 ONNX
-        (whatever the UNet precision), on ONNX Runtime; under the native TensorRT backend on its CUDA provider
-        when there is one."""
-        if graph not in self.runners:
-            backend = self.backend
-            if backend == "tensorrt":
-                from diffscore.engine.backends.onnxruntime import available_providers
-
-                backend = "ort-cuda" if "CUDAExecutionProvider" in available_providers() else "ort-cpu"
-            self.runners[graph] = make_runner(self.engine_dir, self.manifest, graph, backend, self._device,
-                                              self._threads,
-                                              workers=self.workers)
-        return self.runners[graph]
 
 
 def classify_head(engine, images, options, batch_size: int | None, progress: bool) -> list[Classification]:

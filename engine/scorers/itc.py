@@ -26,9 +26,9 @@ def text_embeddings(engine, texts: list[str]) -> np.ndarray:
     spec = engine.manifest.itc
     if spec.kind == "clip":
         ids = np.array([e.ids for e in clip_tokenizer(engine).encode_batch(list(texts))], dtype=np.int64)
-        return engine.graph_runner(spec.text_graph).infer({INPUT_IDS: ids})[EMBEDDING]
+        return engine.runner(spec.text_graph).infer({INPUT_IDS: ids})[EMBEDDING]
     hidden = engine.encode_text(texts)
-    return engine.graph_runner(spec.text_graph).infer({HIDDEN: hidden})[EMBEDDING]
+    return engine.runner(spec.text_graph).infer({HIDDEN: hidden})[EMBEDDING]
 
 
 def clip_tokenizer(engine):
@@ -53,7 +53,7 @@ def clip_pixels(window, spec) -> np.ndarray:
 def image_embeddings(engine, images, batch_size: int | None = None, progress: bool = False) -> np.ndarray:
     """(N, dim) L2-normalised image embeddings; images read a window at a time (bounded memory)."""
     spec = engine.manifest.itc
-    runner = engine.graph_runner(spec.image_graph)
+    runner = engine.runner(spec.image_graph)
     step = batch_size or engine.default_batch_size()
     chunks = []
     if spec.kind == "clip":

@@ -31,11 +31,6 @@ def diffdis_spec(engine) -> DiffDisSpec:
     return spec
 
 
-def diffdis_runner(engine):
-    """The runner of the DiffDis graph (Engine.graph_runner: fp32 ONNX beside the UNet)."""
-    return engine.graph_runner(diffdis_spec(engine).graph)
-
-
 def eos_positions(ids: np.ndarray, eos_token_id: int) -> np.ndarray:
     """(P,) position of the first end-of-text token of each row (the last position if there is none)."""
     ids = np.asarray(ids)
@@ -83,7 +78,7 @@ def diffdis_scores(engine, images, texts: list[str], *, mode: str | None = None,
         ts = []
         q_text, q_noise, q_t = text, np.zeros_like(text), np.zeros(P, np.float32)
     image_eps = shared_noise(spec.seed, 1, tuple(engine.manifest.sample_shape))  # the fixed ε of the image branch
-    runner = diffdis_runner(engine)
+    runner = engine.runner(diffdis_spec(engine).graph)
     per_call = max(1, (batch_size or engine.default_batch_size()) // max(1, len(q_t) // 64))  # images per call
     # Every image of a call gets the same queries: built once, each call takes its first n rows.
     queries = {name: np.broadcast_to(q, (per_call, *q.shape)).copy()
