@@ -5,6 +5,7 @@ import errno
 import json
 
 
+import numpy as np
 import onnx
 import pytest
 
@@ -48,6 +49,45 @@ def test_engine_directory(engines, kind):
     assert unet.outputs[1].shape == ["batch", len(m.attention_layers)]
     assert m.graphs["unet.fp16"].precision == "fp16"
     assert not list(engines[kind].parent.glob(f".{kind}.partial-*"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_exported_graphs_follow_the_runtime_graph_contract(engines, tiny_models, kind):
+    """Every graph role's ONNX signature (read from the file onnx wrote) is its contract's: inputs' names in order,
+    dtypes and shapes from the diffusers model's own config with the symbolic batch axis, outputs' names, dtypes and
+    every dim the file fixes; its sample feed has those shapes; the VAE's TensorRT profile is capped."""
+    from diffscore.engine.graph_contract import VAE_BATCH, ModelDims, batch_profile, graph_contracts
+
+    m = Manifest.load(engines[kind])
+    comp = load_components(tiny_models[kind])
+    contracts = graph_contracts(ModelDims.of(m))
+    S, C = comp.unet.config.sample_size, comp.unet.config.in_channels
+    L, D = comp.tokenizer.model_max_length, comp.text_encoder.config.hidden_size
+    assert contracts["unet"].inputs[0].shape == ["batch", C, S, S]
+    assert contracts["text_encoder"].outputs[0].shape == ["batch", L, D]
+    onnx_types = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64"}
+
+    def signature(tensors):
+        return [(t.name, onnx_types[t.type.tensor_type.elem_type],
+                 [d.dim_param or d.dim_value for d in t.type.tensor_type.shape.dim]) for t in tensors]
+
+    for role, contract in contracts.items():
+        if role not in m.graphs:
+            assert role == "vae_encoder" and kind == "pixel"
+            continue
+        graph = onnx.load(str(engines[kind] / m.graphs[role].file), load_external_data=False).graph
+        assert signature(graph.input) == [(t.name, t.dtype, t.shape) for t in contract.inputs]
+        for (name, dtype, shape), t in zip(signature(graph.output), contract.outputs, strict=False):
+            # the exporter may leave an output dim symbolic (its own name): the runtime checks those on first run
+            assert (name, dtype, len(shape)) == (t.name, t.dtype, len(t.shape))
+            assert all(d == w for d, w in zip(shape, t.shape) if isinstance(d, int) or d == "batch"), (shape, t.shape)
+        assert [t.name for t in graph.output][: len(contract.outputs)] == [t.name for t in contract.outputs]
+        feed = contract.sample_feed(3, np.random.default_rng(0))
+        assert [(k, v.dtype.name, list(v.shape)) for k, v in feed.items()] == [
+            (t.name, t.dtype, [3 if d == "batch" else d for d in t.shape]) for t in contract.inputs]
+    assert batch_profile(m, "unet", (1, 32, 64)) == (1, 32, 64)
+    if kind != "pixel":
+        assert batch_profile(m, "vae_encoder", (1, 32, 64)) == (1, VAE_BATCH, VAE_BATCH)
 
 
 @pytest.mark.parametrize("kind", KINDS)
