@@ -154,6 +154,6 @@ def collect(engine, images: list, labels: list[str], samples: int, seed: int = 0
     log.info("calibration set: %d samples from %d images, %d prompts, %d timesteps", samples, len(used), len(prompts),
              len(np.unique(ts[pick])))
     return CalibrationSet(sample=sample, timestep=ts[pick].astype(np.float32), prompt_row=prompt_row.astype(np.int64),
-                          embeddings=conditioning["encoder_hidden_states"].astype(np.float32), image_row=ids[image_row],
-                          text_embeds=conditioning.get("text_embeds"), time_ids=conditioning.get("time_ids"),
+                          embeddings=conditioning[CONTEXT].astype(np.float32), image_row=ids[image_row],
+                          text_embeds=conditioning.get(POOLED), time_ids=conditioning.get(TIME_IDS),
                           noise_row=positions[pick].astype(np.int64), workload=scorer[pick].astype(np.int64), meta=meta)

@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 
 from diffscore.calibration.quantize import quantizable_layers, quantize_unet
+from diffscore.engine.graph_contract import TEXT_ENCODER, VAE_ENCODER
 from diffscore.errors import EngineError
 from diffscore.export.verdicts import Verdict, agreement
 
@@ -73,7 +74,7 @@ class UnetSwap:
         onnx.save(model, str(path))
         base = self.fp32_engine
         runners = {"unet": OnnxRuntimeRunner(path, base.manifest.graphs["unet"], "ort-cpu", 0, self.threads)}
-        runners.update({role: base.runner(role) for role in ("text_encoder", "vae_encoder") if role in base.runners})
+        runners.update({role: base.runner(role) for role in (TEXT_ENCODER, VAE_ENCODER) if role in base.runners})
         self.engine = diffscore.load(self.engine_dir, backend="ort-cpu", runners=runners)
         return self
 

@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from diffscore.engine.graph_contract import VAE_ENCODER
 from diffscore.engine.manifest_checks import MAX_MANIFEST_BYTES, check_json_shape, check_manifest
 from diffscore.engine.manifest_schema import (  # noqa: F401  (re-exported: engine.manifest stays the one import path)
     BATCH,
@@ -92,7 +93,7 @@ class Manifest:
 
     @property
     def pixel_space(self) -> bool:
-        return "vae_encoder" not in self.graphs
+        return VAE_ENCODER not in self.graphs
 
     @property
     def score_weights(self) -> dict[str, float] | None:

@@ -173,8 +173,9 @@ def graph_io(m, key: str, inputs, outputs) -> None:
 def check_manifest(m, path: Path) -> None:
     """Every field of a loaded manifest (types already built by `_typed`), each problem one line."""
     from diffscore.engine.scorers.diffdis import MODES
-    from diffscore.engine.graph_contract import (ITC_IMAGE, ITC_TEXT, ModelDims, diffdis_graph_contract,
-                                                 graph_contracts, head_graph_contract, itc_graph_contracts, role_of)
+    from diffscore.engine.graph_contract import (ITC_IMAGE, ITC_TEXT, TEXT_ENCODER, UNET, ModelDims,
+                                                 diffdis_graph_contract, graph_contracts, head_graph_contract,
+                                                 itc_graph_contracts, role_of)
     from diffscore.engine.manifest import PRECISIONS
     from diffscore.kernels import DSD_PRESETS, LOSSES, PREDICTION_TYPES, STRATEGIES
     from diffscore.engine.options import check_template
@@ -215,7 +216,7 @@ def check_manifest(m, path: Path) -> None:
 
     # graphs and files
     names("graphs", list(m.graphs), KEY, empty_ok=False)
-    for key in ("text_encoder", "unet"):
+    for key in (TEXT_ENCODER, UNET):
         if key not in m.graphs:
             raise EngineError(f"manifest.json lists no {key} graph (it lists {', '.join(m.graphs) or 'none'}): the "
                               "engine directory is damaged or incomplete; re-export it")
