@@ -130,8 +130,8 @@ class PairedRace:
 
     def _eliminate(self) -> None:
         n = self._visited
-        if n < 2:
-            return  # no standard error from one timestep
+        if n < 2 or self.config.z == np.inf:
+            return  # no standard error from one timestep; z = inf: nobody leaves (inf * a zero se would be NaN)
         e = self.errors[self.alive, :n]
         d = e - e[np.argmin(e.mean(axis=1))]  # paired differences to the leader (ties: lower index leads)
         se = d.std(axis=1, ddof=1) / np.sqrt(n)

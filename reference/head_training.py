@@ -82,7 +82,7 @@ def fit(head: nn.Module, logits_of, labels: torch.Tensor, tr: torch.Tensor, va: 
                 loss.backward()
                 opt.step()
             if len(va) == 0:
-                advance(note=f"loss {float(loss):.4f}")
+                advance(note=f"loss {loss.item():.4f}")  # .item(): float() of a tensor with grad warns
                 continue
             head.eval()
             with torch.no_grad():

@@ -1,5 +1,7 @@
 """kernels/racing.py: the paired race on constructed error matrices, checked against hand computations."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -72,6 +74,17 @@ def test_huge_z_is_the_exhaustive_decision():
     drive(run, errors)
     assert run.passes == 7 * 40 and run.best == int(np.argmin(errors.mean(axis=1)))
     np.testing.assert_allclose(run.mean_errors, errors.mean(axis=1))
+
+
+def test_infinite_z_keeps_everyone_without_a_warning():
+    """z = inf (grid_errors' one round of everything): nobody leaves, and no NaN warning reaches the user's output
+    from inf x the leader's zero standard error (make demo printed one)."""
+    errors = np.random.default_rng(2).normal(1.0, 0.3, (4, 10))
+    run = PairedRace(4, np.arange(10), spread_order(10), RaceConfig(z=float("inf"), round_size=10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        drive(run, errors)
+    assert run.passes == 40 and run.alive.tolist() == [0, 1, 2, 3] and run.best == int(np.argmin(errors.mean(1)))
 
 
 def test_spread_order_is_a_permutation_that_spreads_every_prefix():
