@@ -91,10 +91,11 @@ def graph_contracts(comp: Components, scoring_unet: ScoringUNet) -> dict:
     vae = {VAE_ENCODER: VaeEncoderGraph(comp.vae)} if comp.vae is not None else {}
     modules = {TEXT_ENCODER: text_encoder_graph(comp), **vae, UNET: scoring_unet}
     graphs = {role: to_export(module, contracts[role]) for role, module in modules.items()}
+    module, sample, inputs, _ = graphs[UNET]
     with torch.no_grad():
-        traced = scoring_unet(*graphs[UNET][1])
-    graphs[UNET] = to_export(scoring_unet, contracts[UNET], [TensorSpec(n, "float32", [BATCH, *o.shape[1:]])
-                                                              for n, o in zip(scoring_unet.output_names, traced)])
+        traced = scoring_unet(*sample)
+    graphs[UNET] = module, sample, inputs, [TensorSpec(n, "float32", [BATCH, *o.shape[1:]])
+                                            for n, o in zip(scoring_unet.output_names, traced)]
     return graphs
 
 
