@@ -96,12 +96,21 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=30, help="--unified: sampled images per digit")
     parser.add_argument("--frozen-only", action="store_true", help="--unified: the two frozen runs only (e.g. at the "
                         "unified run's epoch cap: --epochs 5), written as diffdis_unified_frozen; no generation part")
-    parser.add_argument("--results-name", default="diffdis_unified", choices=("diffdis_unified", "diffdis_unified_20"),
-                        help="--unified: results file and docs block (the 5-epoch run; "
-                             "the run with --unified-epochs 20)")
+    parser.add_argument("--results-name", default=None,
+                        choices=("diffdis_unified", "diffdis_unified_20", "diffdis_unified_glyphs"),
+                        help="--unified: results file and docs block (default: diffdis_unified, the 5-epoch run on "
+                             "the digits; diffdis_unified_20: the run with --unified-epochs 20; "
+                             "diffdis_unified_glyphs: --data glyphs)")
     parser.add_argument("--captions-per-image", type=int, default=6, help="--unified: train on this many of each "
                         "training digit's 6 captions (drawn with seed 0; fewer: a cheaper run)")
+    parser.add_argument("--data", choices=("digits", "glyphs"), default="digits",
+                        help="--unified: the demo digits, or the 62-class glyph model's held-out typefaces "
+                             "(models/fonts62; bench/tasks.py)")
+    parser.add_argument("--train-images", type=int, default=None,
+                        help="--unified: train on a seeded draw of this many training images (default: all)")
     args = parser.parse_args()
+    if args.results_name is None:
+        args.results_name = "diffdis_unified_glyphs" if args.data == "glyphs" else "diffdis_unified"
     if args.unified:
         return compare_unified(args)
 
@@ -240,12 +249,12 @@ def denoising_loss(comp, images, prompts: list[str]) -> float:
     return float(np.mean(losses))
 
 
-def sampled_accuracy(comp, classifier, per_class: int) -> float:
-    """Accuracy of the fixed classifier on per_class DDIM samples of each digit's prompt (seeds 0, 1, ...)."""
+def sampled_accuracy(comp, classifier, task, per_class: int) -> float:
+    """Accuracy of the fixed classifier on per_class DDIM samples of each class prompt (seeds 0, 1, ...)."""
     from diffscore.reference.sampling import SampleOptions, sample, to_uint8
 
-    labels = np.repeat(np.arange(10), per_class)
-    prompts = [DEFAULT_TEMPLATE.format(CLASS_NAMES[y]) for y in labels]
+    labels = np.repeat(np.arange(task.class_count), per_class)
+    prompts = [task.prompt(int(y), task.template) for y in labels]
     images = to_uint8(sample(comp, prompts, SampleOptions(sampler="ddim", steps=50, guidance=2.0, seed=SEED),
                              progress=True))
     return float(np.mean(classifier.predict(np.stack(images).reshape(len(images), -1) / 255.0) == labels))
@@ -262,21 +271,28 @@ def compare_unified(args) -> None:
                                              train_diffdis_run)
     from diffscore.reference.features import tappable_blocks
     from diffscore.reference.loading import load_components
+    from diffscore.reference.prompt_learning import Pairs
+    from tasks import TASKS
 
     torch.set_num_threads(1)  # a shared 2-core box: two threads thrash (measured ~8x slower training steps)
-    split = load_digits_split()
-    images, labels = list(split.test_images[: args.limit]), split.test_labels[: args.limit]
-    n = len(images)
-    prompts = [DEFAULT_TEMPLATE.format(c) for c in CLASS_NAMES]
-    comp = load_components(DEMO_MODEL)
+    task = TASKS[args.data]()
+    images, labels = task.held_images[: args.limit], task.held_labels[: args.limit]
+    n, noun = len(images), task.noun
+    class_names = task.class_prompts("{}")  # the engine's labels; its template makes the prompts
+    prompts = task.class_prompts()
+    comp = load_components(task.model)
     load_start = os.getloadavg()[0]
     tmp = tempfile.TemporaryDirectory(prefix="diffdis-unified-")
-    pairs = diffdis_demo_pairs()  # each training digit with its 6 captions in a row
-    keep = np.concatenate([6 * i + np.random.default_rng(SEED + i).permutation(6)[: args.captions_per_image]
-                           for i in range(len(pairs.images) // 6)])
-    pairs = type(pairs)([pairs.images[i] for i in keep], [pairs.captions[i] for i in keep])
-    note = {"source": f"demo digits, training split, {args.captions_per_image} of 6 captions per digit",
-            "held_out_templates": list(DIFFDIS_HELD_OUT_TEMPLATES)}
+    per = task.diffdis_captions_per_image  # each training image's captions in a row
+    images_kept = np.random.default_rng(SEED).permutation(len(task.diffdis_images) // per)[: args.train_images]
+    keep = np.concatenate([per * i + np.random.default_rng(SEED + i).permutation(per)[: args.captions_per_image]
+                           for i in np.sort(images_kept)])
+    pairs = Pairs([task.diffdis_images[i] for i in keep], [task.diffdis_captions[i] for i in keep])
+    trained = set(pairs.captions)
+    assert not trained & set(prompts), "a class prompt was a DiffDis training caption"
+    assert not trained & {c for y in range(task.class_count) for c in task.captions_for(y)}, "a match caption trained"
+    note = {**task.diffdis_note, "captions_per_image": min(per, args.captions_per_image),
+            "training_images": len(images_kept)}
     variants = [("frozen (shipped default: memory fusion, 3 blocks)", {}, {}),
                 ("frozen, stages fusion on every block", {"blocks": tappable_blocks(comp.unet), "fusion": "stages"},
                  {}),
@@ -288,28 +304,26 @@ def compare_unified(args) -> None:
         print(f"== {name}", flush=True)
         epochs = args.unified_epochs if kw.get("unified") else args.epochs or DiffDisTrainOptions.epochs
         model, train_s = timed(lambda: train_diffdis_run(
-            DEMO_MODEL, pairs.images, pairs.captions, run_dir, seed=SEED, progress=True, data=note,
+            task.model, pairs.images, pairs.captions, run_dir, seed=SEED, progress=True, data=note,
             options=DiffDisTrainOptions(epochs=epochs, **opts), **kw))
         models[name] = model
         print(json.dumps({"variant": name, "train_s": train_s, "training": model.config.training}), flush=True)
         if name == CONTROL:
             continue  # its text stream is untrained (text weight 0): only its UNet's generation is measured
-        export_engine(DEMO_MODEL, engine_dir, diffdis=run_dir, show_progress=False,
-                      defaults={"template": DEFAULT_TEMPLATE, "stages": [list(s) for s in DEMO_STAGES],
-                                "loss": DEMO_LOSS})
+        export_engine(task.model, engine_dir, diffdis=run_dir, show_progress=False, defaults=task.export_defaults)
         row = {"variant": name, "train_s": train_s, "training": model.config.training, "blocks": model.config.blocks,
                "fusion": model.config.fusion, "unified": model.config.unified}
         with diffscore.load(engine_dir, backend="ort-cpu") as eng:
-            eng.classify(images[:2], list(CLASS_NAMES), method="diffdis")  # open the session before timing
+            eng.classify(images[:2], class_names, method="diffdis")  # open the session before timing
             for mode in MODES:
-                res, s = timed(lambda: eng.classify(images, list(CLASS_NAMES), method="diffdis", diffdis_mode=mode,
+                res, s = timed(lambda: eng.classify(images, class_names, method="diffdis", diffdis_mode=mode,
                                                     seed=SEED))
-                got = np.array([CLASS_NAMES.index(r.label) for r in res])
+                got = np.array([class_names.index(r.label) for r in res])
                 want = diffdis_scores_reference(comp, model, images, prompts, mode=mode, seed=SEED).argmax(1)
                 scores = eng.match(images[:20], prompts, method="diffdis", diffdis_mode=mode, seed=SEED).scores
                 ref = diffdis_scores_reference(comp, model, images[:20], prompts, mode=mode, seed=SEED)
-                (r1, _), s_match = timed(
-                    lambda: match_bench.r_at_1(eng, images, labels, method="diffdis", diffdis_mode=mode))
+                (r1, _), s_match = timed(lambda: match_bench.r_at_1(eng, images, labels, task.captions_for,
+                                                                    method="diffdis", diffdis_mode=mode))
                 row[mode] = {"accuracy": float(np.mean(got == labels)), "images_per_s": n / s, "r_at_1": r1,
                              "match_images_per_s": n / s_match, "decisions_agree": float(np.mean(got == want)),
                              "max_rel": float(np.abs(scores - ref).max() / np.abs(ref).max())}
@@ -320,11 +334,11 @@ def compare_unified(args) -> None:
         return publish_frozen(args, rows, n, load_start)
 
     # --- generation: the model's own UNet (every frozen run's) vs the unified run's ----------------------------
-    classifier = LogisticRegression(max_iter=5000).fit(split.train_images.reshape(len(split.train_images), -1) / 255.0,
-                                                         split.train_labels)
-    real_acc = float(np.mean(classifier.predict(split.test_images.reshape(len(split.test_images), -1) / 255.0)
-                             == split.test_labels))
-    captions = [DEFAULT_TEMPLATE.format(CLASS_NAMES[y]) for y in labels]
+    flat = task.train_images.reshape(len(task.train_images), -1) / 255.0
+    classifier = LogisticRegression(max_iter=5000).fit(flat, task.train_labels)
+    held = np.stack(task.held_images)
+    real_acc = float(np.mean(classifier.predict(held.reshape(len(held), -1) / 255.0) == task.held_labels))
+    captions = [task.prompt(int(y), task.template) for y in labels]
     generation = []
     for name, c in (("the model's own UNet (frozen DiffDis)", comp),
                     ("the unified run's UNet",
@@ -332,12 +346,13 @@ def compare_unified(args) -> None:
                     ("the control's UNet (text weight 0)",
                      dataclasses.replace(comp, unet=image_branch(comp, models[CONTROL])))):
         generation.append({"unet": name, "held_out_denoising_loss": denoising_loss(c, images, captions),
-                           "sampled_accuracy": sampled_accuracy(c, classifier, args.per_class)})
+                           "sampled_accuracy": sampled_accuracy(c, classifier, task, args.per_class)})
         print(json.dumps(generation[-1]), flush=True)
     end_load = os.getloadavg()[0]
 
-    result = {"images": n, "template": DEFAULT_TEMPLATE, "held_out_templates": list(DIFFDIS_HELD_OUT_TEMPLATES),
-              "variants": rows, "generation": generation, "classifier_real_test_accuracy": real_acc,
+    result = {"data": task.name, "model": str(task.model.relative_to(task.model.parents[1])), "images": n,
+              "template": task.template, "training_data": note, "variants": rows, "generation": generation,
+              "classifier_real_test_accuracy": real_acc,
               "generation_setup": {"denoising_timesteps": GEN_STEPS, "sampler": "ddim", "steps": 50, "guidance": 2.0,
                                    "per_class": args.per_class, "classifier": "LogisticRegression on training pixels"},
               "load_average": {"start": load_start, "end": end_load}, "torch_threads": torch.get_num_threads()}
@@ -351,23 +366,26 @@ def compare_unified(args) -> None:
                      f"{r['denoise']['images_per_s']:.1f} | best epoch {t['best_epoch']} of {t['epochs']}, "
                      f"{r['train_s']:.0f} s{extra} |")
     ctl = (f"best epoch {models[CONTROL].config.training['best_epoch']} of {models[CONTROL].config.training['epochs']}")
-    table += ["", "| UNet | held-out denoising loss | fixed classifier's accuracy on sampled digits |",
+    table += ["", f"| UNet | held-out denoising loss | fixed classifier's accuracy on sampled {noun}s |",
               "|---|---:|---:|"]
     table += [f"| {g['unet']} | {g['held_out_denoising_loss']:.4f} | {g['sampled_accuracy']:.2%} |" for g in generation]
     parity = "; ".join(f"{r['variant'].split(' (')[0]}: " + ", ".join(
         f"{m} {r[m]['max_rel']:.1e} ({r[m]['decisions_agree']:.0%} decisions)" for m in MODES) for r in rows)
-    table += ["", f"{n} held-out digits (accuracy: 10 class prompts \"{DEFAULT_TEMPLATE}\"; R@1: bench/match.py's "
-              f"5-caption task), none of them a DiffDis training caption; all three trained on the same "
-              f"{rows[0]['training']['pairs']} pairs ({args.captions_per_image} of each training digit's 6 captions), "
-              f"seed 0, early stopping on the validation loss, the frozen ones at most "
+    source = (f"{args.captions_per_image} of each training digit's {per} captions" if per > 1 else
+              f"{len(images_kept)} training glyphs (a seeded draw) with their typeface's style caption")
+    table += ["", f"{n} held-out {noun}s of `{result['model']}` (accuracy: {task.class_count} class prompts "
+              f"\"{task.template}\"; R@1: the image's own caption against its 4 confusable classes'), none of them a "
+              f"DiffDis training caption; all three trained on the same {rows[0]['training']['pairs']} pairs "
+              f"({source}), seed 0, early stopping on the validation loss, the frozen ones at most "
               f"{args.epochs or DiffDisTrainOptions.epochs} epochs, the unified one (UNet lr 1e-4, text stream 1e-3) "
               f"at most {args.unified_epochs}. Control (same fine-tune, text weight 0): {ctl}. Generation: held-out "
               f"denoising loss over t = 50, 150, ..., 950 (seeded ε shared by all images); {args.per_class} DDIM "
-              f"samples (50 steps, guidance 2) per digit, read by a logistic regression fitted on the training pixels "
-              f"({real_acc:.2%} on the real held-out digits). Engine (ONNX Runtime CPU fp32) vs torch, max rel. error "
-              f"of the scores on 20 digits and decisions on all {n}: {parity}. One run; load average {load_start:.1f} "
-              f"at the start, {end_load:.1f} at the end (images/s comparable within this run only). Measured on "
-              f"{machine_line(machine())} by `bench/diffdis.py --unified`."]
+              f"samples (50 steps, guidance 2) per class, read by a logistic regression fitted on the training pixels "
+              f"({real_acc:.2%} on the real held-out {noun}s). Engine (ONNX Runtime CPU fp32) vs torch, max rel. "
+              f"error of the scores on 20 {noun}s and decisions on all {n}: {parity}. One run; load average "
+              f"{load_start:.1f} at the start, {end_load:.1f} at the end (images/s comparable within this run only). "
+              f"Measured on {machine_line(machine())} by `bench/diffdis.py --unified"
+              + (f" --data {task.name}`." if task.name != "digits" else "`.")]
     publish(args.results_name, result, table, args.update_docs)
 
 

@@ -112,13 +112,6 @@ def render(result: dict, info: dict) -> list[str]:
 CLIP_LRS = (1e-4, 1e-3)  # `finetune --clip-lr`: its default, and 10x as a stress setting where collapse is likelier
 
 
-def unseen_templates() -> list[str]:
-    """The demo's training templates other than the fine-tuning captions' (DEFAULT_TEMPLATE, with the word)."""
-    from diffscore.app.digits import TRAIN_TEMPLATES
-
-    return [t for t in TRAIN_TEMPLATES if caption(7, t) != caption(7, DEFAULT_TEMPLATE)]
-
-
 def collapse(z: np.ndarray) -> dict:
     """Spread of L2-normalised embeddings: mean pairwise cosine (1 = collapsed to a point) and effective rank of
     the centred embeddings (Roy & Vetterli 2007: exp of the entropy of the normalised singular values)."""
@@ -129,18 +122,18 @@ def collapse(z: np.ndarray) -> dict:
     return {"mean_pairwise_cosine": mean_cos, "effective_rank": float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))}
 
 
-def clip_row(scorer, embed, images, labels) -> dict:
+def clip_row(task, scorer, embed, images, labels) -> dict:
     """The CLIP metrics of one model: scorer(images, texts) -> (N, T) scores; embed(images) -> (N, d) unit rows."""
     class Matcher:  # bench/match.py's r_at_1 calls engine.match(images, texts, seed=...)
         def match(self, imgs, texts, **_):
             return scorer(imgs, texts)
 
     def acc(template):
-        scores = np.asarray(scorer(images, [caption(c, template) for c in range(10)]))
+        scores = np.asarray(scorer(images, task.class_prompts(template)))
         return float((scores.argmax(axis=1) == labels).mean())
 
-    unseen = {t: acc(t) for t in unseen_templates()}
-    return {"r_at_1": r_at_1(Matcher(), images, labels)[0], "accuracy_seen": acc(DEFAULT_TEMPLATE),
+    unseen = {t: acc(t) for t in task.unseen_templates}
+    return {"r_at_1": r_at_1(Matcher(), images, labels, task.captions_for)[0], "accuracy_seen": acc(task.template),
             "accuracy_unseen": float(np.mean(list(unseen.values()))), "accuracy_unseen_per_template": unseen,
             **collapse(np.asarray(embed(images), dtype=np.float64))}
 
@@ -158,10 +151,16 @@ def render_clip(result: dict, info: dict) -> list[str]:
     load = result["load_average"]
     if "parity" in result:
         p = result["parity"]
-        table += ["", f"Parity of the served CLIP path ({p['run']}, {p['images']} held-out digits × the run's 10 "
+        table += ["", f"Parity of the served CLIP path ({p['run']}, {p['images']} held-out images × the run's "
                   "captions, ONNX engine against transformers' CLIPModel in torch):"]
         table += [f"- `{c['verdict']}`" for c in p["checks"]]
-    return table + ["", f"One run of `bench/finetune.py --clip {result['clip']}`: {result['images']} held-out digits, "
+    data = result.get("data", "digits")
+    what = ("digits" if data == "digits" else
+            "glyphs (models/fonts62, held-out typefaces; shots: the training glyphs' class names; R@1: the own class "
+            "name against its 4 confusable classes' (bench/tasks.py))")
+    flag = f" --data {data}" if data != "digits" else ""
+    return table + ["", f"One run of `bench/finetune.py --clip {result['clip']}{flag}`: {result['images']} held-out "
+                    f"{what}, "
                     f"≤ {result['train_steps']} steps per run (validation every 25 steps on 2 training pairs per "
                     "class; "
                     f"steps run: {', '.join(str(r['steps_run']) for r in trained)}; best (kept) step: "
@@ -209,41 +208,46 @@ def clip_main(args) -> None:
     from diffscore.reference.clip_finetune import clip_image_embeddings, clip_similarity
     from diffscore.reference.finetune import FinetuneConfig, denoising_loss, finetune
     from diffscore.reference.loading import load_components
+    from tasks import TASKS
 
     torch.set_num_threads(1)
     load_before = os.getloadavg()[0]
-    images, labels, held_captions, pairs = bench_data(args.limit)
+    task = TASKS[args.data]()
+    images, labels = task.held_images[: args.limit], task.held_labels[: args.limit]
+    held_captions = [task.prompt(int(y), task.template) for y in labels]
+    pairs = task.finetune_pairs
     work = Path(tempfile.mkdtemp(prefix="bench-finetune-clip-"))
-    base_loss = denoising_loss(load_components(DEMO_MODEL), images, held_captions, DENOISE_T, SEED)
+    base_loss = denoising_loss(load_components(task.model), images, held_captions, DENOISE_T, SEED)
     rows = [{"method": "shipped CLIP, not fine-tuned", "shots": 0, "denoising_loss": base_loss,
-             **clip_row(lambda i, t: clip_similarity(args.clip, i, t), lambda i: clip_image_embeddings(args.clip, i),
-                        images, labels)}]
+             **clip_row(task, lambda i, t: clip_similarity(args.clip, i, t),
+                        lambda i: clip_image_embeddings(args.clip, i), images, labels)}]
     print(json.dumps(rows[-1]), flush=True)
     for lr in args.clip_lrs:
         for k in args.shots:
             for objectives in ABLATIONS:
                 name = "+".join(o.upper() for o in objectives)
                 tag = f"lr{lr:g}-k{k}-{'-'.join(objectives)}"
-                comp = load_components(DEMO_MODEL)
+                comp = load_components(task.model)
                 cfg = FinetuneConfig(objectives=objectives, shots=k, steps=args.train_steps, seed=SEED,
                                      clip=str(args.clip), clip_lr=lr)
-                run = finetune(DEMO_MODEL, pairs, work / f"run-{tag}", cfg, progress=True, comp=comp)
+                run = finetune(task.model, pairs, work / f"run-{tag}", cfg, progress=True, comp=comp)
                 loss = denoising_loss(comp, images, held_captions, DENOISE_T, SEED)  # the LoRA active, unmerged
-                engine_dir = export_engine(DEMO_MODEL, work / f"engine-{tag}", adapters=work / f"run-{tag}",
+                engine_dir = export_engine(task.model, work / f"engine-{tag}", adapters=work / f"run-{tag}",
                                            show_progress=False)
                 with diffscore.load(engine_dir, backend="ort-cpu") as engine:
-                    row = clip_row(lambda i, t: engine.match(i, t, method="itc").scores,
+                    row = clip_row(task, lambda i, t: engine.match(i, t, method="itc").scores,
                                    lambda i: image_embeddings(engine, i), images, labels)
                 rows.append({"method": f"UniDiff {name} with CLIP", "clip_lr": lr, "shots": k, "denoising_loss": loss,
                              **row, "steps_run": run["steps_run"], "best_step": run["best_step"],
                              "train_s": run["wall_time_s"]})
                 print(json.dumps(rows[-1]), flush=True)
     parity = {"run": f"K={k} {name}, CLIP lr {lr:g}", "checks": clip_parity(engine_dir, images), "images": len(images)}
-    result = {"clip": str(args.clip), "images": len(images), "template": DEFAULT_TEMPLATE, "parity": parity,
-              "unseen_templates": unseen_templates(), "seed": SEED, "train_steps": args.train_steps,
-              "denoising_timesteps_per_image": DENOISE_T, "rows": rows, "torch_threads": 1,
-              "load_average": {"before": load_before, "end": os.getloadavg()[0]}}
-    publish("finetune_clip", result, render_clip(result, machine()), args.update_docs)
+    result = {"data": task.name, "clip": str(args.clip), "images": len(images), "template": task.template,
+              "parity": parity, "unseen_templates": task.unseen_templates, "seed": SEED,
+              "train_steps": args.train_steps, "denoising_timesteps_per_image": DENOISE_T, "rows": rows,
+              "torch_threads": 1, "load_average": {"before": load_before, "end": os.getloadavg()[0]}}
+    name = "finetune_clip" if task.name == "digits" else f"finetune_clip_{task.name}"
+    publish(name, result, render_clip(result, machine()), args.update_docs)
 
 
 def main() -> None:
@@ -258,6 +262,9 @@ def main() -> None:
     parser.add_argument("--clip", type=Path, default=None, help="UniDiff with this CLIP folder (finetune --clip) "
                         "instead: writes finetune_clip.json")
     parser.add_argument("--clip-lrs", type=float, nargs="+", default=list(CLIP_LRS), help="--clip: CLIP learning rates")
+    parser.add_argument("--data", choices=("digits", "glyphs"), default="digits", help="--clip: the demo digits, or "
+                        "the 62-class glyph model's held-out typefaces (models/fonts62 with --clip "
+                        "models/fonts62-clip; writes finetune_clip_glyphs.json)")
     parser.add_argument("--parity-only", action="store_true", help="--clip: one run's parity on every held-out digit, "
                         "merged into the stored finetune_clip.json")
     args = parser.parse_args()

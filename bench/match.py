@@ -61,12 +61,13 @@ def captions_for(label: int) -> list[str]:
     return [caption(c, DEFAULT_TEMPLATE) for c in (label, *NEGATIVES[label])]
 
 
-def r_at_1(engine, images, labels, **match_options) -> tuple[float, np.ndarray]:
-    """R@1 and the (N, 5) score matrix (column 0 = own caption); one engine call per class."""
+def r_at_1(engine, images, labels, captions=captions_for, **match_options) -> tuple[float, np.ndarray]:
+    """R@1 and the (N, 5) score matrix (column 0 = own caption); one engine call per class. captions: label ->
+    [own caption, 4 negatives] (default: the digits'; bench/tasks.py's Task.captions_for for another task)."""
     scores = np.empty((len(images), 5))
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
-        scores[idx] = engine.match([images[i] for i in idx], captions_for(int(c)), seed=SEED, **match_options)
+        scores[idx] = engine.match([images[i] for i in idx], captions(int(c)), seed=SEED, **match_options)
     return float((scores.argmax(axis=1) == 0).mean()), scores
 
 

@@ -67,3 +67,14 @@ def test_captions_name_character_and_style():
     assert fd.caption("g", "bold serif") == "the small letter g in a bold serif typeface"
     assert fd.caption("7", "handwritten") == "the digit 7, handwritten"
     assert len(set(fd.CLASS_NAMES)) == 62
+
+
+def test_shipped_glyph_clip_reads_a_held_out_typeface(fonts_data):
+    """models/fonts62-clip (models/train_clip.py --data glyphs, for bench/finetune.py --clip --data glyphs) is a
+    CLIPModel folder our loader takes, and it knows the 62 characters of a typeface it never saw (Caladea)."""
+    from diffscore.reference.clip_finetune import clip_similarity
+
+    held = fonts_data.arrays(fonts_data.build({"held_out": ["fonts-crosextra-caladea"]}))["held_out"]
+    images, labels = list(held["images"][:124]), held["labels"][:124]  # 2 faces x 62 characters
+    scores = clip_similarity(MODELS / "fonts62-clip", images, list(fonts_data.CLASS_NAMES))
+    assert scores.shape == (124, 62) and (scores.argmax(axis=1) == labels).mean() >= 0.85  # 96 % when trained
