@@ -10,7 +10,11 @@ passes an image), exported with the model into one engine and run on ONNX Runtim
 --difformer a DifFormer head) trained on the training typefaces' labelled glyphs; a label-free linear probe trained
 on images the model generates itself (SampleOptions' defaults, 10 per class, prompt = the class name: no human
 label).
-DSD (the engine's preset; `match` against the 62 class names) on the first --dsd glyphs. OpenVINO parity: the
+DSD (`match` against the 62 class names) on the first --dsd glyphs: each preset at its own defaults, and the
+default preset after its few-shot prompt learning (5 training glyphs a class, bench/match.py's settings). DiffDis
+(frozen UNet, its default options; text stream trained on 2,000 training glyphs captioned with their typeface's
+style, never the plain class names it is scored on) on every held-out glyph, alone and as the cascade's
+shortlister (k = 3, 5; replayed). OpenVINO parity: the
 head and the cascade on the OpenVINO backend against ONNX Runtime's decisions. Nothing is tuned on the held-out
 glyphs. Writes bench/results/fonts62_methods.json.
 """
@@ -37,8 +41,49 @@ import diffscore  # noqa: E402
 from diffscore.app.demo import cache_root  # noqa: E402
 from diffscore.kernels import race_plan  # noqa: E402
 from diffscore.kernels.cascade import CascadeConfig  # noqa: E402
+from diffscore.reference.prompt_learning import Pairs, PromptLearningConfig  # noqa: E402
 
 SYNTHETIC_PER_CLASS = 10
+# bench/match.py's prompt-learning settings (chosen there on the digits' validation slice), 5 glyphs a class
+PROMPT_LEARNING = PromptLearningConfig(shots=5, steps=300, lr=3e-3, seed=0, preset="discffusion")
+DIFFDIS_IMAGES = 2000  # a seeded draw of training glyphs for DiffDis's text stream (its own default options)
+
+
+def dsd_engine(root: Path, preset: str, adapters: PromptLearningConfig | None, pool) -> Path:
+    """The glyph model exported with a DSD preset (and a prompt-learning LoRA trained on `pool`), cached."""
+    from diffscore.export.onnx_export import export_engine
+    from diffscore.reference.prompt_learning import train_prompts
+
+    name = f"dsd-{preset}" + (f"-pl{adapters.shots}x{adapters.steps}" if adapters else "")
+    engine_dir = root / f"{name}-engine"
+    if (engine_dir / "manifest.json").is_file():
+        return engine_dir
+    run_dir = None
+    if adapters:
+        run_dir = root / name
+        if not (run_dir / "adapter.safetensors").is_file():
+            train_prompts(FONTS_MODEL, pool, run_dir, adapters, progress=True, overwrite=True)
+    return export_engine(FONTS_MODEL, engine_dir, dsd_preset=preset, adapters=run_dir, overwrite=True,
+                         defaults={"template": "{}", "loss": "l2"}, show_progress=False)
+
+
+def diffdis_glyph_engine(root: Path) -> Path:
+    """The glyph model exported with a frozen-UNet DiffDis trained (defaults, seed 0) on a seeded draw of training
+    glyphs captioned with their typeface's style (bench/tasks.py: never the plain class names scored here)."""
+    from tasks import glyphs
+
+    from diffscore.export.onnx_export import export_engine
+    from diffscore.reference.diffdis import train_diffdis_run
+
+    engine_dir, run_dir = root / f"diffdis-{DIFFDIS_IMAGES}-engine", root / f"diffdis-{DIFFDIS_IMAGES}"
+    if (engine_dir / "manifest.json").is_file():
+        return engine_dir
+    task = glyphs()
+    keep = np.sort(np.random.default_rng(0).permutation(len(task.diffdis_images))[:DIFFDIS_IMAGES])
+    train_diffdis_run(FONTS_MODEL, [task.diffdis_images[i] for i in keep], [task.diffdis_captions[i] for i in keep],
+                      run_dir, seed=0, progress=True, overwrite=True, data=task.diffdis_note)
+    return export_engine(FONTS_MODEL, engine_dir, diffdis=run_dir, overwrite=True, show_progress=False,
+                         defaults={"template": "{}", "loss": "l2"})
 
 
 def main() -> None:
@@ -138,16 +183,32 @@ def main() -> None:
             add(f"cascade k={config.k}" + (f" mass={config.mass:g}" if config.mass else "") +
                 " (DifFormer head shortlists)", "replay", w, p.mean())
 
-    # DSD: the engine's preset, image against the 62 class names
+    # DSD, image against the 62 class names: each preset at its own defaults (an export bakes the preset's layers
+    # in), and the default preset after its few-shot prompt learning; DiffDis (frozen UNet) in one pass
     t0 = time.perf_counter()
-    match = methods.match(images[:1], labels)  # its options; the scores are cached (62 x steps passes a glyph)
-    dsd_path = root / f"dsd-{args.dsd}.npy"
-    if not dsd_path.is_file():
-        np.save(dsd_path, np.asarray(methods.match(images[: args.dsd], labels, progress=True)))
+    pool = Pairs(list(train["images"]), [labels[y] for y in train["labels"]])
+    for preset, adapters in (("discffusion", None), ("diffscore", None), ("discffusion", PROMPT_LEARNING)):
+        eng = diffscore.load(dsd_engine(root, preset, adapters, pool), backend="ort-cpu")
+        match = eng.match(images[:1], labels)  # its options
+        steps, bias = len(match.options.timesteps), match.options.bias_weight
+        scores_path = root / f"dsd-{preset}{'-pl' if adapters else ''}-{steps}steps-{args.dsd}.npy"
+        if not scores_path.is_file():  # 62 (+1) texts x steps passes a glyph
+            np.save(scores_path, np.asarray(eng.match(images[: args.dsd], labels, progress=True)))
+        what = (f"after prompt learning (K = {adapters.shots} glyphs a class, {adapters.steps} steps, lr "
+                f"{adapters.lr:g})" if adapters else "zero-shot")
+        add(f"DSD {what} (preset {preset}, {steps} steps, bias weight {bias:g})", "engine",
+            np.load(scores_path).argmax(axis=1), steps * (len(labels) + bool(bias or preset == "discffusion")),
+            note=f"first {args.dsd} glyphs")
     dsd_s = time.perf_counter() - t0
-    steps, bias = len(match.options.timesteps), match.options.bias_weight
-    add(f"DSD zero-shot (preset {methods.defaults.dsd_preset}, {steps} steps, bias weight {bias:g})", "engine",
-        np.load(dsd_path).argmax(axis=1), steps * (len(labels) + (bias != 0)), note=f"first {args.dsd} glyphs")
+    diffdis_engine = diffdis_glyph_engine(root)
+    with diffscore.load(diffdis_engine, backend="ort-cpu") as eng:
+        results = eng.classify(images, labels, method="diffdis", seed=0)
+        add(f"DiffDis, frozen UNet ({eng.manifest.diffdis.mode} mode; text stream trained on {DIFFDIS_IMAGES} "
+            "training glyphs' style captions)", "engine", [labels.index(r.label) for r in results], results[0].passes)
+        diffdis_scores = np.asarray(eng.match(images, labels, method="diffdis", seed=0), dtype=np.float64)
+    for k in (3, 5):
+        w, p = replay_cascade(errors, diffdis_scores, CascadeConfig(k=k, mass=None), None, 1)
+        add(f"cascade k={k} (DiffDis shortlists)", "replay", w, p.mean())
 
     # OpenVINO (fp32) and INT8 parity: decisions against ONNX Runtime fp32's
     n = 30

@@ -210,7 +210,8 @@ def main() -> None:
     result = {
         "images": len(images), "pairs": pairs, "captions_per_image": 5,
         "negatives": {CLASS_NAMES[c]: [CLASS_NAMES[n] for n in v] for c, v in NEGATIVES.items()},
-        "template": DEFAULT_TEMPLATE, "dsd_steps": base.defaults.dsd_steps, "seed": SEED,
+        "template": DEFAULT_TEMPLATE, "seed": SEED,
+        "dsd_steps": {"diffscore": base.defaults.dsd_steps, "discffusion": disc.defaults.dsd_steps},
         "validation": {"images": len(val_images), "r_at_1_per_lambda": val_r1, "lambda": best_lambda,
                        "r_at_1_per_preset_default": val_preset, "default_preset": default_preset},
         "dc": {"stages": DEMO_STAGES, "loss": DEMO_LOSS},
