@@ -97,10 +97,12 @@ def main() -> None:
     parser.add_argument("--frozen-only", action="store_true", help="--unified: the two frozen runs only (e.g. at the "
                         "unified run's epoch cap: --epochs 5), written as diffdis_unified_frozen; no generation part")
     parser.add_argument("--results-name", default=None,
-                        choices=("diffdis_unified", "diffdis_unified_20", "diffdis_unified_glyphs"),
+                        choices=("diffdis_unified", "diffdis_unified_20", "diffdis_unified_glyphs",
+                                 "diffdis_unified_glyphs_30"),
                         help="--unified: results file and docs block (default: diffdis_unified, the 5-epoch run on "
                              "the digits; diffdis_unified_20: the run with --unified-epochs 20; "
-                             "diffdis_unified_glyphs: --data glyphs)")
+                             "diffdis_unified_glyphs: --data glyphs; diffdis_unified_glyphs_30: its run with "
+                             "--unified-epochs 30)")
     parser.add_argument("--captions-per-image", type=int, default=6, help="--unified: train on this many of each "
                         "training digit's 6 captions (drawn with seed 0; fewer: a cheaper run)")
     parser.add_argument("--data", choices=("digits", "glyphs"), default="digits",

@@ -47,6 +47,7 @@ SYNTHETIC_PER_CLASS = 10
 # bench/match.py's prompt-learning settings (chosen there on the digits' validation slice), 5 glyphs a class
 PROMPT_LEARNING = PromptLearningConfig(shots=5, steps=300, lr=3e-3, seed=0, preset="discffusion")
 DIFFDIS_IMAGES = 2000  # a seeded draw of training glyphs for DiffDis's text stream (its own default options)
+RECALL_K = (1, 2, 3, 5, 8, 10, 20)
 
 
 def dsd_engine(root: Path, preset: str, adapters: PromptLearningConfig | None, pool) -> Path:
@@ -126,6 +127,7 @@ def main() -> None:
     engine = diffscore.load(probe_engine, backend="ort-cpu")
     scores = engine.head_logits(images).astype(np.float64)
     exhaustive = errors.mean(axis=2).argmin(axis=1)
+    shortlisters = {"linear probe": scores}  # -> how often each one's top k holds the exhaustive decision
     add("Diffusion Classifier, exhaustive (62 classes x 100 timesteps)", "replay", exhaustive, 6200)
     for stages in FIXED[:2]:
         w, p = replay_stages(errors, stages)
@@ -178,6 +180,7 @@ def main() -> None:
         add(f"head: {text}", "engine", [labels.index(r.label) for r in results], results[0].passes)
     if args.difformer:  # the better head as the cascade's shortlister: the same two settings as the probe's above
         difformer_scores = methods.head_logits(images, "difformer").astype(np.float64)
+        shortlisters["DifFormer head"] = difformer_scores
         for config in (CascadeConfig(k=3, mass=None), CascadeConfig(k=5, mass=0.99)):
             w, p = replay_cascade(errors, difformer_scores, config, None, len(HEAD_STEPS))
             add(f"cascade k={config.k}" + (f" mass={config.mass:g}" if config.mass else "") +
@@ -206,6 +209,7 @@ def main() -> None:
         add(f"DiffDis, frozen UNet ({eng.manifest.diffdis.mode} mode; text stream trained on {DIFFDIS_IMAGES} "
             "training glyphs' style captions)", "engine", [labels.index(r.label) for r in results], results[0].passes)
         diffdis_scores = np.asarray(eng.match(images, labels, method="diffdis", seed=0), dtype=np.float64)
+    shortlisters["DiffDis"] = diffdis_scores
     for k in (3, 5):
         w, p = replay_cascade(errors, diffdis_scores, CascadeConfig(k=k, mass=None), None, 1)
         add(f"cascade k={k} (DiffDis shortlists)", "replay", w, p.mean())
@@ -235,7 +239,12 @@ def main() -> None:
                 parity[f"{key}, {name}"] = {"images": len(got), "same": same}
         except Exception as e:  # noqa: BLE001 - reported, not fatal: OpenVINO and INT8 are optional
             parity[key] = {"error": f"{type(e).__name__}: {e}"}
+    # the cascade agrees with the exhaustive decision at most where the shortlist holds it
+    rank = {name: (np.argsort(-v, axis=1, kind="stable") == exhaustive[:, None]).argmax(axis=1)
+            for name, v in shortlisters.items()}
+    recall = {name: {k: float(np.mean(r < k)) for k in RECALL_K} for name, r in rank.items()}
     result = {"rows": rows, "held_out_glyphs": len(images), "parity_vs_ort_fp32": parity,
+              "exhaustive_decision_in_top_k": recall,
               "training_s": {"difformer": difformer_s, "synthetic": synthetic_s}, "dsd_s": dsd_s}
     table = render(result, machine())
     publish("fonts62_methods", result, table, readme=False)
@@ -250,6 +259,15 @@ def render(result: dict, info: dict) -> list[str]:
     parity = result["parity_vs_ort_fp32"]
     table += ["", "Same decisions as ONNX Runtime fp32: " + "; ".join(
         f"{k}: {v['error']}" if "error" in v else f"{k} {v['same']}/{v['images']}" for k, v in parity.items()) + "."]
+    recall = result.get("exhaustive_decision_in_top_k", {})
+    if recall:
+        table += ["", "How often the exhaustive Diffusion Classifier's decision is among a shortlister's top k (the "
+                  "cascade's agreement cannot exceed it):", "",
+                  "| shortlister | " + " | ".join(f"k={k}" for k in next(iter(recall.values()))) + " |",
+                  "|---|" + "---:|" * len(next(iter(recall.values())))]
+        table += [f"| {name} | " + " | ".join(f"{100 * v:.1f} %" for v in r.values()) + " |"
+                  for name, r in recall.items()]
+        table += [""]
     table += [f"Machine: {machine_line(info)}."]
     return table
 
