@@ -246,7 +246,7 @@ def clip_main(args) -> None:
               "parity": parity, "unseen_templates": task.unseen_templates, "seed": SEED,
               "train_steps": args.train_steps, "denoising_timesteps_per_image": DENOISE_T, "rows": rows,
               "torch_threads": 1, "load_average": {"before": load_before, "end": os.getloadavg()[0]}}
-    name = "finetune_clip" if task.name == "digits" else f"finetune_clip_{task.name}"
+    name = {"digits": "finetune_clip", "glyphs": "finetune_clip_glyphs"}[task.name]  # its results file, docs block
     publish(name, result, render_clip(result, machine()), args.update_docs)
 
 
