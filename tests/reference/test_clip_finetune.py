@@ -102,7 +102,7 @@ def test_itc_is_clips_loss_and_rsc_by_hand(tiny_models, clip_dir):
     u = pooled @ head.weight.detach().double().numpy().T + head.bias.detach().double().numpy()
     u /= np.linalg.norm(u, axis=1, keepdims=True)
     z = ref.image_embeds.double().numpy()  # transformers' normalised image embeddings
-    logits = float(clip.logit_scale.exp()) * z @ u.T
+    logits = clip.logit_scale.exp().item() * z @ u.T
     expected = (_ce_rows(logits, np.eye(3)) + _ce_rows(logits.T, np.eye(3))) / 2
     assert float(parts["rsc"]) == pytest.approx(expected, rel=1e-4)
     assert float(parts["is"]) > 0
