@@ -46,11 +46,11 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, machine_line, publish, timed, update_docs  # noqa: E402
-from match import dc_r_at_1, r_at_1, split_training  # noqa: E402
+from match import dc_r_at_1, r_at_1  # noqa: E402
 
 import diffscore  # noqa: E402
 from diffscore.app.demo import DEMO_LOSS, DEMO_MODEL, DEMO_STAGES  # noqa: E402
-from diffscore.app.digits import CLASS_NAMES, DEFAULT_TEMPLATE, caption, load_digits_split  # noqa: E402
+from diffscore.app.digits import CLASS_NAMES, DEFAULT_TEMPLATE, caption  # noqa: E402
 
 SHOTS = (1, 5, 10)
 ABLATIONS = (("itc",), ("itc", "is"), ("itc", "is", "rsc"))
@@ -58,17 +58,15 @@ SEED = 0
 DENOISE_T = 4  # seeded (t, ε) per held-out image for the denoising loss
 
 
-def bench_data(limit: int | None):
-    """(held-out images, labels, their captions, the fine-tuning pairs): the test split (its first `limit`), and the
-    training split minus bench/match.py's validation slice, captioned with the default template."""
-    from diffscore.reference.prompt_learning import Pairs
+def bench_data(limit: int | None, data: str = "digits"):
+    """(held-out images, labels, their captions, the fine-tuning pairs) of a bench/tasks.py task: its held-out images
+    (the first `limit`), and its fine-tuning pool (digits: the training split minus bench/match.py's validation
+    slice), captioned with the task's template."""
+    from tasks import TASKS
 
-    split = load_digits_split()
-    images, labels = list(split.test_images)[:limit], split.test_labels[:limit]
-    _, rest = split_training(split)  # bench/match.py's validation slice stays out
-    pairs = Pairs([split.train_images[i] for i in rest],
-                  [caption(int(split.train_labels[i]), DEFAULT_TEMPLATE) for i in rest])
-    return images, labels, [caption(int(y), DEFAULT_TEMPLATE) for y in labels], pairs
+    task = TASKS[data]()
+    images, labels = task.held_images[:limit], task.held_labels[:limit]
+    return images, labels, [task.prompt(int(y), task.template) for y in labels], task.finetune_pairs
 
 
 def accuracy(engine, images, labels, **options) -> float:
@@ -110,6 +108,7 @@ def render(result: dict, info: dict) -> list[str]:
 
 # --- UniDiff with CLIP (--clip) ----------------------------------------------------------------------
 CLIP_LRS = (1e-4, 1e-3)  # `finetune --clip-lr`: its default, and 10x as a stress setting where collapse is likelier
+CLIP_RESULTS = {"digits": "finetune_clip", "glyphs": "finetune_clip_glyphs"}  # --clip: results file and docs block
 
 
 def collapse(z: np.ndarray) -> dict:
@@ -184,20 +183,23 @@ def parity_only(args) -> None:
     from diffscore.export.onnx_export import export_engine
     from diffscore.reference.finetune import FinetuneConfig, finetune
 
-    images, _, _, pairs = bench_data(None)
+    from tasks import TASKS
+
+    model, name = TASKS[args.data]().model, CLIP_RESULTS[args.data]
+    images, _, _, pairs = bench_data(None, args.data)
     work = Path(tempfile.mkdtemp(prefix="bench-finetune-clip-parity-"))
     cfg = FinetuneConfig(shots=max(args.shots), steps=args.train_steps, seed=SEED, clip=str(args.clip),
                          clip_lr=args.clip_lrs[0])
-    finetune(DEMO_MODEL, pairs, work / "run", cfg, progress=True)
-    engine_dir = export_engine(DEMO_MODEL, work / "engine", adapters=work / "run", show_progress=False)
-    stored = json.loads((RESULTS / "finetune_clip.json").read_text())
+    finetune(model, pairs, work / "run", cfg, progress=True)
+    engine_dir = export_engine(model, work / "engine", adapters=work / "run", show_progress=False)
+    stored = json.loads((RESULTS / f"{name}.json").read_text())
     stored["parity"] = {"run": f"K={cfg.shots} ITC+IS+RSC, CLIP lr {cfg.clip_lr:g}",
                         "checks": clip_parity(engine_dir, images), "images": len(images), "machine": machine()}
-    (RESULTS / "finetune_clip.json").write_text(json.dumps(stored, indent=1))  # the main run's machine and date kept
+    (RESULTS / f"{name}.json").write_text(json.dumps(stored, indent=1))  # the main run's machine and date kept
     table = render_clip(stored, stored["machine"])
     print("\n".join(table))
     if args.update_docs:
-        update_docs("finetune_clip", "\n".join(table))
+        update_docs(name, "\n".join(table))
 
 
 def clip_main(args) -> None:
@@ -213,9 +215,7 @@ def clip_main(args) -> None:
     torch.set_num_threads(1)
     load_before = os.getloadavg()[0]
     task = TASKS[args.data]()
-    images, labels = task.held_images[: args.limit], task.held_labels[: args.limit]
-    held_captions = [task.prompt(int(y), task.template) for y in labels]
-    pairs = task.finetune_pairs
+    images, labels, held_captions, pairs = bench_data(args.limit, args.data)
     work = Path(tempfile.mkdtemp(prefix="bench-finetune-clip-"))
     base_loss = denoising_loss(load_components(task.model), images, held_captions, DENOISE_T, SEED)
     rows = [{"method": "shipped CLIP, not fine-tuned", "shots": 0, "denoising_loss": base_loss,
@@ -246,8 +246,7 @@ def clip_main(args) -> None:
               "parity": parity, "unseen_templates": task.unseen_templates, "seed": SEED,
               "train_steps": args.train_steps, "denoising_timesteps_per_image": DENOISE_T, "rows": rows,
               "torch_threads": 1, "load_average": {"before": load_before, "end": os.getloadavg()[0]}}
-    name = {"digits": "finetune_clip", "glyphs": "finetune_clip_glyphs"}[task.name]  # its results file, docs block
-    publish(name, result, render_clip(result, machine()), args.update_docs)
+    publish(CLIP_RESULTS[task.name], result, render_clip(result, machine()), args.update_docs)
 
 
 def main() -> None:
@@ -265,11 +264,11 @@ def main() -> None:
     parser.add_argument("--data", choices=("digits", "glyphs"), default="digits", help="--clip: the demo digits, or "
                         "the 62-class glyph model's held-out typefaces (models/fonts62 with --clip "
                         "models/fonts62-clip; writes finetune_clip_glyphs.json)")
-    parser.add_argument("--parity-only", action="store_true", help="--clip: one run's parity on every held-out digit, "
-                        "merged into the stored finetune_clip.json")
+    parser.add_argument("--parity-only", action="store_true", help="--clip: one run's parity on every held-out image, "
+                        "merged into the stored finetune_clip.json (finetune_clip_glyphs.json with --data glyphs)")
     args = parser.parse_args()
     if args.render_only:
-        name = "finetune_clip" if args.clip else "finetune"
+        name = CLIP_RESULTS[args.data] if args.clip else "finetune"
         stored = json.loads((RESULTS / f"{name}.json").read_text())
         table = (render_clip if args.clip else render)(stored, stored["machine"])
         print("\n".join(table))
