@@ -66,6 +66,16 @@ def image_key(image) -> str:
     return hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()[:16]
 
 
+def weights_key(model_dir: Path) -> str:
+    """What the errors depend on: the model's weights and scheduler (not its model card), so cached rows and
+    engines follow a retrained model and survive an edited README."""
+    h = hashlib.sha256()
+    for path in sorted(Path(model_dir).glob("*/*")):
+        if path.suffix in (".safetensors", ".bin") or path.name == "scheduler_config.json":
+            h.update(path.relative_to(model_dir).as_posix().encode() + path.read_bytes())
+    return h.hexdigest()[:12]
+
+
 _ENGINE = None  # a worker process's engine
 
 
@@ -81,7 +91,8 @@ def _grid_chunk(job):
 
 def grid_errors(engine_dir: Path, images, labels, name: str, workers: int = 1) -> np.ndarray:
     """(images, classes, GRID) errors of every class at every grid point, on the engine. Rows are cached per image
-    (<cache>/cascade/<name>-rows.npz) and the missing ones computed by `workers` processes of one thread each:
+    (<cache>/cascade/<name>-rows.npz; name it after the model's weights_key) and the missing ones computed by
+    `workers` processes of one thread each:
     the noise is shared per seed and timestep, not per image, so a row does not depend on its batch."""
     path = cache_root() / "cascade" / f"{name}-rows.npz"
     rows = {}
@@ -120,7 +131,7 @@ def engine_with_head(model_dir: Path, name: str, images, labels, classes, defaul
     from diffscore.reference.heads import save_head
 
     key = hashlib.sha256(np.stack(images).tobytes()).hexdigest()[:12]
-    root = cache_root() / "cascade" / f"{name}-{key}"
+    root = cache_root() / "cascade" / f"{name}-{weights_key(model_dir)}-{key}"
     if (root / "engine" / "manifest.json").is_file():
         return root / "engine"
     head, config = train_head_on_images(model_dir, images, labels, classes, "linear",
@@ -251,15 +262,16 @@ def digits(args) -> tuple[list[dict], dict]:
                                   {"template": demo.defaults.template, "loss": demo.defaults.loss}, profile)
     engine = diffscore.load(engine_dir, backend="ort-cpu")
     head_passes = len(HEAD_STEPS)
+    rows_name = f"digits-{weights_key(DEMO_MODEL)}"
     # validation: the default shortlist
     v_images = list(split.train_images[val[: args.validation]])
-    v_err, v_scores = grid_errors(engine_dir, v_images, labels, "digits", args.workers), head_scores(engine, v_images)
+    v_err, v_scores = grid_errors(engine_dir, v_images, labels, rows_name, args.workers), head_scores(engine, v_images)
     choice = score_settings(v_err, v_scores, profile, head_passes, SETTINGS)
     chosen = cheapest_reaching(choice, TARGET) or max(choice, key=lambda c: c["agreement"])
     default = CascadeConfig(**chosen["config"])
     # held-out
     images, truth = list(split.test_images[: args.digits]), split.test_labels[: args.digits]
-    errors, scores = grid_errors(engine_dir, images, labels, "digits", args.workers), head_scores(engine, images)
+    errors, scores = grid_errors(engine_dir, images, labels, rows_name, args.workers), head_scores(engine, images)
     rows = replayed_rows("digits (10 classes)", errors, scores, truth, profile, head_passes, default)
     # measured, not shipped: the race stage's settings tuned on validation as well
     tuned = [c for race in RACE_STAGE for c in score_settings(v_err, v_scores, profile, head_passes,
@@ -288,10 +300,11 @@ def fonts(args) -> tuple[list[dict], dict]:
                                   {"template": "{}", "loss": "l2"})
     engine = diffscore.load(engine_dir, backend="ort-cpu")
     head_passes = len(HEAD_STEPS)
+    rows_name = f"fonts-{weights_key(FONTS_MODEL)}"
     # validation typefaces: the glyph model's own shortlist setting
     vpick = np.sort(np.random.default_rng(1).permutation(len(valid["labels"]))[: args.fonts_validation])
     v_images = list(valid["images"][vpick])
-    v_err, v_scores = grid_errors(engine_dir, v_images, labels, "fonts", args.workers), head_scores(engine, v_images)
+    v_err, v_scores = grid_errors(engine_dir, v_images, labels, rows_name, args.workers), head_scores(engine, v_images)
     v_ref = v_err.mean(axis=2).argmin(axis=1)
     race_w, race_p = replay_race(v_err, race_plan(1000, GRID)[1])
     race_v = {"agreement": float(np.mean(race_w == v_ref)), "passes_per_image": float(race_p.mean())}
@@ -303,7 +316,7 @@ def fonts(args) -> tuple[list[dict], dict]:
     # held-out typefaces
     pick = np.sort(np.random.default_rng(0).permutation(len(test["labels"]))[: args.fonts])  # a seeded draw
     images, truth = list(test["images"][pick]), test["labels"][pick]
-    errors, scores = grid_errors(engine_dir, images, labels, "fonts", args.workers), head_scores(engine, images)
+    errors, scores = grid_errors(engine_dir, images, labels, rows_name, args.workers), head_scores(engine, images)
     rows = replayed_rows("glyphs (62 classes, held-out typefaces)", errors, scores, truth, None, head_passes, default)
     t = min(args.timed_fonts, len(images))
     reference = errors.mean(axis=2).argmin(axis=1)
