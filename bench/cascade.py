@@ -89,12 +89,12 @@ def _grid_chunk(job):
     return _ENGINE.grid_errors(list(images), labels, timesteps=GRID)
 
 
-def grid_errors(engine_dir: Path, images, labels, name: str, workers: int = 1) -> np.ndarray:
-    """(images, classes, GRID) errors of every class at every grid point, on the engine. Rows are cached per image
-    (<cache>/cascade/<name>-rows.npz; name it after the model's weights_key) and the missing ones computed by
-    `workers` processes of one thread each:
-    the noise is shared per seed and timestep, not per image, so a row does not depend on its batch."""
-    path = cache_root() / "cascade" / f"{name}-rows.npz"
+def grid_errors(engine_dir: Path, model_dir: Path, images, labels, name: str, workers: int = 1) -> np.ndarray:
+    """(images, classes, GRID) errors of every class at every grid point, on the engine exported from model_dir.
+    Rows are cached per image (<cache>/cascade/<name>-<the model's weights_key>-rows.npz) and the missing ones
+    computed by `workers` processes of one thread each: the noise is shared per seed and timestep, not per image,
+    so a row does not depend on its batch."""
+    path = cache_root() / "cascade" / f"{name}-{weights_key(model_dir)}-rows.npz"
     rows = {}
     if path.is_file():
         with np.load(path) as saved:
@@ -262,16 +262,17 @@ def digits(args) -> tuple[list[dict], dict]:
                                   {"template": demo.defaults.template, "loss": demo.defaults.loss}, profile)
     engine = diffscore.load(engine_dir, backend="ort-cpu")
     head_passes = len(HEAD_STEPS)
-    rows_name = f"digits-{weights_key(DEMO_MODEL)}"
     # validation: the default shortlist
     v_images = list(split.train_images[val[: args.validation]])
-    v_err, v_scores = grid_errors(engine_dir, v_images, labels, rows_name, args.workers), head_scores(engine, v_images)
+    v_err = grid_errors(engine_dir, DEMO_MODEL, v_images, labels, "digits", args.workers)
+    v_scores = head_scores(engine, v_images)
     choice = score_settings(v_err, v_scores, profile, head_passes, SETTINGS)
     chosen = cheapest_reaching(choice, TARGET) or max(choice, key=lambda c: c["agreement"])
     default = CascadeConfig(**chosen["config"])
     # held-out
     images, truth = list(split.test_images[: args.digits]), split.test_labels[: args.digits]
-    errors, scores = grid_errors(engine_dir, images, labels, rows_name, args.workers), head_scores(engine, images)
+    errors = grid_errors(engine_dir, DEMO_MODEL, images, labels, "digits", args.workers)
+    scores = head_scores(engine, images)
     rows = replayed_rows("digits (10 classes)", errors, scores, truth, profile, head_passes, default)
     # measured, not shipped: the race stage's settings tuned on validation as well
     tuned = [c for race in RACE_STAGE for c in score_settings(v_err, v_scores, profile, head_passes,
@@ -300,11 +301,11 @@ def fonts(args) -> tuple[list[dict], dict]:
                                   {"template": "{}", "loss": "l2"})
     engine = diffscore.load(engine_dir, backend="ort-cpu")
     head_passes = len(HEAD_STEPS)
-    rows_name = f"fonts-{weights_key(FONTS_MODEL)}"
     # validation typefaces: the glyph model's own shortlist setting
     vpick = np.sort(np.random.default_rng(1).permutation(len(valid["labels"]))[: args.fonts_validation])
     v_images = list(valid["images"][vpick])
-    v_err, v_scores = grid_errors(engine_dir, v_images, labels, rows_name, args.workers), head_scores(engine, v_images)
+    v_err = grid_errors(engine_dir, FONTS_MODEL, v_images, labels, "fonts", args.workers)
+    v_scores = head_scores(engine, v_images)
     v_ref = v_err.mean(axis=2).argmin(axis=1)
     race_w, race_p = replay_race(v_err, race_plan(1000, GRID)[1])
     race_v = {"agreement": float(np.mean(race_w == v_ref)), "passes_per_image": float(race_p.mean())}
@@ -316,7 +317,8 @@ def fonts(args) -> tuple[list[dict], dict]:
     # held-out typefaces
     pick = np.sort(np.random.default_rng(0).permutation(len(test["labels"]))[: args.fonts])  # a seeded draw
     images, truth = list(test["images"][pick]), test["labels"][pick]
-    errors, scores = grid_errors(engine_dir, images, labels, rows_name, args.workers), head_scores(engine, images)
+    errors = grid_errors(engine_dir, FONTS_MODEL, images, labels, "fonts", args.workers)
+    scores = head_scores(engine, images)
     rows = replayed_rows("glyphs (62 classes, held-out typefaces)", errors, scores, truth, None, head_passes, default)
     t = min(args.timed_fonts, len(images))
     reference = errors.mean(axis=2).argmin(axis=1)

@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 from cascade import (FIXED, FONTS_MODEL, HEAD_BLOCKS, HEAD_STEPS, RACE, engine_with_head, fixed_name,  # noqa: E402
-                     grid_errors, replay_cascade, replay_race, replay_stages, weights_key)
+                     grid_errors, replay_cascade, replay_race, replay_stages)
 from common import machine, machine_line, publish  # noqa: E402
 
 import diffscore  # noqa: E402
@@ -123,7 +123,7 @@ def main() -> None:
         print(rows[-1], flush=True)
 
     # Diffusion Classifier, replayed on the exhaustive rows
-    errors = grid_errors(probe_engine, images, labels, f"fonts-{weights_key(FONTS_MODEL)}")
+    errors = grid_errors(probe_engine, FONTS_MODEL, images, labels, "fonts")
     engine = diffscore.load(probe_engine, backend="ort-cpu")
     scores = engine.head_logits(images).astype(np.float64)
     exhaustive = errors.mean(axis=2).argmin(axis=1)
